@@ -1,0 +1,39 @@
+//! The CLI's connection to a manager, with the client credentials.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use shoal_manager::tls::NodeTls;
+use shoal_proto::control::control_client::ControlClient;
+use tonic::transport::Channel;
+
+use crate::output::Format;
+
+pub struct Ctx {
+    pub host: String,
+    pub cert_dir: PathBuf,
+    pub format: Format,
+}
+
+impl Ctx {
+    pub async fn control(&self) -> anyhow::Result<ControlClient<Channel>> {
+        let read = |f: &str| {
+            let p = self.cert_dir.join(f);
+            std::fs::read_to_string(&p).with_context(|| format!("reading client credentials {}", p.display()))
+        };
+        let tls = NodeTls { ca_pem: read("ca.pem")?, cert_pem: read("cert.pem")?, key_pem: read("key.pem")? };
+        let channel = shoal_manager::tls::endpoint(&self.host)
+            .with_context(|| format!("invalid manager address {:?}", self.host))?
+            .tls_config(tls.client_config())
+            .context("client TLS settings")?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach manager at {}", self.host))?;
+        Ok(ControlClient::new(channel))
+    }
+}
+
+/// Turns a gRPC status into an error that reads well on a terminal.
+pub fn rpc_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}

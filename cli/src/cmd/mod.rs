@@ -1,0 +1,5 @@
+//! One module per noun, one function per verb.
+
+pub mod cluster;
+pub mod node;
+pub mod service;

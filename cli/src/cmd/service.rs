@@ -1,0 +1,402 @@
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use shoal_manager::spec;
+use shoal_proto::control::*;
+
+use crate::client::{rpc_err, Ctx};
+use crate::output;
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service.
+    Create(CreateArgs),
+    /// List services.
+    Ls,
+    /// Show one service.
+    Inspect { service: String },
+    /// Change a service.
+    Update(UpdateArgs),
+    /// Go back to the service's previous spec.
+    Rollback { service: String },
+    /// Set the replica count of one or more services: NAME=N...
+    Scale {
+        #[arg(required = true, value_name = "SERVICE=REPLICAS", allow_hyphen_values = true)]
+        items: Vec<String>,
+        /// Return once the change is committed.
+        #[arg(long, short)]
+        detach: bool,
+    },
+    /// Remove services.
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    flags: SpecFlags,
+    /// Image to run.
+    image: String,
+    /// Command and arguments (override the image's).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct UpdateArgs {
+    service: String,
+    #[arg(long)]
+    image: Option<String>,
+    /// Replace the command and arguments.
+    #[arg(long = "args", num_args = 1.., allow_hyphen_values = true)]
+    args: Option<Vec<String>>,
+    #[command(flatten)]
+    flags: SpecFlags,
+}
+
+/// The flags `create` and `update` share. On update, a flag that is given
+/// replaces that part of the spec; list flags replace the whole list.
+#[derive(Args)]
+pub struct SpecFlags {
+    /// Number of tasks (replicated mode).
+    #[arg(long, allow_hyphen_values = true)]
+    replicas: Option<String>,
+    #[arg(long, value_parser = ["replicated", "global"])]
+    mode: Option<String>,
+    /// PUBLISHED:TARGET[/tcp|udp]
+    #[arg(long, short = 'p')]
+    publish: Vec<String>,
+    #[arg(long)]
+    network: Vec<String>,
+    /// KEY=VALUE
+    #[arg(long, short = 'e')]
+    env: Vec<String>,
+    /// UID[:GID]
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    #[arg(long = "limit-cpu")]
+    limit_cpu: Option<String>,
+    #[arg(long = "limit-memory")]
+    limit_memory: Option<String>,
+    #[arg(long = "reserve-cpu")]
+    reserve_cpu: Option<String>,
+    #[arg(long = "reserve-memory")]
+    reserve_memory: Option<String>,
+    /// node.labels.KEY==VALUE, node.role!=manager, ...
+    #[arg(long)]
+    constraint: Vec<String>,
+    /// spread=node.labels.KEY
+    #[arg(long = "placement-pref")]
+    placement_pref: Vec<String>,
+    #[arg(long = "restart-condition", value_parser = ["none", "on-failure", "any"])]
+    restart_condition: Option<String>,
+    #[arg(long = "restart-max-attempts")]
+    restart_max_attempts: Option<u64>,
+    #[arg(long = "restart-delay")]
+    restart_delay: Option<String>,
+    #[arg(long = "restart-window")]
+    restart_window: Option<String>,
+    #[arg(long = "update-parallelism")]
+    update_parallelism: Option<u64>,
+    #[arg(long = "update-delay")]
+    update_delay: Option<String>,
+    #[arg(long = "update-failure-action", value_parser = ["pause", "rollback"])]
+    update_failure_action: Option<String>,
+    #[arg(long = "health-cmd")]
+    health_cmd: Option<String>,
+    #[arg(long)]
+    secret: Vec<String>,
+    /// type=volume|bind|tmpfs,src=..,dst=..[,readonly]
+    #[arg(long)]
+    mount: Vec<String>,
+    #[arg(long = "read-only")]
+    read_only: bool,
+    /// Return once the change is committed.
+    #[arg(long, short)]
+    detach: bool,
+}
+
+/// `"1s"`, `"500ms"`, `"2m"`, `"1h"` → duration.
+fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: f64 = n.parse().map_err(|_| anyhow!("invalid {what} {s:?}: expected a duration such as 500ms, 1s or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => bail!("invalid {what} {s:?}: expected a duration such as 500ms, 1s or 2m"),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        bail!("invalid {what} {s:?}: must not be negative");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_port(s: &str) -> anyhow::Result<Port> {
+    let bad = || anyhow!("invalid --publish {s:?}: expected PUBLISHED:TARGET[/tcp|udp]");
+    let (ports, protocol) = match s.split_once('/') {
+        Some((p, proto)) => (p, proto.to_string()),
+        None => (s, "tcp".to_string()),
+    };
+    let (p, t) = ports.split_once(':').ok_or_else(bad)?;
+    let published: u16 = p.parse().map_err(|_| bad())?;
+    let target: u16 = t.parse().map_err(|_| bad())?;
+    if published == 0 || target == 0 {
+        return Err(bad());
+    }
+    Ok(Port { published: published.into(), target: target.into(), protocol })
+}
+
+fn parse_mount(s: &str) -> anyhow::Result<Mount> {
+    let mut m = Mount::default();
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("type", v)) => m.r#type = v.into(),
+            Some(("src" | "source", v)) => m.source = v.into(),
+            Some(("dst" | "target" | "destination", v)) => m.target = v.into(),
+            Some(("readonly" | "ro", v)) => m.read_only = v == "true" || v == "1",
+            None if part == "readonly" || part == "ro" => m.read_only = true,
+            _ => bail!("invalid --mount {s:?}: unknown part {part:?} (expected type=, src=, dst=, readonly)"),
+        }
+    }
+    if m.r#type.is_empty() {
+        m.r#type = "volume".into();
+    }
+    Ok(m)
+}
+
+impl SpecFlags {
+    /// Applies the given flags onto `spec`, checking each as it goes.
+    fn apply(&self, spec: &mut ServiceSpec) -> anyhow::Result<()> {
+        if let Some(r) = &self.replicas {
+            spec.replicas = r
+                .parse::<u64>()
+                .map_err(|_| anyhow!("invalid replicas {r:?}: must be a whole number >= 0"))?;
+        }
+        if let Some(m) = &self.mode {
+            spec.mode = m.clone();
+        }
+        if !self.publish.is_empty() {
+            spec.ports = self.publish.iter().map(|p| parse_port(p)).collect::<Result<_, _>>()?;
+        }
+        if !self.network.is_empty() {
+            spec.networks = self.network.clone();
+        }
+        if !self.env.is_empty() {
+            spec.env = self.env.clone();
+        }
+        if let Some(u) = &self.user {
+            spec.user = u.clone();
+        }
+        if let Some(w) = &self.workdir {
+            spec.workdir = w.clone();
+        }
+        let limits = spec.limits.get_or_insert_with(Default::default);
+        if let Some(c) = &self.limit_cpu {
+            limits.nano_cpus = spec::parse_cpus(c)?;
+        }
+        if let Some(m) = &self.limit_memory {
+            limits.memory_bytes = spec::parse_memory(m)?;
+        }
+        let res = spec.reservations.get_or_insert_with(Default::default);
+        if let Some(c) = &self.reserve_cpu {
+            res.nano_cpus = spec::parse_cpus(c)?;
+        }
+        if let Some(m) = &self.reserve_memory {
+            res.memory_bytes = spec::parse_memory(m)?;
+        }
+        if !self.constraint.is_empty() {
+            spec.constraints = self.constraint.clone();
+        }
+        if !self.placement_pref.is_empty() {
+            spec.placement_prefs = self.placement_pref.clone();
+        }
+        let restart = spec.restart.get_or_insert_with(|| RestartPolicy { condition: "any".into(), ..Default::default() });
+        if let Some(c) = &self.restart_condition {
+            restart.condition = c.clone();
+        }
+        if let Some(n) = self.restart_max_attempts {
+            restart.max_attempts = n;
+        }
+        if let Some(d) = &self.restart_delay {
+            restart.delay_ms = parse_duration("--restart-delay", d)?.as_millis() as u64;
+        }
+        if let Some(d) = &self.restart_window {
+            restart.window_ms = parse_duration("--restart-window", d)?.as_millis() as u64;
+        }
+        let update = spec
+            .update
+            .get_or_insert_with(|| UpdateConfig { parallelism: 1, failure_action: "pause".into(), ..Default::default() });
+        if let Some(p) = self.update_parallelism {
+            update.parallelism = p;
+        }
+        if let Some(d) = &self.update_delay {
+            update.delay_ms = parse_duration("--update-delay", d)?.as_millis() as u64;
+        }
+        if let Some(a) = &self.update_failure_action {
+            update.failure_action = a.clone();
+        }
+        if let Some(h) = &self.health_cmd {
+            spec.health_cmd = h.clone();
+        }
+        if !self.secret.is_empty() {
+            spec.secrets = self.secret.clone();
+        }
+        if !self.mount.is_empty() {
+            spec.mounts = self.mount.iter().map(|m| parse_mount(m)).collect::<Result<_, _>>()?;
+        }
+        if self.read_only {
+            spec.read_only = true;
+        }
+        Ok(())
+    }
+}
+
+pub fn service_json(s: &Service) -> Value {
+    let spec = s.spec.clone().unwrap_or_default();
+    let limits = spec.limits.clone().unwrap_or_default();
+    let res = spec.reservations.clone().unwrap_or_default();
+    let restart = spec.restart.clone().unwrap_or_default();
+    let update = spec.update.clone().unwrap_or_default();
+    json!({
+        "id": s.id,
+        "name": spec.name,
+        "mode": spec.mode,
+        "replicas_desired": s.replicas_desired,
+        "replicas_running": s.replicas_running,
+        "image": spec.image,
+        "args": spec.args,
+        "env": spec.env,
+        "ports": spec.ports.iter().map(|p| json!({"published": p.published, "target": p.target, "protocol": p.protocol})).collect::<Vec<_>>(),
+        "networks": spec.networks,
+        "user": spec.user,
+        "workdir": spec.workdir,
+        "limits": {"nano_cpus": limits.nano_cpus, "memory_bytes": limits.memory_bytes},
+        "reservations": {"nano_cpus": res.nano_cpus, "memory_bytes": res.memory_bytes},
+        "constraints": spec.constraints,
+        "placement_prefs": spec.placement_prefs,
+        "restart": {"condition": restart.condition, "max_attempts": restart.max_attempts, "delay_ms": restart.delay_ms, "window_ms": restart.window_ms},
+        "update": {"parallelism": update.parallelism, "delay_ms": update.delay_ms, "failure_action": update.failure_action},
+        "health_cmd": spec.health_cmd,
+        "secrets": spec.secrets,
+        "mounts": spec.mounts.iter().map(|m| json!({"type": m.r#type, "source": m.source, "target": m.target, "read_only": m.read_only})).collect::<Vec<_>>(),
+        "read_only": spec.read_only,
+        "version": s.version,
+        "created_at_ms": s.created_at_ms,
+        "updated_at_ms": s.updated_at_ms,
+    })
+}
+
+pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCmd::Create(a) => {
+            spec::validate_name("service name", &a.name)?;
+            let mut s = ServiceSpec {
+                name: a.name,
+                image: a.image,
+                args: a.command,
+                mode: "replicated".into(),
+                replicas: 1,
+                ..Default::default()
+            };
+            a.flags.apply(&mut s)?;
+            if s.mode == "global" {
+                if a.flags.replicas.is_some() {
+                    bail!("--replicas cannot be used with --mode global");
+                }
+                s.replicas = 0;
+            }
+            let mut c = ctx.control().await?;
+            let svc = c.create_service(CreateServiceRequest { spec: Some(s) }).await.map_err(rpc_err)?.into_inner();
+            println!("{}", svc.id);
+        }
+        ServiceCmd::Ls => {
+            let mut c = ctx.control().await?;
+            let list = c.list_services(Empty {}).await.map_err(rpc_err)?.into_inner().services;
+            let rows: Vec<Value> = list
+                .iter()
+                .map(|s| {
+                    let mut v = service_json(s);
+                    if ctx.format == output::Format::Table {
+                        v["replicas"] = json!(format!("{}/{}", s.replicas_running, s.replicas_desired));
+                    }
+                    v
+                })
+                .collect();
+            output::list(
+                ctx.format,
+                &rows,
+                &[("ID", "id"), ("NAME", "name"), ("MODE", "mode"), ("REPLICAS", "replicas"), ("IMAGE", "image")],
+            );
+        }
+        ServiceCmd::Inspect { service } => {
+            let mut c = ctx.control().await?;
+            let s = c.inspect_service(ServiceRef { service }).await.map_err(rpc_err)?.into_inner();
+            output::object(ctx.format, &service_json(&s));
+        }
+        ServiceCmd::Update(a) => {
+            let mut c = ctx.control().await?;
+            let cur = c
+                .inspect_service(ServiceRef { service: a.service.clone() })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            let mut s = cur.spec.clone().unwrap_or_default();
+            if let Some(i) = a.image {
+                s.image = i;
+            }
+            if let Some(args) = a.args {
+                s.args = args;
+            }
+            a.flags.apply(&mut s)?;
+            let svc = c
+                .update_service(UpdateServiceRequest { service: cur.id.clone(), spec: Some(s), version: cur.version })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            println!("{}", svc.spec.map(|s| s.name).unwrap_or_default());
+        }
+        ServiceCmd::Rollback { service } => {
+            let mut c = ctx.control().await?;
+            let cur = c.inspect_service(ServiceRef { service: service.clone() }).await.map_err(rpc_err)?.into_inner();
+            let prev = cur.previous_spec.ok_or_else(|| anyhow!("service {service:?} has no previous spec to roll back to"))?;
+            c.update_service(UpdateServiceRequest { service: cur.id, spec: Some(prev), version: cur.version })
+                .await
+                .map_err(rpc_err)?;
+            println!("{service}: rolled back to its previous spec");
+        }
+        ServiceCmd::Scale { items, detach: _ } => {
+            let mut parsed = Vec::with_capacity(items.len());
+            for i in &items {
+                let (service, replicas) = spec::parse_scale(i)?;
+                parsed.push(ScaleItem { service, replicas });
+            }
+            let mut c = ctx.control().await?;
+            let list = c.scale_services(ScaleRequest { items: parsed }).await.map_err(rpc_err)?.into_inner();
+            for s in list.services {
+                let spec = s.spec.unwrap_or_default();
+                println!("{} scaled to {}", spec.name, spec.replicas);
+            }
+        }
+        ServiceCmd::Rm { services } => {
+            let mut c = ctx.control().await?;
+            c.remove_services(RemoveServicesRequest { services: services.clone() }).await.map_err(rpc_err)?;
+            for s in services {
+                println!("{s}");
+            }
+        }
+    }
+    Ok(())
+}

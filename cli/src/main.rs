@@ -1,0 +1,81 @@
+//! `shoal`: one binary for the node daemon and the CLI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod client;
+mod cmd;
+mod daemon;
+mod output;
+mod session;
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "A Swarm-style container orchestrator")]
+struct Cli {
+    /// Manager to talk to (any manager answers; writes go to the leader).
+    #[arg(long, global = true, env = "SHOAL_HOST", default_value = "127.0.0.1:7700")]
+    host: String,
+    /// Directory holding the client credentials (ca.pem, cert.pem, key.pem).
+    #[arg(long, global = true, env = "SHOAL_CERT_DIR", default_value = "/var/lib/shoal/client")]
+    cert_dir: PathBuf,
+    /// Output format for listings and inspect.
+    #[arg(long, global = true, value_enum, default_value_t = output::Format::Table)]
+    format: output::Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: a manager (Raft member) or a worker.
+    Daemon(daemon::DaemonArgs),
+    /// Cluster-wide state.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::ClusterCmd),
+    /// Show or rotate a join token.
+    JoinToken(cmd::cluster::JoinTokenArgs),
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(cmd::node::NodeCmd),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(cmd::service::ServiceCmd),
+}
+
+fn main() -> ExitCode {
+    // Two rustls crypto providers may be linked; pick ring before anything
+    // touches TLS. Err only means one was installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Daemon(args) => daemon::main(args),
+        other => {
+            let ctx = client::Ctx { host: cli.host, cert_dir: cli.cert_dir, format: cli.format };
+            runtime().and_then(|rt| rt.block_on(dispatch(ctx, other)))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+async fn dispatch(ctx: client::Ctx, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Daemon(_) => unreachable!("handled in main"),
+        Command::Cluster(c) => cmd::cluster::run(&ctx, c).await,
+        Command::JoinToken(a) => cmd::cluster::join_token(&ctx, a).await,
+        Command::Node(c) => cmd::node::run(&ctx, c).await,
+        Command::Service(c) => cmd::service::run(&ctx, c).await,
+    }?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,107 @@
+//! The agent's session with the managers: register and heartbeat, follow the
+//! leader, fail over to another manager when one goes away.
+// TODO(issue 4): move into `shoal-agent` together with task assignments.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_manager::tls::NodeTls;
+use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
+use shoal_proto::dispatcher::{HeartbeatRequest, Resources};
+
+pub struct Session {
+    pub data_dir: PathBuf,
+    pub node_id: u64,
+    pub tls: Arc<NodeTls>,
+    pub advertise: String,
+    pub managers: Vec<String>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+fn resources() -> Resources {
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    Resources { nano_cpus: cpus * 1_000_000_000, memory_bytes: mem_kb * 1024 }
+}
+
+pub async fn run(mut s: Session) {
+    let res = resources();
+    let mut period = Duration::from_millis(500);
+    let mut idx = 0usize;
+    let mut preferred: Option<String> = None;
+    loop {
+        let target = preferred.clone().or_else(|| s.managers.get(idx % s.managers.len().max(1)).cloned());
+        let mut ok = false;
+        if let Some(addr) = target.clone() {
+            match heartbeat(&s, &addr, &res).await {
+                Ok((p, managers)) => {
+                    ok = true;
+                    period = p;
+                    if !managers.is_empty() && managers != s.managers {
+                        s.managers = managers;
+                        remember_managers(&s);
+                    }
+                    preferred = Some(addr);
+                }
+                Err(HbError::Redirect(leader)) => {
+                    preferred = Some(leader);
+                    continue;
+                }
+                Err(HbError::Other(e)) => {
+                    tracing::debug!(manager = %addr, error = %e, "heartbeat failed; trying another manager");
+                    preferred = None;
+                    idx += 1;
+                }
+            }
+        }
+        let wait = if ok { period } else { Duration::from_millis(200) };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = s.shutdown.changed() => return,
+        }
+    }
+}
+
+enum HbError {
+    Redirect(String),
+    Other(String),
+}
+
+async fn heartbeat(s: &Session, addr: &str, res: &Resources) -> Result<(Duration, Vec<String>), HbError> {
+    let channel = s.tls.channel(addr).map_err(|e| HbError::Other(e.to_string()))?;
+    let mut client = DispatcherClient::new(channel);
+    let call = client.heartbeat(HeartbeatRequest {
+        node_id: s.node_id,
+        resources: Some(*res),
+        address: s.advertise.clone(),
+    });
+    match tokio::time::timeout(Duration::from_secs(2), call).await {
+        Err(_) => Err(HbError::Other("timed out".into())),
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            Ok((Duration::from_millis(r.period_ms.clamp(100, 10_000)), r.managers))
+        }
+        Ok(Err(st)) => match st.metadata().get("shoal-leader").and_then(|v| v.to_str().ok()) {
+            Some(l) if !l.is_empty() && l != addr => Err(HbError::Redirect(l.to_string())),
+            _ => Err(HbError::Other(st.message().to_string())),
+        },
+    }
+}
+
+fn remember_managers(s: &Session) {
+    let path = s.data_dir.join("node.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return };
+    let Ok(mut id) = serde_json::from_str::<crate::daemon::Identity>(&text) else { return };
+    id.managers = s.managers.clone();
+    if let Err(e) = crate::daemon::save_identity(&s.data_dir, &id) {
+        tracing::warn!(error = %e, "could not record the manager list");
+    }
+}

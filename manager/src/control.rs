@@ -1,0 +1,353 @@
+//! The Control API: what the CLI calls. Handlers validate, write desired
+//! state through Raft, and read back; they never schedule anything
+//! themselves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::control::control_client::ControlClient;
+use shoal_proto::control::control_server::Control;
+use shoal_proto::control::*;
+use tonic::{Request, Response, Status};
+
+use crate::manager::{Manager, ProposeError};
+use crate::pki::{self, CertRole};
+use crate::spec::{self, SpecError};
+use crate::store::objects::{Availability, NodeObj, Role, ServiceObj};
+use crate::store::state::format_node_id;
+use crate::store::{ApplyError, Command, NodePatch, State};
+use crate::tls::authorize;
+
+/// A peer counts as reachable if it answered a Raft RPC this recently.
+const REACHABLE_WITHIN: Duration = Duration::from_secs(2);
+
+pub struct ControlService {
+    manager: Arc<Manager>,
+}
+
+impl ControlService {
+    pub fn new(manager: Arc<Manager>) -> Self {
+        ControlService { manager }
+    }
+}
+
+/// The one place that turns errors into gRPC statuses.
+pub fn status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Refused(a) => apply_status(a),
+        ProposeError::NoLeader | ProposeError::LeaderUnreachable { .. } => Status::unavailable(e.to_string()),
+        ProposeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        ProposeError::Raft(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn apply_status(e: ApplyError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ApplyError::NameTaken { .. } | ApplyError::AlreadyInitialized => Status::already_exists(msg),
+        ApplyError::NotFound { .. } => Status::not_found(msg),
+        ApplyError::Ambiguous { .. } => Status::invalid_argument(msg),
+        ApplyError::VersionMismatch { .. } => Status::aborted(msg),
+        ApplyError::Refused(_) => Status::failed_precondition(msg),
+    }
+}
+
+fn spec_status(e: SpecError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+const CLIENTS: &[CertRole] = &[CertRole::Client, CertRole::Manager];
+
+fn node_proto(n: &NodeObj, leader: Option<u64>, reachable: bool) -> Node {
+    Node {
+        id: format_node_id(n.id),
+        name: n.name.clone(),
+        role: n.role.as_str().into(),
+        status: n.status.as_str().into(),
+        availability: n.availability.as_str().into(),
+        leader: leader == Some(n.id),
+        address: n.address.clone(),
+        labels: n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        nano_cpus: n.nano_cpus,
+        memory_bytes: n.memory_bytes,
+        version: n.version,
+        created_at_ms: n.created_at_ms,
+        updated_at_ms: n.updated_at_ms,
+        reachable,
+    }
+}
+
+fn service_proto(s: &ServiceObj, _state: &State) -> Service {
+    Service {
+        id: s.id.clone(),
+        spec: Some(s.spec.clone()),
+        previous_spec: s.previous_spec.clone(),
+        version: s.version,
+        created_at_ms: s.created_at_ms,
+        updated_at_ms: s.updated_at_ms,
+        // Tasks come with the orchestrator; until then nothing runs.
+        replicas_running: 0,
+        replicas_desired: if s.spec.mode == "global" { 0 } else { s.spec.replicas },
+    }
+}
+
+impl ControlService {
+    fn read_node(&self, what: &str) -> Result<Node, Status> {
+        let leader = self.manager.leader().map(|l| l.0);
+        self.manager.store.read(|s| {
+            let id = s.resolve_node(what).map_err(apply_status)?;
+            Ok(node_proto(&s.nodes[&id], leader, self.reachable(id)))
+        })
+    }
+
+    fn read_service(&self, what: &str) -> Result<Service, Status> {
+        self.manager.store.read(|s| {
+            let id = s.resolve_service(what).map_err(apply_status)?;
+            Ok(service_proto(&s.services[&id], s))
+        })
+    }
+
+    fn reachable(&self, id: u64) -> bool {
+        id == self.manager.id || (self.manager.is_leader() && self.manager.health.reachable(id, REACHABLE_WITHIN))
+    }
+
+    fn local_status(&self, (first, last, snap): (u64, u64, u64)) -> ClusterStatusResponse {
+        let m = self.manager.raft.metrics().borrow().clone();
+        let names = self.manager.store.read(|s| {
+            s.nodes.iter().map(|(id, n)| (*id, n.name.clone())).collect::<std::collections::HashMap<_, _>>()
+        });
+        let name = |id: u64| names.get(&id).cloned().unwrap_or_else(|| format_node_id(id));
+        let members = self
+            .manager
+            .members()
+            .into_iter()
+            .map(|(id, addr, voter)| ClusterMember {
+                id: format_node_id(id),
+                name: name(id),
+                address: addr,
+                voter,
+                reachable: self.reachable(id),
+            })
+            .collect();
+        ClusterStatusResponse {
+            leader: m.current_leader.map(name).unwrap_or_default(),
+            leader_id: m.current_leader.map(format_node_id).unwrap_or_default(),
+            term: m.current_term,
+            commit_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: snap,
+            log_first_index: first,
+            log_last_index: last,
+            answered_by: name(self.manager.id),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn cluster_status(&self, req: Request<Empty>) -> Result<Response<ClusterStatusResponse>, Status> {
+        let (_, role) = authorize(&req, CLIENTS)?;
+        let bounds = self.manager.log_bounds().await;
+        // Only the leader knows which peers answer; a follower asks it, and
+        // falls back to its own view when the leader is out of reach. A
+        // manager caller is a follower asking us: never forward again.
+        if !self.manager.is_leader() && role == CertRole::Client {
+            if let Some((_, addr)) = self.manager.leader() {
+                if let Ok(channel) = self.manager.tls.channel(&addr) {
+                    let mut client = ControlClient::new(channel);
+                    let call = client.cluster_status(Empty {});
+                    if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), call).await {
+                        let mut st = resp.into_inner();
+                        // Log bounds are per manager: report our own.
+                        let me = self.local_status(bounds);
+                        st.snapshot_index = me.snapshot_index;
+                        st.log_first_index = me.log_first_index;
+                        st.log_last_index = me.log_last_index;
+                        st.last_applied = me.last_applied;
+                        st.answered_by = me.answered_by;
+                        return Ok(Response::new(st));
+                    }
+                }
+            }
+        }
+        Ok(Response::new(self.local_status(bounds)))
+    }
+
+    async fn join_token(&self, req: Request<JoinTokenRequest>) -> Result<Response<JoinTokenResponse>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let role = match r.role.as_str() {
+            "worker" => Role::Worker,
+            "manager" => Role::Manager,
+            other => return Err(Status::invalid_argument(format!("invalid role {other:?}: expected worker or manager"))),
+        };
+        if r.rotate {
+            let secret = pki::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
+            self.manager.propose(Command::RotateToken { role, secret }).await.map_err(status)?;
+            tracing::info!(role = role.as_str(), "join token rotated; the old token no longer admits nodes");
+        }
+        let token = self.manager.store.read(|s| {
+            let c = s.cluster.as_ref().ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
+            let fp = pki::fingerprint(&c.ca_cert_pem).map_err(|e| Status::internal(e.to_string()))?;
+            let secret = match role {
+                Role::Worker => &c.worker_secret,
+                Role::Manager => &c.manager_secret,
+            };
+            Ok::<_, Status>(pki::format_token(&fp, secret))
+        })?;
+        Ok(Response::new(JoinTokenResponse { token }))
+    }
+
+    async fn list_nodes(&self, req: Request<Empty>) -> Result<Response<NodeList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let leader = self.manager.leader().map(|l| l.0);
+        let nodes = self
+            .manager
+            .store
+            .read(|s| s.nodes.values().map(|n| node_proto(n, leader, self.reachable(n.id))).collect());
+        Ok(Response::new(NodeList { nodes }))
+    }
+
+    async fn inspect_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
+        authorize(&req, CLIENTS)?;
+        Ok(Response::new(self.read_node(&req.get_ref().node)?))
+    }
+
+    async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> Result<Response<Empty>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let id = self.manager.store.read(|s| s.resolve_node(&r.node)).map_err(apply_status)?;
+        self.manager.propose(Command::RemoveNode { id, force: r.force }).await.map_err(status)?;
+        tracing::info!(node = %format_node_id(id), "node removed from the cluster");
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn promote_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
+        authorize(&req, CLIENTS)?;
+        let what = req.into_inner().node;
+        let node = self.read_node(&what)?;
+        if node.role == "manager" {
+            return Err(Status::failed_precondition(format!("node {:?} is already a manager", node.name)));
+        }
+        Err(Status::unimplemented(
+            "promoting a running worker is not supported yet: join a new node with the manager token",
+        ))
+    }
+
+    async fn demote_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
+        authorize(&req, CLIENTS)?;
+        let what = req.into_inner().node;
+        let node = self.read_node(&what)?;
+        if node.role == "worker" {
+            return Err(Status::failed_precondition(format!("node {:?} is already a worker", node.name)));
+        }
+        Err(Status::unimplemented("demoting a manager is not supported yet"))
+    }
+
+    async fn update_node(&self, req: Request<UpdateNodeRequest>) -> Result<Response<Node>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let id = self.manager.store.read(|s| s.resolve_node(&r.node)).map_err(apply_status)?;
+        let availability = match r.availability.as_str() {
+            "" => None,
+            a => Some(Availability::parse(a).ok_or_else(|| {
+                Status::invalid_argument(format!("invalid availability {a:?}: expected active, pause or drain"))
+            })?),
+        };
+        for k in r.label_add.keys().chain(r.label_rm.iter()) {
+            if k.is_empty() || k.contains(['=', ' ']) {
+                return Err(Status::invalid_argument(format!("invalid label key {k:?}")));
+            }
+        }
+        let patch = NodePatch {
+            availability,
+            label_add: r.label_add.into_iter().collect(),
+            label_rm: r.label_rm,
+            ..Default::default()
+        };
+        self.manager.propose(Command::UpdateNode { id, patch }).await.map_err(status)?;
+        Ok(Response::new(self.read_node(&format_node_id(id))?))
+    }
+
+    async fn create_service(&self, req: Request<CreateServiceRequest>) -> Result<Response<Service>, Status> {
+        authorize(&req, CLIENTS)?;
+        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("missing service spec"))?;
+        spec::validate_service_spec(&spec).map_err(spec_status)?;
+        let id = pki::random_hex(12).map_err(|e| Status::internal(e.to_string()))?;
+        let service = ServiceObj {
+            id: id.clone(),
+            spec,
+            previous_spec: None,
+            version: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        let name = service.spec.name.clone();
+        self.manager
+            .propose(Command::CreateService { service: Box::new(service) })
+            .await
+            .map_err(status)?;
+        tracing::info!(service = %name, id = %id, "service created");
+        Ok(Response::new(self.read_service(&id)?))
+    }
+
+    async fn list_services(&self, req: Request<Empty>) -> Result<Response<ServiceList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let services = self
+            .manager
+            .store
+            .read(|s| s.services.values().map(|svc| service_proto(svc, s)).collect());
+        Ok(Response::new(ServiceList { services }))
+    }
+
+    async fn inspect_service(&self, req: Request<ServiceRef>) -> Result<Response<Service>, Status> {
+        authorize(&req, CLIENTS)?;
+        Ok(Response::new(self.read_service(&req.get_ref().service)?))
+    }
+
+    async fn update_service(&self, req: Request<UpdateServiceRequest>) -> Result<Response<Service>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let spec = r.spec.ok_or_else(|| Status::invalid_argument("missing service spec"))?;
+        spec::validate_service_spec(&spec).map_err(spec_status)?;
+        let id = self.manager.store.read(|s| s.resolve_service(&r.service)).map_err(apply_status)?;
+        let mode_changed = self.manager.store.read(|s| s.services[&id].spec.mode != spec.mode);
+        if mode_changed {
+            return Err(Status::invalid_argument("a service's mode cannot be changed: remove and create it"));
+        }
+        self.manager
+            .propose(Command::UpdateService { service: id.clone(), spec: Box::new(spec), expected_version: r.version })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.read_service(&id)?))
+    }
+
+    async fn scale_services(&self, req: Request<ScaleRequest>) -> Result<Response<ServiceList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let items: Vec<(String, u64)> = req.into_inner().items.into_iter().map(|i| (i.service, i.replicas)).collect();
+        if items.is_empty() {
+            return Err(Status::invalid_argument("nothing to scale: expected SERVICE=REPLICAS"));
+        }
+        let applied = self
+            .manager
+            .propose(Command::ScaleServices { items: items.clone() })
+            .await
+            .map_err(status)?;
+        for (what, n) in &items {
+            tracing::info!(service = %what, replicas = n, "service scaled");
+        }
+        let services = applied.ids.iter().map(|id| self.read_service(id)).collect::<Result<_, _>>()?;
+        Ok(Response::new(ServiceList { services }))
+    }
+
+    async fn remove_services(&self, req: Request<RemoveServicesRequest>) -> Result<Response<Empty>, Status> {
+        authorize(&req, CLIENTS)?;
+        let services = req.into_inner().services;
+        if services.is_empty() {
+            return Err(Status::invalid_argument("no service named"));
+        }
+        self.manager.propose(Command::RemoveServices { services }).await.map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+}

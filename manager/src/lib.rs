@@ -1,0 +1,57 @@
+//! The shoal manager: a Raft node (openraft, redb), the replicated store,
+//! the cluster CA and join tokens, and the gRPC services managers serve:
+//! Control (CLI), Raft (managers), Dispatcher (agents) and Join (new nodes).
+//!
+//! Invariant: this crate never imports `shoal-agent`; the daemon in `cli`
+//! composes a manager and an agent on one node.
+
+pub mod control;
+pub mod dispatcher;
+pub mod join;
+pub mod manager;
+pub mod pki;
+pub mod raft;
+pub mod spec;
+pub mod store;
+pub mod tls;
+
+use std::sync::Arc;
+
+use shoal_proto::control::control_server::ControlServer;
+use shoal_proto::dispatcher::dispatcher_server::DispatcherServer;
+use shoal_proto::join::join_server::JoinServer;
+use shoal_proto::raft::raft_server::RaftServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use dispatcher::{DispatcherConfig, DispatcherService};
+pub use manager::Manager;
+
+/// Serves every manager service on `listener` until `shutdown` turns true.
+/// The dispatcher's down-detector runs alongside.
+pub async fn serve(
+    manager: Arc<Manager>,
+    listener: TcpListener,
+    dispatcher: DispatcherConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let dispatcher = DispatcherService::new(manager.clone(), dispatcher);
+    tokio::spawn(dispatcher.clone().run(shutdown.clone()));
+    // Snapshots can be large; everything else is small.
+    const MAX_MSG: usize = 256 << 20;
+    let mut stop = shutdown.clone();
+    tonic::transport::Server::builder()
+        .tls_config(manager.tls.server_config())?
+        .add_service(ControlServer::new(control::ControlService::new(manager.clone())))
+        .add_service(
+            RaftServer::new(raft::server::RaftService::new(manager.clone()))
+                .max_decoding_message_size(MAX_MSG)
+                .max_encoding_message_size(MAX_MSG),
+        )
+        .add_service(JoinServer::new(join::JoinService::new(manager.clone())))
+        .add_service(DispatcherServer::new(dispatcher))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}

@@ -1,0 +1,325 @@
+//! The cluster's public-key infrastructure: the CA, node certificates with
+//! the node's role inside, join tokens, and the TLS settings every connection
+//! uses.
+//!
+//! A certificate's subject carries the node id (CN) and its role (OU:
+//! `manager`, `worker` or `client`); servers read the role from the peer
+//! certificate and refuse calls the role may not make.
+
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use ring::rand::SecureRandom;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// Every node certificate names this DNS SAN; clients verify servers against
+/// it, so node certificates stay valid when addresses change.
+pub const CLUSTER_DNS_NAME: &str = "manager.shoal.cluster";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate operation failed: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("join token is malformed: expected SHOAL-1-<ca-sha256>-<secret>")]
+    MalformedToken,
+    #[error("no random bytes from the operating system")]
+    Random,
+    #[error("cannot parse certificate: {0}")]
+    Parse(String),
+}
+
+/// The role a certificate grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertRole {
+    Manager,
+    Worker,
+    Client,
+}
+
+impl CertRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertRole::Manager => "manager",
+            CertRole::Worker => "worker",
+            CertRole::Client => "client",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "manager" => Some(CertRole::Manager),
+            "worker" => Some(CertRole::Worker),
+            "client" => Some(CertRole::Client),
+            _ => None,
+        }
+    }
+}
+
+/// A PEM certificate and its PEM private key.
+#[derive(Clone, Debug)]
+pub struct CertKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub fn random_hex(bytes: usize) -> Result<String, PkiError> {
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SystemRandom::new().fill(&mut buf).map_err(|_| PkiError::Random)?;
+    Ok(hex::encode(buf))
+}
+
+pub fn random_u64() -> Result<u64, PkiError> {
+    let mut buf = [0u8; 8];
+    ring::rand::SystemRandom::new().fill(&mut buf).map_err(|_| PkiError::Random)?;
+    // Zero is openraft's "no node"; never hand it out.
+    Ok(u64::from_le_bytes(buf).max(1))
+}
+
+/// Creates a new self-signed cluster CA.
+pub fn new_ca() -> Result<CertKey, PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "shoal cluster CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let cert = params.self_signed(&key)?;
+    Ok(CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// A fresh key pair and a CSR for it; the key stays on this node.
+pub fn new_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let params = CertificateParams::new(Vec::<String>::new())?;
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// Signs `csr_pem` as a certificate for node `subject` with `role`. The
+/// subject and role come from the CA side, never from the CSR.
+pub fn sign_csr(ca: &CertKey, csr_pem: &str, subject: &str, role: CertRole) -> Result<String, PkiError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
+    let mut params = CertificateParams::new(vec![CLUSTER_DNS_NAME.to_string()])?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, subject);
+    dn.push(DnType::OrganizationalUnitName, role.as_str());
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&csr.public_key, &issuer)?;
+    Ok(cert.pem())
+}
+
+/// Issues a key and certificate in one step (the CA's own node at `--init`,
+/// and the CLI's client credentials).
+pub fn issue(ca: &CertKey, subject: &str, role: CertRole) -> Result<CertKey, PkiError> {
+    let (csr, key_pem) = new_csr()?;
+    let cert_pem = sign_csr(ca, &csr, subject, role)?;
+    Ok(CertKey { cert_pem, key_pem })
+}
+
+/// The sha256 of the first certificate in `pem`, as lowercase hex.
+pub fn fingerprint(pem_text: &str) -> Result<String, PkiError> {
+    let der = first_der(pem_text)?;
+    Ok(sha256_hex(&der))
+}
+
+fn sha256_hex(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
+fn first_der(pem_text: &str) -> Result<Vec<u8>, PkiError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).map_err(|e| PkiError::Parse(e.to_string()))?;
+    Ok(pem.contents)
+}
+
+/// A parsed join token.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Token {
+    pub ca_fingerprint: String,
+    pub secret: String,
+}
+
+pub fn format_token(ca_fingerprint: &str, secret: &str) -> String {
+    format!("SHOAL-1-{ca_fingerprint}-{secret}")
+}
+
+pub fn parse_token(token: &str) -> Result<Token, PkiError> {
+    let rest = token.trim().strip_prefix("SHOAL-1-").ok_or(PkiError::MalformedToken)?;
+    let (fp, secret) = rest.split_once('-').ok_or(PkiError::MalformedToken)?;
+    let hex_ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex_ok(fp, 64) || !hex_ok(secret, 32) {
+        return Err(PkiError::MalformedToken);
+    }
+    Ok(Token { ca_fingerprint: fp.to_ascii_lowercase(), secret: secret.to_ascii_lowercase() })
+}
+
+/// Compares secrets in constant time.
+pub fn secret_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The identity a peer certificate proves: (node id hex or "client", role).
+pub fn peer_identity(der: &[u8]) -> Option<(String, CertRole)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let cn = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    let ou = subject.iter_organizational_unit().next()?.as_str().ok()?;
+    Some((cn, CertRole::parse(ou)?))
+}
+
+/// A server-certificate verifier for the first contact of a joining node: it
+/// trusts the chain only if it contains a CA certificate with the token's
+/// fingerprint, and then verifies the chain against that CA as usual. It
+/// records the pinned CA so the joiner can use it afterwards.
+#[derive(Debug)]
+pub struct PinnedCaVerifier {
+    fingerprint: String,
+    pinned: std::sync::Mutex<Option<Vec<u8>>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinnedCaVerifier {
+    pub fn new(fingerprint: &str) -> Self {
+        PinnedCaVerifier {
+            fingerprint: fingerprint.to_ascii_lowercase(),
+            pinned: std::sync::Mutex::new(None),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        }
+    }
+
+    /// The pinned CA certificate as PEM, once a handshake succeeded.
+    pub fn pinned_ca_pem(&self) -> Option<String> {
+        let der = self.pinned.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        Some(der_to_pem(&der))
+    }
+}
+
+fn der_to_pem(der: &[u8]) -> String {
+    use std::fmt::Write;
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        let _ = writeln!(out, "{}", String::from_utf8_lossy(line));
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| sha256_hex(c) == self.fingerprint)
+            .ok_or_else(|| rustls::Error::General("no CA certificate with the join token's fingerprint".into()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let ok = inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(ca.to_vec());
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to `addr` once over TLS, pinning the CA by `fingerprint`, and
+/// returns the CA certificate as PEM. Nothing is sent but the handshake.
+pub async fn fetch_pinned_ca(addr: &str, fingerprint: &str) -> Result<String, std::io::Error> {
+    let verifier = Arc::new(PinnedCaVerifier::new(fingerprint));
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")))??;
+    let name = ServerName::try_from(CLUSTER_DNS_NAME).map_err(std::io::Error::other)?;
+    let _tls = tokio::time::timeout(std::time::Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {addr} timed out")))??;
+    verifier
+        .pinned_ca_pem()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "server presented no pinned CA"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_in_certificates() {
+        let ca = new_ca().unwrap();
+        let node = issue(&ca, "00000000000000ab", CertRole::Worker).unwrap();
+        let der = first_der(&node.cert_pem).unwrap();
+        assert_eq!(peer_identity(&der), Some(("00000000000000ab".into(), CertRole::Worker)));
+    }
+
+    #[test]
+    fn tokens_round_trip_and_reject_garbage() {
+        let fp = fingerprint(&new_ca().unwrap().cert_pem).unwrap();
+        let secret = random_hex(16).unwrap();
+        let t = format_token(&fp, &secret);
+        assert_eq!(parse_token(&t).unwrap(), Token { ca_fingerprint: fp, secret });
+        for bad in ["", "SHOAL-1-", "SHOAL-2-aa-bb", &t[..t.len() - 1]] {
+            assert!(parse_token(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pem_encoding_round_trips() {
+        let ca = new_ca().unwrap();
+        let der = first_der(&ca.cert_pem).unwrap();
+        assert_eq!(der_to_pem(&der).trim(), ca.cert_pem.trim());
+    }
+}

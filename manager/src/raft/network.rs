@@ -1,0 +1,164 @@
+//! The Raft transport, client side: one lazily connected tonic channel per
+//! peer, openraft's messages as serde payloads, and a record of when each
+//! peer last answered (what `cluster status` calls reachable).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_proto::raft::raft_client::RaftClient;
+use shoal_proto::raft::RaftPayload;
+use tonic::transport::Channel;
+
+use super::{NodeId, TypeConfig};
+use crate::tls::NodeTls;
+
+/// When each peer last answered a Raft RPC.
+#[derive(Clone, Default)]
+pub struct PeerHealth(Arc<Mutex<HashMap<NodeId, Instant>>>);
+
+impl PeerHealth {
+    fn mark(&self, id: NodeId) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Instant::now());
+    }
+
+    /// Whether `id` answered within `within`.
+    pub fn reachable(&self, id: NodeId, within: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .is_some_and(|t| t.elapsed() <= within)
+    }
+}
+
+#[derive(Clone)]
+pub struct Network {
+    tls: Arc<NodeTls>,
+    health: PeerHealth,
+}
+
+impl Network {
+    pub fn new(tls: Arc<NodeTls>, health: PeerHealth) -> Self {
+        Network { tls, health }
+    }
+}
+
+pub struct Peer {
+    target: NodeId,
+    client: Option<RaftClient<Channel>>,
+    addr: String,
+    tls: Arc<NodeTls>,
+    health: PeerHealth,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        Peer { target, client: None, addr: node.addr.clone(), tls: self.tls.clone(), health: self.health.clone() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: tonic::transport::Error },
+    #[error("rpc to {addr}: {source}")]
+    Status { addr: String, source: tonic::Status },
+    #[error("rpc to {addr} timed out after {ttl:?}")]
+    Timeout { addr: String, ttl: Duration },
+    #[error("bad payload from {addr}: {source}")]
+    Decode { addr: String, source: serde_json::Error },
+}
+
+impl Peer {
+    fn client(&mut self) -> Result<RaftClient<Channel>, TransportError> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let channel = self
+            .tls
+            .channel(&self.addr)
+            .map_err(|source| TransportError::Connect { addr: self.addr.clone(), source })?;
+        let c = RaftClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: &'static str,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self.client().map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let payload = RaftPayload { data };
+        let fut = async {
+            match rpc {
+                "append" => client.append_entries(payload).await,
+                "vote" => client.vote(payload).await,
+                _ => client.install_snapshot(payload).await,
+            }
+        };
+        let resp = match tokio::time::timeout(ttl, fut).await {
+            Err(_) => {
+                let e = TransportError::Timeout { addr: self.addr.clone(), ttl };
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+            Ok(Err(source)) => {
+                let e = TransportError::Status { addr: self.addr.clone(), source };
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        self.health.mark(self.target);
+        let res: Result<Resp, E> = serde_json::from_slice(&resp.data).map_err(|source| {
+            let e = TransportError::Decode { addr: self.addr.clone(), source };
+            RPCError::Network(NetworkError::new(&e))
+        })?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        req: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call("append", &req, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        req: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call("snapshot", &req, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        req: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call("vote", &req, option.hard_ttl()).await
+    }
+}

@@ -1,0 +1,94 @@
+//! The Raft transport, server side, plus write forwarding and learner
+//! promotion. Only manager certificates may call it.
+
+use std::sync::Arc;
+
+use shoal_proto::raft::raft_client::RaftClient;
+use shoal_proto::raft::raft_server::Raft as RaftRpc;
+use shoal_proto::raft::{PromoteRequest, PromoteResponse, RaftPayload};
+use tonic::{Request, Response, Status};
+
+use crate::manager::{LocalError, Manager, ProposeError};
+use crate::pki::CertRole;
+use crate::store::state::format_node_id;
+use crate::tls::authorize;
+
+pub struct RaftService {
+    manager: Arc<Manager>,
+}
+
+impl RaftService {
+    pub fn new(manager: Arc<Manager>) -> Self {
+        RaftService { manager }
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(req: &RaftPayload) -> Result<T, Status> {
+    serde_json::from_slice(&req.data).map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    let data = serde_json::to_vec(v).map_err(|e| Status::internal(format!("encoding raft payload: {e}")))?;
+    Ok(Response::new(RaftPayload { data }))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        authorize(&req, &[CertRole::Manager])?;
+        let rpc = decode(req.get_ref())?;
+        encode(&self.manager.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        authorize(&req, &[CertRole::Manager])?;
+        let rpc = decode(req.get_ref())?;
+        encode(&self.manager.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        authorize(&req, &[CertRole::Manager])?;
+        let rpc = decode(req.get_ref())?;
+        encode(&self.manager.raft.install_snapshot(rpc).await)
+    }
+
+    async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        authorize(&req, &[CertRole::Manager])?;
+        let cmd = decode(req.get_ref())?;
+        match self.manager.propose_local(cmd).await {
+            Ok(resp) => encode(&resp),
+            Err(LocalError::NotLeader(_)) => Err(Status::unavailable("not the leader any more")),
+            Err(LocalError::Other(ProposeError::Timeout(d))) => {
+                Err(Status::deadline_exceeded(format!("write not committed within {d:?}")))
+            }
+            Err(LocalError::Other(e)) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<PromoteResponse>, Status> {
+        let (caller, _) = authorize(&req, &[CertRole::Manager])?;
+        let id = req.get_ref().node_id;
+        if caller != format_node_id(id) {
+            return Err(Status::permission_denied("a manager may only ask to promote itself"));
+        }
+        let m = &self.manager;
+        // Only managers the store knows (joined with a manager token) may
+        // enter the Raft group.
+        let addr = m
+            .store
+            .read(|s| {
+                s.nodes
+                    .get(&id)
+                    .filter(|n| n.role == crate::store::objects::Role::Manager)
+                    .map(|n| n.address.clone())
+            })
+            .ok_or_else(|| Status::permission_denied("node is not a manager in the cluster state"))?;
+        if !m.is_leader() {
+            let (_, leader) = m.leader().ok_or_else(|| Status::unavailable("no leader"))?;
+            let channel = m.tls.channel(&leader).map_err(|e| Status::unavailable(e.to_string()))?;
+            return RaftClient::new(channel).promote(PromoteRequest { node_id: id }).await;
+        }
+        m.add_manager(id, &addr).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(PromoteResponse {}))
+    }
+}

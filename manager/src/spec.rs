@@ -1,0 +1,275 @@
+//! Validation of what operators send: names, resources, constraints, ports.
+//! The CLI uses the parsers to build requests; the managers run `validate_*`
+//! again on every request, because not every client is our CLI.
+
+use shoal_proto::control::ServiceSpec;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("invalid {what} {value:?}: {reason}")]
+    Invalid { what: &'static str, value: String, reason: &'static str },
+}
+
+fn invalid(what: &'static str, value: impl Into<String>, reason: &'static str) -> SpecError {
+    SpecError::Invalid { what, value: value.into(), reason }
+}
+
+/// DNS-label rules: 1–63 of `a-z 0-9 -`, starting and ending alphanumeric.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), SpecError> {
+    const REASON: &str = "must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit";
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok { Ok(()) } else { Err(invalid(what, name, REASON)) }
+}
+
+/// `"64M"`, `"1.5G"`, `"512k"`, `"1048576"` → bytes (powers of 1024).
+pub fn parse_memory(s: &str) -> Result<u64, SpecError> {
+    const REASON: &str = "expected a positive size such as 64M, 512k, 1.5G or a byte count";
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                _ => return Err(invalid("memory", s, REASON)),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| invalid("memory", s, REASON))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(invalid("memory", s, REASON));
+    }
+    let bytes = v * mult as f64;
+    if bytes > u64::MAX as f64 || bytes < 1.0 {
+        return Err(invalid("memory", s, REASON));
+    }
+    Ok(bytes as u64)
+}
+
+/// `"0.5"` → 500_000_000 nano-CPUs.
+pub fn parse_cpus(s: &str) -> Result<u64, SpecError> {
+    const REASON: &str = "expected a positive number of CPUs such as 0.5 or 2";
+    let v: f64 = s.trim().parse().map_err(|_| invalid("cpus", s, REASON))?;
+    if !v.is_finite() || v <= 0.0 || v > 1e6 {
+        return Err(invalid("cpus", s, REASON));
+    }
+    let nano = (v * 1e9).round() as u64;
+    if nano < 1_000_000 {
+        return Err(invalid("cpus", s, "must be at least 0.001"));
+    }
+    Ok(nano)
+}
+
+/// `"web=10"` → ("web", 10), with errors that name the bad part.
+pub fn parse_scale(s: &str) -> Result<(String, u64), SpecError> {
+    let Some((name, n)) = s.split_once('=') else {
+        return Err(invalid("scale", s, "expected SERVICE=REPLICAS"));
+    };
+    if name.is_empty() {
+        return Err(invalid("scale", s, "expected SERVICE=REPLICAS"));
+    }
+    let replicas = n
+        .parse::<u64>()
+        .map_err(|_| invalid("replicas", n, "must be a whole number >= 0"))?;
+    Ok((name.to_string(), replicas))
+}
+
+/// A placement constraint: `node.(id|name|role|hostname|labels.K) (==|!=) V`.
+pub fn validate_constraint(c: &str) -> Result<(), SpecError> {
+    const REASON: &str = "expected node.labels.KEY==VALUE, node.labels.KEY!=VALUE, node.role==manager, node.name==NAME or node.id==ID";
+    let (lhs, rhs) = if let Some((l, r)) = c.split_once("==") {
+        (l, r)
+    } else if let Some((l, r)) = c.split_once("!=") {
+        (l, r)
+    } else {
+        return Err(invalid("constraint", c, REASON));
+    };
+    let lhs = lhs.trim();
+    let rhs = rhs.trim();
+    if rhs.is_empty() || rhs.contains("==") || rhs.contains("!=") {
+        return Err(invalid("constraint", c, REASON));
+    }
+    let key_ok = match lhs {
+        "node.id" | "node.name" | "node.hostname" => true,
+        "node.role" => rhs == "manager" || rhs == "worker",
+        _ => lhs.strip_prefix("node.labels.").is_some_and(|k| !k.is_empty()),
+    };
+    if key_ok { Ok(()) } else { Err(invalid("constraint", c, REASON)) }
+}
+
+/// A placement preference: `spread=node.labels.KEY`.
+pub fn validate_placement_pref(p: &str) -> Result<(), SpecError> {
+    match p.strip_prefix("spread=").and_then(|k| k.strip_prefix("node.labels.")) {
+        Some(k) if !k.is_empty() => Ok(()),
+        _ => Err(invalid("placement preference", p, "expected spread=node.labels.KEY")),
+    }
+}
+
+/// An image reference: `name[:tag]` or `name@sha256:…`, registry-style path.
+pub fn validate_image(image: &str) -> Result<(), SpecError> {
+    const REASON: &str = "expected NAME[:TAG] of letters, digits, '.', '_', '-', '/', ':' or '@'";
+    let ok = !image.is_empty()
+        && image.len() <= 255
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
+        && !image.starts_with(['-', '/', ':', '.']);
+    if ok { Ok(()) } else { Err(invalid("image", image, REASON)) }
+}
+
+/// Checks a whole service spec as the managers receive it.
+pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
+    validate_name("service name", &spec.name)?;
+    validate_image(&spec.image)?;
+    match spec.mode.as_str() {
+        "replicated" => {}
+        "global" if spec.replicas == 0 => {}
+        "global" => return Err(invalid("replicas", spec.replicas.to_string(), "a global service takes no replica count")),
+        other => return Err(invalid("mode", other, "expected replicated or global")),
+    }
+    for e in &spec.env {
+        match e.split_once('=') {
+            Some((k, _)) if !k.is_empty() => {}
+            _ => return Err(invalid("env", e, "expected KEY=VALUE")),
+        }
+    }
+    let mut published = Vec::new();
+    for p in &spec.ports {
+        if p.target == 0 || p.target > 65535 {
+            return Err(invalid("port", p.target.to_string(), "must be 1-65535"));
+        }
+        if p.published > 65535 {
+            return Err(invalid("port", p.published.to_string(), "must be 1-65535"));
+        }
+        if p.protocol != "tcp" && p.protocol != "udp" {
+            return Err(invalid("protocol", &p.protocol, "expected tcp or udp"));
+        }
+        if p.published != 0 {
+            if published.contains(&(p.published, &p.protocol)) {
+                return Err(invalid("port", p.published.to_string(), "published twice"));
+            }
+            published.push((p.published, &p.protocol));
+        }
+    }
+    for n in &spec.networks {
+        validate_name("network name", n)?;
+    }
+    for c in &spec.constraints {
+        validate_constraint(c)?;
+    }
+    for p in &spec.placement_prefs {
+        validate_placement_pref(p)?;
+    }
+    if let (Some(l), Some(r)) = (&spec.limits, &spec.reservations) {
+        if l.memory_bytes != 0 && r.memory_bytes > l.memory_bytes {
+            return Err(invalid("memory reservation", r.memory_bytes.to_string(), "exceeds the memory limit"));
+        }
+        if l.nano_cpus != 0 && r.nano_cpus > l.nano_cpus {
+            return Err(invalid("cpu reservation", r.nano_cpus.to_string(), "exceeds the cpu limit"));
+        }
+    }
+    if let Some(l) = &spec.limits {
+        if l.memory_bytes != 0 && l.memory_bytes < 4 << 20 {
+            return Err(invalid("memory limit", l.memory_bytes.to_string(), "must be at least 4M"));
+        }
+    }
+    if let Some(r) = &spec.restart {
+        if !["", "none", "on-failure", "any"].contains(&r.condition.as_str()) {
+            return Err(invalid("restart condition", &r.condition, "expected none, on-failure or any"));
+        }
+    }
+    if let Some(u) = &spec.update {
+        if !["", "pause", "rollback"].contains(&u.failure_action.as_str()) {
+            return Err(invalid("update failure action", &u.failure_action, "expected pause or rollback"));
+        }
+    }
+    for m in &spec.mounts {
+        if !["volume", "bind", "tmpfs"].contains(&m.r#type.as_str()) {
+            return Err(invalid("mount type", &m.r#type, "expected volume, bind or tmpfs"));
+        }
+        if !m.target.starts_with('/') {
+            return Err(invalid("mount target", &m.target, "must be an absolute path"));
+        }
+        if m.r#type != "tmpfs" && m.source.is_empty() {
+            return Err(invalid("mount source", &m.source, "is required for volume and bind mounts"));
+        }
+    }
+    for s in &spec.secrets {
+        validate_name("secret name", s)?;
+    }
+    if !spec.user.is_empty() && !valid_user(&spec.user) {
+        return Err(invalid("user", &spec.user, "expected UID[:GID] or a user name"));
+    }
+    if !spec.workdir.is_empty() && !spec.workdir.starts_with('/') {
+        return Err(invalid("workdir", &spec.workdir, "must be an absolute path"));
+    }
+    Ok(())
+}
+
+fn valid_user(u: &str) -> bool {
+    let part = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    match u.split_once(':') {
+        Some((a, b)) => part(a) && part(b),
+        None => part(u),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("n", "web").is_ok());
+        assert!(validate_name("n", "web-1").is_ok());
+        for bad in ["", "-web", "web-", "Web", "web_1", "a.b", &"x".repeat(64)] {
+            assert!(validate_name("n", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn memory() {
+        assert_eq!(parse_memory("64M"), Ok(64 << 20));
+        assert_eq!(parse_memory("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_memory("512k"), Ok(512 << 10));
+        assert_eq!(parse_memory("4096"), Ok(4096));
+        for bad in ["", "M", "-1M", "12Q", "abc", "0"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cpus() {
+        assert_eq!(parse_cpus("0.5"), Ok(500_000_000));
+        assert_eq!(parse_cpus("2"), Ok(2_000_000_000));
+        for bad in ["", "-1", "0", "x", "NaN"] {
+            assert!(parse_cpus(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scale() {
+        assert_eq!(parse_scale("web=10"), Ok(("web".into(), 10)));
+        for bad in ["web", "=3", "web=-1", "web=x", "web=1.5"] {
+            assert!(parse_scale(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn constraints() {
+        for ok in ["node.labels.zone==a", "node.labels.zone != b", "node.role==manager", "node.name==n1"] {
+            assert!(validate_constraint(ok).is_ok(), "{ok}");
+        }
+        for bad in ["zone==a", "node.labels.==a", "node.labels.zone=a", "node.role==boss", "node.labels.zone=="] {
+            assert!(validate_constraint(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Commands: the payload of one Raft log entry. Each command is applied
+//! whole or not at all; a command that changes many objects (a scale of many
+//! services, a batch of node status changes) is still one entry.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::control::ServiceSpec;
+
+use super::objects::{Availability, ClusterObj, NodeObj, NodeStatus, Role, ServiceObj};
+
+/// One Raft entry's application data. `now_ms` is the proposer's clock, so
+/// every replica stamps the same time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub now_ms: u64,
+    pub cmd: Command,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    InitCluster { cluster: ClusterObj, node: NodeObj },
+    AddNode { node: NodeObj },
+    UpdateNode { id: u64, patch: NodePatch },
+    RemoveNode { id: u64, force: bool },
+    SetNodeStatus { changes: Vec<(u64, NodeStatus)> },
+    RotateToken { role: Role, secret: String },
+    CreateService { service: Box<ServiceObj> },
+    UpdateService {
+        service: String,
+        #[serde(with = "super::objects::prost_bytes_box")]
+        spec: Box<ServiceSpec>,
+        expected_version: u64,
+    },
+    ScaleServices { items: Vec<(String, u64)> },
+    RemoveServices { services: Vec<String> },
+    /// Changes nothing; a new leader's read barrier and the benchmarks'
+    /// smallest write.
+    Noop,
+}
+
+impl Command {
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::InitCluster { .. } => "init-cluster",
+            Command::AddNode { .. } => "add-node",
+            Command::UpdateNode { .. } => "update-node",
+            Command::RemoveNode { .. } => "remove-node",
+            Command::SetNodeStatus { .. } => "set-node-status",
+            Command::RotateToken { .. } => "rotate-token",
+            Command::CreateService { .. } => "create-service",
+            Command::UpdateService { .. } => "update-service",
+            Command::ScaleServices { .. } => "scale-services",
+            Command::RemoveServices { .. } => "remove-services",
+            Command::Noop => "noop",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodePatch {
+    pub availability: Option<Availability>,
+    pub role: Option<Role>,
+    pub label_add: BTreeMap<String, String>,
+    pub label_rm: Vec<String>,
+    pub address: Option<String>,
+    pub resources: Option<(u64, u64)>,
+}
+
+/// What applying a command produced: the log index it was applied at (the
+/// new version of every object it touched) and the ids it touched.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Applied {
+    pub version: u64,
+    pub ids: Vec<String>,
+}
+
+/// Why a command was refused. Nothing of a refused command is applied.
+#[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ApplyError {
+    #[error("{kind} {name:?} already exists")]
+    NameTaken { kind: String, name: String },
+    #[error("{kind} {what:?} not found")]
+    NotFound { kind: String, what: String },
+    #[error("{kind} id prefix {what:?} is ambiguous")]
+    Ambiguous { kind: String, what: String },
+    #[error("{kind} {what:?} changed since it was read (version {expected}, now {actual}); read it again")]
+    VersionMismatch { kind: String, what: String, expected: u64, actual: u64 },
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("cluster is already initialized")]
+    AlreadyInitialized,
+}
+
+/// Requests that are well-formed but not allowed in the current state.
+#[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("service {service:?} is global: it runs one task per node and cannot be scaled")]
+    ScaleGlobal { service: String },
+    #[error("node {node:?} is a manager: demote it first")]
+    RemoveManager { node: String },
+    #[error("node {node:?} is ready: drain and stop it first, or use --force")]
+    RemoveReady { node: String },
+    #[error("service {service:?} was named twice in one request")]
+    Duplicate { service: String },
+}
+
+/// The response for one log entry.
+pub type Response = Result<Applied, ApplyError>;

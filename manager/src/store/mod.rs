@@ -1,0 +1,84 @@
+//! The replicated state store: the objects, the commands that change them,
+//! and a watch stream of what changed. The Raft state machine owns the
+//! `State`; everyone else reads it through [`Store`] and changes it only by
+//! proposing commands.
+
+pub mod command;
+pub mod objects;
+pub mod state;
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use tokio::sync::broadcast;
+
+pub use command::{Applied, ApplyError, Command, NodePatch, Request, Response};
+pub use state::{Change, State};
+
+/// What one applied log entry changed.
+#[derive(Debug)]
+pub struct Event {
+    pub version: u64,
+    pub changes: Vec<Change>,
+}
+
+/// A shared, read-only view of the applied state plus its watch stream.
+#[derive(Clone)]
+pub struct Store {
+    state: Arc<RwLock<State>>,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    pub fn new() -> Self {
+        // Watchers that fall this far behind get `Lagged` and must re-read
+        // the whole state; 4096 entries is seconds of the busiest load.
+        let (events, _) = broadcast::channel(4096);
+        Store { state: Arc::new(RwLock::new(State::default())), events }
+    }
+
+    /// Reads the applied state. Keep the closure short: the state machine
+    /// waits for it.
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.guard())
+    }
+
+    fn guard(&self) -> RwLockReadGuard<'_, State> {
+        // A poisoned lock means a panic while applying; the state may be
+        // half-changed, but reading it is still the best we can do.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes to what each applied entry changes.
+    pub fn watch(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    /// Applies one entry (state machine only).
+    pub(crate) fn apply(&self, index: u64, req: Request) -> Response {
+        let mut changes = Vec::new();
+        let res = {
+            let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+            st.apply(index, req, &mut changes)
+        };
+        if !changes.is_empty() {
+            // No receivers is fine: nobody watches yet.
+            let _ = self.events.send(Arc::new(Event { version: index, changes }));
+        }
+        res
+    }
+
+    /// Replaces the whole state (snapshot install or restart).
+    pub(crate) fn replace(&self, state: State) {
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub(crate) fn snapshot_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&*self.guard())
+    }
+}

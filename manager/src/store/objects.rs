@@ -1,0 +1,160 @@
+//! The objects of the replicated state. These types are the store's disk and
+//! log format (they are serialized into Raft entries and snapshots), so they
+//! derive serde; the API shapes live in `shoal-proto`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::control::ServiceSpec;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Manager,
+    Worker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Manager => "manager",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    Down,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Down => "down",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Active,
+    Pause,
+    Drain,
+}
+
+impl Availability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Active => "active",
+            Availability::Pause => "pause",
+            Availability::Drain => "drain",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Availability::Active),
+            "pause" => Some(Availability::Pause),
+            "drain" => Some(Availability::Drain),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeObj {
+    pub id: u64,
+    pub name: String,
+    pub role: Role,
+    pub status: NodeStatus,
+    pub availability: Availability,
+    pub labels: BTreeMap<String, String>,
+    /// host:port of the node's gRPC server.
+    pub address: String,
+    pub nano_cpus: u64,
+    pub memory_bytes: u64,
+    /// The node's CSR, kept so the CA can re-issue its certificate with a new
+    /// role on promote/demote without the private key leaving the node.
+    pub csr_pem: String,
+    pub version: u64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceObj {
+    pub id: String,
+    #[serde(with = "prost_bytes")]
+    pub spec: ServiceSpec,
+    #[serde(with = "prost_bytes_opt")]
+    pub previous_spec: Option<ServiceSpec>,
+    pub version: u64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// Cluster-wide secrets: the CA (so any manager can sign a joining node's
+/// certificate) and the join-token secrets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterObj {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub worker_secret: String,
+    pub manager_secret: String,
+    pub version: u64,
+}
+
+/// Specs are protobuf messages; inside the store they travel as their
+/// protobuf encoding so the spec has one definition.
+pub(crate) mod prost_bytes {
+    use prost::Message;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, M: Message>(m: &M, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&m.encode_to_vec())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, M: Message + Default>(d: D) -> Result<M, D::Error> {
+        let bytes: Vec<u8> = Deserialize::deserialize(d)?;
+        M::decode(bytes.as_slice()).map_err(serde::de::Error::custom)
+    }
+}
+
+pub(crate) mod prost_bytes_opt {
+    use prost::Message;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, M: Message>(m: &Option<M>, s: S) -> Result<S::Ok, S::Error> {
+        match m {
+            Some(m) => s.serialize_some(&m.encode_to_vec()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, M: Message + Default>(
+        d: D,
+    ) -> Result<Option<M>, D::Error> {
+        let bytes: Option<Vec<u8>> = Deserialize::deserialize(d)?;
+        bytes
+            .map(|b| M::decode(b.as_slice()).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+pub(crate) mod prost_bytes_box {
+    use prost::Message;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, M: Message>(m: &M, s: S) -> Result<S::Ok, S::Error> {
+        super::prost_bytes::serialize(m, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, M: Message + Default>(d: D) -> Result<Box<M>, D::Error> {
+        super::prost_bytes::deserialize(d).map(Box::new)
+    }
+}

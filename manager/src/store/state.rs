@@ -1,0 +1,246 @@
+//! The replicated state and the one function that changes it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{Applied, ApplyError, Command, NodePatch, Refusal, Request};
+use super::objects::{ClusterObj, NodeObj, NodeStatus, Role, ServiceObj};
+
+/// Everything the managers agree on. Cloned only to build snapshots.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub cluster: Option<ClusterObj>,
+    pub nodes: BTreeMap<u64, NodeObj>,
+    pub services: BTreeMap<String, ServiceObj>,
+}
+
+/// What one applied command changed, for watchers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Cluster,
+    Node(u64),
+    NodeRemoved(u64),
+    Service(String),
+    ServiceRemoved(String),
+}
+
+impl State {
+    /// Applies `req` at log index `index`. Validates everything first: on
+    /// error nothing has changed.
+    pub fn apply(&mut self, index: u64, req: Request, changes: &mut Vec<Change>) -> Result<Applied, ApplyError> {
+        let now = req.now_ms;
+        let mut applied = Applied { version: index, ids: Vec::new() };
+        match req.cmd {
+            Command::Noop => {}
+            Command::InitCluster { mut cluster, mut node } => {
+                if self.cluster.is_some() {
+                    return Err(ApplyError::AlreadyInitialized);
+                }
+                cluster.version = index;
+                node.version = index;
+                node.created_at_ms = now;
+                node.updated_at_ms = now;
+                applied.ids.push(node.id.to_string());
+                changes.push(Change::Cluster);
+                changes.push(Change::Node(node.id));
+                self.cluster = Some(cluster);
+                self.nodes.insert(node.id, node);
+            }
+            Command::AddNode { mut node } => {
+                if self.nodes.values().any(|n| n.name == node.name && n.id != node.id) {
+                    return Err(ApplyError::NameTaken { kind: "node".into(), name: node.name });
+                }
+                node.version = index;
+                node.created_at_ms = now;
+                node.updated_at_ms = now;
+                applied.ids.push(node.id.to_string());
+                changes.push(Change::Node(node.id));
+                self.nodes.insert(node.id, node);
+            }
+            Command::UpdateNode { id, patch } => {
+                let node = self.nodes.get_mut(&id).ok_or_else(|| node_not_found(id))?;
+                apply_patch(node, patch);
+                node.version = index;
+                node.updated_at_ms = now;
+                changes.push(Change::Node(id));
+            }
+            Command::RemoveNode { id, force } => {
+                let node = self.nodes.get(&id).ok_or_else(|| node_not_found(id))?;
+                if node.role == Role::Manager {
+                    return Err(ApplyError::Refused(Refusal::RemoveManager { node: node.name.clone() }));
+                }
+                if node.status == NodeStatus::Ready && !force {
+                    return Err(ApplyError::Refused(Refusal::RemoveReady { node: node.name.clone() }));
+                }
+                self.nodes.remove(&id);
+                changes.push(Change::NodeRemoved(id));
+            }
+            Command::SetNodeStatus { changes: status } => {
+                // Nodes removed meanwhile are skipped: the status report raced
+                // with `node rm`, and the removal wins.
+                for (id, st) in status {
+                    if let Some(node) = self.nodes.get_mut(&id) {
+                        if node.status != st {
+                            node.status = st;
+                            node.version = index;
+                            node.updated_at_ms = now;
+                            changes.push(Change::Node(id));
+                        }
+                    }
+                }
+            }
+            Command::RotateToken { role, secret } => {
+                let cluster = self.cluster.as_mut().ok_or_else(|| ApplyError::NotFound {
+                    kind: "cluster".into(),
+                    what: "cluster".into(),
+                })?;
+                match role {
+                    Role::Manager => cluster.manager_secret = secret,
+                    Role::Worker => cluster.worker_secret = secret,
+                }
+                cluster.version = index;
+                changes.push(Change::Cluster);
+            }
+            Command::CreateService { mut service } => {
+                if self.services.values().any(|s| s.spec.name == service.spec.name) {
+                    return Err(ApplyError::NameTaken { kind: "service".into(), name: service.spec.name });
+                }
+                if self.services.contains_key(&service.id) {
+                    return Err(ApplyError::NameTaken { kind: "service id".into(), name: service.id });
+                }
+                service.version = index;
+                service.created_at_ms = now;
+                service.updated_at_ms = now;
+                applied.ids.push(service.id.clone());
+                changes.push(Change::Service(service.id.clone()));
+                self.services.insert(service.id.clone(), *service);
+            }
+            Command::UpdateService { service, spec, expected_version } => {
+                let id = self.resolve_service(&service)?;
+                if self.services.values().any(|s| s.id != id && s.spec.name == spec.name) {
+                    return Err(ApplyError::NameTaken { kind: "service".into(), name: spec.name.clone() });
+                }
+                let svc = self.services.get_mut(&id).ok_or_else(|| service_not_found(&service))?;
+                if expected_version != 0 && svc.version != expected_version {
+                    return Err(ApplyError::VersionMismatch {
+                        kind: "service".into(),
+                        what: service,
+                        expected: expected_version,
+                        actual: svc.version,
+                    });
+                }
+                svc.previous_spec = Some(std::mem::replace(&mut svc.spec, *spec));
+                svc.version = index;
+                svc.updated_at_ms = now;
+                applied.ids.push(id.clone());
+                changes.push(Change::Service(id));
+            }
+            Command::ScaleServices { items } => {
+                // Resolve and check every item before touching any.
+                let mut resolved = Vec::with_capacity(items.len());
+                for (what, replicas) in items {
+                    let id = self.resolve_service(&what)?;
+                    if resolved.iter().any(|(i, _)| *i == id) {
+                        return Err(ApplyError::Refused(Refusal::Duplicate { service: what }));
+                    }
+                    let svc = &self.services[&id];
+                    if svc.spec.mode == "global" {
+                        return Err(ApplyError::Refused(Refusal::ScaleGlobal { service: svc.spec.name.clone() }));
+                    }
+                    resolved.push((id, replicas));
+                }
+                for (id, replicas) in resolved {
+                    if let Some(svc) = self.services.get_mut(&id) {
+                        svc.spec.replicas = replicas;
+                        svc.version = index;
+                        svc.updated_at_ms = now;
+                        applied.ids.push(id.clone());
+                        changes.push(Change::Service(id));
+                    }
+                }
+            }
+            Command::RemoveServices { services } => {
+                let mut ids = Vec::with_capacity(services.len());
+                for what in services {
+                    let id = self.resolve_service(&what)?;
+                    if ids.contains(&id) {
+                        return Err(ApplyError::Refused(Refusal::Duplicate { service: what }));
+                    }
+                    ids.push(id);
+                }
+                for id in ids {
+                    self.services.remove(&id);
+                    applied.ids.push(id.clone());
+                    changes.push(Change::ServiceRemoved(id));
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// A service by exact id, exact name, or unique id prefix.
+    pub fn resolve_service(&self, what: &str) -> Result<String, ApplyError> {
+        if self.services.contains_key(what) {
+            return Ok(what.to_string());
+        }
+        if let Some(s) = self.services.values().find(|s| s.spec.name == what) {
+            return Ok(s.id.clone());
+        }
+        let mut by_prefix = self.services.keys().filter(|id| !what.is_empty() && id.starts_with(what));
+        match (by_prefix.next(), by_prefix.next()) {
+            (Some(id), None) => Ok(id.clone()),
+            (Some(_), Some(_)) => Err(ApplyError::Ambiguous { kind: "service".into(), what: what.into() }),
+            _ => Err(service_not_found(what)),
+        }
+    }
+
+    /// A node by exact id (hex), exact name, or unique id prefix.
+    pub fn resolve_node(&self, what: &str) -> Result<u64, ApplyError> {
+        if let Some(n) = self.nodes.values().find(|n| n.name == what) {
+            return Ok(n.id);
+        }
+        let mut by_prefix = self
+            .nodes
+            .keys()
+            .filter(|id| !what.is_empty() && format_node_id(**id).starts_with(what));
+        match (by_prefix.next(), by_prefix.next()) {
+            (Some(id), None) => Ok(*id),
+            (Some(_), Some(_)) => Err(ApplyError::Ambiguous { kind: "node".into(), what: what.into() }),
+            _ => Err(ApplyError::NotFound { kind: "node".into(), what: what.into() }),
+        }
+    }
+}
+
+/// Node ids are shown as 16 hex digits.
+pub fn format_node_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn apply_patch(node: &mut NodeObj, patch: NodePatch) {
+    if let Some(a) = patch.availability {
+        node.availability = a;
+    }
+    if let Some(r) = patch.role {
+        node.role = r;
+    }
+    for k in patch.label_rm {
+        node.labels.remove(&k);
+    }
+    node.labels.extend(patch.label_add);
+    if let Some(addr) = patch.address {
+        node.address = addr;
+    }
+    if let Some((cpus, mem)) = patch.resources {
+        node.nano_cpus = cpus;
+        node.memory_bytes = mem;
+    }
+}
+
+fn node_not_found(id: u64) -> ApplyError {
+    ApplyError::NotFound { kind: "node".into(), what: format_node_id(id) }
+}
+
+fn service_not_found(what: &str) -> ApplyError {
+    ApplyError::NotFound { kind: "service".into(), what: what.into() }
+}

@@ -1,0 +1,74 @@
+//! A node's TLS material and the tonic settings built from it, plus the
+//! check every server method starts with: which role the caller's
+//! certificate grants.
+
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use crate::pki::{peer_identity, CertRole, CLUSTER_DNS_NAME};
+
+/// The CA plus this node's (or the CLI's) certificate and key, as PEM.
+#[derive(Clone, Debug)]
+pub struct NodeTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl NodeTls {
+    /// Server side: present our certificate and the CA (so a joiner can pin
+    /// it), ask for a client certificate but do not require one — the Join
+    /// service is for nodes that have none yet; every other service checks.
+    pub fn server_config(&self) -> ServerTlsConfig {
+        let chain = format!("{}{}", self.cert_pem, self.ca_pem);
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(chain, &self.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            .client_auth_optional(true)
+    }
+
+    pub fn client_config(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .domain_name(CLUSTER_DNS_NAME)
+    }
+
+    /// A lazily connected channel to a manager at `addr` (host:port).
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        Ok(endpoint(addr)?.tls_config(self.client_config())?.connect_lazy())
+    }
+}
+
+/// Connection settings shared by every client: fail fast on dead peers so
+/// callers can say "unreachable" instead of hanging.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true))
+}
+
+/// The caller's identity from its certificate, if its role is one of
+/// `allowed`.
+pub fn authorize<T>(req: &Request<T>, allowed: &[CertRole]) -> Result<(String, CertRole), Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate signed by the cluster CA is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate signed by the cluster CA is required"))?;
+    let (id, role) =
+        peer_identity(leaf).ok_or_else(|| Status::unauthenticated("client certificate carries no shoal role"))?;
+    if !allowed.contains(&role) {
+        return Err(Status::permission_denied(format!(
+            "a {} certificate may not call this API",
+            role.as_str()
+        )));
+    }
+    Ok((id, role))
+}
