@@ -1,1 +1,378 @@
+//! The multi-host test harness: each host is a network namespace on a
+//! private bridge, with an address in 198.18.0.0/15, running a real
+//! `shoal daemon` started with `nsenter --net=`. Everything a cluster makes
+//! (namespaces, veths, bridge, data dirs, processes) carries a unique prefix
+//! and is removed when the [`Cluster`] is dropped, also when a test panics.
 
+pub mod netns;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+pub const GRPC_PORT: u16 = 7700;
+
+/// The `shoal` binary under test: `$SHOAL_BIN`, or `target/<profile>/shoal`
+/// next to the running test executable.
+pub fn shoal_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/<test> → target/debug/shoal
+    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    dir.join("shoal")
+}
+
+/// Runs `cmd` and fails with its stderr when it exits non-zero.
+pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A unique short id for this test's objects (interface names have 15
+/// bytes at most).
+pub fn unique_id() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}{:x}", std::process::id() & 0xfffff, n)
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with `what`
+/// and the last value seen.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct Host {
+    pub index: usize,
+    pub name: String,
+    pub netns: String,
+    pub veth: String,
+    pub ip: Ipv4Addr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub process: Option<Child>,
+}
+
+impl Host {
+    pub fn addr(&self) -> String {
+        format!("{}:{GRPC_PORT}", self.ip)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+}
+
+/// Options for starting a daemon.
+#[derive(Clone, Default)]
+pub struct DaemonOpts {
+    pub extra: Vec<String>,
+}
+
+pub struct Cluster {
+    pub id: String,
+    pub bridge: String,
+    pub dir: PathBuf,
+    pub hosts: Vec<Host>,
+    forward_rule: bool,
+}
+
+impl Cluster {
+    /// Makes `n` hosts (namespaces on one bridge); starts no daemons.
+    pub fn hosts(n: usize) -> anyhow::Result<Self> {
+        let id = unique_id();
+        let dir = std::env::temp_dir().join(format!("shoal-test-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let bridge = format!("shb{id}");
+        let mut c = Cluster { id: id.clone(), bridge: bridge.clone(), dir, hosts: Vec::new(), forward_rule: false };
+        sh("ip", &["link", "add", &bridge, "type", "bridge"])?;
+        sh("ip", &["link", "set", &bridge, "up"])?;
+        c.forward_rule = netns::allow_bridge_forwarding(&bridge);
+        for i in 0..n {
+            c.add_host()?;
+            let _ = i;
+        }
+        Ok(c)
+    }
+
+    /// Adds one more host namespace to the bridge.
+    pub fn add_host(&mut self) -> anyhow::Result<usize> {
+        let i = self.hosts.len();
+        let netns = format!("sh{}-h{i}", self.id);
+        let veth = format!("sh{}h{i}", self.id);
+        let ip = Ipv4Addr::new(198, 18, 0, 10 + i as u8);
+        sh("ip", &["netns", "add", &netns])?;
+        let host = Host {
+            index: i,
+            name: format!("n{i}"),
+            netns: netns.clone(),
+            veth: veth.clone(),
+            ip,
+            data_dir: self.dir.join(format!("n{i}")),
+            log: self.dir.join(format!("n{i}.log")),
+            process: None,
+        };
+        self.hosts.push(host);
+        sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        sh("ip", &["link", "set", &veth, "master", &self.bridge, "up"])?;
+        let ns = |args: &[&str]| -> anyhow::Result<String> {
+            let mut a = vec!["-n", netns.as_str()];
+            a.extend_from_slice(args);
+            sh("ip", &a)
+        };
+        ns(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns(&["link", "set", "eth0", "up"])?;
+        ns(&["link", "set", "lo", "up"])?;
+        Ok(i)
+    }
+
+    fn spawn(&mut self, i: usize, args: Vec<String>) -> anyhow::Result<()> {
+        let h = &mut self.hosts[i];
+        std::fs::create_dir_all(&h.data_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&h.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", h.netns))
+            .arg(shoal_bin())
+            .args(&args)
+            .env("SHOAL_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting shoal daemon")?;
+        h.process = Some(child);
+        Ok(())
+    }
+
+    fn daemon_args(&self, i: usize) -> Vec<String> {
+        let h = &self.hosts[i];
+        vec![
+            "daemon".into(),
+            "--data-dir".into(),
+            h.data_dir.display().to_string(),
+            "--listen".into(),
+            h.addr(),
+            "--node-name".into(),
+            h.name.clone(),
+        ]
+    }
+
+    /// Starts host 0 with `--init`.
+    pub fn init(&mut self, i: usize, opts: &DaemonOpts) -> anyhow::Result<()> {
+        let mut args = self.daemon_args(i);
+        args.push("--init".into());
+        args.extend(opts.extra.iter().cloned());
+        self.spawn(i, args)?;
+        let addr = self.hosts[i].addr();
+        wait_for(Duration::from_secs(30), "the first manager to answer", || {
+            Ok(self.cli_ok(i, &["cluster", "status", "--format", "json"]).ok().filter(|v| v["leader"] != "").map(|_| ()))
+        })
+        .with_context(|| format!("init on {addr}: {}", self.log_tail(i)))
+    }
+
+    /// Starts host `i` joining via host `via` with a token of `role`.
+    pub fn join(&mut self, i: usize, via: usize, role: &str, opts: &DaemonOpts) -> anyhow::Result<()> {
+        let token = self.cli_ok(via, &["join-token", role, "--format", "json"])?["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let mut args = self.daemon_args(i);
+        args.extend(["--join".into(), self.hosts[via].addr(), "--token".into(), token]);
+        args.extend(opts.extra.iter().cloned());
+        self.spawn(i, args)
+    }
+
+    /// Restarts host `i` from its data dir (no --init/--join needed).
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let args = self.daemon_args(i);
+        self.spawn(i, args)
+    }
+
+    /// `kill -9` the daemon of host `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.hosts[i].process.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (a clean stop).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.hosts[i].process.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Cuts host `i` off the network (its veth down) or heals it.
+    pub fn set_link(&self, i: usize, up: bool) -> anyhow::Result<()> {
+        sh("ip", &["link", "set", &self.hosts[i].veth, if up { "up" } else { "down" }])?;
+        Ok(())
+    }
+
+    /// Starts a cluster of `managers` managers and `workers` workers and
+    /// waits until every node is ready and every manager is a voter.
+    pub fn start(managers: usize, workers: usize) -> anyhow::Result<Self> {
+        let mut c = Cluster::hosts(managers + workers)?;
+        let opts = DaemonOpts::default();
+        c.init(0, &opts)?;
+        for i in 1..managers {
+            c.join(i, 0, "manager", &opts)?;
+        }
+        for i in managers..managers + workers {
+            c.join(i, 0, "worker", &opts)?;
+        }
+        c.wait_converged(0, managers, managers + workers)?;
+        Ok(c)
+    }
+
+    /// Waits until `voters` managers are reachable voters and `nodes` nodes
+    /// are ready, as seen through host `via`.
+    pub fn wait_converged(&self, via: usize, voters: usize, nodes: usize) -> anyhow::Result<()> {
+        wait_for(Duration::from_secs(60), "the cluster to converge", || {
+            let st = self.cli_ok(via, &["cluster", "status", "--format", "json"])?;
+            let members = st["members"].as_array().cloned().unwrap_or_default();
+            let ok_voters = members.iter().filter(|m| m["voter"] == true && m["reachable"] == true).count();
+            let ns = self.cli_ok(via, &["node", "ls", "--format", "json"])?;
+            let ready = ns.as_array().map(|a| a.iter().filter(|n| n["status"] == "ready").count()).unwrap_or(0);
+            Ok((ok_voters == voters && ready == nodes && st["leader"] != "").then_some(()))
+        })
+        .with_context(|| self.log_tails())
+    }
+
+    pub fn cert_dir(&self) -> PathBuf {
+        self.hosts[0].data_dir.join("client")
+    }
+
+    /// Runs the CLI inside host `i`'s namespace against that host's daemon.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Output {
+        self.cli_with(i, &self.hosts[i].addr(), &self.cert_dir(), args)
+    }
+
+    pub fn cli_with(&self, i: usize, host: &str, cert_dir: &Path, args: &[&str]) -> Output {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.hosts[i].netns))
+            .arg(shoal_bin())
+            .arg("--host")
+            .arg(host)
+            .arg("--cert-dir")
+            .arg(cert_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) => o,
+            Err(e) => Output {
+                status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
+                stdout: Vec::new(),
+                stderr: e.to_string().into_bytes(),
+            },
+        }
+    }
+
+    /// Runs the CLI and parses its stdout as JSON; fails on a non-zero exit.
+    pub fn cli_ok(&self, i: usize, args: &[&str]) -> anyhow::Result<Value> {
+        let out = self.cli(i, args);
+        if !out.status.success() {
+            bail!("shoal {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text.trim().to_string())))
+    }
+
+    /// The current leader's host index, as seen through host `via`.
+    pub fn leader(&self, via: usize) -> anyhow::Result<usize> {
+        let st = self.cli_ok(via, &["cluster", "status", "--format", "json"])?;
+        let name = st["leader"].as_str().unwrap_or_default();
+        self.hosts
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no leader yet (status: {st})"))
+    }
+
+    pub fn log_tail(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn log_tails(&self) -> String {
+        (0..self.hosts.len()).map(|i| format!("--- {} log:\n{}", self.hosts[i].name, self.log_tail(i))).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.kill(i);
+        }
+        for h in &self.hosts {
+            let _ = sh("ip", &["link", "del", &h.veth]);
+            let _ = sh("ip", &["netns", "del", &h.netns]);
+        }
+        if self.forward_rule {
+            netns::remove_bridge_forwarding(&self.bridge);
+        }
+        let _ = sh("ip", &["link", "del", &self.bridge]);
+        if std::env::var_os("SHOAL_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A gRPC Control API client for bulk work (benchmarks, the compaction
+/// test), made with the cluster's client credentials. Use it inside
+/// [`netns::in_netns`].
+pub async fn control_client(
+    addr: &str,
+    cert_dir: &Path,
+) -> anyhow::Result<shoal_proto::control::control_client::ControlClient<tonic::transport::Channel>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |f: &str| std::fs::read_to_string(cert_dir.join(f)).with_context(|| format!("reading {f}"));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+        .identity(Identity::from_pem(read("cert.pem")?, read("key.pem")?))
+        .domain_name("manager.shoal.cluster");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(shoal_proto::control::control_client::ControlClient::new(channel))
+}

@@ -1,0 +1,259 @@
+//! Cluster foundation, end to end: real `shoal daemon` processes in network
+//! namespaces, driven through the `shoal` CLI.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+use shoal_tests::{wait_for, Cluster, DaemonOpts};
+
+const T: Duration = Duration::from_secs(60);
+
+fn services(c: &Cluster, via: usize) -> anyhow::Result<Vec<(String, u64)>> {
+    let v = c.cli_ok(via, &["service", "ls", "--format", "json"])?;
+    let mut out: Vec<(String, u64)> = v
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap_or_default().to_string(), s["replicas_desired"].as_u64().unwrap_or(0)))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn expect_services(c: &Cluster, via: usize, want: &[(&str, u64)]) -> anyhow::Result<()> {
+    let want: Vec<(String, u64)> = want.iter().map(|(n, r)| (n.to_string(), *r)).collect();
+    wait_for(T, &format!("services {want:?} on host {via}"), || {
+        let got = services(c, via)?;
+        if got == want { Ok(Some(())) } else { anyhow::bail!("got {got:?}") }
+    })
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn three_managers_form_a_cluster() -> anyhow::Result<()> {
+    let c = Cluster::start(3, 0)?;
+    let st = c.cli_ok(1, &["cluster", "status", "--format", "json"])?;
+    let members = st["members"].as_array().context("members")?;
+    assert_eq!(members.len(), 3, "{st}");
+    assert!(members.iter().all(|m| m["voter"] == true && m["reachable"] == true), "{st}");
+    assert!(st["term"].as_u64().unwrap_or(0) >= 1 && st["commit_index"].as_u64().unwrap_or(0) > 0, "{st}");
+    let nodes = c.cli_ok(2, &["node", "ls", "--format", "json"])?;
+    let nodes = nodes.as_array().context("nodes")?;
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes.iter().filter(|n| n["leader"] == true).count(), 1, "{nodes:?}");
+    assert!(nodes.iter().all(|n| n["role"] == "manager" && n["status"] == "ready" && n["availability"] == "active"));
+    for key in ["id", "name", "address", "labels"] {
+        assert!(nodes[0].get(key).is_some(), "node ls lacks {key}");
+    }
+    Ok(())
+}
+
+#[test]
+fn leader_loss_keeps_every_committed_write() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3, 0)?;
+    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "2", "bb:1", "httpd", "-f"])?;
+    c.cli_ok(1, &["service", "create", "--name", "api", "--replicas", "3", "bb:1"])?;
+    let old = c.leader(0)?;
+    c.kill(old);
+    let survivor = (old + 1) % 3;
+    let new = wait_for(T, "a new leader", || Ok(c.leader(survivor).ok().filter(|l| *l != old)))?;
+    assert_ne!(new, old);
+    c.cli_ok(survivor, &["service", "scale", "web=5"])?;
+    expect_services(&c, survivor, &[("api", 3), ("web", 5)])?;
+    // The old leader comes back from its data dir and catches up.
+    c.restart(old)?;
+    expect_services(&c, old, &[("api", 3), ("web", 5)])?;
+    c.wait_converged(survivor, 3, 3)?;
+    Ok(())
+}
+
+#[test]
+fn full_restart_brings_back_the_same_state() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3, 0)?;
+    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "2", "bb:1"])?;
+    c.cli_ok(0, &["service", "create", "--name", "db", "--replicas", "1", "--limit-memory", "64M", "bb:1"])?;
+    c.cli_ok(1, &["service", "scale", "web=7", "db=0"])?;
+    let before = c.cli_ok(0, &["service", "inspect", "db", "--format", "json"])?;
+    let ids_before: Vec<Value> = c.cli_ok(0, &["node", "ls", "--format", "json"])?.as_array().cloned().unwrap_or_default().iter().map(|n| n["id"].clone()).collect();
+    for i in 0..3 {
+        c.stop(i);
+    }
+    for i in 0..3 {
+        c.restart(i)?;
+    }
+    c.wait_converged(2, 3, 3)?;
+    expect_services(&c, 2, &[("db", 0), ("web", 7)])?;
+    let after = c.cli_ok(0, &["service", "inspect", "db", "--format", "json"])?;
+    assert_eq!(before["id"], after["id"]);
+    assert_eq!(after["limits"]["memory_bytes"], 64 << 20);
+    let mut ids_after: Vec<Value> = c.cli_ok(0, &["node", "ls", "--format", "json"])?.as_array().cloned().unwrap_or_default().iter().map(|n| n["id"].clone()).collect();
+    let mut ids_before = ids_before;
+    ids_before.sort_by_key(|v| v.to_string());
+    ids_after.sort_by_key(|v| v.to_string());
+    assert_eq!(ids_before, ids_after, "nodes rejoin as themselves");
+    Ok(())
+}
+
+#[test]
+fn partitioned_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
+    let c = Cluster::start(3, 0)?;
+    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "1", "bb:1"])?;
+    // Cut off the leader: the hardest case, it believed it could commit.
+    let cut = c.leader(0)?;
+    c.set_link(cut, false)?;
+    let out = c.cli(cut, &["service", "scale", "web=9"]);
+    assert!(!out.status.success(), "a cut-off manager must not accept a write");
+    let err = stderr(&out);
+    assert!(err.contains("not committed") || err.contains("quorum") || err.contains("unreachable"), "{err}");
+    // The other two elect a leader and carry on.
+    let other = (cut + 1) % 3;
+    wait_for(T, "a leader among the connected managers", || Ok(c.leader(other).ok().filter(|l| *l != cut)))?;
+    c.cli_ok(other, &["service", "scale", "web=4"])?;
+    c.cli_ok(other, &["service", "create", "--name", "api", "bb:1"])?;
+    expect_services(&c, other, &[("api", 1), ("web", 4)])?;
+    c.set_link(cut, true)?;
+    expect_services(&c, cut, &[("api", 1), ("web", 4)])?;
+    c.wait_converged(other, 3, 3)?;
+    Ok(())
+}
+
+#[test]
+fn compaction_bounds_the_log_across_restarts() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3, 0)?;
+    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "0", "bb:1"])?;
+    let addr = c.hosts[0].addr();
+    let certs = c.cert_dir();
+    const WRITES: u64 = 10_000;
+    shoal_tests::netns::in_netns(&c.hosts[0].netns.clone(), move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(async move {
+            let client = shoal_tests::control_client(&addr, &certs).await?;
+            let mut tasks = Vec::new();
+            const CLIENTS: u64 = 32;
+            for w in 0..CLIENTS {
+                let mut client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut i = w;
+                    while i < WRITES {
+                        let item = shoal_proto::control::ScaleItem { service: "web".into(), replicas: i };
+                        client.scale_services(shoal_proto::control::ScaleRequest { items: vec![item] }).await?;
+                        i += CLIENTS;
+                    }
+                    anyhow::Ok(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            anyhow::Ok(())
+        })
+    })?;
+    // One last write with a known value.
+    c.cli_ok(1, &["service", "scale", "web=12345"])?;
+    for i in 0..3 {
+        c.stop(i);
+    }
+    for i in 0..3 {
+        c.restart(i)?;
+    }
+    c.wait_converged(0, 3, 3)?;
+    for i in 0..3 {
+        expect_services(&c, i, &[("web", 12345)])?;
+        let st = c.cli_ok(i, &["cluster", "status", "--format", "json"])?;
+        let first = st["log_first_index"].as_u64().unwrap_or(0);
+        let last = st["log_last_index"].as_u64().unwrap_or(0);
+        let snap = st["snapshot_index"].as_u64().unwrap_or(0);
+        assert!(last >= WRITES, "{st}");
+        assert!(snap > 0, "a snapshot was taken: {st}");
+        assert!(last - first < 2_500, "log on host {i} is bounded: {st}");
+    }
+    Ok(())
+}
+
+#[test]
+fn forged_and_rotated_tokens_cannot_join_and_workers_cannot_administer() -> anyhow::Result<()> {
+    let mut c = Cluster::hosts(5)?;
+    let opts = DaemonOpts::default();
+    c.init(0, &opts)?;
+    let good = c.cli_ok(0, &["join-token", "worker", "--format", "json"])?["token"].as_str().context("token")?.to_string();
+    let parts: Vec<&str> = good.split('-').collect();
+    let (fp, secret) = (parts[2], parts[3]);
+    // Wrong CA fingerprint: the joiner refuses to trust the manager.
+    let forged_ca = format!("SHOAL-1-{}-{secret}", "ab".repeat(32));
+    // Right CA, made-up secret: the manager refuses the joiner.
+    let forged_secret = format!("SHOAL-1-{fp}-{}", "cd".repeat(16));
+    for (i, token, want) in [(1, forged_ca.as_str(), "fingerprint"), (2, forged_secret.as_str(), "not valid")] {
+        let out = join_once(&c, i, token);
+        assert!(!out.status.success(), "join with {token} must fail");
+        assert!(stderr(&out).contains(want), "{}", stderr(&out));
+    }
+    // Rotation: the old token stops working, the new one works.
+    let rotated = c.cli_ok(0, &["join-token", "worker", "--rotate", "--format", "json"])?["token"].as_str().context("token")?.to_string();
+    assert_ne!(rotated, good);
+    let out = join_once(&c, 3, &good);
+    assert!(!out.status.success() && stderr(&out).contains("not valid"), "{}", stderr(&out));
+    c.join(4, 0, "worker", &opts)?;
+    c.wait_converged(0, 1, 2)?;
+    let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
+    assert_eq!(nodes.as_array().map(Vec::len), Some(2), "only the good join added a node: {nodes}");
+    // A worker's certificate is refused by the Control API.
+    let w = &c.hosts[4].data_dir;
+    let certs = c.dir.join("worker-certs");
+    std::fs::create_dir_all(&certs)?;
+    std::fs::copy(w.join("tls/ca.pem"), certs.join("ca.pem"))?;
+    std::fs::copy(w.join("tls/node.pem"), certs.join("cert.pem"))?;
+    std::fs::copy(w.join("tls/node-key.pem"), certs.join("key.pem"))?;
+    let out = c.cli_with(0, &c.hosts[0].addr(), &certs, &["service", "create", "--name", "evil", "bb:1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("worker certificate may not call"), "{}", stderr(&out));
+    assert_eq!(services(&c, 0)?, vec![]);
+    Ok(())
+}
+
+/// Runs a daemon that joins with `token` and returns when it exits.
+fn join_once(c: &Cluster, i: usize, token: &str) -> std::process::Output {
+    let h = &c.hosts[i];
+    std::process::Command::new("timeout")
+        .args(["30", "nsenter", &format!("--net=/run/netns/{}", h.netns)])
+        .arg(shoal_tests::shoal_bin())
+        .args(["daemon", "--data-dir"])
+        .arg(&h.data_dir)
+        .args(["--listen", &h.addr(), "--join", &c.hosts[0].addr(), "--token", token])
+        .output()
+        .expect("running shoal daemon")
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 0)?;
+    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "2", "bb:1"])?;
+    let before = c.cli_ok(0, &["service", "ls", "--format", "json"])?;
+    let cases: &[(&[&str], &str)] = &[
+        (&["service", "create", "--name", "Bad_Name", "bb:1"], "Bad_Name"),
+        (&["service", "create", "--name", "-x", "bb:1"], "-x"),
+        (&["service", "create", "--name", "web", "bb:1"], "already exists"),
+        (&["service", "create", "--name", "neg", "--replicas", "-1", "bb:1"], "-1"),
+        (&["service", "create", "--name", "nan", "--replicas", "many", "bb:1"], "many"),
+        (&["service", "create", "--name", "mem", "--limit-memory", "lots", "bb:1"], "lots"),
+        (&["service", "create", "--name", "con", "--constraint", "zone=a", "bb:1"], "zone=a"),
+        (&["service", "scale", "web=-3"], "-3"),
+        (&["service", "scale", "web=ten"], "ten"),
+        (&["service", "scale", "nope=3"], "nope"),
+        (&["service", "scale", "web=4", "nope=3"], "nope"),
+        (&["service", "inspect", "nope"], "nope"),
+        (&["service", "rm", "web", "nope"], "nope"),
+        (&["node", "update", "ghost", "--availability", "drain"], "ghost"),
+    ];
+    for (args, needle) in cases {
+        let out = c.cli(0, args);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(stderr(&out).contains(needle), "{args:?}: error should name {needle:?}: {}", stderr(&out));
+        assert_eq!(c.cli_ok(0, &["service", "ls", "--format", "json"])?, before, "{args:?} changed state");
+    }
+    Ok(())
+}
