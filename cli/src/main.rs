@@ -42,6 +42,18 @@ enum Command {
     /// Manage services.
     #[command(subcommand)]
     Service(cmd::service::ServiceCmd),
+    /// Run a container on this host, without a cluster (like `docker run`).
+    Run(cmd::run::RunArgs),
+    /// Manage the images in this host's store.
+    Image {
+        /// Node data dir holding the image store.
+        #[arg(long, global = true, env = "SHOAL_DATA_DIR", default_value = cmd::run::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        cmd: cmd::image::LocalImageCmd,
+    },
+    #[command(flatten)]
+    Internal(cmd::run::InternalCmd),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +63,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Daemon(args) => daemon::main(args),
+        // Local runtime commands: no tokio runtime, the container runtime
+        // must be started from a single-threaded process.
+        Command::Run(args) => cmd::run::run(args).map(exit_code),
+        Command::Image { data_dir, cmd } => cmd::image::image(cmd, &data_dir).map(|()| ExitCode::SUCCESS),
+        Command::Internal(c) => cmd::run::internal(c).map(exit_code),
         other => {
             let ctx = client::Ctx { host: cli.host, cert_dir: cli.cert_dir, format: cli.format };
             runtime().and_then(|rt| rt.block_on(dispatch(ctx, other)))
@@ -65,13 +82,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// A container's exit code as the process's own (0-255).
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 async fn dispatch(ctx: client::Ctx, command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Daemon(_) => unreachable!("handled in main"),
+        Command::Daemon(_) | Command::Run(_) | Command::Image { .. } | Command::Internal(_) => {
+            unreachable!("handled in main")
+        }
         Command::Cluster(c) => cmd::cluster::run(&ctx, c).await,
         Command::JoinToken(a) => cmd::cluster::join_token(&ctx, a).await,
         Command::Node(c) => cmd::node::run(&ctx, c).await,

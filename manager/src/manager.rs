@@ -15,7 +15,8 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, PeerHealth};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{self, NodeId, Raft};
-use crate::store::{Applied, ApplyError, Command, Request, Response, Store};
+use crate::store::{Applied, ApplyError, Command, Outcome, Request, Store};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::tls::NodeTls;
 
 /// How long a write may wait for a quorum before the caller is told it was
@@ -60,6 +61,7 @@ pub struct Manager {
     pub health: PeerHealth,
     log: LogStore,
     sm: StateMachine,
+    batcher: mpsc::Sender<Pending>,
 }
 
 pub fn now_ms() -> u64 {
@@ -86,7 +88,9 @@ impl Manager {
         let network = Network::new(tls.clone(), health.clone());
         let config = Arc::new(raft::config().validate()?);
         let raft = Raft::new(id, config, network, log.clone(), sm.clone()).await?;
-        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm }))
+        let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(batch_loop(raft.clone(), rx));
+        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher }))
     }
 
     /// Makes this node a one-member cluster (`--init`).
@@ -137,19 +141,18 @@ impl Manager {
     }
 
     /// Commits `cmd` through Raft and returns once it is applied here, so the
-    /// caller reads its own write.
+    /// caller reads its own write. On a follower the command is forwarded to
+    /// the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, ProposeError> {
         let kind = cmd.kind();
-        let req = Request { now_ms: now_ms(), cmd };
-        let res = match self.propose_local(req.clone()).await {
-            Err(LocalError::NotLeader(Some((leader, addr)))) if leader != self.id => {
-                self.forward(&addr, &req).await?
-            }
+        let outcome = match self.propose_local(cmd.clone()).await {
+            Err(LocalError::NotLeader(Some((leader, addr)))) if leader != self.id => self.forward(&addr, &cmd).await?,
             Err(LocalError::NotLeader(_)) => return Err(ProposeError::NoLeader),
-            Err(LocalError::Other(e)) => return Err(e),
-            Ok(r) => r,
+            Err(LocalError::Timeout) => return Err(ProposeError::Timeout(WRITE_TIMEOUT)),
+            Err(LocalError::Raft(e)) => return Err(ProposeError::Raft(e)),
+            Ok(o) => o,
         };
-        let applied = res?;
+        let applied = outcome?;
         // A forwarded write is applied on the leader first; wait until this
         // manager has applied it too.
         let _ = self
@@ -160,23 +163,21 @@ impl Manager {
         Ok(applied)
     }
 
-    /// Proposes on this node only; the leader's `Propose` RPC calls this.
-    pub(crate) async fn propose_local(&self, req: Request) -> Result<Response, LocalError> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(req)).await {
-            Err(_) => Err(LocalError::Other(ProposeError::Timeout(WRITE_TIMEOUT))),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                let leader = f.leader_id.zip(f.leader_node.map(|n| n.addr));
-                Err(LocalError::NotLeader(leader))
-            }
-            Ok(Err(e)) => Err(LocalError::Other(ProposeError::Raft(e.to_string()))),
-        }
+    /// Proposes through this node's batcher only; the leader's `Propose` RPC
+    /// calls this for forwarded writes.
+    pub(crate) async fn propose_local(&self, cmd: Command) -> Result<Outcome, LocalError> {
+        let (reply, rx) = oneshot::channel();
+        self.batcher
+            .send(Pending { cmd, reply })
+            .await
+            .map_err(|_| LocalError::Raft("manager is shutting down".into()))?;
+        rx.await.map_err(|_| LocalError::Raft("manager is shutting down".into()))?
     }
 
-    async fn forward(&self, addr: &str, req: &Request) -> Result<Response, ProposeError> {
+    async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, ProposeError> {
         let unreachable = |reason: String| ProposeError::LeaderUnreachable { leader: addr.to_string(), reason };
         let channel = self.tls.channel(addr).map_err(|e| unreachable(e.to_string()))?;
-        let data = serde_json::to_vec(req).map_err(|e| ProposeError::Raft(e.to_string()))?;
+        let data = serde_json::to_vec(cmd).map_err(|e| ProposeError::Raft(e.to_string()))?;
         let mut client = RaftClient::new(channel);
         let call = client.propose(RaftPayload { data });
         let resp = match tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), call).await {
@@ -233,8 +234,60 @@ fn map_membership_err(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>)
     }
 }
 
-/// The result of a local proposal, before forwarding.
+/// Why a local proposal failed, shared by every command of a batch.
+#[derive(Clone, Debug)]
 pub(crate) enum LocalError {
     NotLeader(Option<(NodeId, String)>),
-    Other(ProposeError),
+    Timeout,
+    Raft(String),
+}
+
+/// A command waiting for the next batch.
+struct Pending {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Outcome, LocalError>>,
+}
+
+/// Group commit: commands that arrive while earlier batches are in flight
+/// share one Raft entry, so a thousand concurrent writes cost a handful of
+/// log appends and replication round trips instead of a thousand.
+const MAX_BATCH: usize = 1024;
+/// Batches in flight at once: enough to keep the pipeline to the followers
+/// full, few enough that waiting commands pile into the next batch.
+const MAX_IN_FLIGHT: usize = 4;
+
+async fn batch_loop(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+            let req = Request { now_ms: now_ms(), cmds };
+            let err = match tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(req)).await {
+                Ok(Ok(resp)) => {
+                    for (reply, outcome) in replies.into_iter().zip(resp.data) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                    return;
+                }
+                Err(_) => LocalError::Timeout,
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    LocalError::NotLeader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+                }
+                Ok(Err(e)) => LocalError::Raft(e.to_string()),
+            };
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        });
+    }
 }

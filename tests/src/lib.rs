@@ -23,10 +23,15 @@ pub fn shoal_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("SHOAL_BIN") {
         return PathBuf::from(p);
     }
+    // A test runs from target/<profile>/deps/, a benchmark binary from
+    // target/<profile>/: the shoal binary sits in target/<profile>/.
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/debug/deps/<test> → target/debug/shoal
-    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    dir.join("shoal")
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let here = dir.join("shoal");
+    if here.exists() {
+        return here;
+    }
+    dir.parent().map(|d| d.join("shoal")).unwrap_or(here)
 }
 
 /// Runs `cmd` and fails with its stderr when it exits non-zero.
@@ -376,3 +381,5 @@ pub async fn control_client(
         .await?;
     Ok(shoal_proto::control::control_client::ControlClient::new(channel))
 }
+
+pub mod runtime_support;

@@ -134,7 +134,10 @@ fn compaction_bounds_the_log_across_restarts() -> anyhow::Result<()> {
         rt.block_on(async move {
             let client = shoal_tests::control_client(&addr, &certs).await?;
             let mut tasks = Vec::new();
-            const CLIENTS: u64 = 32;
+            // At most 8 writes in flight: group commit puts at most 8 in one
+            // entry, so 10,000 writes make more than 1,000 entries and the
+            // snapshot policy (every 1,000) must kick in.
+            const CLIENTS: u64 = 8;
             for w in 0..CLIENTS {
                 let mut client = client.clone();
                 tasks.push(tokio::spawn(async move {
@@ -168,7 +171,7 @@ fn compaction_bounds_the_log_across_restarts() -> anyhow::Result<()> {
         let first = st["log_first_index"].as_u64().unwrap_or(0);
         let last = st["log_last_index"].as_u64().unwrap_or(0);
         let snap = st["snapshot_index"].as_u64().unwrap_or(0);
-        assert!(last >= WRITES, "{st}");
+        assert!(last >= WRITES / 8, "{st}");
         assert!(snap > 0, "a snapshot was taken: {st}");
         assert!(last - first < 2_500, "log on host {i} is bounded: {st}");
     }

@@ -8,7 +8,8 @@ use shoal_proto::raft::raft_server::Raft as RaftRpc;
 use shoal_proto::raft::{PromoteRequest, PromoteResponse, RaftPayload};
 use tonic::{Request, Response, Status};
 
-use crate::manager::{LocalError, Manager, ProposeError};
+use crate::manager::{LocalError, Manager, WRITE_TIMEOUT};
+use crate::store::Command;
 use crate::pki::CertRole;
 use crate::store::state::format_node_id;
 use crate::tls::authorize;
@@ -54,14 +55,14 @@ impl RaftRpc for RaftService {
 
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         authorize(&req, &[CertRole::Manager])?;
-        let cmd = decode(req.get_ref())?;
+        let cmd: Command = decode(req.get_ref())?;
         match self.manager.propose_local(cmd).await {
-            Ok(resp) => encode(&resp),
+            Ok(outcome) => encode(&outcome),
             Err(LocalError::NotLeader(_)) => Err(Status::unavailable("not the leader any more")),
-            Err(LocalError::Other(ProposeError::Timeout(d))) => {
-                Err(Status::deadline_exceeded(format!("write not committed within {d:?}")))
+            Err(LocalError::Timeout) => {
+                Err(Status::deadline_exceeded(format!("write not committed within {WRITE_TIMEOUT:?}")))
             }
-            Err(LocalError::Other(e)) => Err(Status::internal(e.to_string())),
+            Err(LocalError::Raft(e)) => Err(Status::internal(e)),
         }
     }
 

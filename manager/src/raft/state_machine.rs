@@ -12,7 +12,7 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{LogId, NodeId, StorageError, TypeConfig};
-use crate::store::{Applied, Response, State, Store};
+use crate::store::{Response, State, Store};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 const KEY_SNAPSHOT: &str = "current";
@@ -140,18 +140,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             inner.last_applied = Some(entry.log_id);
             let index = entry.log_id.index;
             match entry.payload {
-                EntryPayload::Blank => out.push(Ok(Applied { version: index, ids: Vec::new() })),
-                EntryPayload::Normal(req) => {
-                    let kind = req.cmd.kind();
-                    let res = self.store.apply(index, req);
-                    if let Err(e) = &res {
-                        tracing::debug!(index, command = kind, error = %e, "command refused");
-                    }
-                    out.push(res);
-                }
+                EntryPayload::Blank => out.push(Vec::new()),
+                EntryPayload::Normal(req) => out.push(self.store.apply(index, req)),
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
-                    out.push(Ok(Applied { version: index, ids: Vec::new() }));
+                    out.push(Vec::new());
                 }
             }
         }

@@ -8,13 +8,15 @@ use serde::{Deserialize, Serialize};
 use shoal_proto::control::ServiceSpec;
 
 use super::objects::{Availability, ClusterObj, NodeObj, NodeStatus, Role, ServiceObj};
+use super::task::{TaskObj, TaskUpdate};
 
-/// One Raft entry's application data. `now_ms` is the proposer's clock, so
-/// every replica stamps the same time.
+/// One Raft entry's application data: the commands that arrived together
+/// at the leader (group commit), applied in order, each whole or not at all.
+/// `now_ms` is the leader's clock, so every replica stamps the same time.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Request {
     pub now_ms: u64,
-    pub cmd: Command,
+    pub cmds: Vec<Command>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,6 +36,15 @@ pub enum Command {
     },
     ScaleServices { items: Vec<(String, u64)> },
     RemoveServices { services: Vec<String> },
+    /// The orchestrator's new tasks.
+    CreateTasks { tasks: Vec<TaskObj> },
+    /// Task changes from the orchestrator, the scheduler, the dispatcher
+    /// (agents' reports, `from_node` set) and the down-detector. Each update
+    /// applies what is legal (states only move forward) and skips the rest:
+    /// reports race with decisions, and the later, forward state wins.
+    UpdateTasks { from_node: Option<u64>, updates: Vec<TaskUpdate> },
+    /// Forget finished tasks (history trimming, removed services).
+    RemoveTasks { ids: Vec<String> },
     /// Changes nothing; a new leader's read barrier and the benchmarks'
     /// smallest write.
     Noop,
@@ -53,6 +64,9 @@ impl Command {
             Command::UpdateService { .. } => "update-service",
             Command::ScaleServices { .. } => "scale-services",
             Command::RemoveServices { .. } => "remove-services",
+            Command::CreateTasks { .. } => "create-tasks",
+            Command::UpdateTasks { .. } => "update-tasks",
+            Command::RemoveTasks { .. } => "remove-tasks",
             Command::Noop => "noop",
         }
     }
@@ -106,5 +120,8 @@ pub enum Refusal {
     Duplicate { service: String },
 }
 
-/// The response for one log entry.
-pub type Response = Result<Applied, ApplyError>;
+/// The outcome of one command.
+pub type Outcome = Result<Applied, ApplyError>;
+
+/// The response for one log entry: one outcome per command, in order.
+pub type Response = Vec<Outcome>;

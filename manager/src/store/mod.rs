@@ -6,12 +6,13 @@
 pub mod command;
 pub mod objects;
 pub mod state;
+pub mod task;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use tokio::sync::broadcast;
 
-pub use command::{Applied, ApplyError, Command, NodePatch, Request, Response};
+pub use command::{Applied, ApplyError, Command, NodePatch, Outcome, Request, Response};
 pub use state::{Change, State};
 
 /// What one applied log entry changed.
@@ -64,7 +65,17 @@ impl Store {
         let mut changes = Vec::new();
         let res = {
             let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-            st.apply(index, req, &mut changes)
+            req.cmds
+                .into_iter()
+                .map(|cmd| {
+                    let kind = cmd.kind();
+                    let res = st.apply(index, req.now_ms, cmd, &mut changes);
+                    if let Err(e) = &res {
+                        tracing::debug!(index, command = kind, error = %e, "command refused");
+                    }
+                    res
+                })
+                .collect()
         };
         if !changes.is_empty() {
             // No receivers is fine: nobody watches yet.

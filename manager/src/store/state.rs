@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Applied, ApplyError, Command, NodePatch, Refusal, Request};
+use super::command::{Applied, ApplyError, Command, NodePatch, Refusal};
 use super::objects::{ClusterObj, NodeObj, NodeStatus, Role, ServiceObj};
+use super::task::{TaskObj, TaskUpdate};
 
 /// Everything the managers agree on. Cloned only to build snapshots.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -13,6 +14,8 @@ pub struct State {
     pub cluster: Option<ClusterObj>,
     pub nodes: BTreeMap<u64, NodeObj>,
     pub services: BTreeMap<String, ServiceObj>,
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskObj>,
 }
 
 /// What one applied command changed, for watchers.
@@ -23,16 +26,50 @@ pub enum Change {
     NodeRemoved(u64),
     Service(String),
     ServiceRemoved(String),
+    Task(String),
+    TaskRemoved(String),
 }
 
 impl State {
-    /// Applies `req` at log index `index`. Validates everything first: on
-    /// error nothing has changed.
-    pub fn apply(&mut self, index: u64, req: Request, changes: &mut Vec<Change>) -> Result<Applied, ApplyError> {
-        let now = req.now_ms;
+    /// Applies `cmd` at log index `index`, stamped `now` (ms). Validates
+    /// everything first: on error nothing has changed.
+    pub fn apply(&mut self, index: u64, now: u64, cmd: Command, changes: &mut Vec<Change>) -> Result<Applied, ApplyError> {
         let mut applied = Applied { version: index, ids: Vec::new() };
-        match req.cmd {
+        match cmd {
             Command::Noop => {}
+            Command::CreateTasks { tasks } => {
+                if let Some(t) = tasks.iter().find(|t| self.tasks.contains_key(&t.id)) {
+                    return Err(ApplyError::NameTaken { kind: "task id".into(), name: t.id.clone() });
+                }
+                for mut t in tasks {
+                    t.version = index;
+                    t.created_at_ms = now;
+                    t.updated_at_ms = now;
+                    t.state_at_ms = now;
+                    applied.ids.push(t.id.clone());
+                    changes.push(Change::Task(t.id.clone()));
+                    self.tasks.insert(t.id.clone(), t);
+                }
+            }
+            Command::UpdateTasks { from_node, updates } => {
+                for u in updates {
+                    if let Some(t) = self.tasks.get_mut(&u.id) {
+                        if apply_task_update(t, from_node, u, now) {
+                            t.version = index;
+                            t.updated_at_ms = now;
+                            applied.ids.push(t.id.clone());
+                            changes.push(Change::Task(t.id.clone()));
+                        }
+                    }
+                }
+            }
+            Command::RemoveTasks { ids } => {
+                for id in ids {
+                    if self.tasks.remove(&id).is_some() {
+                        changes.push(Change::TaskRemoved(id));
+                    }
+                }
+            }
             Command::InitCluster { mut cluster, mut node } => {
                 if self.cluster.is_some() {
                     return Err(ApplyError::AlreadyInitialized);
@@ -237,10 +274,122 @@ fn apply_patch(node: &mut NodeObj, patch: NodePatch) {
     }
 }
 
+/// Applies the legal parts of `u` to `t`; returns whether anything changed.
+/// An agent may only report on tasks assigned to it.
+fn apply_task_update(t: &mut TaskObj, from_node: Option<u64>, u: TaskUpdate, now: u64) -> bool {
+    if from_node.is_some() && from_node != t.node_id {
+        return false;
+    }
+    let mut changed = false;
+    if let Some(st) = u.state {
+        if t.state.can_advance_to(st) {
+            t.state = st;
+            t.state_at_ms = now;
+            changed = true;
+        } else {
+            // A stale report: its details belong to an older state.
+            return changed;
+        }
+    }
+    if let Some(d) = u.desired_state {
+        if d > t.desired_state {
+            t.desired_state = d;
+            changed = true;
+        }
+    }
+    if let Some(n) = u.node_id {
+        if t.node_id != Some(n) {
+            t.node_id = Some(n);
+            changed = true;
+        }
+    }
+    if let Some(m) = u.message {
+        changed |= t.message != m;
+        t.message = m;
+    }
+    if let Some(e) = u.error {
+        changed |= t.error != e;
+        t.error = e;
+    }
+    if let Some(c) = u.exit_code {
+        changed |= t.exit_code != Some(c);
+        t.exit_code = Some(c);
+    }
+    if let Some(a) = u.addresses {
+        changed |= t.addresses != a;
+        t.addresses = a;
+    }
+    changed
+}
+
 fn node_not_found(id: u64) -> ApplyError {
     ApplyError::NotFound { kind: "node".into(), what: format_node_id(id) }
 }
 
 fn service_not_found(what: &str) -> ApplyError {
     ApplyError::NotFound { kind: "service".into(), what: what.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::objects::ServiceObj;
+    use shoal_proto::control::ServiceSpec;
+
+    fn svc(id: &str, name: &str, mode: &str) -> Command {
+        Command::CreateService {
+            service: Box::new(ServiceObj {
+                id: id.into(),
+                spec: ServiceSpec { name: name.into(), image: "bb:1".into(), mode: mode.into(), replicas: 1, ..Default::default() },
+                previous_spec: None,
+                version: 0,
+                created_at_ms: 0,
+                updated_at_ms: 0,
+            }),
+        }
+    }
+
+    fn apply(st: &mut State, index: u64, cmd: Command) -> Result<Applied, ApplyError> {
+        st.apply(index, 1000 + index, cmd, &mut Vec::new())
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let mut st = State::default();
+        apply(&mut st, 1, svc("a1", "web", "replicated")).unwrap();
+        let err = apply(&mut st, 2, svc("b2", "web", "replicated")).unwrap_err();
+        assert!(matches!(err, ApplyError::NameTaken { .. }));
+        assert_eq!(st.services.len(), 1);
+    }
+
+    #[test]
+    fn a_scale_with_one_bad_item_changes_nothing() {
+        let mut st = State::default();
+        apply(&mut st, 1, svc("a1", "web", "replicated")).unwrap();
+        apply(&mut st, 2, svc("g1", "mon", "global")).unwrap();
+        for items in [
+            vec![("web".to_string(), 5), ("nope".to_string(), 1)],
+            vec![("web".to_string(), 5), ("mon".to_string(), 1)],
+            vec![("web".to_string(), 5), ("a1".to_string(), 6)],
+        ] {
+            assert!(apply(&mut st, 3, Command::ScaleServices { items }).is_err());
+            assert_eq!(st.services["a1"].spec.replicas, 1);
+            assert_eq!(st.services["a1"].version, 1);
+        }
+        let ok = apply(&mut st, 4, Command::ScaleServices { items: vec![("a".into(), 7)] }).unwrap();
+        assert_eq!(ok.ids, vec!["a1".to_string()]);
+        assert_eq!((st.services["a1"].spec.replicas, st.services["a1"].version, st.services["a1"].updated_at_ms), (7, 4, 1004));
+    }
+
+    #[test]
+    fn stale_updates_are_refused() {
+        let mut st = State::default();
+        apply(&mut st, 1, svc("a1", "web", "replicated")).unwrap();
+        let spec = Box::new(ServiceSpec { name: "web".into(), image: "bb:2".into(), mode: "replicated".into(), ..Default::default() });
+        let stale = Command::UpdateService { service: "web".into(), spec: spec.clone(), expected_version: 7 };
+        assert!(matches!(apply(&mut st, 2, stale), Err(ApplyError::VersionMismatch { .. })));
+        apply(&mut st, 3, Command::UpdateService { service: "web".into(), spec, expected_version: 1 }).unwrap();
+        assert_eq!(st.services["a1"].spec.image, "bb:2");
+        assert_eq!(st.services["a1"].previous_spec.as_ref().map(|s| s.image.as_str()), Some("bb:1"));
+    }
 }

@@ -1,0 +1,392 @@
+//! Resource limits through cgroups: one trait, a v1 and a v2 backend, chosen
+//! at start by [`detect`]. Both take their root as a path so unit tests run
+//! them on a tempdir tree.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Errors of the cgroup backends.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no usable cgroup hierarchy under {root}: need cgroup2 or v1 memory, cpu and pids")]
+    NoHierarchy { root: PathBuf },
+    #[error("cgroup {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cgroup {path} still busy after {waited:?}")]
+    Busy { path: PathBuf, waited: Duration },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io { path: path.to_path_buf(), source }
+}
+
+/// The limits of one container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Memory limit in bytes (swap included: no swap beyond it).
+    pub memory_bytes: Option<u64>,
+    /// CPU quota in millionths of a CPU per period (0.5 CPU = 500_000).
+    pub cpu_micros: Option<u64>,
+    /// Maximum number of processes and threads.
+    pub pids: Option<u64>,
+}
+
+/// The CFS period the CPU quota is expressed against (the kernel default).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+impl Limits {
+    fn cpu_quota_us(&self) -> Option<u64> {
+        // At least 1ms: the kernel refuses smaller quotas.
+        self.cpu_micros.map(|m| (m * CPU_PERIOD_US / 1_000_000).max(1_000))
+    }
+}
+
+/// A cgroup hierarchy able to make one group per container.
+pub trait CgroupBackend: Send + Sync {
+    /// Creates the group `id` with `limits` applied.
+    fn create(&self, id: &str, limits: &Limits) -> Result<Box<dyn Cgroup>, CgroupError>;
+    /// Opens an existing group (for a reattaching supervisor or cleanup).
+    fn open(&self, id: &str) -> Box<dyn Cgroup>;
+    /// "v1" or "v2".
+    fn version(&self) -> &'static str;
+}
+
+/// One container's group.
+pub trait Cgroup: Send {
+    /// Moves `pid` into the group.
+    fn add_process(&self, pid: i32) -> Result<(), CgroupError>;
+    /// Whether the memory limit has killed a process in this group.
+    fn oom_killed(&self) -> Result<bool, CgroupError>;
+    /// Directories that make up this group.
+    fn paths(&self) -> Vec<PathBuf>;
+    /// Removes the group; waits a little for exiting processes to leave it.
+    fn destroy(&self) -> Result<(), CgroupError> {
+        for p in self.paths() {
+            remove_group_dir(&p)?;
+        }
+        Ok(())
+    }
+}
+
+/// How long `destroy` waits for a group whose last process is still exiting.
+const DESTROY_WAIT: Duration = Duration::from_secs(2);
+
+fn remove_group_dir(path: &Path) -> Result<(), CgroupError> {
+    let start = Instant::now();
+    loop {
+        match fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if start.elapsed() > DESTROY_WAIT {
+                    return Err(CgroupError::Busy { path: path.to_path_buf(), waited: start.elapsed() });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(CgroupError::Io { path: path.to_path_buf(), source: e }),
+        }
+    }
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_err(path))
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(CgroupError::Io { path: path.to_path_buf(), source: e }),
+    }
+}
+
+/// Reads `key N` out of a flat keyed file (memory.events, memory.oom_control).
+fn keyed_value(path: &Path, key: &str) -> Result<u64, CgroupError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(CgroupError::Io { path: path.to_path_buf(), source: e }),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// Picks the backend for the hierarchy mounted at `root` (normally
+/// /sys/fs/cgroup). A pure cgroup2 mount at `root` means v2; otherwise v1
+/// controllers must be there. A hybrid host (v1 controllers plus a cgroup2
+/// at root/unified with no useful controllers) uses v1.
+pub fn detect(root: &Path, parent: &str) -> Result<Box<dyn CgroupBackend>, CgroupError> {
+    if root.join("cgroup.controllers").exists() {
+        return Ok(Box::new(V2::new(root, parent)));
+    }
+    if V1::CONTROLLERS.iter().all(|c| root.join(c).is_dir()) {
+        return Ok(Box::new(V1::new(root, parent)));
+    }
+    Err(CgroupError::NoHierarchy { root: root.to_path_buf() })
+}
+
+/// cgroup v1: one directory per controller, root/<controller>/<parent>/<id>.
+pub struct V1 {
+    root: PathBuf,
+    parent: String,
+}
+
+impl V1 {
+    const CONTROLLERS: [&'static str; 3] = ["memory", "cpu", "pids"];
+
+    pub fn new(root: &Path, parent: &str) -> Self {
+        V1 { root: root.to_path_buf(), parent: parent.to_string() }
+    }
+
+    fn group(&self, id: &str) -> V1Group {
+        let dir = |c: &str| self.root.join(c).join(&self.parent).join(id);
+        V1Group { memory: dir("memory"), cpu: dir("cpu"), pids: dir("pids") }
+    }
+}
+
+impl CgroupBackend for V1 {
+    fn create(&self, id: &str, limits: &Limits) -> Result<Box<dyn Cgroup>, CgroupError> {
+        for c in Self::CONTROLLERS {
+            mkdir(&self.root.join(c).join(&self.parent))?;
+        }
+        let g = self.group(id);
+        let made = CreatedGuard(g.paths());
+        for p in &made.0 {
+            mkdir(p)?;
+        }
+        if let Some(m) = limits.memory_bytes {
+            write_file(&g.memory.join("memory.limit_in_bytes"), &m.to_string())?;
+            // Without this the limit only covers RAM and a host with swap
+            // would page the container out instead of OOM-killing it.
+            let memsw = g.memory.join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                write_file(&memsw, &m.to_string())?;
+            }
+        }
+        if let Some(q) = limits.cpu_quota_us() {
+            write_file(&g.cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            write_file(&g.cpu.join("cpu.cfs_quota_us"), &q.to_string())?;
+        }
+        if let Some(n) = limits.pids {
+            write_file(&g.pids.join("pids.max"), &n.to_string())?;
+        }
+        std::mem::forget(made);
+        Ok(Box::new(g))
+    }
+
+    fn open(&self, id: &str) -> Box<dyn Cgroup> {
+        Box::new(self.group(id))
+    }
+
+    fn version(&self) -> &'static str {
+        "v1"
+    }
+}
+
+/// Removes half-made groups when `create` fails part way.
+struct CreatedGuard(Vec<PathBuf>);
+
+impl Drop for CreatedGuard {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_dir(p);
+        }
+    }
+}
+
+struct V1Group {
+    memory: PathBuf,
+    cpu: PathBuf,
+    pids: PathBuf,
+}
+
+impl Cgroup for V1Group {
+    fn add_process(&self, pid: i32) -> Result<(), CgroupError> {
+        for p in self.paths() {
+            write_file(&p.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn oom_killed(&self) -> Result<bool, CgroupError> {
+        Ok(keyed_value(&self.memory.join("memory.oom_control"), "oom_kill")? > 0)
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        vec![self.memory.clone(), self.cpu.clone(), self.pids.clone()]
+    }
+}
+
+/// cgroup v2: one unified tree, root/<parent>/<id>.
+pub struct V2 {
+    root: PathBuf,
+    parent: String,
+}
+
+impl V2 {
+    pub fn new(root: &Path, parent: &str) -> Self {
+        V2 { root: root.to_path_buf(), parent: parent.to_string() }
+    }
+}
+
+impl CgroupBackend for V2 {
+    fn create(&self, id: &str, limits: &Limits) -> Result<Box<dyn Cgroup>, CgroupError> {
+        let parent = self.root.join(&self.parent);
+        mkdir(&parent)?;
+        // Controllers must be enabled in every ancestor's subtree_control
+        // for the leaf to get their files.
+        let enable = "+memory +pids +cpu";
+        write_file(&self.root.join("cgroup.subtree_control"), enable)?;
+        write_file(&parent.join("cgroup.subtree_control"), enable)?;
+        let dir = parent.join(id);
+        let made = CreatedGuard(vec![dir.clone()]);
+        mkdir(&dir)?;
+        if let Some(m) = limits.memory_bytes {
+            write_file(&dir.join("memory.max"), &m.to_string())?;
+            let swap = dir.join("memory.swap.max");
+            if swap.exists() {
+                write_file(&swap, "0")?;
+            }
+        }
+        if let Some(q) = limits.cpu_quota_us() {
+            write_file(&dir.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
+        }
+        if let Some(n) = limits.pids {
+            write_file(&dir.join("pids.max"), &n.to_string())?;
+        }
+        std::mem::forget(made);
+        Ok(Box::new(V2Group { dir }))
+    }
+
+    fn open(&self, id: &str) -> Box<dyn Cgroup> {
+        Box::new(V2Group { dir: self.root.join(&self.parent).join(id) })
+    }
+
+    fn version(&self) -> &'static str {
+        "v2"
+    }
+}
+
+struct V2Group {
+    dir: PathBuf,
+}
+
+impl Cgroup for V2Group {
+    fn add_process(&self, pid: i32) -> Result<(), CgroupError> {
+        write_file(&self.dir.join("cgroup.procs"), &pid.to_string())
+    }
+
+    fn oom_killed(&self) -> Result<bool, CgroupError> {
+        Ok(keyed_value(&self.dir.join("memory.events"), "oom_kill")? > 0)
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        vec![self.dir.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn clear_files(dir: &Path) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                fs::remove_file(e.path()).unwrap();
+            }
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits { memory_bytes: Some(32 << 20), cpu_micros: Some(500_000), pids: Some(64) }
+    }
+
+    #[test]
+    fn detect_picks_v1_on_hybrid_and_v2_on_unified() {
+        let t = tempfile::tempdir().unwrap();
+        for c in ["memory", "cpu", "pids", "unified"] {
+            fs::create_dir(t.path().join(c)).unwrap();
+        }
+        assert_eq!(detect(t.path(), "shoal").unwrap().version(), "v1");
+        let u = tempfile::tempdir().unwrap();
+        fs::write(u.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        assert_eq!(detect(u.path(), "shoal").unwrap().version(), "v2");
+        let e = tempfile::tempdir().unwrap();
+        assert!(matches!(detect(e.path(), "shoal"), Err(CgroupError::NoHierarchy { .. })));
+    }
+
+    #[test]
+    fn v1_writes_limits_per_controller() {
+        let t = tempfile::tempdir().unwrap();
+        for c in ["memory", "cpu", "pids"] {
+            fs::create_dir(t.path().join(c)).unwrap();
+        }
+        fs::create_dir_all(t.path().join("memory/shoal")).unwrap();
+        let b = V1::new(t.path(), "shoal");
+        let g = b.create("c1", &limits()).unwrap();
+        let read = |p: &str| fs::read_to_string(t.path().join(p)).unwrap();
+        assert_eq!(read("memory/shoal/c1/memory.limit_in_bytes"), (32u64 << 20).to_string());
+        assert_eq!(read("cpu/shoal/c1/cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("cpu/shoal/c1/cpu.cfs_period_us"), "100000");
+        assert_eq!(read("pids/shoal/c1/pids.max"), "64");
+        g.add_process(42).unwrap();
+        assert_eq!(read("pids/shoal/c1/cgroup.procs"), "42");
+        assert_eq!(read("memory/shoal/c1/cgroup.procs"), "42");
+        assert!(!g.oom_killed().unwrap());
+        fs::write(t.path().join("memory/shoal/c1/memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n").unwrap();
+        assert!(g.oom_killed().unwrap());
+        for p in g.paths() {
+            clear_files(&p);
+        }
+        g.destroy().unwrap();
+        assert!(!t.path().join("memory/shoal/c1").exists());
+        assert!(!t.path().join("pids/shoal/c1").exists());
+    }
+
+    #[test]
+    fn v2_enables_controllers_and_writes_limits() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let b = V2::new(t.path(), "shoal");
+        let g = b.create("c2", &limits()).unwrap();
+        let read = |p: &str| fs::read_to_string(t.path().join(p)).unwrap();
+        assert_eq!(read("shoal/cgroup.subtree_control"), "+memory +pids +cpu");
+        assert_eq!(read("cgroup.subtree_control"), "+memory +pids +cpu");
+        assert_eq!(read("shoal/c2/memory.max"), (32u64 << 20).to_string());
+        assert_eq!(read("shoal/c2/cpu.max"), "50000 100000");
+        assert_eq!(read("shoal/c2/pids.max"), "64");
+        g.add_process(7).unwrap();
+        assert_eq!(read("shoal/c2/cgroup.procs"), "7");
+        fs::write(t.path().join("shoal/c2/memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n").unwrap();
+        assert!(!g.oom_killed().unwrap());
+        fs::write(t.path().join("shoal/c2/memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n").unwrap();
+        assert!(g.oom_killed().unwrap());
+        clear_files(&t.path().join("shoal/c2"));
+        g.destroy().unwrap();
+        assert!(!t.path().join("shoal/c2").exists());
+    }
+
+    #[test]
+    fn failed_create_leaves_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("cgroup.controllers"), "").unwrap();
+        // A file where the parent directory should be makes mkdir fail.
+        fs::write(t.path().join("shoal"), "").unwrap();
+        assert!(V2::new(t.path(), "shoal").create("c3", &limits()).is_err());
+        assert!(!t.path().join("shoal/c3").exists());
+    }
+
+    #[test]
+    fn cpu_quota_has_a_floor() {
+        let l = Limits { cpu_micros: Some(1), ..Limits::default() };
+        assert_eq!(l.cpu_quota_us(), Some(1_000));
+    }
+}

@@ -1,0 +1,867 @@
+//! The Linux container runtime: namespaces, overlayfs rootfs, pivot_root,
+//! minimal /dev and /proc, cgroups, least privilege, and the minimal init
+//! that runs as the container's pid 1.
+//!
+//! A container is started by [`Runtime::start`] from a single-threaded
+//! process (`shoal run` or the per-container supervisor): it clones a child
+//! into new pid, mount, uts, ipc and network namespaces. The child mounts
+//! the rootfs inside its own mount namespace (so no mount of it ever exists
+//! on the host, and nothing is left behind if it dies), pivots into it,
+//! waits until the parent has put it into the container's cgroup, and then
+//! becomes init: it forks the workload, which drops privileges and execs.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::stat::{Mode, SFlag, makedev, mknod, umask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Gid, Pid, Uid};
+
+use crate::cgroup::{self, Cgroup, CgroupBackend, CgroupError};
+use crate::security::{self, SeccompPolicy, SecurityError};
+use crate::spec::{ContainerSpec, DEFAULT_PATH, Mount};
+use crate::sys::{self, Forked};
+
+/// Errors of the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("container runtime must be started from a single-threaded process")]
+    MultiThreaded,
+    #[error("invalid container id {0:?}: use 1-64 of [A-Za-z0-9_.-], not starting with . or -")]
+    InvalidId(String),
+    #[error("container {id} already exists")]
+    Exists { id: String },
+    #[error("container {id}: no command to run (the image has no Cmd or Entrypoint)")]
+    NoCommand { id: String },
+    #[error("container {id}: {path}: {source}")]
+    Io { id: String, path: PathBuf, source: io::Error },
+    #[error("container {id}: {step}: {source}")]
+    Sys { id: String, step: &'static str, source: nix::Error },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    #[error("container {id} failed to start: {message}")]
+    Start { id: String, code: i32, message: String },
+}
+
+impl RuntimeError {
+    /// The exit code `shoal run` reports for this error, as Docker does:
+    /// 126 command cannot be invoked, 127 command not found, 125 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RuntimeError::Start { code, .. } => *code,
+            _ => 125,
+        }
+    }
+}
+
+/// How a container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, 128+N when killed by signal N (as a shell reports it).
+    pub code: i32,
+    /// The signal that killed the container's init, if any.
+    pub signal: Option<i32>,
+    /// The memory limit killed a process of the container.
+    pub oom_killed: bool,
+}
+
+/// Where the container's stdio goes.
+pub enum Stdio {
+    /// The caller's own stdin/stdout/stderr (`shoal run` in the foreground).
+    Inherit,
+    /// Given descriptors (the supervisor's log pipes).
+    Fds { stdin: OwnedFd, stdout: OwnedFd, stderr: OwnedFd },
+}
+
+/// Options for one start.
+pub struct StartOptions {
+    pub stdio: Stdio,
+    /// Kill the container when the starting process dies (foreground
+    /// `shoal run`); a supervisor leaves this off.
+    pub die_with_parent: bool,
+    /// Block the signals [`Running::wait_forwarding`] forwards before the
+    /// clone, so none is lost between start and wait.
+    pub forward_signals: bool,
+}
+
+/// Signals a waiting `shoal run` or supervisor passes on to the container.
+pub const FORWARDED: [Signal; 7] =
+    [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH];
+
+fn forwarded_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    set
+}
+
+/// The runtime of one host: the data dir and the cgroup backend.
+pub struct Runtime {
+    data_dir: PathBuf,
+    cgroups: Box<dyn CgroupBackend>,
+}
+
+/// The cgroup parent of every container (`/sys/fs/cgroup/<ctl>/shoal/<id>`).
+pub const CGROUP_PARENT: &str = "shoal";
+
+/// Clone flags: a new pid, mount, uts, ipc and network namespace.
+const NAMESPACES: libc::c_int =
+    libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
+
+impl Runtime {
+    /// Opens the runtime with the host's cgroup hierarchy.
+    pub fn new(data_dir: &Path) -> Result<Self, RuntimeError> {
+        let cgroups = cgroup::detect(Path::new("/sys/fs/cgroup"), CGROUP_PARENT)?;
+        Ok(Self::with_cgroups(data_dir, cgroups))
+    }
+
+    /// Opens the runtime with a given cgroup backend.
+    pub fn with_cgroups(data_dir: &Path, cgroups: Box<dyn CgroupBackend>) -> Self {
+        Runtime { data_dir: data_dir.to_path_buf(), cgroups }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn cgroup_version(&self) -> &'static str {
+        self.cgroups.version()
+    }
+
+    /// The directory that holds a container's state, upper dir and logs.
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("containers").join(id)
+    }
+
+    /// Makes the container's directory and writes its spec there.
+    pub fn create(&self, spec: &ContainerSpec) -> Result<PathBuf, RuntimeError> {
+        validate_id(&spec.id)?;
+        if spec.args.is_empty() {
+            return Err(RuntimeError::NoCommand { id: spec.id.clone() });
+        }
+        let dir = self.container_dir(&spec.id);
+        let ioe = |path: &Path| {
+            let id = spec.id.clone();
+            let path = path.to_path_buf();
+            move |source| RuntimeError::Io { id, path, source }
+        };
+        let parent = self.data_dir.join("containers");
+        fs::create_dir_all(&parent).map_err(ioe(&parent))?;
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::Exists { id: spec.id.clone() });
+            }
+            Err(e) => return Err(ioe(&dir)(e)),
+        }
+        for sub in ["upper", "work", "rootfs"] {
+            let p = dir.join(sub);
+            fs::DirBuilder::new().mode(0o755).create(&p).map_err(ioe(&p))?;
+        }
+        let cfg = dir.join("config.json");
+        let json = serde_json::to_vec_pretty(spec).map_err(|e| ioe(&cfg)(io::Error::other(e)))?;
+        fs::write(&cfg, json).map_err(ioe(&cfg))?;
+        Ok(dir)
+    }
+
+    /// Reads back the spec that `create` wrote.
+    pub fn load_spec(&self, id: &str) -> Result<ContainerSpec, RuntimeError> {
+        validate_id(id)?;
+        let cfg = self.container_dir(id).join("config.json");
+        let ioe = |source| RuntimeError::Io { id: id.to_string(), path: cfg.clone(), source };
+        let bytes = fs::read(&cfg).map_err(ioe)?;
+        serde_json::from_slice(&bytes).map_err(|e| ioe(io::Error::other(e)))
+    }
+
+    /// Removes everything `create` and `start` made for the container: its
+    /// cgroup (if a crash left one) and its directory with the upper dir.
+    pub fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        self.cgroups.open(id).destroy()?;
+        let dir = self.container_dir(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(RuntimeError::Io { id: id.to_string(), path: dir, source }),
+        }
+    }
+
+    /// Starts the container created with `create`. The caller must be
+    /// single-threaded. Returns once the workload has exec'd (or failed to).
+    pub fn start(&self, spec: &ContainerSpec, opts: StartOptions) -> Result<Running, RuntimeError> {
+        if !sys::single_threaded() {
+            return Err(RuntimeError::MultiThreaded);
+        }
+        let id = spec.id.clone();
+        let sys_err = |step: &'static str| {
+            let id = id.clone();
+            move |source| RuntimeError::Sys { id, step, source }
+        };
+        let dir = self.container_dir(&spec.id);
+        // Built before the clone so the child only has to install it.
+        let seccomp = security::default_seccomp()?;
+        let cgroup = self.cgroups.create(&spec.id, &spec.limits)?;
+        let cgroup = CgroupGuard(Some(cgroup));
+        if opts.forward_signals {
+            forwarded_set().thread_block().map_err(sys_err("block signals"))?;
+        }
+        let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
+
+        match sys::clone_fork(NAMESPACES).map_err(|e| sys_err("clone")(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))? {
+            Forked::Child => {
+                drop(sync_w);
+                drop(err_r);
+                let child = Child { spec, dir: &dir, seccomp: &seccomp, sync: sync_r, err: std::cell::Cell::new(Some(err_w)) };
+                child.run(opts)
+            }
+            Forked::Parent(pid) => {
+                drop(sync_r);
+                drop(err_w);
+                let pid_t = Pid::from_raw(pid);
+                let joined = cgroup.get().add_process(pid);
+                if let Err(e) = joined {
+                    let _ = kill(pid_t, Signal::SIGKILL);
+                    let _ = waitpid(pid_t, None);
+                    return Err(e.into());
+                }
+                let mut sync_w = fs::File::from(sync_w);
+                let _ = sync_w.write_all(b"1");
+                drop(sync_w);
+                // The write end closes in the workload on exec (CLOEXEC) and
+                // in init right after fork: EOF means the workload is running.
+                let mut msg = String::new();
+                let _ = fs::File::from(err_r).read_to_string(&mut msg);
+                if !msg.is_empty() {
+                    let (code, message) = match msg.split_once('\t') {
+                        Some((c, m)) => (c.parse().unwrap_or(125), m.to_string()),
+                        None => (125, msg),
+                    };
+                    let _ = kill(pid_t, Signal::SIGKILL);
+                    let _ = waitpid(pid_t, None);
+                    return Err(RuntimeError::Start { id: spec.id.clone(), code, message });
+                }
+                Ok(Running { id: spec.id.clone(), pid, cgroup })
+            }
+        }
+    }
+
+    /// The cgroup of a container (to check OOM or clean up after a crash).
+    pub fn cgroup(&self, id: &str) -> Box<dyn Cgroup> {
+        self.cgroups.open(id)
+    }
+}
+
+/// Destroys the cgroup unless the container took it over.
+struct CgroupGuard(Option<Box<dyn Cgroup>>);
+
+impl CgroupGuard {
+    #[allow(clippy::unwrap_used)] // always Some until Drop
+    fn get(&self) -> &dyn Cgroup {
+        self.0.as_deref().unwrap()
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            if let Err(e) = g.destroy() {
+                tracing::warn!(error = %e, "removing cgroup");
+            }
+        }
+    }
+}
+
+/// A started container whose init is a child of this process.
+pub struct Running {
+    id: String,
+    pid: i32,
+    cgroup: CgroupGuard,
+}
+
+impl Running {
+    /// The host pid of the container's init.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Non-blocking: the exit status if init has exited (then the cgroup is
+    /// removed).
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, RuntimeError> {
+        let st = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG))
+            .map_err(|source| RuntimeError::Sys { id: self.id.clone(), step: "waitpid", source })?;
+        self.finish(st)
+    }
+
+    /// Blocks until init exits; then removes the cgroup.
+    pub fn wait(mut self) -> Result<ExitStatus, RuntimeError> {
+        loop {
+            let st = match waitpid(Pid::from_raw(self.pid), None) {
+                Err(nix::Error::EINTR) => continue,
+                r => r.map_err(|source| RuntimeError::Sys { id: self.id.clone(), step: "waitpid", source })?,
+            };
+            if let Some(s) = self.finish(st)? {
+                return Ok(s);
+            }
+        }
+    }
+
+    fn finish(&mut self, st: WaitStatus) -> Result<Option<ExitStatus>, RuntimeError> {
+        let (code, signal) = match st {
+            WaitStatus::Exited(_, c) => (c, None),
+            WaitStatus::Signaled(_, s, _) => (128 + s as i32, Some(s as i32)),
+            _ => return Ok(None),
+        };
+        let oom_killed = self.cgroup.get().oom_killed().unwrap_or(false);
+        if let Some(g) = self.cgroup.0.take() {
+            g.destroy()?;
+        }
+        Ok(Some(ExitStatus { code, signal, oom_killed }))
+    }
+
+    /// Blocks until init exits, passing [`FORWARDED`] signals on to it.
+    /// Needs `forward_signals` at start.
+    pub fn wait_forwarding(mut self) -> Result<ExitStatus, RuntimeError> {
+        let set = forwarded_set();
+        loop {
+            if let Some(st) = self.try_wait()? {
+                return Ok(st);
+            }
+            let sig = set
+                .wait()
+                .map_err(|source| RuntimeError::Sys { id: self.id.clone(), step: "sigwait", source })?;
+            if sig != Signal::SIGCHLD {
+                let _ = self.signal(sig);
+            }
+        }
+    }
+
+    /// Sends `sig` to the container's init, which forwards it.
+    pub fn signal(&self, sig: Signal) -> Result<(), RuntimeError> {
+        kill(Pid::from_raw(self.pid), sig)
+            .map_err(|source| RuntimeError::Sys { id: self.id.clone(), step: "kill", source })
+    }
+}
+
+/// Checks a container id: it becomes a path component and a cgroup name.
+pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with(['.', '-'])
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if ok { Ok(()) } else { Err(RuntimeError::InvalidId(id.to_string())) }
+}
+
+/// A setup step that failed inside the container, sent to the parent as
+/// "CODE\tmessage" over the error pipe.
+struct ChildError {
+    code: i32,
+    message: String,
+}
+
+impl ChildError {
+    fn new(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
+        ChildError { code: 125, message: format!("{what}: {e}") }
+    }
+}
+
+type ChildResult<T> = Result<T, ChildError>;
+
+trait Ctx<T> {
+    fn ctx(self, what: impl std::fmt::Display) -> ChildResult<T>;
+}
+
+impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
+    fn ctx(self, what: impl std::fmt::Display) -> ChildResult<T> {
+        self.map_err(|e| ChildError::new(what, e))
+    }
+}
+
+/// The cloned child: pid 1 of the new namespaces.
+struct Child<'a> {
+    spec: &'a ContainerSpec,
+    dir: &'a Path,
+    seccomp: &'a SeccompPolicy,
+    sync: OwnedFd,
+    err: std::cell::Cell<Option<OwnedFd>>,
+}
+
+impl Child<'_> {
+    fn run(self, opts: StartOptions) -> ! {
+        let code = match self.setup(opts) {
+            Ok(never) => match never {},
+            Err(e) => {
+                if let Some(fd) = self.err.take() {
+                    let mut f = fs::File::from(fd);
+                    let _ = write!(f, "{}\t{}", e.code, e.message);
+                }
+                e.code
+            }
+        };
+        sys::exit_now(code)
+    }
+
+    fn setup(&self, opts: StartOptions) -> ChildResult<std::convert::Infallible> {
+        if opts.die_with_parent {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx("set parent-death signal")?;
+        }
+        match opts.stdio {
+            Stdio::Inherit => {}
+            Stdio::Fds { stdin, stdout, stderr } => {
+                nix::unistd::dup2_stdin(&stdin).ctx("stdin")?;
+                nix::unistd::dup2_stdout(&stdout).ctx("stdout")?;
+                nix::unistd::dup2_stderr(&stderr).ctx("stderr")?;
+            }
+        }
+        umask(Mode::empty());
+        let root = self.dir.join("rootfs");
+        self.mount_rootfs(&root)?;
+        pivot(&root)?;
+        mask_proc_and_sys()?;
+        nix::unistd::sethostname(&self.spec.hostname).ctx("sethostname")?;
+        umask(Mode::from_bits_truncate(0o022));
+        // Wait until the parent has put us into the cgroup: everything the
+        // workload does must be charged to it.
+        let mut b = [0u8; 1];
+        let _ = fs::File::from(self.sync.try_clone().ctx("sync pipe")?).read(&mut b);
+        if !self.spec.init {
+            return self.exec_workload();
+        }
+        let all = SigSet::all();
+        all.thread_block().ctx("block signals")?;
+        match sys::fork().ctx("fork workload")? {
+            Forked::Child => self.exec_workload(),
+            Forked::Parent(pid) => {
+                // Our copy of the error pipe must close, or the parent would
+                // wait for EOF until the workload exits.
+                drop(self.err.take());
+                init_loop(pid, self.seccomp)
+            }
+        }
+    }
+
+    fn mount_rootfs(&self, root: &Path) -> ChildResult<()> {
+        // Nothing we mount may propagate back to the host.
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+            .ctx("make / private")?;
+        let lower: Vec<String> = self.spec.layers.iter().rev().map(|p| p.display().to_string()).collect();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            self.dir.join("upper").display(),
+            self.dir.join("work").display()
+        );
+        mount(Some("overlay"), root, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
+            .ctx("mount overlay rootfs")?;
+        let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        let proc_dir = mkdir_in(root, "/proc")?;
+        mount(Some("proc"), &proc_dir, Some("proc"), nosuid_nodev_noexec, None::<&str>).ctx("mount /proc")?;
+        let sys_dir = mkdir_in(root, "/sys")?;
+        mount(Some("sysfs"), &sys_dir, Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None::<&str>)
+            .ctx("mount /sys")?;
+        let dev = mkdir_in(root, "/dev")?;
+        mount(
+            Some("tmpfs"),
+            &dev,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+            Some("mode=755,size=65536k"),
+        )
+        .ctx("mount /dev")?;
+        make_dev(&dev)?;
+        for m in &self.spec.mounts {
+            self.mount_one(root, m)?;
+        }
+        if self.spec.read_only {
+            mount(
+                None::<&str>,
+                root,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .ctx("make rootfs read-only")?;
+        }
+        Ok(())
+    }
+
+    fn mount_one(&self, root: &Path, m: &Mount) -> ChildResult<()> {
+        match m {
+            Mount::Bind { source, destination, read_only } => {
+                let is_dir = fs::metadata(source).ctx(format!("bind source {}", source.display()))?.is_dir();
+                let target = if is_dir {
+                    mkdir_in(root, destination)?
+                } else {
+                    let t = resolve_in_root(root, destination).ctx(format!("resolve {destination}"))?;
+                    if let Some(parent) = t.parent() {
+                        fs::create_dir_all(parent).ctx(format!("create {destination}"))?;
+                    }
+                    if !t.exists() {
+                        fs::File::create(&t).ctx(format!("create {destination}"))?;
+                    }
+                    t
+                };
+                mount(Some(source.as_path()), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                    .ctx(format!("bind {} to {destination}", source.display()))?;
+                if *read_only {
+                    mount(
+                        None::<&str>,
+                        &target,
+                        None::<&str>,
+                        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                        None::<&str>,
+                    )
+                    .ctx(format!("make {destination} read-only"))?;
+                }
+            }
+            Mount::Tmpfs { destination, size_bytes } => {
+                let target = mkdir_in(root, destination)?;
+                let opts = match size_bytes {
+                    Some(s) => format!("mode=1777,size={s}"),
+                    None => "mode=1777".to_string(),
+                };
+                mount(
+                    Some("tmpfs"),
+                    &target,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some(opts.as_str()),
+                )
+                .ctx(format!("mount tmpfs on {destination}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The workload: drop privileges, then exec. Never returns on success.
+    fn exec_workload(&self) -> ChildResult<std::convert::Infallible> {
+        SigSet::empty().thread_set_mask().ctx("unblock signals")?;
+        sys::reset_signal_dispositions();
+        let user = resolve_user(self.spec.user.as_deref())?;
+        let cwd = if self.spec.cwd.is_empty() { "/" } else { self.spec.cwd.as_str() };
+        if fs::metadata(cwd).is_err() {
+            fs::create_dir_all(cwd).ctx(format!("create working directory {cwd}"))?;
+            let _ = nix::unistd::chown(cwd, Some(Uid::from_raw(user.uid)), Some(Gid::from_raw(user.gid)));
+        }
+        nix::unistd::chdir(cwd).ctx(format!("chdir {cwd}"))?;
+        let mut env: Vec<String> = self.spec.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, DEFAULT_PATH.to_string());
+        }
+        if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+            env.push(format!("HOSTNAME={}", self.spec.hostname));
+        }
+        if !env.iter().any(|e| e.starts_with("HOME=")) {
+            env.push(format!("HOME={}", user.home));
+        }
+        let path_var = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or("");
+        let prog = find_program(&self.spec.args[0], path_var).ok_or_else(|| ChildError {
+            code: 127,
+            message: format!("exec {:?}: executable file not found in $PATH", self.spec.args[0]),
+        })?;
+        let cstr = |s: &str| CString::new(s).ctx("argument contains NUL");
+        let argv: Vec<CString> = self.spec.args.iter().map(|a| cstr(a)).collect::<ChildResult<_>>()?;
+        let envp: Vec<CString> = env.iter().map(|a| cstr(a)).collect::<ChildResult<_>>()?;
+        let prog_c = cstr(&prog)?;
+
+        let gids: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        nix::unistd::setgroups(&gids).ctx("setgroups")?;
+        security::limit_bounding(&security::DEFAULT_CAPS).ctx("drop capabilities")?;
+        nix::unistd::setgid(Gid::from_raw(user.gid)).ctx("setgid")?;
+        nix::unistd::setuid(Uid::from_raw(user.uid)).ctx("setuid")?;
+        if user.uid == 0 {
+            security::set_process_caps(&security::DEFAULT_CAPS).ctx("set capabilities")?;
+        }
+        security::no_new_privs().ctx("no_new_privs")?;
+        security::apply_seccomp(self.seccomp).ctx("seccomp")?;
+        let e = nix::unistd::execve(&prog_c, &argv, &envp).map_or_else(|e| e, |never| match never {});
+        let code = if e == nix::Error::ENOENT { 127 } else { 126 };
+        Err(ChildError { code, message: format!("exec {prog}: {e}") })
+    }
+}
+
+/// pid 1: forward signals to the workload, reap every zombie, and exit with
+/// the workload's status once it is gone (the kernel then kills whatever
+/// else is left in the pid namespace).
+fn init_loop(workload: i32, seccomp: &SeccompPolicy) -> ChildResult<std::convert::Infallible> {
+    // Init keeps only what it needs to signal the workload.
+    let _ = security::limit_bounding(&[caps::Capability::CAP_KILL]);
+    let _ = security::set_process_caps(&[caps::Capability::CAP_KILL]);
+    security::no_new_privs().ctx("no_new_privs")?;
+    security::apply_seccomp(seccomp).ctx("seccomp")?;
+    let all = SigSet::all();
+    loop {
+        let sig = all.wait().ctx("sigwait")?;
+        if sig == Signal::SIGCHLD {
+            loop {
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(p, c)) if p.as_raw() == workload => sys::exit_now(c),
+                    Ok(WaitStatus::Signaled(p, s, _)) if p.as_raw() == workload => sys::exit_now(128 + s as i32),
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        } else {
+            let _ = kill(Pid::from_raw(workload), sig);
+        }
+    }
+}
+
+/// A user resolved against the container's /etc/passwd and /etc/group.
+struct User {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    home: String,
+}
+
+fn resolve_user(spec: Option<&str>) -> ChildResult<User> {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = fs::read_to_string("/etc/group").unwrap_or_default();
+    let spec = spec.unwrap_or("0");
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    // name:x:uid:gid:gecos:home:shell
+    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
+        f.len() >= 4 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u))
+    });
+    let uid: u32 = match (u.parse::<u32>(), &entry) {
+        (Ok(n), _) => n,
+        (Err(_), Some(f)) => f[2].parse().ctx(format!("bad uid for user {u} in /etc/passwd"))?,
+        (Err(_), None) => {
+            return Err(ChildError { code: 125, message: format!("unable to find user {u}: no matching entries in passwd file") });
+        }
+    };
+    let gid: u32 = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => group
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| ChildError { code: 125, message: format!("unable to find group {g}") })?,
+        },
+        None => entry.as_ref().and_then(|f| f[3].parse().ok()).unwrap_or(0),
+    };
+    let name = entry.as_ref().map(|f| f[0]);
+    let home = entry.as_ref().and_then(|f| f.get(5)).map(|s| s.to_string()).unwrap_or_else(|| "/".into());
+    let mut groups: Vec<u32> = Vec::new();
+    if let (Some(name), None) = (name, g) {
+        for f in group.lines().map(|l| l.split(':').collect::<Vec<_>>()) {
+            if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
+                if let Ok(n) = f[2].parse() {
+                    if !groups.contains(&n) {
+                        groups.push(n);
+                    }
+                }
+            }
+        }
+    }
+    Ok(User { uid, gid, groups, home })
+}
+
+fn find_program(arg0: &str, path: &str) -> Option<String> {
+    if arg0.contains('/') {
+        return Some(arg0.to_string());
+    }
+    path.split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{arg0}")).find(|p| {
+        fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    })
+}
+
+/// Resolves `path` inside `root` the way the container will see it:
+/// symlinks are followed, but absolute targets and `..` never leave `root`.
+pub fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
+    let mut out = root.to_path_buf();
+    let mut pending: Vec<std::ffi::OsString> = Vec::new();
+    let push_rev = |pending: &mut Vec<std::ffi::OsString>, p: &Path| {
+        for c in p.components().rev() {
+            match c {
+                Component::Normal(s) => pending.push(s.to_os_string()),
+                Component::ParentDir => pending.push("..".into()),
+                _ => {}
+            }
+        }
+    };
+    push_rev(&mut pending, Path::new(path));
+    let mut hops = 0;
+    while let Some(c) = pending.pop() {
+        if c == ".." {
+            if out != root {
+                out.pop();
+            }
+            continue;
+        }
+        let next = out.join(&c);
+        match fs::symlink_metadata(&next) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                }
+                let target = fs::read_link(&next)?;
+                if target.is_absolute() {
+                    out = root.to_path_buf();
+                }
+                push_rev(&mut pending, &target);
+            }
+            _ => out = next,
+        }
+    }
+    Ok(out)
+}
+
+fn mkdir_in(root: &Path, path: &str) -> ChildResult<PathBuf> {
+    let p = resolve_in_root(root, path).ctx(format!("resolve {path}"))?;
+    fs::create_dir_all(&p).ctx(format!("create {path}"))?;
+    Ok(p)
+}
+
+/// The minimal /dev: device nodes, pts, shm and the usual symlinks.
+fn make_dev(dev: &Path) -> ChildResult<()> {
+    for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
+        let p = dev.join(name);
+        mknod(&p, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor)).ctx(format!("mknod /dev/{name}"))?;
+    }
+    let pts = dev.join("pts");
+    fs::DirBuilder::new().mode(0o755).create(&pts).ctx("create /dev/pts")?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .ctx("mount /dev/pts")?;
+    let shm = dev.join("shm");
+    fs::DirBuilder::new().mode(0o1777).create(&shm).ctx("create /dev/shm")?;
+    mount(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .ctx("mount /dev/shm")?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(link)).ctx(format!("symlink /dev/{link}"))?;
+    }
+    Ok(())
+}
+
+/// Makes `root` the new `/` and detaches the old root entirely.
+fn pivot(root: &Path) -> ChildResult<()> {
+    nix::unistd::chdir(root).ctx("chdir rootfs")?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; the
+    // lazy unmount then drops it without needing a directory for it.
+    nix::unistd::pivot_root(".", ".").ctx("pivot_root")?;
+    umount2(".", MntFlags::MNT_DETACH).ctx("detach old root")?;
+    nix::unistd::chdir("/").ctx("chdir /")?;
+    Ok(())
+}
+
+/// Paths Docker hides from containers (moby `oci/defaults.go`).
+const MASKED: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Paths Docker makes read-only.
+const READ_ONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+fn mask_proc_and_sys() -> ChildResult<()> {
+    for p in MASKED {
+        match fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => {
+                mount(Some("tmpfs"), *p, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>).ctx(format!("mask {p}"))?;
+            }
+            Ok(_) => {
+                mount(Some("/dev/null"), *p, None::<&str>, MsFlags::MS_BIND, None::<&str>).ctx(format!("mask {p}"))?;
+            }
+            Err(_) => {}
+        }
+    }
+    for p in READ_ONLY {
+        if fs::symlink_metadata(p).is_err() {
+            continue;
+        }
+        mount(Some(*p), *p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).ctx(format!("bind {p}"))?;
+        mount(
+            None::<&str>,
+            *p,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .ctx(format!("make {p} read-only"))?;
+    }
+    Ok(())
+}
+
+/// Opens `path` for append, creating it 0640.
+pub(crate) fn open_append(path: &Path) -> io::Result<fs::File> {
+    fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn resolve_in_root_never_leaves_root() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        fs::create_dir_all(r.join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("/etc", r.join("evil")).unwrap();
+        std::os::unix::fs::symlink("../../../../..", r.join("up")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", r.join("lib")).unwrap();
+        assert_eq!(resolve_in_root(r, "/evil/passwd").unwrap(), r.join("etc/passwd"));
+        assert_eq!(resolve_in_root(r, "/up/etc").unwrap(), r.join("etc"));
+        assert_eq!(resolve_in_root(r, "../../x").unwrap(), r.join("x"));
+        assert_eq!(resolve_in_root(r, "/lib/x").unwrap(), r.join("usr/lib/x"));
+        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
+        assert!(resolve_in_root(r, "/loop").is_err());
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(validate_id("web.1_a-b").is_ok());
+        for bad in ["", "..", "-x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_id(bad).is_err(), "{bad}");
+        }
+    }
+}

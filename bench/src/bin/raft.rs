@@ -1,0 +1,159 @@
+//! Cluster-foundation benchmarks (BENCHMARKS.md, issue 2), on a real
+//! 3-manager cluster of hosts in network namespaces:
+//! - commit latency, one client writing sequentially to the leader;
+//! - write throughput, many concurrent clients;
+//! - leader failover: `kill -9` the leader → a survivor commits a write.
+//!
+//! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/raft`
+//! Options: `--writes N` (latency samples, default 2000), `--throughput-writes N`
+//! (default 50000), `--clients N` (default 256), `--trials N` (failover, default 5).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use shoal_proto::control::{ScaleItem, ScaleRequest};
+use shoal_tests::{netns::in_netns, wait_for, Cluster};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn scale(replicas: u64) -> ScaleRequest {
+    ScaleRequest { items: vec![ScaleItem { service: "web".into(), replicas }] }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let samples = arg("--writes", 2000);
+    let total = arg("--throughput-writes", 50_000);
+    let clients = arg("--clients", 256);
+    let trials = arg("--trials", 5);
+
+    let mut c = Cluster::start(3, 0)?;
+    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "0", "bb:1"])?;
+    let leader = c.leader(0)?;
+    let addr = c.hosts[leader].addr();
+    let certs = c.cert_dir();
+    let ns = c.hosts[leader].netns.clone();
+
+    // Commit latency: one client, one write at a time, to the leader.
+    let lat = {
+        let (addr, certs) = (addr.clone(), certs.clone());
+        in_netns(&ns, move || {
+            rt()?.block_on(async move {
+                let mut client = shoal_tests::control_client(&addr, &certs).await?;
+                for i in 0..100 {
+                    client.scale_services(scale(i)).await?; // warm up
+                }
+                let mut lat = Vec::with_capacity(samples as usize);
+                for i in 0..samples {
+                    let t = Instant::now();
+                    client.scale_services(scale(i)).await?;
+                    lat.push(t.elapsed());
+                }
+                lat.sort();
+                anyhow::Ok(lat)
+            })
+        })?
+    };
+    println!(
+        "commit latency, 1 client, 3 managers: p50 {:.2} ms, p99 {:.2} ms ({} writes)",
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        samples
+    );
+
+    // Throughput: many clients over a few connections.
+    let (elapsed, done) = {
+        let (addr, certs) = (addr.clone(), certs.clone());
+        in_netns(&ns, move || {
+            rt()?.block_on(async move {
+                let mut conns = Vec::new();
+                for _ in 0..8 {
+                    conns.push(shoal_tests::control_client(&addr, &certs).await?);
+                }
+                let per = total / clients;
+                let t = Instant::now();
+                let mut tasks = Vec::new();
+                for w in 0..clients {
+                    let mut client = conns[(w % 8) as usize].clone();
+                    tasks.push(tokio::spawn(async move {
+                        for i in 0..per {
+                            client.scale_services(scale(w * per + i)).await?;
+                        }
+                        anyhow::Ok(per)
+                    }));
+                }
+                let mut done = 0;
+                for task in tasks {
+                    done += task.await??;
+                }
+                anyhow::Ok((t.elapsed(), done))
+            })
+        })?
+    };
+    println!(
+        "write throughput, {clients} clients, 3 managers: {:.0} writes/s ({done} writes in {:.2} s)",
+        done as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+
+    // Failover: kill -9 the leader; how long until a survivor commits?
+    let mut times = Vec::new();
+    for trial in 0..trials {
+        let old = c.leader(0).or_else(|_| c.leader(1))?;
+        let survivor = (old + 1) % 3;
+        let (addr, certs, ns) = (c.hosts[survivor].addr(), certs.clone(), c.hosts[survivor].netns.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+        let writer = std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                rt()?.block_on(async move {
+                    let mut client = shoal_tests::control_client(&addr, &certs).await?;
+                    let killed = rx.recv().context("no kill time")?;
+                    let mut i = 0;
+                    loop {
+                        i += 1;
+                        let call = client.scale_services(scale(i));
+                        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), call).await {
+                            return anyhow::Ok(killed.elapsed());
+                        }
+                        if killed.elapsed() > Duration::from_secs(30) {
+                            anyhow::bail!("no write committed within 30 s of the kill");
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+        });
+        let t = Instant::now();
+        c.kill(old);
+        tx.send(t)?;
+        let took = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        println!("failover trial {trial}: {:.0} ms from kill -9 to a committed write", took.as_secs_f64() * 1e3);
+        times.push(took);
+        c.restart(old)?;
+        c.wait_converged(survivor, 3, 3)?;
+        wait_for(Duration::from_secs(30), "the cluster to settle", || Ok(c.leader(survivor).ok()))?;
+    }
+    times.sort();
+    println!(
+        "leader failover (kill -9 → new leader commits): median {:.0} ms, max {:.0} ms over {trials} trials",
+        percentile(&times, 0.5).as_secs_f64() * 1e3,
+        times.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
+    );
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! The container runtime through the `shoal` binary: `shoal run`, `shoal
+//! image`, the supervisor. Runs as root on a host with cgroup v1 or v2.
+//! Every test has its own data dir and container names, and checks that a
+//! container left nothing behind.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::process::Stdio;
+use std::time::Duration;
+
+use shoal_tests::runtime_support::{
+    Corrupt, Layer, RtHost, TarBuilder, busybox_layer, docker_archive, oci_archive, stderr, stdout,
+};
+use shoal_tests::wait_for;
+
+fn ok(o: &std::process::Output) {
+    assert!(o.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", o.status.code(), stdout(o), stderr(o));
+}
+
+fn assert_clean(h: &RtHost, id: &str) {
+    let left = h.leftovers(id);
+    assert!(left.is_empty(), "container {id} left: {left:#?}");
+}
+
+#[test]
+fn exit_code_and_stdio_pass_through() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("exit");
+    let o = h.run(&["--rm", "--name", &id, "bb", "sh", "-c", "echo out; echo err >&2; exit 42"]).unwrap();
+    assert_eq!(o.status.code(), Some(42), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "out\n");
+    assert_eq!(stderr(&o), "err\n");
+    assert_clean(&h, &id);
+    // A command that doesn't exist: 127, as docker run.
+    let o = h.run(&["--rm", "bb", "no-such-command"]).unwrap();
+    assert_eq!(o.status.code(), Some(127));
+    assert!(stderr(&o).contains("no-such-command"), "{}", stderr(&o));
+}
+
+#[test]
+fn pid1_no_host_processes_only_lo_own_hostname() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    // Without init the command itself is pid 1.
+    let o = h.run(&["--rm", "--no-init", "bb", "sh", "-c", "echo $$"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o).trim(), "1");
+    // With init (the default), init is pid 1 and the command its child.
+    let id = h.name("iso");
+    let script = "echo pid=$$; echo procs=$(ls /proc | grep -c '^[0-9]'); echo net=$(ls /sys/class/net); echo host=$(hostname)";
+    let o = h.run(&["--rm", "--name", &id, "bb", "sh", "-c", script]).unwrap();
+    ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("pid=2\n"), "{out}");
+    // init, sh, and the ls/grep of the count: no host process is visible.
+    let procs: usize = out.lines().find_map(|l| l.strip_prefix("procs=")).unwrap().parse().unwrap();
+    assert!(procs <= 5, "{out}");
+    assert!(out.contains("net=lo\n"), "{out}");
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let theirs = out.lines().find_map(|l| l.strip_prefix("host=")).unwrap();
+    assert_ne!(theirs, host.trim());
+    assert_eq!(theirs, &id[..12.min(id.len())]);
+    assert_clean(&h, &id);
+}
+
+#[test]
+fn user_flag_and_supplementary_groups() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let o = h.run(&["--rm", "--user", "65534", "bb", "sh", "-c", "id -u; grep CapEff /proc/self/status"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "65534\nCapEff:\t0000000000000000\n");
+    let o = h.run(&["--rm", "--user", "app", "bb", "sh", "-c", "id -u; id -g; grep Groups /proc/self/status"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "1000\n1000\nGroups:\t2000 \n");
+    let o = h.run(&["--rm", "--user", "1000:65534", "bb", "id"]).unwrap();
+    ok(&o);
+    assert!(stdout(&o).starts_with("uid=1000(app) gid=65534(nogroup)"), "{}", stdout(&o));
+    let o = h.run(&["--rm", "--user", "nosuchuser", "bb", "id"]).unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unable to find user nosuchuser"), "{}", stderr(&o));
+}
+
+#[test]
+fn least_privilege_caps_nnp_seccomp_readonly() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let o = h.run(&["--rm", "bb", "sh", "-c", "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status"]).unwrap();
+    ok(&o);
+    assert_eq!(
+        stdout(&o),
+        "CapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\nNoNewPrivs:\t1\nSeccomp:\t2\n"
+    );
+    // Masked and read-only /proc paths, as Docker does; mount is denied.
+    let script = "wc -c < /proc/timer_list; wc -c < /proc/keys; echo 1 > /proc/sys/vm/drop_caches && echo wrote-sys; \
+                  mount -t tmpfs none /mnt && echo mounted; echo done";
+    let o = h.run(&["--rm", "bb", "sh", "-c", script]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "0\n0\ndone\n", "stderr: {}", stderr(&o));
+    // --read-only: the rootfs refuses writes; tmpfs mounts still work.
+    let id = h.name("ro");
+    let o = h
+        .run(&["--rm", "--read-only", "--tmpfs", "/scratch", "--name", &id, "bb", "sh", "-c", "touch /x || echo refused; touch /scratch/y && echo tmpfs-ok"])
+        .unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "refused\ntmpfs-ok\n");
+    assert!(stderr(&o).contains("Read-only file system"), "{}", stderr(&o));
+    assert_clean(&h, &id);
+}
+
+#[test]
+fn memory_limit_oom_is_reported() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("oom");
+    // 100 MB in one shell variable under a 32 MiB limit.
+    let o = h
+        .run(&["--rm", "--memory", "32M", "--name", &id, "bb", "sh", "-c", "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived ${#x}"])
+        .unwrap();
+    assert_eq!(o.status.code(), Some(137), "stdout {} stderr {}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("out of memory"), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("survived"));
+    assert_clean(&h, &id);
+}
+
+#[test]
+fn fork_bomb_stops_at_pids_limit() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("bomb");
+    // Forks forever; only the pids limit stops it (sh gives up on EAGAIN).
+    let o = h
+        .run(&["--rm", "--pids-limit", "32", "--name", &id, "bb", "sh", "-c", "while true; do sleep 1000 & done"])
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("can't fork"), "{}", stderr(&o));
+    assert_clean(&h, &id);
+}
+
+#[test]
+fn cpu_quota_is_applied() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("cpu");
+    let mut child = h
+        .cmd(&["run", "--rm", "--cpus", "0.5", "--name", &id, "bb", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let quota = std::path::Path::new("/sys/fs/cgroup/cpu/shoal").join(&id).join("cpu.cfs_quota_us");
+    let q = wait_for(Duration::from_secs(10), "cpu quota file", || Ok(fs::read_to_string(&quota).ok())).unwrap();
+    assert_eq!(q.trim(), "50000");
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    assert_clean(&h, &id);
+}
+
+#[test]
+fn named_volume_persists_and_bind_mounts_work() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let vol = format!("{}-vol", h.prefix);
+    let o = h.run(&["--rm", "-v", &format!("{vol}:/data"), "bb", "sh", "-c", "echo kept > /data/f"]).unwrap();
+    ok(&o);
+    let o = h.run(&["--rm", "-v", &format!("{vol}:/data:ro"), "bb", "sh", "-c", "cat /data/f; echo x > /data/g || echo ro"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "kept\nro\n");
+    assert!(h.data_dir.join("volumes").join(&vol).join("_data/f").exists());
+    let host_dir = h.data_dir.join("bind");
+    fs::create_dir_all(&host_dir).unwrap();
+    fs::write(host_dir.join("in"), "from host").unwrap();
+    let o = h
+        .run(&["--rm", "-v", &format!("{}:/b", host_dir.display()), "bb", "sh", "-c", "cat /b/in; echo back > /b/out"])
+        .unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "from host");
+    assert_eq!(fs::read_to_string(host_dir.join("out")).unwrap(), "back\n");
+    let o = h.run(&["--rm", "-v", "bad/name:/x", "bb", "true"]).unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("invalid volume name"), "{}", stderr(&o));
+}
+
+#[test]
+fn init_forwards_sigterm_and_reaps_zombies() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    // An orphan is re-parented to init, which must reap it.
+    let script = "(sleep 0 & echo $! > /tmp/p); p=$(cat /tmp/p); i=0; \
+                  while [ -e /proc/$p ] && [ $i -lt 500 ]; do usleep 10000; i=$((i+1)); done; \
+                  [ -e /proc/$p ] && echo zombie || echo reaped";
+    let o = h.run(&["--rm", "bb", "sh", "-c", script]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "reaped\n");
+    // SIGTERM to `shoal run` reaches the workload through init at once.
+    let id = h.name("term");
+    let mut child = h
+        .cmd(&["run", "--rm", "--name", &id, "bb", "sh", "-c", "echo ready; exec sleep 1000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+    assert_eq!(&buf, b"ready\n");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_for(Duration::from_secs(5), "container to stop on SIGTERM", || Ok(child.try_wait()?)).unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert_clean(&h, &id);
+}
+
+#[test]
+fn image_config_and_multi_layer_oci_archive_with_whiteouts() {
+    let h = RtHost::new().unwrap();
+    let base = busybox_layer(&[("etc/removed", b"old"), ("opq/a", b"a"), ("keep/k", b"k")]).unwrap();
+    let top = TarBuilder::new()
+        .file("etc/.wh.removed", b"", 0o644)
+        .unwrap()
+        .dir("opq/")
+        .unwrap()
+        .file("opq/.wh..wh..opq", b"", 0o644)
+        .unwrap()
+        .file("opq/b", b"b", 0o644)
+        .unwrap()
+        .file("hello", b"hi from layer 2\n", 0o644)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let layers = [Layer { tar: base, gzip: false }, Layer { tar: top, gzip: true }];
+    let config = serde_json::json!({
+        "Env": ["PATH=/bin", "GREETING=layered"],
+        "Entrypoint": ["sh", "-c"],
+        "Cmd": ["echo $GREETING; pwd; id -u; cat /hello; ls /opq; ls /etc/removed 2>&1 || true; ls /keep"],
+        "WorkingDir": "/work",
+        "User": "65534",
+    });
+    let archive = h.data_dir.join("oci.tar");
+    fs::write(&archive, oci_archive("test/layered:v1", &layers, config, Corrupt::None).unwrap()).unwrap();
+    let o = h.shoal(&["image", "load", archive.to_str().unwrap()]).unwrap();
+    ok(&o);
+    assert!(stdout(&o).contains("test/layered:v1"), "{}", stdout(&o));
+    let id = h.name("oci");
+    let o = h.run(&["--rm", "--name", &id, "test/layered:v1"]).unwrap();
+    ok(&o);
+    let out = stdout(&o);
+    assert!(out.starts_with("layered\n/work\n65534\nhi from layer 2\nb\n"), "{out}");
+    assert!(out.contains("No such file or directory"), "{out}");
+    assert!(out.ends_with("k\n"), "{out}");
+    // Command line overrides Cmd but keeps the Entrypoint.
+    let o = h.run(&["--rm", "test/layered:v1", "echo override"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "override\n");
+    assert_clean(&h, &id);
+    // Listing shows the image.
+    let o = h.shoal(&["image", "ls", "--json"]).unwrap();
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["name"], "test/layered:v1");
+    assert_eq!(v[0]["layers"], 2);
+}
+
+#[test]
+fn images_sharing_a_base_layer_share_one_copy() {
+    let h = RtHost::new().unwrap();
+    let base = busybox_layer(&[]).unwrap();
+    let top_a = TarBuilder::new().file("a", b"A\n", 0o644).unwrap().finish().unwrap();
+    let top_b = TarBuilder::new().file("b", b"B\n", 0o644).unwrap().finish().unwrap();
+    // One as OCI with a gzipped base, one as docker save with a plain one:
+    // the same diff id either way.
+    let a = oci_archive(
+        "share/a:1",
+        &[Layer { tar: base.clone(), gzip: true }, Layer { tar: top_a, gzip: false }],
+        serde_json::json!({"Cmd": ["cat", "/a"]}),
+        Corrupt::None,
+    )
+    .unwrap();
+    let b = docker_archive(
+        "share/b:1",
+        &[Layer { tar: base, gzip: false }, Layer { tar: top_b, gzip: false }],
+        serde_json::json!({"Cmd": ["cat", "/b"]}),
+    )
+    .unwrap();
+    fs::write(h.data_dir.join("a.tar"), a).unwrap();
+    fs::write(h.data_dir.join("b.tar"), b).unwrap();
+    ok(&h.shoal(&["image", "load", h.data_dir.join("a.tar").to_str().unwrap()]).unwrap());
+    ok(&h.shoal(&["image", "load", h.data_dir.join("b.tar").to_str().unwrap()]).unwrap());
+    assert_eq!(h.layer_count(), 3, "base + two tops");
+    let o = h.run(&["--rm", "share/a:1"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "A\n");
+    let o = h.run(&["--rm", "share/b:1"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "B\n");
+    // Removing one image keeps the shared base for the other.
+    ok(&h.shoal(&["image", "rm", "share/a:1"]).unwrap());
+    assert_eq!(h.layer_count(), 2);
+    let o = h.run(&["--rm", "share/b:1"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "B\n");
+}
+
+#[test]
+fn run_from_a_tarball_path_imports_once() {
+    let h = RtHost::new().unwrap();
+    let tar = h.data_dir.join("rootfs.tar");
+    fs::write(&tar, busybox_layer(&[]).unwrap()).unwrap();
+    for _ in 0..2 {
+        let o = h.run(&["--rm", tar.to_str().unwrap(), "echo", "ok"]).unwrap();
+        ok(&o);
+        assert_eq!(stdout(&o), "ok\n");
+    }
+    assert_eq!(h.layer_count(), 1);
+    let idx: serde_json::Value = serde_json::from_slice(&fs::read(h.data_dir.join("images/index.json")).unwrap()).unwrap();
+    assert_eq!(idx["sources"].as_object().unwrap().len(), 1);
+}
+
+/// Every bad archive is refused with a clear error, and leaves nothing
+/// outside the store nor half-loaded inside it.
+#[test]
+fn bad_archives_are_refused_and_write_nothing() {
+    let h = RtHost::new().unwrap();
+    let outside = h.data_dir.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let victim = outside.join("victim");
+    let victim_s = victim.to_str().unwrap().to_string();
+    let outside_s = outside.to_str().unwrap().to_string();
+    let good = busybox_layer(&[]).unwrap();
+    let import_cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("dotdot", TarBuilder::new().file("../../escape", b"x", 0o644).unwrap().finish().unwrap(), "'..'"),
+        ("absolute", TarBuilder::new().file(&victim_s, b"x", 0o644).unwrap().finish().unwrap(), "absolute path"),
+        (
+            "symlink",
+            TarBuilder::new()
+                .symlink("ln", &outside_s)
+                .unwrap()
+                .file("ln/victim", b"x", 0o644)
+                .unwrap()
+                .finish()
+                .unwrap(),
+            "through the symlink",
+        ),
+        ("hardlink", TarBuilder::new().hardlink("hl", &victim_s).unwrap().finish().unwrap(), "points out of the layer"),
+        ("hardlink-up", TarBuilder::new().hardlink("hl", "../../../etc/passwd").unwrap().finish().unwrap(), "points out of the layer"),
+        ("truncated", good[..good.len() / 2 + 100].to_vec(), "truncated"),
+    ];
+    let layers_before = h.layer_count();
+    for (what, bytes, want) in import_cases {
+        let p = h.data_dir.join(format!("{what}.tar"));
+        fs::write(&p, bytes).unwrap();
+        let o = h.shoal(&["image", "import", p.to_str().unwrap(), &format!("bad/{what}")]).unwrap();
+        assert!(!o.status.success(), "{what} was accepted");
+        assert!(stderr(&o).contains(want), "{what}: {}", stderr(&o));
+        assert!(!victim.exists(), "{what} wrote outside the store");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{what} wrote outside the store");
+        assert_eq!(h.store_tmp_count(), 0, "{what} left work files");
+        assert_eq!(h.layer_count(), layers_before, "{what} left a layer");
+    }
+    let top = TarBuilder::new().file("t", b"t", 0o644).unwrap().finish().unwrap();
+    let layers = || [Layer { tar: good.clone(), gzip: true }, Layer { tar: top.clone(), gzip: false }];
+    let archive_cases = [
+        ("digest", oci_archive("bad/digest:1", &layers(), serde_json::json!({}), Corrupt::LayerDigest).unwrap(), "digest mismatch"),
+        ("missing", oci_archive("bad/missing:1", &layers(), serde_json::json!({}), Corrupt::MissingLayer).unwrap(), "missing blob"),
+        ("not-an-image", TarBuilder::new().file("x", b"x", 0o644).unwrap().finish().unwrap(), "neither manifest.json"),
+    ];
+    for (what, bytes, want) in archive_cases {
+        let p = h.data_dir.join(format!("{what}.tar"));
+        fs::write(&p, bytes).unwrap();
+        let o = h.shoal(&["image", "load", p.to_str().unwrap()]).unwrap();
+        assert!(!o.status.success(), "{what} was accepted");
+        assert!(stderr(&o).contains(want), "{what}: {}", stderr(&o));
+        assert_eq!(h.store_tmp_count(), 0, "{what} left work files");
+        let o = h.shoal(&["image", "ls", "--json"]).unwrap();
+        assert_eq!(stdout(&o).trim(), "[]", "{what} left an image");
+    }
+    // A layer whose digest was fine but is loaded with the wrong diff id:
+    // nothing is kept of it either.
+    assert!(!victim.exists());
+}
+
+#[test]
+fn supervisor_outlives_its_parent_and_reattaches() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("sup");
+    let ctl = format!("{}-ctl", h.prefix);
+    let script = "while [ ! -e /ctl/stop ]; do echo tick; usleep 20000; done; echo bye; exit 7";
+    let mut parent = h
+        .cmd(&["run", "--supervised", "--name", &id, "-v", &format!("{ctl}:/ctl"), "bb", "sh", "-c", script])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = h.data_dir.join("containers").join(&id);
+    let log = dir.join("container.log");
+    let size = |p: &std::path::Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    wait_for(Duration::from_secs(10), "first log line", || Ok((size(&log) > 0).then_some(()))).unwrap();
+    // Kill the process that started the container (the "agent").
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let init_pid: i32 = fs::read_to_string(dir.join("init.pid")).unwrap().trim().parse().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{init_pid}")).exists(), "container died with its parent");
+    let after_kill = size(&log);
+    wait_for(Duration::from_secs(10), "log to keep growing", || Ok((size(&log) > after_kill + 20).then_some(()))).unwrap();
+    // A new process reattaches, then the container exits: it sees the status.
+    let mut attach = h.cmd(&["internal-attach", "--rm", &id]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for(Duration::from_secs(10), "attach to start following", || {
+        Ok(attach.try_wait()?.is_none().then_some(()))
+    })
+    .unwrap();
+    fs::write(h.data_dir.join("volumes").join(&ctl).join("_data/stop"), "").unwrap();
+    let status = wait_for(Duration::from_secs(10), "attached container to exit", || Ok(attach.try_wait()?)).unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(attach.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert_eq!(status.code(), Some(7), "{out}");
+    assert!(out.contains("tick\n") && out.ends_with("bye\n"), "{out}");
+    assert_clean(&h, &id);
+}
+
+#[test]
+fn detached_run_logs_and_records_exit() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("det");
+    let o = h.run(&["-d", "--name", &id, "bb", "sh", "-c", "echo detached; exit 3"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o).trim(), id);
+    let exit = h.data_dir.join("containers").join(&id).join("exit.json");
+    let rec = wait_for(Duration::from_secs(10), "exit record", || Ok(fs::read(&exit).ok())).unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&rec).unwrap();
+    assert_eq!(rec["status"]["code"], 3);
+    let log = fs::read_to_string(h.data_dir.join("containers").join(&id).join("container.log")).unwrap();
+    assert_eq!(log, "detached\n");
+    let o = h.shoal(&["internal-attach", "--rm", &id]).unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    assert_clean(&h, &id);
+}
+
+/// The agent's seam: a LinuxExecutor starts a task under a supervisor; a
+/// second executor (an agent after a restart) finds it running, stops it
+/// (SIGTERM through init) and removes it.
+#[test]
+fn linux_executor_lifecycle_and_reattach() {
+    use shoal_agent::executor::{ContainerState, Executor, LinuxExecutor};
+    use shoal_agent::spec::RunRequest;
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("exec");
+    let bin = shoal_tests::shoal_bin();
+    let first = LinuxExecutor::new(&h.data_dir, &bin).unwrap();
+    let req = RunRequest {
+        id: id.clone(),
+        image: "bb".into(),
+        command: vec!["sh".into(), "-c".into(), "echo up; exec sleep 1000".into()],
+        ..Default::default()
+    };
+    first.prepare(&req).unwrap();
+    assert_eq!(first.state(&id).unwrap(), ContainerState::Created);
+    first.start(&id).unwrap();
+    assert_eq!(first.state(&id).unwrap(), ContainerState::Running);
+    drop(first);
+    let second = LinuxExecutor::new(&h.data_dir, &bin).unwrap();
+    assert_eq!(second.list().unwrap(), vec![id.clone()]);
+    assert_eq!(second.state(&id).unwrap(), ContainerState::Running);
+    assert_eq!(second.wait(&id, Some(Duration::from_millis(50))).unwrap(), None);
+    assert!(second.remove(&id).is_err(), "removing a running container");
+    let status = second.shutdown(&id, Duration::from_secs(10)).unwrap();
+    assert_eq!(status.code, 143, "{status:?}");
+    assert_eq!(second.state(&id).unwrap(), ContainerState::Exited(status));
+    let log = fs::read_to_string(h.data_dir.join("containers").join(&id).join("container.log")).unwrap();
+    assert_eq!(log, "up\n");
+    second.remove(&id).unwrap();
+    assert_clean(&h, &id);
+}
