@@ -341,7 +341,8 @@ mod tests {
         assert_eq!(read("pids/shoal/c1/cgroup.procs"), "42");
         assert_eq!(read("memory/shoal/c1/cgroup.procs"), "42");
         assert!(!g.oom_killed().unwrap());
-        fs::write(t.path().join("memory/shoal/c1/memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n").unwrap();
+        fs::write(t.path().join("memory/shoal/c1/memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+            .unwrap();
         assert!(g.oom_killed().unwrap());
         for p in g.paths() {
             clear_files(&p);

@@ -42,12 +42,12 @@ impl ExecutorError {
     /// A temporary error may go away on retry (a busy cgroup, a full disk);
     /// a fatal one won't (a missing image, a bad archive, a bad command).
     pub fn is_temporary(&self) -> bool {
-        match self {
-            ExecutorError::Image(ImageError::Io { .. }) => true,
-            ExecutorError::Runtime(RuntimeError::Io { .. } | RuntimeError::Cgroup(_)) => true,
-            ExecutorError::Supervisor(SupervisorError::Io { .. } | SupervisorError::Timeout { .. }) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            ExecutorError::Image(ImageError::Io { .. })
+                | ExecutorError::Runtime(RuntimeError::Io { .. } | RuntimeError::Cgroup(_))
+                | ExecutorError::Supervisor(SupervisorError::Io { .. } | SupervisorError::Timeout { .. })
+        )
     }
 }
 
@@ -215,7 +215,10 @@ impl Executor for SimExecutor {
         if m.contains_key(&req.id) {
             return Err(RuntimeError::Exists { id: req.id.clone() }.into());
         }
-        m.insert(req.id.clone(), SimContainer { command: req.command.clone(), state: ContainerState::Created, started: None });
+        m.insert(
+            req.id.clone(),
+            SimContainer { command: req.command.clone(), state: ContainerState::Created, started: None },
+        );
         Ok(())
     }
 
@@ -301,7 +304,12 @@ mod tests {
     use super::*;
 
     fn req(id: &str, cmd: &[&str]) -> RunRequest {
-        RunRequest { id: id.into(), image: "sim".into(), command: cmd.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+        RunRequest {
+            id: id.into(),
+            image: "sim".into(),
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     #[test]

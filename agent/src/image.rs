@@ -231,7 +231,11 @@ impl ImageStore {
         })?;
         let actual = sha256_of(&b);
         if actual != digest {
-            return Err(ImageError::DigestMismatch { what: format!("stored blob {digest}"), expected: digest.into(), actual });
+            return Err(ImageError::DigestMismatch {
+                what: format!("stored blob {digest}"),
+                expected: digest.into(),
+                actual,
+            });
         }
         Ok(b)
     }
@@ -275,19 +279,19 @@ impl ImageStore {
             .into_inner()
             .finish()
             .map_err(|e| ImageError::Unpack { what: what.to_string(), source: UnpackError::Read(e) })?;
-        if let Some(b) = blob_digest {
-            if b != actual_blob {
-                return Err(ImageError::DigestMismatch { what: what.to_string(), expected: b.into(), actual: actual_blob });
-            }
+        if let Some(b) = blob_digest
+            && b != actual_blob
+        {
+            return Err(ImageError::DigestMismatch { what: what.to_string(), expected: b.into(), actual: actual_blob });
         }
-        if let Some(d) = diff_id {
-            if d != actual_diff {
-                return Err(ImageError::DigestMismatch {
-                    what: format!("{what} (uncompressed)"),
-                    expected: d.into(),
-                    actual: actual_diff,
-                });
-            }
+        if let Some(d) = diff_id
+            && d != actual_diff
+        {
+            return Err(ImageError::DigestMismatch {
+                what: format!("{what} (uncompressed)"),
+                expected: d.into(),
+                actual: actual_diff,
+            });
         }
         if let Some(t) = tmp {
             let dest = self.layer_dir(&actual_diff)?;
@@ -372,7 +376,10 @@ impl ImageStore {
         } else if dir.join("index.json").is_file() {
             self.load_oci(dir)
         } else {
-            Err(fmt_err(archive.display().to_string(), "neither manifest.json (docker save) nor index.json (OCI layout) found"))
+            Err(fmt_err(
+                archive.display().to_string(),
+                "neither manifest.json (docker save) nor index.json (OCI layout) found",
+            ))
         }
     }
 
@@ -497,7 +504,8 @@ impl ImageStore {
                 self.add_layer(f, rel, named.as_deref(), Some(diff))?;
             }
             let manifest_digest = self.put_image(&config, &diff_ids)?;
-            let names = e.repo_tags.unwrap_or_default().iter().map(|n| normalize_reference(n)).collect::<Result<_, _>>()?;
+            let names =
+                e.repo_tags.unwrap_or_default().iter().map(|n| normalize_reference(n)).collect::<Result<_, _>>()?;
             out.push(Loaded { names, manifest_digest });
         }
         Ok(out)
@@ -546,7 +554,8 @@ impl ImageStore {
     /// found again by the file's digest afterwards.
     pub fn resolve(&self, image: &str) -> Result<Image, ImageError> {
         let path = Path::new(image);
-        let looks_like_path = image.contains('/') || image.ends_with(".tar") || image.ends_with(".tgz") || image.ends_with(".gz");
+        let looks_like_path =
+            image.contains('/') || image.ends_with(".tar") || image.ends_with(".tgz") || image.ends_with(".gz");
         if !(looks_like_path && path.is_file()) {
             return self.get(image);
         }
@@ -554,12 +563,18 @@ impl ImageStore {
         let mut h = Sha256::new();
         io::copy(&mut f, &mut HashWriter(&mut h)).map_err(ioe(path))?;
         let source = format!("sha256:{}", hex::encode(h.finalize()));
-        if let Some(d) = self.read_index()?.sources.get(&source) {
-            if let Ok(img) = self.get(d) {
-                return Ok(img);
-            }
+        if let Some(d) = self.read_index()?.sources.get(&source)
+            && let Ok(img) = self.get(d)
+        {
+            return Ok(img);
         }
         let _lock = self.lock()?;
+        // Another run may have imported it while we waited for the lock.
+        if let Some(d) = self.read_index()?.sources.get(&source)
+            && let Ok(img) = self.get(d)
+        {
+            return Ok(img);
+        }
         let digest = if is_image_archive(path)? {
             let loaded = self.load_locked(path)?;
             let mut idx = self.read_index()?;
@@ -615,10 +630,10 @@ impl ImageStore {
         // Layers of containers that still exist stay: they are mounted.
         if let Ok(rd) = fs::read_dir(containers_dir) {
             for c in rd.flatten() {
-                if let Ok(b) = fs::read(c.path().join("config.json")) {
-                    if let Ok(spec) = serde_json::from_slice::<crate::spec::ContainerSpec>(&b) {
-                        layers.extend(spec.layers);
-                    }
+                if let Ok(b) = fs::read(c.path().join("config.json"))
+                    && let Ok(spec) = serde_json::from_slice::<crate::spec::ContainerSpec>(&b)
+                {
+                    layers.extend(spec.layers);
                 }
             }
         }

@@ -93,8 +93,15 @@ pub struct StartOptions {
 }
 
 /// Signals a waiting `shoal run` or supervisor passes on to the container.
-pub const FORWARDED: [Signal; 7] =
-    [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH];
+pub const FORWARDED: [Signal; 7] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
 
 fn forwarded_set() -> SigSet {
     let mut set = SigSet::empty();
@@ -218,11 +225,14 @@ impl Runtime {
         let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
         let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
 
-        match sys::clone_fork(NAMESPACES).map_err(|e| sys_err("clone")(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))? {
+        match sys::clone_fork(NAMESPACES)
+            .map_err(|e| sys_err("clone")(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?
+        {
             Forked::Child => {
                 drop(sync_w);
                 drop(err_r);
-                let child = Child { spec, dir: &dir, seccomp: &seccomp, sync: sync_r, err: std::cell::Cell::new(Some(err_w)) };
+                let child =
+                    Child { spec, dir: &dir, seccomp: &seccomp, sync: sync_r, err: std::cell::Cell::new(Some(err_w)) };
                 child.run(opts)
             }
             Forked::Parent(pid) => {
@@ -274,10 +284,10 @@ impl CgroupGuard {
 
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
-        if let Some(g) = self.0.take() {
-            if let Err(e) = g.destroy() {
-                tracing::warn!(error = %e, "removing cgroup");
-            }
+        if let Some(g) = self.0.take()
+            && let Err(e) = g.destroy()
+        {
+            tracing::warn!(error = %e, "removing cgroup");
         }
     }
 }
@@ -302,8 +312,11 @@ impl Running {
     /// Non-blocking: the exit status if init has exited (then the cgroup is
     /// removed).
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, RuntimeError> {
-        let st = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG))
-            .map_err(|source| RuntimeError::Sys { id: self.id.clone(), step: "waitpid", source })?;
+        let st = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG)).map_err(|source| RuntimeError::Sys {
+            id: self.id.clone(),
+            step: "waitpid",
+            source,
+        })?;
         self.finish(st)
     }
 
@@ -341,9 +354,8 @@ impl Running {
             if let Some(st) = self.try_wait()? {
                 return Ok(st);
             }
-            let sig = set
-                .wait()
-                .map_err(|source| RuntimeError::Sys { id: self.id.clone(), step: "sigwait", source })?;
+            let sig =
+                set.wait().map_err(|source| RuntimeError::Sys { id: self.id.clone(), step: "sigwait", source })?;
             if sig != Signal::SIGCHLD {
                 let _ = self.signal(sig);
             }
@@ -352,8 +364,11 @@ impl Running {
 
     /// Sends `sig` to the container's init, which forwards it.
     pub fn signal(&self, sig: Signal) -> Result<(), RuntimeError> {
-        kill(Pid::from_raw(self.pid), sig)
-            .map_err(|source| RuntimeError::Sys { id: self.id.clone(), step: "kill", source })
+        kill(Pid::from_raw(self.pid), sig).map_err(|source| RuntimeError::Sys {
+            id: self.id.clone(),
+            step: "kill",
+            source,
+        })
     }
 }
 
@@ -458,9 +473,13 @@ impl Child<'_> {
         // Nothing we mount may propagate back to the host.
         mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
             .ctx("make / private")?;
+        // `volatile`: overlayfs otherwise syncs the whole upper filesystem
+        // (the host's) when it is unmounted, i.e. on every container exit.
+        // Its only cost is that an upper dir is unusable after a host crash;
+        // ours are mounted once, by one container, and never reused.
         let lower: Vec<String> = self.spec.layers.iter().rev().map(|p| p.display().to_string()).collect();
         let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={},volatile",
             lower.join(":"),
             self.dir.join("upper").display(),
             self.dir.join("work").display()
@@ -638,14 +657,18 @@ fn resolve_user(spec: Option<&str>) -> ChildResult<User> {
         None => (spec, None),
     };
     // name:x:uid:gid:gecos:home:shell
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() >= 4 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u))
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u)));
     let uid: u32 = match (u.parse::<u32>(), &entry) {
         (Ok(n), _) => n,
         (Err(_), Some(f)) => f[2].parse().ctx(format!("bad uid for user {u} in /etc/passwd"))?,
         (Err(_), None) => {
-            return Err(ChildError { code: 125, message: format!("unable to find user {u}: no matching entries in passwd file") });
+            return Err(ChildError {
+                code: 125,
+                message: format!("unable to find user {u}: no matching entries in passwd file"),
+            });
         }
     };
     let gid: u32 = match g {
@@ -665,12 +688,12 @@ fn resolve_user(spec: Option<&str>) -> ChildResult<User> {
     let mut groups: Vec<u32> = Vec::new();
     if let (Some(name), None) = (name, g) {
         for f in group.lines().map(|l| l.split(':').collect::<Vec<_>>()) {
-            if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
-                if let Ok(n) = f[2].parse() {
-                    if !groups.contains(&n) {
-                        groups.push(n);
-                    }
-                }
+            if f.len() >= 4
+                && f[3].split(',').any(|m| m == name)
+                && let Ok(n) = f[2].parse()
+                && !groups.contains(&n)
+            {
+                groups.push(n);
             }
         }
     }
@@ -681,9 +704,10 @@ fn find_program(arg0: &str, path: &str) -> Option<String> {
     if arg0.contains('/') {
         return Some(arg0.to_string());
     }
-    path.split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{arg0}")).find(|p| {
-        fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("{d}/{arg0}"))
+        .find(|p| fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
 }
 
 /// Resolves `path` inside `root` the way the container will see it:
@@ -736,9 +760,12 @@ fn mkdir_in(root: &Path, path: &str) -> ChildResult<PathBuf> {
 
 /// The minimal /dev: device nodes, pts, shm and the usual symlinks.
 fn make_dev(dev: &Path) -> ChildResult<()> {
-    for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
+    for (name, major, minor) in
+        [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)]
+    {
         let p = dev.join(name);
-        mknod(&p, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor)).ctx(format!("mknod /dev/{name}"))?;
+        mknod(&p, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor))
+            .ctx(format!("mknod /dev/{name}"))?;
     }
     let pts = dev.join("pts");
     fs::DirBuilder::new().mode(0o755).create(&pts).ctx("create /dev/pts")?;
@@ -823,7 +850,12 @@ fn mask_proc_and_sys() -> ChildResult<()> {
             None::<&str>,
             *p,
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
             None::<&str>,
         )
         .ctx(format!("make {p} read-only"))?;

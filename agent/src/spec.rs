@@ -122,7 +122,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
-    let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?}: want a number with an optional unit (k, m, g)"))?;
+    let n: f64 =
+        num.parse().map_err(|_| format!("invalid size {s:?}: want a number with an optional unit (k, m, g)"))?;
     let mult: u64 = match unit.to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
         "" => 1,
         "k" => 1 << 10,

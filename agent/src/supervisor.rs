@@ -180,10 +180,10 @@ pub fn supervise(data_dir: &Path, id: &str, log_max: u64, remove_on_exit: bool) 
                     match f.read(&mut buf) {
                         Ok(0) => break,
                         Ok(n) => {
-                            if let Ok(mut l) = log.lock() {
-                                if let Err(e) = l.write(&buf[..n]) {
-                                    tracing::warn!(error = %e, "writing container log");
-                                }
+                            if let Ok(mut l) = log.lock()
+                                && let Err(e) = l.write(&buf[..n])
+                            {
+                                tracing::warn!(error = %e, "writing container log");
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -210,7 +210,9 @@ pub fn supervise(data_dir: &Path, id: &str, log_max: u64, remove_on_exit: bool) 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
     /// Still running; the host pid of its init.
-    Running { init_pid: i32 },
+    Running {
+        init_pid: i32,
+    },
     Exited(ExitRecord),
 }
 
@@ -234,7 +236,7 @@ fn is_supervisor(pid: i32, id: &str) -> bool {
     match fs::read(format!("/proc/{pid}/cmdline")) {
         Ok(c) => {
             let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-            args.iter().any(|a| *a == b"internal-supervise") && args.iter().any(|a| *a == id.as_bytes())
+            args.iter().any(|a| *a == b"internal-supervise") && args.contains(&id.as_bytes())
         }
         Err(_) => false,
     }
@@ -358,15 +360,16 @@ impl Supervised {
     /// Stops the container: SIGTERM to its init (which forwards it), then
     /// SIGKILL once `grace` has passed.
     pub fn stop(&self, grace: Duration) -> Result<ExitRecord, SupervisorError> {
-        if let State::Running { init_pid } = self.state()? {
-            if init_pid > 0 && self.owns(init_pid) {
-                let _ = kill(Pid::from_raw(init_pid), Signal::SIGTERM);
-                if let Some(rec) = self.wait(Some(grace))? {
-                    return Ok(rec);
-                }
-                if self.owns(init_pid) {
-                    let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
-                }
+        if let State::Running { init_pid } = self.state()?
+            && init_pid > 0
+            && self.owns(init_pid)
+        {
+            let _ = kill(Pid::from_raw(init_pid), Signal::SIGTERM);
+            if let Some(rec) = self.wait(Some(grace))? {
+                return Ok(rec);
+            }
+            if self.owns(init_pid) {
+                let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
             }
         }
         self.wait(None)?.ok_or_else(|| SupervisorError::Lost { id: self.id.clone() })
@@ -377,9 +380,7 @@ impl Supervised {
     fn owns(&self, init_pid: i32) -> bool {
         let Ok(stat) = fs::read_to_string(format!("/proc/{init_pid}/stat")) else { return false };
         // Field 4 (ppid) follows the parenthesised command name.
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok())
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<i32>().ok())
             == Some(self.supervisor_pid)
     }
 

@@ -37,14 +37,7 @@ pub fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
     // another thread can be copied in a held state. The extra arguments
     // (parent_tid, child_tid, tls) are unused without the matching flags.
     let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (flags | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
+        libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
     };
     match ret {
         -1 => Err(io::Error::last_os_error()),
@@ -69,19 +62,10 @@ pub fn exit_now(code: i32) -> ! {
 pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
     let p = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let n = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;
+    let n = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;
     // SAFETY: both strings are valid NUL-terminated C strings that outlive the
     // call; `value` is a valid slice and its length is passed with it.
-    let ret = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
+    let ret = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
     if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 

@@ -116,16 +116,14 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> Result<()
         let gid = header.gid().map_err(UnpackError::Read)? as u32;
         let kind = header.entry_type();
         match kind {
-            tar::EntryType::Directory => {
-                match fs::symlink_metadata(&full) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove_existing(&full)?;
-                        fs::DirBuilder::new().mode(0o755).create(&full).map_err(werr(&full))?;
-                    }
-                    Err(_) => fs::DirBuilder::new().mode(0o755).create(&full).map_err(werr(&full))?,
+            tar::EntryType::Directory => match fs::symlink_metadata(&full) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    remove_existing(&full)?;
+                    fs::DirBuilder::new().mode(0o755).create(&full).map_err(werr(&full))?;
                 }
-            }
+                Err(_) => fs::DirBuilder::new().mode(0o755).create(&full).map_err(werr(&full))?,
+            },
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 remove_existing(&full)?;
                 let mut f = fs::OpenOptions::new()

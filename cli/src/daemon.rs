@@ -204,7 +204,24 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         manager = Some(m);
     }
 
+    let (current_tx, current_rx) = tokio::sync::watch::channel(None);
+    let executor = Arc::new(
+        shoal_agent::executor::LinuxExecutor::new(&dir, &std::env::current_exe().context("locating the shoal binary")?)
+            .context("opening the container runtime")?,
+    );
+    let worker = tokio::spawn(
+        crate::worker::Worker {
+            node_id: identity.id,
+            data_dir: dir.clone(),
+            tls: tls.clone(),
+            executor,
+            manager: current_rx,
+            shutdown: stop_rx.clone(),
+        }
+        .run(),
+    );
     let agent = tokio::spawn(session::run(session::Session {
+        current: current_tx,
         data_dir: dir.clone(),
         node_id: identity.id,
         tls: tls.clone(),
@@ -230,6 +247,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         let _ = s.await;
     }
     let _ = agent.await;
+    let _ = worker.await;
     Ok(())
 }
 

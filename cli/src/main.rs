@@ -10,6 +10,7 @@ mod cmd;
 mod daemon;
 mod output;
 mod session;
+mod worker;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "A Swarm-style container orchestrator")]
@@ -44,11 +45,12 @@ enum Command {
     Service(cmd::service::ServiceCmd),
     /// Run a container on this host, without a cluster (like `docker run`).
     Run(cmd::run::RunArgs),
-    /// Manage the images in this host's store.
+    /// Manage the cluster's images (with --data-dir: this host's store).
     Image {
-        /// Node data dir holding the image store.
-        #[arg(long, global = true, env = "SHOAL_DATA_DIR", default_value = cmd::run::DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
+        /// Work on the image store under this node data dir instead of the
+        /// cluster's images.
+        #[arg(long, global = true, env = "SHOAL_DATA_DIR")]
+        data_dir: Option<PathBuf>,
         #[command(subcommand)]
         cmd: cmd::image::LocalImageCmd,
     },
@@ -66,7 +68,9 @@ fn main() -> ExitCode {
         // Local runtime commands: no tokio runtime, the container runtime
         // must be started from a single-threaded process.
         Command::Run(args) => cmd::run::run(args).map(exit_code),
-        Command::Image { data_dir, cmd } => cmd::image::image(cmd, &data_dir).map(|()| ExitCode::SUCCESS),
+        Command::Image { data_dir: Some(data_dir), cmd } => {
+            cmd::image::image(cmd, &data_dir).map(|()| ExitCode::SUCCESS)
+        }
         Command::Internal(c) => cmd::run::internal(c).map(exit_code),
         other => {
             let ctx = client::Ctx { host: cli.host, cert_dir: cli.cert_dir, format: cli.format };
@@ -93,7 +97,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn dispatch(ctx: client::Ctx, command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Daemon(_) | Command::Run(_) | Command::Image { .. } | Command::Internal(_) => {
+        Command::Image { data_dir: None, cmd } => cmd::images::run(&ctx, cmd).await,
+        Command::Daemon(_) | Command::Run(_) | Command::Image { data_dir: Some(_), .. } | Command::Internal(_) => {
             unreachable!("handled in main")
         }
         Command::Cluster(c) => cmd::cluster::run(&ctx, c).await,

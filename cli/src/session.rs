@@ -17,6 +17,9 @@ pub struct Session {
     pub advertise: String,
     pub managers: Vec<String>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Publishes the manager this session currently talks to (the leader
+    /// when it can be reached), for the task runner.
+    pub current: tokio::sync::watch::Sender<Option<String>>,
 }
 
 fn resources() -> Resources {
@@ -49,6 +52,11 @@ pub async fn run(mut s: Session) {
                         s.managers = managers;
                         remember_managers(&s);
                     }
+                    s.current.send_if_modified(|c| {
+                        let changed = c.as_deref() != Some(addr.as_str());
+                        *c = Some(addr.clone());
+                        changed
+                    });
                     preferred = Some(addr);
                 }
                 Err(HbError::Redirect(leader)) => {

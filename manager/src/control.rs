@@ -15,6 +15,8 @@ use crate::pki::{self, CertRole};
 use crate::spec::{self, SpecError};
 use crate::store::objects::{Availability, NodeObj, Role, ServiceObj};
 use crate::store::state::format_node_id;
+use crate::store::objects::ImageObj;
+use crate::store::task::{TaskObj, TaskState};
 use crate::store::{ApplyError, Command, NodePatch, State};
 use crate::tls::authorize;
 
@@ -58,6 +60,38 @@ fn spec_status(e: SpecError) -> Status {
 
 const CLIENTS: &[CertRole] = &[CertRole::Client, CertRole::Manager];
 
+pub fn task_proto(t: &TaskObj, state: &State) -> Task {
+    Task {
+        id: t.id.clone(),
+        service: t.service_name.clone(),
+        slot: t.slot,
+        node_id: t.node_id.map(format_node_id).unwrap_or_default(),
+        node: t.node_id.and_then(|n| state.nodes.get(&n)).map(|n| n.name.clone()).unwrap_or_default(),
+        state: t.state.as_str().into(),
+        desired_state: t.desired_state.as_str().into(),
+        message: t.message.clone(),
+        error: t.error.clone(),
+        has_exit_code: t.exit_code.is_some(),
+        exit_code: t.exit_code.unwrap_or(0),
+        addresses: t.addresses.clone(),
+        attempt: t.attempt,
+        created_at_ms: t.created_at_ms,
+        updated_at_ms: t.updated_at_ms,
+        state_at_ms: t.state_at_ms,
+        image: t.spec.image.clone(),
+    }
+}
+
+fn image_proto(i: &ImageObj) -> Image {
+    Image {
+        reference: i.reference.clone(),
+        digest: i.digest.clone(),
+        size: i.size,
+        kind: i.kind.clone(),
+        created_at_ms: i.created_at_ms,
+    }
+}
+
 fn node_proto(n: &NodeObj, leader: Option<u64>, reachable: bool) -> Node {
     Node {
         id: format_node_id(n.id),
@@ -77,7 +111,16 @@ fn node_proto(n: &NodeObj, leader: Option<u64>, reachable: bool) -> Node {
     }
 }
 
-fn service_proto(s: &ServiceObj, _state: &State) -> Service {
+fn service_proto(s: &ServiceObj, state: &State) -> Service {
+    let live = state
+        .tasks
+        .values()
+        .filter(|t| t.service_id == s.id && t.desired_state == TaskState::Running);
+    let (mut wanted, mut running) = (0u64, 0u64);
+    for t in live {
+        wanted += 1;
+        running += u64::from(t.state == TaskState::Running);
+    }
     Service {
         id: s.id.clone(),
         spec: Some(s.spec.clone()),
@@ -85,9 +128,10 @@ fn service_proto(s: &ServiceObj, _state: &State) -> Service {
         version: s.version,
         created_at_ms: s.created_at_ms,
         updated_at_ms: s.updated_at_ms,
-        // Tasks come with the orchestrator; until then nothing runs.
-        replicas_running: 0,
-        replicas_desired: if s.spec.mode == "global" { 0 } else { s.spec.replicas },
+        replicas_running: running,
+        // A global service wants one task per eligible node: as many as the
+        // orchestrator keeps alive.
+        replicas_desired: if s.spec.mode == "global" { wanted } else { s.spec.replicas },
     }
 }
 
@@ -105,6 +149,28 @@ impl ControlService {
             let id = s.resolve_service(what).map_err(apply_status)?;
             Ok(service_proto(&s.services[&id], s))
         })
+    }
+
+    /// The image must be one the cluster holds; `NAME` means `NAME:latest`.
+    fn check_image(&self, spec: &mut ServiceSpec) -> Result<(), Status> {
+        let image = spec.image.clone();
+        let found = self.manager.store.read(|s| {
+            if s.images.contains_key(&image) {
+                Some(image.clone())
+            } else {
+                let latest = format!("{image}:latest");
+                s.images.contains_key(&latest).then_some(latest)
+            }
+        });
+        match found {
+            Some(reference) => {
+                spec.image = reference;
+                Ok(())
+            }
+            None => Err(Status::not_found(format!(
+                "image {image:?} not found in the cluster: import it with `shoal image import` or `shoal image load`"
+            ))),
+        }
     }
 
     fn reachable(&self, id: u64) -> bool {
@@ -272,8 +338,9 @@ impl Control for ControlService {
 
     async fn create_service(&self, req: Request<CreateServiceRequest>) -> Result<Response<Service>, Status> {
         authorize(&req, CLIENTS)?;
-        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("missing service spec"))?;
+        let mut spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("missing service spec"))?;
         spec::validate_service_spec(&spec).map_err(spec_status)?;
+        self.check_image(&mut spec)?;
         let id = pki::random_hex(12).map_err(|e| Status::internal(e.to_string()))?;
         let service = ServiceObj {
             id: id.clone(),
@@ -309,8 +376,9 @@ impl Control for ControlService {
     async fn update_service(&self, req: Request<UpdateServiceRequest>) -> Result<Response<Service>, Status> {
         authorize(&req, CLIENTS)?;
         let r = req.into_inner();
-        let spec = r.spec.ok_or_else(|| Status::invalid_argument("missing service spec"))?;
+        let mut spec = r.spec.ok_or_else(|| Status::invalid_argument("missing service spec"))?;
         spec::validate_service_spec(&spec).map_err(spec_status)?;
+        self.check_image(&mut spec)?;
         let id = self.manager.store.read(|s| s.resolve_service(&r.service)).map_err(apply_status)?;
         let mode_changed = self.manager.store.read(|s| s.services[&id].spec.mode != spec.mode);
         if mode_changed {
@@ -348,6 +416,86 @@ impl Control for ControlService {
             return Err(Status::invalid_argument("no service named"));
         }
         self.manager.propose(Command::RemoveServices { services }).await.map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn list_tasks(&self, req: Request<ListTasksRequest>) -> Result<Response<TaskList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let tasks = self.manager.store.read(|s| {
+            let service = if r.service.is_empty() { None } else { Some(s.resolve_service(&r.service).map_err(apply_status)?) };
+            let mut tasks: Vec<Task> = s
+                .tasks
+                .values()
+                .filter(|t| service.as_ref().is_none_or(|id| &t.service_id == id))
+                .filter(|t| r.all || t.desired_state == TaskState::Running || !t.state.is_terminal())
+                .map(|t| task_proto(t, s))
+                .collect();
+            tasks.sort_by(|a, b| (&a.service, a.slot, &a.node, b.created_at_ms).cmp(&(&b.service, b.slot, &b.node, a.created_at_ms)));
+            Ok::<_, Status>(tasks)
+        })?;
+        Ok(Response::new(TaskList { tasks }))
+    }
+
+    async fn import_image(&self, req: Request<tonic::Streaming<ImageChunk>>) -> Result<Response<Image>, Status> {
+        authorize(&req, CLIENTS)?;
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty image upload"))?;
+        spec::validate_image(&first.reference).map_err(spec_status)?;
+        if first.kind != "rootfs" && first.kind != "archive" {
+            return Err(Status::invalid_argument(format!("invalid image kind {:?}: expected rootfs or archive", first.kind)));
+        }
+        let reference = if first.reference.contains(':') || first.reference.contains('@') {
+            first.reference.clone()
+        } else {
+            format!("{}:latest", first.reference)
+        };
+        let blob_err = |e: crate::blobs::BlobError| Status::invalid_argument(e.to_string());
+        let mut w = self.manager.blobs.writer().await.map_err(|e| Status::internal(e.to_string()))?;
+        w.write(&first.data).await.map_err(blob_err)?;
+        while let Some(chunk) = stream.message().await? {
+            w.write(&chunk.data).await.map_err(blob_err)?;
+        }
+        let (digest, size) = w.finish(None).await.map_err(|e| Status::internal(e.to_string()))?;
+        if size == 0 {
+            return Err(Status::invalid_argument("image archive is empty"));
+        }
+        let image = ImageObj { reference: reference.clone(), digest, size, kind: first.kind, version: 0, created_at_ms: 0 };
+        self.manager.propose(Command::PutImage { image }).await.map_err(status)?;
+        tracing::info!(image = %reference, size, "image imported");
+        let img = self
+            .manager
+            .store
+            .read(|s| s.images.get(&reference).map(image_proto))
+            .ok_or_else(|| Status::internal("image vanished after import"))?;
+        Ok(Response::new(img))
+    }
+
+    async fn list_images(&self, req: Request<Empty>) -> Result<Response<ImageList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let images = self.manager.store.read(|s| s.images.values().map(image_proto).collect());
+        Ok(Response::new(ImageList { images }))
+    }
+
+    async fn remove_image(&self, req: Request<ImageRef>) -> Result<Response<Empty>, Status> {
+        authorize(&req, CLIENTS)?;
+        let reference = req.into_inner().reference;
+        let reference = self
+            .manager
+            .store
+            .read(|s| {
+                if s.images.contains_key(&reference) {
+                    Some(reference.clone())
+                } else {
+                    let latest = format!("{reference}:latest");
+                    s.images.contains_key(&latest).then_some(latest)
+                }
+            })
+            .unwrap_or(reference);
+        self.manager.propose(Command::RemoveImage { reference }).await.map_err(status)?;
         Ok(Response::new(Empty {}))
     }
 }

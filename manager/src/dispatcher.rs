@@ -7,7 +7,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_proto::dispatcher::dispatcher_server::Dispatcher;
-use shoal_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse};
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use shoal_proto::dispatcher::{
+    Assignment, AssignmentsMessage, AssignmentsRequest, BlobChunk, BlobRef, HeartbeatRequest, HeartbeatResponse,
+    TaskStatusAck, TaskStatusBatch,
+};
+use tokio::io::AsyncReadExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::control::status;
@@ -15,7 +24,8 @@ use crate::manager::Manager;
 use crate::pki::CertRole;
 use crate::store::objects::{NodeStatus, Role};
 use crate::store::state::format_node_id;
-use crate::store::{Command, NodePatch};
+use crate::store::task::{TaskObj, TaskState, TaskUpdate};
+use crate::store::{Change, Command, NodePatch, State};
 use crate::tls::authorize;
 
 /// Dispatcher timing.
@@ -98,8 +108,168 @@ impl DispatcherService {
     }
 }
 
+/// Whether `t` belongs in node `node`'s assignment set: assigned there and
+/// not finished.
+fn assigned_to(t: &TaskObj, node: u64) -> bool {
+    t.node_id == Some(node) && t.state >= TaskState::Assigned && !t.state.is_terminal()
+}
+
+fn assignment(t: &TaskObj, s: &State) -> Assignment {
+    let image = s.images.get(&t.spec.image);
+    Assignment {
+        task_id: t.id.clone(),
+        service: t.service_name.clone(),
+        slot: t.slot,
+        spec: Some(t.spec.clone()),
+        desired_state: t.desired_state.as_str().into(),
+        state: t.state.as_str().into(),
+        image_digest: image.map(|i| i.digest.clone()).unwrap_or_default(),
+        image_kind: image.map(|i| i.kind.clone()).unwrap_or_default(),
+    }
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl DispatcherService {
+    /// Streams node `node`'s assignments: the full set, then what changes.
+    async fn stream_assignments(self, node: u64, tx: tokio::sync::mpsc::Sender<Result<AssignmentsMessage, Status>>) {
+        let mut events = self.manager.store.watch();
+        let mut sent: HashSet<String> = HashSet::new();
+        let full = self.manager.store.read(|s| {
+            s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s)).collect::<Vec<_>>()
+        });
+        sent.extend(full.iter().map(|a| a.task_id.clone()));
+        if tx.send(Ok(AssignmentsMessage { full: true, updated: full, removed: vec![] })).await.is_err() {
+            return;
+        }
+        loop {
+            let ids: Vec<String> = tokio::select! {
+                _ = tx.closed() => return,
+                ev = events.recv() => match ev {
+                    Ok(ev) => ev.changes.iter().filter_map(|c| match c {
+                        Change::Task(id) | Change::TaskRemoved(id) => Some(id.clone()),
+                        _ => None,
+                    }).collect(),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind: start over with a full set.
+                        let full = self.manager.store.read(|s| {
+                            s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s)).collect::<Vec<_>>()
+                        });
+                        sent = full.iter().map(|a| a.task_id.clone()).collect();
+                        if tx.send(Ok(AssignmentsMessage { full: true, updated: full, removed: vec![] })).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(_) => return,
+                },
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            let (updated, removed) = self.manager.store.read(|s| {
+                let mut updated = Vec::new();
+                let mut removed = Vec::new();
+                for id in ids {
+                    match s.tasks.get(&id) {
+                        Some(t) if assigned_to(t, node) => updated.push(assignment(t, s)),
+                        _ if sent.contains(&id) => removed.push(id),
+                        _ => {}
+                    }
+                }
+                (updated, removed)
+            });
+            for a in &updated {
+                sent.insert(a.task_id.clone());
+            }
+            for r in &removed {
+                sent.remove(r);
+            }
+            if updated.is_empty() && removed.is_empty() {
+                continue;
+            }
+            if tx.send(Ok(AssignmentsMessage { full: false, updated, removed })).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Dispatcher for DispatcherService {
+    type AssignmentsStream = Stream_<AssignmentsMessage>;
+    type FetchBlobStream = Stream_<BlobChunk>;
+
+    async fn assignments(&self, req: Request<AssignmentsRequest>) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let (caller, _) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        let node = req.get_ref().node_id;
+        if caller != format_node_id(node) {
+            return Err(Status::permission_denied("a node may only read its own assignments"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(self.clone().stream_assignments(node, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn update_task_status(&self, req: Request<TaskStatusBatch>) -> Result<Response<TaskStatusAck>, Status> {
+        let (caller, _) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        let batch = req.into_inner();
+        if caller != format_node_id(batch.node_id) {
+            return Err(Status::permission_denied("a node may only report on its own tasks"));
+        }
+        let mut updates = Vec::with_capacity(batch.statuses.len());
+        for st in batch.statuses {
+            let state = TaskState::parse(&st.state)
+                .ok_or_else(|| Status::invalid_argument(format!("invalid task state {:?}", st.state)))?;
+            if state < TaskState::Accepted {
+                return Err(Status::invalid_argument(format!("an agent cannot move a task to {:?}", st.state)));
+            }
+            updates.push(TaskUpdate {
+                id: st.task_id,
+                state: Some(state),
+                message: Some(st.message),
+                error: Some(st.error),
+                exit_code: st.has_exit_code.then_some(st.exit_code),
+                ..Default::default()
+            });
+        }
+        if !updates.is_empty() {
+            self.manager
+                .propose(Command::UpdateTasks { from_node: Some(batch.node_id), updates })
+                .await
+                .map_err(status)?;
+        }
+        Ok(Response::new(TaskStatusAck {}))
+    }
+
+    async fn fetch_blob(&self, req: Request<BlobRef>) -> Result<Response<Self::FetchBlobStream>, Status> {
+        authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        let digest = req.into_inner().digest;
+        let path = self.manager.blobs.path(&digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|_| Status::not_found(format!("blob {digest} is not on this manager (yet)")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; crate::blobs::CHUNK];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if tx.send(Ok(BlobChunk { data: buf[..n].to_vec() })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading blob: {e}")))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let (caller, _) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
         let r = req.into_inner();

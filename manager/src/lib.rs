@@ -5,12 +5,15 @@
 //! Invariant: this crate never imports `shoal-agent`; the daemon in `cli`
 //! composes a manager and an agent on one node.
 
+pub mod blobs;
 pub mod control;
 pub mod dispatcher;
 pub mod join;
 pub mod manager;
+pub mod orchestrator;
 pub mod pki;
 pub mod raft;
+pub mod scheduler;
 pub mod spec;
 pub mod store;
 pub mod tls;
@@ -37,6 +40,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let dispatcher = DispatcherService::new(manager.clone(), dispatcher);
     tokio::spawn(dispatcher.clone().run(shutdown.clone()));
+    tokio::spawn(orchestrator::Orchestrator::new(manager.clone(), Default::default()).run(shutdown.clone()));
+    tokio::spawn(scheduler::Scheduler::new(manager.clone(), Default::default()).run(shutdown.clone()));
+    tokio::spawn(blobs::replicate(manager.clone(), shutdown.clone()));
     // Snapshots can be large; everything else is small.
     const MAX_MSG: usize = 256 << 20;
     let mut stop = shutdown.clone();

@@ -11,6 +11,7 @@ use openraft::{BasicNode, ServerState};
 use shoal_proto::raft::raft_client::RaftClient;
 use shoal_proto::raft::{PromoteRequest, RaftPayload};
 
+use crate::blobs::{BlobError, BlobStore};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, PeerHealth};
 use crate::raft::state_machine::StateMachine;
@@ -35,6 +36,8 @@ pub enum ManagerError {
     Fatal(#[from] openraft::error::Fatal<NodeId>),
     #[error("raft config: {0}")]
     Config(#[from] openraft::ConfigError),
+    #[error(transparent)]
+    Blobs(#[from] BlobError),
 }
 
 /// Why a write did not happen. Mapped to a gRPC status in one place
@@ -62,6 +65,7 @@ pub struct Manager {
     log: LogStore,
     sm: StateMachine,
     batcher: mpsc::Sender<Pending>,
+    pub blobs: BlobStore,
 }
 
 pub fn now_ms() -> u64 {
@@ -90,7 +94,8 @@ impl Manager {
         let raft = Raft::new(id, config, network, log.clone(), sm.clone()).await?;
         let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(batch_loop(raft.clone(), rx));
-        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher }))
+        let blobs = BlobStore::open(data_dir)?;
+        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher, blobs }))
     }
 
     /// Makes this node a one-member cluster (`--init`).

@@ -383,3 +383,31 @@ pub async fn control_client(
 }
 
 pub mod runtime_support;
+
+/// A busybox rootfs tarball (Debian's busybox-static), built once per test
+/// process by `deploy/busybox-rootfs`.
+pub fn busybox_rootfs() -> anyhow::Result<PathBuf> {
+    static PATH: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        // One shared file: built to a private name, then renamed into place,
+        // so parallel test processes never see half a tarball.
+        let out = std::env::temp_dir().join("shoal-test-busybox.tar");
+        let tmp = std::env::temp_dir().join(format!("shoal-test-busybox-{}.tar", unique_id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/busybox-rootfs");
+        sh(&script.display().to_string(), &[&tmp.display().to_string()]).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+        Ok(out)
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+impl Cluster {
+    /// Imports the busybox image into the cluster as `reference`.
+    pub fn import_busybox(&self, via: usize, reference: &str) -> anyhow::Result<()> {
+        let tar = busybox_rootfs()?;
+        let tar = tar.display().to_string();
+        self.cli_ok(via, &["image", "import", &tar, reference])?;
+        Ok(())
+    }
+}

@@ -123,7 +123,8 @@ impl RtHost {
             let mine = String::from_utf8_lossy(&cmdline).contains(&data)
                 || String::from_utf8_lossy(&env).contains(&format!("SHOAL_DATA_DIR={data}"));
             if mine && pid != std::process::id() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
         }
         if let Ok(rd) = fs::read_dir(self.data_dir.join("containers")) {
@@ -313,7 +314,12 @@ pub enum Corrupt {
 }
 
 /// An OCI image-layout archive holding one image named `name`.
-pub fn oci_archive(name: &str, layers: &[Layer], config: serde_json::Value, corrupt: Corrupt) -> anyhow::Result<Vec<u8>> {
+pub fn oci_archive(
+    name: &str,
+    layers: &[Layer],
+    config: serde_json::Value,
+    corrupt: Corrupt,
+) -> anyhow::Result<Vec<u8>> {
     let mut blobs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let cfg = image_config(layers, config);
     let cfg_digest = sha256(&cfg);

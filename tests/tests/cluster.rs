@@ -56,8 +56,9 @@ fn three_managers_form_a_cluster() -> anyhow::Result<()> {
 #[test]
 fn leader_loss_keeps_every_committed_write() -> anyhow::Result<()> {
     let mut c = Cluster::start(3, 0)?;
-    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "2", "bb:1", "httpd", "-f"])?;
-    c.cli_ok(1, &["service", "create", "--name", "api", "--replicas", "3", "bb:1"])?;
+    c.import_busybox(0, "bb:1")?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "2", "bb:1", "httpd", "-f"])?;
+    c.cli_ok(1, &["service", "create", "--detach", "--name", "api", "--replicas", "3", "bb:1", "sleep", "3600"])?;
     let old = c.leader(0)?;
     c.kill(old);
     let survivor = (old + 1) % 3;
@@ -75,8 +76,9 @@ fn leader_loss_keeps_every_committed_write() -> anyhow::Result<()> {
 #[test]
 fn full_restart_brings_back_the_same_state() -> anyhow::Result<()> {
     let mut c = Cluster::start(3, 0)?;
-    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "2", "bb:1"])?;
-    c.cli_ok(0, &["service", "create", "--name", "db", "--replicas", "1", "--limit-memory", "64M", "bb:1"])?;
+    c.import_busybox(0, "bb:1")?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "2", "bb:1", "sleep", "3600"])?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "db", "--replicas", "1", "--limit-memory", "64M", "bb:1", "sleep", "3600"])?;
     c.cli_ok(1, &["service", "scale", "web=7", "db=0"])?;
     let before = c.cli_ok(0, &["service", "inspect", "db", "--format", "json"])?;
     let ids_before: Vec<Value> = c.cli_ok(0, &["node", "ls", "--format", "json"])?.as_array().cloned().unwrap_or_default().iter().map(|n| n["id"].clone()).collect();
@@ -102,7 +104,8 @@ fn full_restart_brings_back_the_same_state() -> anyhow::Result<()> {
 #[test]
 fn partitioned_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
     let c = Cluster::start(3, 0)?;
-    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "1", "bb:1"])?;
+    c.import_busybox(0, "bb:1")?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "1", "bb:1", "sleep", "3600"])?;
     // Cut off the leader: the hardest case, it believed it could commit.
     let cut = c.leader(0)?;
     c.set_link(cut, false)?;
@@ -114,7 +117,7 @@ fn partitioned_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
     let other = (cut + 1) % 3;
     wait_for(T, "a leader among the connected managers", || Ok(c.leader(other).ok().filter(|l| *l != cut)))?;
     c.cli_ok(other, &["service", "scale", "web=4"])?;
-    c.cli_ok(other, &["service", "create", "--name", "api", "bb:1"])?;
+    c.cli_ok(other, &["service", "create", "--detach", "--name", "api", "bb:1", "sleep", "3600"])?;
     expect_services(&c, other, &[("api", 1), ("web", 4)])?;
     c.set_link(cut, true)?;
     expect_services(&c, cut, &[("api", 1), ("web", 4)])?;
@@ -125,7 +128,6 @@ fn partitioned_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
 #[test]
 fn compaction_bounds_the_log_across_restarts() -> anyhow::Result<()> {
     let mut c = Cluster::start(3, 0)?;
-    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "0", "bb:1"])?;
     let addr = c.hosts[0].addr();
     let certs = c.cert_dir();
     const WRITES: u64 = 10_000;
@@ -143,8 +145,14 @@ fn compaction_bounds_the_log_across_restarts() -> anyhow::Result<()> {
                 tasks.push(tokio::spawn(async move {
                     let mut i = w;
                     while i < WRITES {
-                        let item = shoal_proto::control::ScaleItem { service: "web".into(), replicas: i };
-                        client.scale_services(shoal_proto::control::ScaleRequest { items: vec![item] }).await?;
+                        // A label write: replicated like any other, and it
+                        // makes the orchestrator do no work.
+                        let req = shoal_proto::control::UpdateNodeRequest {
+                            node: "n0".into(),
+                            label_add: [("round".to_string(), i.to_string())].into(),
+                            ..Default::default()
+                        };
+                        client.update_node(req).await?;
                         i += CLIENTS;
                     }
                     anyhow::Ok(())
@@ -157,7 +165,7 @@ fn compaction_bounds_the_log_across_restarts() -> anyhow::Result<()> {
         })
     })?;
     // One last write with a known value.
-    c.cli_ok(1, &["service", "scale", "web=12345"])?;
+    c.cli_ok(1, &["node", "update", "n0", "--label-add", "round=final"])?;
     for i in 0..3 {
         c.stop(i);
     }
@@ -166,7 +174,10 @@ fn compaction_bounds_the_log_across_restarts() -> anyhow::Result<()> {
     }
     c.wait_converged(0, 3, 3)?;
     for i in 0..3 {
-        expect_services(&c, i, &[("web", 12345)])?;
+        wait_for(T, "the last label on every manager", || {
+            let n = c.cli_ok(i, &["node", "inspect", "n0", "--format", "json"])?;
+            Ok((n["labels"]["round"] == "final").then_some(()))
+        })?;
         let st = c.cli_ok(i, &["cluster", "status", "--format", "json"])?;
         let first = st["log_first_index"].as_u64().unwrap_or(0);
         let last = st["log_last_index"].as_u64().unwrap_or(0);
@@ -211,7 +222,7 @@ fn forged_and_rotated_tokens_cannot_join_and_workers_cannot_administer() -> anyh
     std::fs::copy(w.join("tls/ca.pem"), certs.join("ca.pem"))?;
     std::fs::copy(w.join("tls/node.pem"), certs.join("cert.pem"))?;
     std::fs::copy(w.join("tls/node-key.pem"), certs.join("key.pem"))?;
-    let out = c.cli_with(0, &c.hosts[0].addr(), &certs, &["service", "create", "--name", "evil", "bb:1"]);
+    let out = c.cli_with(0, &c.hosts[0].addr(), &certs, &["service", "create", "--detach", "--name", "evil", "bb:1"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("worker certificate may not call"), "{}", stderr(&out));
     assert_eq!(services(&c, 0)?, vec![]);
@@ -234,16 +245,18 @@ fn join_once(c: &Cluster, i: usize, token: &str) -> std::process::Output {
 #[test]
 fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     let c = Cluster::start(1, 0)?;
-    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "2", "bb:1"])?;
+    c.import_busybox(0, "bb:1")?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "2", "bb:1", "sleep", "3600"])?;
     let before = c.cli_ok(0, &["service", "ls", "--format", "json"])?;
     let cases: &[(&[&str], &str)] = &[
-        (&["service", "create", "--name", "Bad_Name", "bb:1"], "Bad_Name"),
-        (&["service", "create", "--name", "-x", "bb:1"], "-x"),
-        (&["service", "create", "--name", "web", "bb:1"], "already exists"),
-        (&["service", "create", "--name", "neg", "--replicas", "-1", "bb:1"], "-1"),
-        (&["service", "create", "--name", "nan", "--replicas", "many", "bb:1"], "many"),
-        (&["service", "create", "--name", "mem", "--limit-memory", "lots", "bb:1"], "lots"),
-        (&["service", "create", "--name", "con", "--constraint", "zone=a", "bb:1"], "zone=a"),
+        (&["service", "create", "--detach", "--name", "Bad_Name", "bb:1"], "Bad_Name"),
+        (&["service", "create", "--detach", "--name", "-x", "bb:1"], "-x"),
+        (&["service", "create", "--detach", "--name", "web", "bb:1", "sleep", "3600"], "already exists"),
+        (&["service", "create", "--detach", "--name", "ghost", "nosuchimage:1"], "nosuchimage:1"),
+        (&["service", "create", "--detach", "--name", "neg", "--replicas", "-1", "bb:1"], "-1"),
+        (&["service", "create", "--detach", "--name", "nan", "--replicas", "many", "bb:1"], "many"),
+        (&["service", "create", "--detach", "--name", "mem", "--limit-memory", "lots", "bb:1"], "lots"),
+        (&["service", "create", "--detach", "--name", "con", "--constraint", "zone=a", "bb:1"], "zone=a"),
         (&["service", "scale", "web=-3"], "-3"),
         (&["service", "scale", "web=ten"], "ten"),
         (&["service", "scale", "nope=3"], "nope"),

@@ -48,7 +48,8 @@ fn pid1_no_host_processes_only_lo_own_hostname() {
     assert_eq!(stdout(&o).trim(), "1");
     // With init (the default), init is pid 1 and the command its child.
     let id = h.name("iso");
-    let script = "echo pid=$$; echo procs=$(ls /proc | grep -c '^[0-9]'); echo net=$(ls /sys/class/net); echo host=$(hostname)";
+    let script =
+        "echo pid=$$; echo procs=$(ls /proc | grep -c '^[0-9]'); echo net=$(ls /sys/class/net); echo host=$(hostname)";
     let o = h.run(&["--rm", "--name", &id, "bb", "sh", "-c", script]).unwrap();
     ok(&o);
     let out = stdout(&o);
@@ -86,12 +87,10 @@ fn user_flag_and_supplementary_groups() {
 fn least_privilege_caps_nnp_seccomp_readonly() {
     let h = RtHost::new().unwrap();
     h.import_busybox("bb").unwrap();
-    let o = h.run(&["--rm", "bb", "sh", "-c", "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status"]).unwrap();
+    let o =
+        h.run(&["--rm", "bb", "sh", "-c", "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status"]).unwrap();
     ok(&o);
-    assert_eq!(
-        stdout(&o),
-        "CapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\nNoNewPrivs:\t1\nSeccomp:\t2\n"
-    );
+    assert_eq!(stdout(&o), "CapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\nNoNewPrivs:\t1\nSeccomp:\t2\n");
     // Masked and read-only /proc paths, as Docker does; mount is denied.
     let script = "wc -c < /proc/timer_list; wc -c < /proc/keys; echo 1 > /proc/sys/vm/drop_caches && echo wrote-sys; \
                   mount -t tmpfs none /mnt && echo mounted; echo done";
@@ -101,7 +100,18 @@ fn least_privilege_caps_nnp_seccomp_readonly() {
     // --read-only: the rootfs refuses writes; tmpfs mounts still work.
     let id = h.name("ro");
     let o = h
-        .run(&["--rm", "--read-only", "--tmpfs", "/scratch", "--name", &id, "bb", "sh", "-c", "touch /x || echo refused; touch /scratch/y && echo tmpfs-ok"])
+        .run(&[
+            "--rm",
+            "--read-only",
+            "--tmpfs",
+            "/scratch",
+            "--name",
+            &id,
+            "bb",
+            "sh",
+            "-c",
+            "touch /x || echo refused; touch /scratch/y && echo tmpfs-ok",
+        ])
         .unwrap();
     ok(&o);
     assert_eq!(stdout(&o), "refused\ntmpfs-ok\n");
@@ -116,7 +126,17 @@ fn memory_limit_oom_is_reported() {
     let id = h.name("oom");
     // 100 MB in one shell variable under a 32 MiB limit.
     let o = h
-        .run(&["--rm", "--memory", "32M", "--name", &id, "bb", "sh", "-c", "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived ${#x}"])
+        .run(&[
+            "--rm",
+            "--memory",
+            "32M",
+            "--name",
+            &id,
+            "bb",
+            "sh",
+            "-c",
+            "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+        ])
         .unwrap();
     assert_eq!(o.status.code(), Some(137), "stdout {} stderr {}", stdout(&o), stderr(&o));
     assert!(stderr(&o).contains("out of memory"), "{}", stderr(&o));
@@ -164,7 +184,9 @@ fn named_volume_persists_and_bind_mounts_work() {
     let vol = format!("{}-vol", h.prefix);
     let o = h.run(&["--rm", "-v", &format!("{vol}:/data"), "bb", "sh", "-c", "echo kept > /data/f"]).unwrap();
     ok(&o);
-    let o = h.run(&["--rm", "-v", &format!("{vol}:/data:ro"), "bb", "sh", "-c", "cat /data/f; echo x > /data/g || echo ro"]).unwrap();
+    let o = h
+        .run(&["--rm", "-v", &format!("{vol}:/data:ro"), "bb", "sh", "-c", "cat /data/f; echo x > /data/g || echo ro"])
+        .unwrap();
     ok(&o);
     assert_eq!(stdout(&o), "kept\nro\n");
     assert!(h.data_dir.join("volumes").join(&vol).join("_data/f").exists());
@@ -282,7 +304,8 @@ fn images_sharing_a_base_layer_share_one_copy() {
     )
     .unwrap();
     fs::write(h.data_dir.join("a.tar"), a).unwrap();
-    fs::write(h.data_dir.join("b.tar"), b).unwrap();
+    // docker save | gzip: the whole archive compressed.
+    fs::write(h.data_dir.join("b.tar"), shoal_tests::runtime_support::gzip(&b).unwrap()).unwrap();
     ok(&h.shoal(&["image", "load", h.data_dir.join("a.tar").to_str().unwrap()]).unwrap());
     ok(&h.shoal(&["image", "load", h.data_dir.join("b.tar").to_str().unwrap()]).unwrap());
     assert_eq!(h.layer_count(), 3, "base + two tops");
@@ -311,7 +334,8 @@ fn run_from_a_tarball_path_imports_once() {
         assert_eq!(stdout(&o), "ok\n");
     }
     assert_eq!(h.layer_count(), 1);
-    let idx: serde_json::Value = serde_json::from_slice(&fs::read(h.data_dir.join("images/index.json")).unwrap()).unwrap();
+    let idx: serde_json::Value =
+        serde_json::from_slice(&fs::read(h.data_dir.join("images/index.json")).unwrap()).unwrap();
     assert_eq!(idx["sources"].as_object().unwrap().len(), 1);
 }
 
@@ -341,7 +365,11 @@ fn bad_archives_are_refused_and_write_nothing() {
             "through the symlink",
         ),
         ("hardlink", TarBuilder::new().hardlink("hl", &victim_s).unwrap().finish().unwrap(), "points out of the layer"),
-        ("hardlink-up", TarBuilder::new().hardlink("hl", "../../../etc/passwd").unwrap().finish().unwrap(), "points out of the layer"),
+        (
+            "hardlink-up",
+            TarBuilder::new().hardlink("hl", "../../../etc/passwd").unwrap().finish().unwrap(),
+            "points out of the layer",
+        ),
         ("truncated", good[..good.len() / 2 + 100].to_vec(), "truncated"),
     ];
     let layers_before = h.layer_count();
@@ -359,8 +387,16 @@ fn bad_archives_are_refused_and_write_nothing() {
     let top = TarBuilder::new().file("t", b"t", 0o644).unwrap().finish().unwrap();
     let layers = || [Layer { tar: good.clone(), gzip: true }, Layer { tar: top.clone(), gzip: false }];
     let archive_cases = [
-        ("digest", oci_archive("bad/digest:1", &layers(), serde_json::json!({}), Corrupt::LayerDigest).unwrap(), "digest mismatch"),
-        ("missing", oci_archive("bad/missing:1", &layers(), serde_json::json!({}), Corrupt::MissingLayer).unwrap(), "missing blob"),
+        (
+            "digest",
+            oci_archive("bad/digest:1", &layers(), serde_json::json!({}), Corrupt::LayerDigest).unwrap(),
+            "digest mismatch",
+        ),
+        (
+            "missing",
+            oci_archive("bad/missing:1", &layers(), serde_json::json!({}), Corrupt::MissingLayer).unwrap(),
+            "missing blob",
+        ),
         ("not-an-image", TarBuilder::new().file("x", b"x", 0o644).unwrap().finish().unwrap(), "neither manifest.json"),
     ];
     for (what, bytes, want) in archive_cases {
@@ -400,13 +436,13 @@ fn supervisor_outlives_its_parent_and_reattaches() {
     let init_pid: i32 = fs::read_to_string(dir.join("init.pid")).unwrap().trim().parse().unwrap();
     assert!(std::path::Path::new(&format!("/proc/{init_pid}")).exists(), "container died with its parent");
     let after_kill = size(&log);
-    wait_for(Duration::from_secs(10), "log to keep growing", || Ok((size(&log) > after_kill + 20).then_some(()))).unwrap();
+    wait_for(Duration::from_secs(10), "log to keep growing", || Ok((size(&log) > after_kill + 20).then_some(())))
+        .unwrap();
     // A new process reattaches, then the container exits: it sees the status.
-    let mut attach = h.cmd(&["internal-attach", "--rm", &id]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    wait_for(Duration::from_secs(10), "attach to start following", || {
-        Ok(attach.try_wait()?.is_none().then_some(()))
-    })
-    .unwrap();
+    let mut attach =
+        h.cmd(&["internal-attach", "--rm", &id]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for(Duration::from_secs(10), "attach to start following", || Ok(attach.try_wait()?.is_none().then_some(())))
+        .unwrap();
     fs::write(h.data_dir.join("volumes").join(&ctl).join("_data/stop"), "").unwrap();
     let status = wait_for(Duration::from_secs(10), "attached container to exit", || Ok(attach.try_wait()?)).unwrap();
     let mut out = String::new();
@@ -450,7 +486,8 @@ fn linux_executor_lifecycle_and_reattach() {
     let req = RunRequest {
         id: id.clone(),
         image: "bb".into(),
-        command: vec!["sh".into(), "-c".into(), "echo up; exec sleep 1000".into()],
+        // httpd as the workload: with init forwarding SIGTERM it stops at once.
+        command: vec!["sh".into(), "-c".into(), "echo up; exec httpd -f -p 8080 -h /".into()],
         ..Default::default()
     };
     first.prepare(&req).unwrap();
@@ -463,11 +500,63 @@ fn linux_executor_lifecycle_and_reattach() {
     assert_eq!(second.state(&id).unwrap(), ContainerState::Running);
     assert_eq!(second.wait(&id, Some(Duration::from_millis(50))).unwrap(), None);
     assert!(second.remove(&id).is_err(), "removing a running container");
+    let log_path = h.data_dir.join("containers").join(&id).join("container.log");
+    wait_for(Duration::from_secs(10), "httpd to start", || Ok(fs::read_to_string(&log_path).ok().filter(|l| l == "up\n")))
+        .unwrap();
+    let t = std::time::Instant::now();
     let status = second.shutdown(&id, Duration::from_secs(10)).unwrap();
     assert_eq!(status.code, 143, "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "httpd took {:?} to stop on SIGTERM", t.elapsed());
     assert_eq!(second.state(&id).unwrap(), ContainerState::Exited(status));
     let log = fs::read_to_string(h.data_dir.join("containers").join(&id).join("container.log")).unwrap();
     assert_eq!(log, "up\n");
     second.remove(&id).unwrap();
     assert_clean(&h, &id);
+}
+
+/// A workload that ignores SIGTERM is killed once the grace period is over.
+#[test]
+fn stop_escalates_to_sigkill_after_grace() {
+    use shoal_agent::executor::{Executor, LinuxExecutor};
+    use shoal_agent::spec::RunRequest;
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("stubborn");
+    let exec = LinuxExecutor::new(&h.data_dir, &shoal_tests::shoal_bin()).unwrap();
+    let req = RunRequest {
+        id: id.clone(),
+        image: "bb".into(),
+        command: vec!["sh".into(), "-c".into(), "trap '' TERM; echo up; while true; do usleep 10000; done".into()],
+        ..Default::default()
+    };
+    exec.prepare(&req).unwrap();
+    exec.start(&id).unwrap();
+    let log_path = h.data_dir.join("containers").join(&id).join("container.log");
+    wait_for(Duration::from_secs(10), "trap to be set", || Ok(fs::read_to_string(&log_path).ok().filter(|l| l == "up\n")))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let status = exec.shutdown(&id, Duration::from_millis(300)).unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(300), "killed before the grace period");
+    assert_eq!(status.code, 137, "{status:?}");
+    exec.remove(&id).unwrap();
+    assert_clean(&h, &id);
+}
+
+#[test]
+fn minimal_dev() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let script = "ls /dev | tr '\\n' ' '; echo; head -c 4 /dev/zero | wc -c; echo x > /dev/null && echo null-ok; \
+                  head -c 8 /dev/urandom | wc -c; echo > /dev/full || echo full-refuses; grep -c ' /dev/pts devpts' /proc/mounts";
+    let o = h.run(&["--rm", "bb", "sh", "-c", script]).unwrap();
+    ok(&o);
+    let out = stdout(&o);
+    let mut lines = out.lines();
+    let devs: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    for d in ["null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "ptmx", "fd", "stdin", "stdout", "stderr"] {
+        assert!(devs.contains(&d), "/dev lacks {d}: {devs:?}");
+    }
+    // Nothing of the host's /dev (disks, consoles) is there.
+    assert!(devs.len() <= 14, "{devs:?}");
+    assert_eq!(lines.collect::<Vec<_>>(), ["4", "null-ok", "8", "full-refuses", "1"]);
 }

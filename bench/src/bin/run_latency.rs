@@ -76,7 +76,12 @@ fn memory_overhead(shoal: &Path, data: &Path) -> anyhow::Result<()> {
     let mut ids = Vec::new();
     for i in 0..N {
         let id = format!("mem-{}-{i}", std::process::id());
-        check(Command::new(shoal).args(["run", "-d", "--name", &id, "--data-dir"]).arg(data).args(["bench", "sleep", "1000"]))?;
+        check(
+            Command::new(shoal)
+                .args(["run", "-d", "--name", &id, "--data-dir"])
+                .arg(data)
+                .args(["bench", "sleep", "1000"]),
+        )?;
         ids.push(id);
     }
     let mut rss = 0u64;
@@ -98,7 +103,10 @@ fn memory_overhead(shoal: &Path, data: &Path) -> anyhow::Result<()> {
     }
     println!("memory per running container (supervisor + init), mean of {N}:");
     println!("  RSS     : {:>7.0} KiB", rss as f64 / N as f64);
-    println!("  private : {:>7.0} KiB  (Private_Clean + Private_Dirty: what each extra container adds)", private as f64 / N as f64);
+    println!(
+        "  private : {:>7.0} KiB  (Private_Clean + Private_Dirty: what each extra container adds)",
+        private as f64 / N as f64
+    );
     println!("  agent bookkeeping: 0 B (LinuxExecutor keeps container state on disk, not in memory)");
     Ok(())
 }

@@ -15,9 +15,7 @@ pub enum LocalImageCmd {
         reference: String,
     },
     /// Load an OCI image-layout or `docker save` archive (plain or gzip).
-    Load {
-        archive: PathBuf,
-    },
+    Load { archive: PathBuf },
     /// List images.
     #[command(alias = "list")]
     Ls {
@@ -38,9 +36,8 @@ pub fn image(cmd: LocalImageCmd, data_dir: &Path) -> anyhow::Result<()> {
     let store = ImageStore::open(data_dir).context("opening the image store")?;
     match cmd {
         LocalImageCmd::Import { rootfs, reference } => {
-            let img = store
-                .import_rootfs(&rootfs, &reference)
-                .with_context(|| format!("importing {}", rootfs.display()))?;
+            let img =
+                store.import_rootfs(&rootfs, &reference).with_context(|| format!("importing {}", rootfs.display()))?;
             println!("{}", img.manifest_digest);
         }
         LocalImageCmd::Load { archive } => {
@@ -66,7 +63,7 @@ pub fn image(cmd: LocalImageCmd, data_dir: &Path) -> anyhow::Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<40} {:<14} {}", "NAME", "ID", "LAYERS");
+                println!("{:<40} {:<14} LAYERS", "NAME", "ID");
                 for (name, img) in list {
                     let short: String = img.manifest_digest.trim_start_matches("sha256:").chars().take(12).collect();
                     println!("{:<40} {:<14} {}", name, short, img.layers.len());
@@ -75,9 +72,7 @@ pub fn image(cmd: LocalImageCmd, data_dir: &Path) -> anyhow::Result<()> {
         }
         LocalImageCmd::Rm { references } => {
             for r in references {
-                store
-                    .remove(&r, &data_dir.join("containers"))
-                    .with_context(|| format!("removing {r}"))?;
+                store.remove(&r, &data_dir.join("containers")).with_context(|| format!("removing {r}"))?;
                 println!("Untagged: {r}");
             }
         }

@@ -4,4 +4,5 @@ pub mod cluster;
 pub mod node;
 pub mod service;
 pub mod image;
+pub mod images;
 pub mod run;

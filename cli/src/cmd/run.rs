@@ -139,10 +139,10 @@ struct RemoveGuard<'a> {
 
 impl Drop for RemoveGuard<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            if let Err(e) = self.rt.remove(self.id) {
-                eprintln!("shoal: removing container {}: {e}", self.id);
-            }
+        if self.armed
+            && let Err(e) = self.rt.remove(self.id)
+        {
+            eprintln!("shoal: removing container {}: {e}", self.id);
         }
     }
 }

@@ -29,6 +29,13 @@ pub enum ServiceCmd {
         #[arg(long, short)]
         detach: bool,
     },
+    /// List a service's tasks.
+    Ps {
+        service: String,
+        /// Include tasks that have finished.
+        #[arg(long, short)]
+        all: bool,
+    },
     /// Remove services.
     Rm {
         #[arg(required = true)]
@@ -223,7 +230,10 @@ impl SpecFlags {
         if !self.placement_pref.is_empty() {
             spec.placement_prefs = self.placement_pref.clone();
         }
-        let restart = spec.restart.get_or_insert_with(|| RestartPolicy { condition: "any".into(), ..Default::default() });
+        // Swarm's defaults: restart on any exit, 5 s apart.
+        let restart = spec
+            .restart
+            .get_or_insert_with(|| RestartPolicy { condition: "any".into(), delay_ms: 5000, ..Default::default() });
         if let Some(c) = &self.restart_condition {
             restart.condition = c.clone();
         }
@@ -299,6 +309,97 @@ pub fn service_json(s: &Service) -> Value {
     })
 }
 
+pub fn task_json(t: &Task) -> Value {
+    json!({
+        "id": t.id,
+        "service": t.service,
+        "slot": t.slot,
+        "node": t.node,
+        "node_id": t.node_id,
+        "state": t.state,
+        "desired_state": t.desired_state,
+        "message": t.message,
+        "error": t.error,
+        "exit_code": if t.has_exit_code { json!(t.exit_code) } else { Value::Null },
+        "address": t.addresses,
+        "attempt": t.attempt,
+        "image": t.image,
+        "created_at_ms": t.created_at_ms,
+        "updated_at_ms": t.updated_at_ms,
+        "state_at_ms": t.state_at_ms,
+    })
+}
+
+/// How long `create`, `update` and `scale` wait for convergence.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Waits until every service in `names` runs exactly its desired tasks and
+/// no task it shut down still runs, showing progress: a live line on a
+/// terminal, a plain line per change otherwise.
+async fn converge(ctx: &Ctx, names: &[String]) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal();
+    let mut c = ctx.control().await?;
+    let deadline = tokio::time::Instant::now() + CONVERGE_TIMEOUT;
+    let mut last = String::new();
+    loop {
+        let mut done = true;
+        let mut line = Vec::new();
+        let mut pending_reason = None;
+        for name in names {
+            let svc = c.inspect_service(ServiceRef { service: name.clone() }).await.map_err(rpc_err)?.into_inner();
+            let tasks = c
+                .list_tasks(ListTasksRequest { service: svc.id.clone(), all: false })
+                .await
+                .map_err(rpc_err)?
+                .into_inner()
+                .tasks;
+            let stopping = tasks
+                .iter()
+                .filter(|t| t.desired_state != "running" && !["complete", "shutdown", "failed", "rejected", "orphaned"].contains(&t.state.as_str()))
+                .count();
+            if let Some(t) = tasks.iter().find(|t| t.state == "pending" && !t.message.is_empty()) {
+                pending_reason = Some(format!("{}: {}", name, t.message));
+            }
+            let ok = svc.replicas_running == svc.replicas_desired && stopping == 0;
+            done &= ok;
+            let label = svc.spec.as_ref().map(|s| s.name.clone()).unwrap_or_else(|| name.clone());
+            let mut part = format!("{label}: {}/{} running", svc.replicas_running, svc.replicas_desired);
+            if stopping > 0 {
+                part.push_str(&format!(", {stopping} stopping"));
+            }
+            line.push(part);
+        }
+        let mut text = line.join("  ");
+        if let Some(r) = &pending_reason {
+            text.push_str(&format!("  (pending: {r})"));
+        }
+        if text != last {
+            if tty {
+                print!("\r\x1b[2K{text}");
+                let _ = std::io::stdout().flush();
+            } else {
+                println!("{text}");
+            }
+            last = text;
+        }
+        if done {
+            if tty {
+                println!();
+            }
+            println!("converged");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            if tty {
+                println!();
+            }
+            bail!("not converged after {CONVERGE_TIMEOUT:?}; the change is committed and the cluster keeps working on it (see `shoal service ps`)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
     match cmd {
         ServiceCmd::Create(a) => {
@@ -319,8 +420,12 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 s.replicas = 0;
             }
             let mut c = ctx.control().await?;
+            let detach = a.flags.detach;
             let svc = c.create_service(CreateServiceRequest { spec: Some(s) }).await.map_err(rpc_err)?.into_inner();
             println!("{}", svc.id);
+            if !detach {
+                converge(ctx, &[svc.id]).await?;
+            }
         }
         ServiceCmd::Ls => {
             let mut c = ctx.control().await?;
@@ -367,6 +472,9 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 .map_err(rpc_err)?
                 .into_inner();
             println!("{}", svc.spec.map(|s| s.name).unwrap_or_default());
+            if !a.flags.detach {
+                converge(ctx, &[svc.id]).await?;
+            }
         }
         ServiceCmd::Rollback { service } => {
             let mut c = ctx.control().await?;
@@ -377,7 +485,7 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 .map_err(rpc_err)?;
             println!("{service}: rolled back to its previous spec");
         }
-        ServiceCmd::Scale { items, detach: _ } => {
+        ServiceCmd::Scale { items, detach } => {
             let mut parsed = Vec::with_capacity(items.len());
             for i in &items {
                 let (service, replicas) = spec::parse_scale(i)?;
@@ -385,10 +493,42 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
             }
             let mut c = ctx.control().await?;
             let list = c.scale_services(ScaleRequest { items: parsed }).await.map_err(rpc_err)?.into_inner();
+            let ids: Vec<String> = list.services.iter().map(|s| s.id.clone()).collect();
             for s in list.services {
                 let spec = s.spec.unwrap_or_default();
                 println!("{} scaled to {}", spec.name, spec.replicas);
             }
+            if !detach {
+                converge(ctx, &ids).await?;
+            }
+        }
+        ServiceCmd::Ps { service, all } => {
+            let mut c = ctx.control().await?;
+            let tasks = c.list_tasks(ListTasksRequest { service, all }).await.map_err(rpc_err)?.into_inner().tasks;
+            let rows: Vec<Value> = tasks
+                .iter()
+                .map(|t| {
+                    let mut v = task_json(t);
+                    if ctx.format == output::Format::Table {
+                        v["name"] = json!(format!("{}.{}", t.service, if t.slot > 0 { t.slot.to_string() } else { t.node_id.chars().take(8).collect() }));
+                        v["error"] = json!(if t.error.is_empty() && t.state == "pending" { t.message.clone() } else { t.error.clone() });
+                    }
+                    v
+                })
+                .collect();
+            output::list(
+                ctx.format,
+                &rows,
+                &[
+                    ("ID", "id"),
+                    ("NAME", "name"),
+                    ("IMAGE", "image"),
+                    ("NODE", "node"),
+                    ("DESIRED", "desired_state"),
+                    ("STATE", "state"),
+                    ("ERROR", "error"),
+                ],
+            );
         }
         ServiceCmd::Rm { services } => {
             let mut c = ctx.control().await?;

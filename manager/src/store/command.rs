@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use shoal_proto::control::ServiceSpec;
 
-use super::objects::{Availability, ClusterObj, NodeObj, NodeStatus, Role, ServiceObj};
+use super::objects::{Availability, ClusterObj, ImageObj, NodeObj, NodeStatus, Role, ServiceObj};
 use super::task::{TaskObj, TaskUpdate};
 
 /// One Raft entry's application data: the commands that arrived together
@@ -45,6 +45,9 @@ pub enum Command {
     UpdateTasks { from_node: Option<u64>, updates: Vec<TaskUpdate> },
     /// Forget finished tasks (history trimming, removed services).
     RemoveTasks { ids: Vec<String> },
+    /// Records an image whose blob the proposing manager holds.
+    PutImage { image: ImageObj },
+    RemoveImage { reference: String },
     /// Changes nothing; a new leader's read barrier and the benchmarks'
     /// smallest write.
     Noop,
@@ -67,6 +70,8 @@ impl Command {
             Command::CreateTasks { .. } => "create-tasks",
             Command::UpdateTasks { .. } => "update-tasks",
             Command::RemoveTasks { .. } => "remove-tasks",
+            Command::PutImage { .. } => "put-image",
+            Command::RemoveImage { .. } => "remove-image",
             Command::Noop => "noop",
         }
     }
@@ -116,6 +121,8 @@ pub enum Refusal {
     RemoveManager { node: String },
     #[error("node {node:?} is ready: drain and stop it first, or use --force")]
     RemoveReady { node: String },
+    #[error("image {image:?} is used by service {service:?}")]
+    ImageInUse { image: String, service: String },
     #[error("service {service:?} was named twice in one request")]
     Duplicate { service: String },
 }

@@ -98,6 +98,21 @@ pub struct ServiceObj {
     pub updated_at_ms: u64,
 }
 
+/// An image the cluster can run: one archive blob held by every manager.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageObj {
+    /// NAME:TAG
+    pub reference: String,
+    /// sha256:<hex> of the archive.
+    pub digest: String,
+    pub size: u64,
+    /// `rootfs` (a filesystem tarball, like `docker import`) or `archive`
+    /// (an OCI image layout or `docker save` archive).
+    pub kind: String,
+    pub version: u64,
+    pub created_at_ms: u64,
+}
+
 /// Cluster-wide secrets: the CA (so any manager can sign a joining node's
 /// certificate) and the join-token secrets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

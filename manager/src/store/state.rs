@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, ApplyError, Command, NodePatch, Refusal};
-use super::objects::{ClusterObj, NodeObj, NodeStatus, Role, ServiceObj};
+use super::objects::{ClusterObj, ImageObj, NodeObj, NodeStatus, Role, ServiceObj};
 use super::task::{TaskObj, TaskUpdate};
 
 /// Everything the managers agree on. Cloned only to build snapshots.
@@ -16,6 +16,8 @@ pub struct State {
     pub services: BTreeMap<String, ServiceObj>,
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskObj>,
+    #[serde(default)]
+    pub images: BTreeMap<String, ImageObj>,
 }
 
 /// What one applied command changed, for watchers.
@@ -28,6 +30,8 @@ pub enum Change {
     ServiceRemoved(String),
     Task(String),
     TaskRemoved(String),
+    Image(String),
+    ImageRemoved(String),
 }
 
 impl State {
@@ -62,6 +66,23 @@ impl State {
                         }
                     }
                 }
+            }
+            Command::PutImage { mut image } => {
+                image.version = index;
+                image.created_at_ms = now;
+                applied.ids.push(image.reference.clone());
+                changes.push(Change::Image(image.reference.clone()));
+                self.images.insert(image.reference.clone(), image);
+            }
+            Command::RemoveImage { reference } => {
+                if !self.images.contains_key(&reference) {
+                    return Err(ApplyError::NotFound { kind: "image".into(), what: reference });
+                }
+                if let Some(s) = self.services.values().find(|s| s.spec.image == reference) {
+                    return Err(ApplyError::Refused(Refusal::ImageInUse { image: reference, service: s.spec.name.clone() }));
+                }
+                self.images.remove(&reference);
+                changes.push(Change::ImageRemoved(reference));
             }
             Command::RemoveTasks { ids } => {
                 for id in ids {

@@ -1,0 +1,174 @@
+//! Scheduler benchmark (BENCHMARKS.md, issue 4): the scheduler's decision
+//! alone — `shoal_manager::scheduler::schedule`, a pure function of the
+//! store's state, no Raft, no network — placing 100,000 new tasks onto
+//! 1,000 ready nodes held in memory.
+//!
+//! Two workloads, each timed 5 times (median reported):
+//! - `one service`: one service with 100,000 replicas;
+//! - `mixed`: 100 services × 1,000 replicas, every one with a memory and
+//!   cpu reservation, a tenth with a constraint (`node.labels.zone!=c`) and
+//!   a tenth with `spread=node.labels.zone`; nodes in 3 zones, and 1,000
+//!   tasks already running to spread around.
+//!
+//! Run: `cargo run --release -p shoal-bench --bin scheduler`
+//! Options: `--nodes N` (default 1000), `--tasks N` (default 100000), `--runs N` (default 5).
+
+use std::time::{Duration, Instant};
+
+use shoal_manager::scheduler::{SchedulerConfig, schedule};
+use shoal_manager::store::objects::{Availability, NodeObj, NodeStatus, Role, ServiceObj};
+use shoal_manager::store::task::{TaskObj, TaskState};
+use shoal_manager::store::{Command, State};
+use shoal_proto::control::{Resources, ServiceSpec};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Builder {
+    state: State,
+    index: u64,
+}
+
+impl Builder {
+    fn apply(&mut self, cmd: Command) -> anyhow::Result<()> {
+        self.index += 1;
+        self.state.apply(self.index, 1_000, cmd, &mut Vec::new())?;
+        Ok(())
+    }
+}
+
+fn task(svc: &ServiceObj, slot: u64, n: u64) -> TaskObj {
+    TaskObj {
+        id: format!("{}-{slot:06}-{n}", svc.spec.name),
+        service_id: svc.id.clone(),
+        service_name: svc.spec.name.clone(),
+        slot,
+        node_id: None,
+        spec: svc.spec.clone(),
+        spec_version: 1,
+        desired_state: TaskState::Running,
+        state: TaskState::New,
+        message: String::new(),
+        error: String::new(),
+        exit_code: None,
+        attempt: 0,
+        addresses: Vec::new(),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        state_at_ms: 0,
+        version: 0,
+    }
+}
+
+/// `services` services sharing `tasks` new tasks over `nodes` nodes.
+fn build(nodes: u64, services: u64, tasks: u64, mixed: bool) -> anyhow::Result<State> {
+    let mut b = Builder { state: State::default(), index: 0 };
+    for i in 0..nodes {
+        let zone = ["a", "b", "c"][(i % 3) as usize];
+        b.apply(Command::AddNode {
+            node: NodeObj {
+                id: i + 1,
+                name: format!("node-{i:04}"),
+                role: if i < 3 { Role::Manager } else { Role::Worker },
+                status: NodeStatus::Ready,
+                availability: Availability::Active,
+                labels: [("zone".to_string(), zone.to_string())].into(),
+                address: String::new(),
+                nano_cpus: 64_000_000_000,
+                memory_bytes: 256 << 30,
+                csr_pem: String::new(),
+                version: 0,
+                created_at_ms: 0,
+                updated_at_ms: 0,
+            },
+        })?;
+    }
+    let per = tasks / services;
+    for s in 0..services {
+        let mut spec = ServiceSpec {
+            name: format!("svc{s:03}"),
+            image: "bb:1".into(),
+            mode: "replicated".into(),
+            replicas: per,
+            ..Default::default()
+        };
+        if mixed {
+            spec.reservations = Some(Resources { nano_cpus: 10_000_000, memory_bytes: 16 << 20 });
+            if s % 10 == 1 {
+                spec.constraints.push("node.labels.zone!=c".into());
+            }
+            if s % 10 == 2 {
+                spec.placement_prefs.push("spread=node.labels.zone".into());
+            }
+        }
+        let svc = ServiceObj { id: format!("id{s:03}"), spec, previous_spec: None, version: 1, created_at_ms: 0, updated_at_ms: 0 };
+        b.apply(Command::CreateService { service: Box::new(svc.clone()) })?;
+        let new: Vec<TaskObj> = (1..=per).map(|slot| task(&svc, slot, 0)).collect();
+        b.apply(Command::CreateTasks { tasks: new })?;
+    }
+    if mixed {
+        // Work already running, unevenly: the first tenth of the nodes.
+        let svc = ServiceObj {
+            id: "existing".into(),
+            spec: ServiceSpec { name: "existing".into(), image: "bb:1".into(), mode: "replicated".into(), replicas: nodes, ..Default::default() },
+            previous_spec: None,
+            version: 1,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        b.apply(Command::CreateService { service: Box::new(svc.clone()) })?;
+        let running: Vec<TaskObj> = (1..=nodes)
+            .map(|slot| {
+                let mut t = task(&svc, slot, 0);
+                t.state = TaskState::Running;
+                t.node_id = Some(1 + slot % (nodes / 10).max(1));
+                t
+            })
+            .collect();
+        b.apply(Command::CreateTasks { tasks: running })?;
+    }
+    Ok(b.state)
+}
+
+fn run(label: &str, state: &State, expect: usize, runs: u64) -> anyhow::Result<f64> {
+    let config = SchedulerConfig::default();
+    let mut times: Vec<Duration> = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let d = schedule(state, &config);
+        let took = started.elapsed();
+        anyhow::ensure!(d.assigned.len() == expect, "{label}: placed {} of {expect}", d.assigned.len());
+        times.push(took);
+        drop(d);
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    let rate = expect as f64 / median.as_secs_f64();
+    println!(
+        "{label:>12}: {expect} tasks in {:>7.1} ms (median of {runs}; min {:.1} ms, max {:.1} ms) = {rate:>10.0} placements/s",
+        median.as_secs_f64() * 1e3,
+        times[0].as_secs_f64() * 1e3,
+        times[times.len() - 1].as_secs_f64() * 1e3,
+    );
+    Ok(rate)
+}
+
+fn main() -> anyhow::Result<()> {
+    let nodes = arg("--nodes", 1000);
+    let tasks = arg("--tasks", 100_000);
+    let runs = arg("--runs", 5).max(1);
+    println!("scheduler: {tasks} new tasks onto {nodes} nodes, pure decision (no Raft), {runs} runs");
+    let state = build(nodes, 1, tasks, false)?;
+    run("one service", &state, tasks as usize, runs)?;
+    let services = 100.min(tasks).max(1);
+    let state = build(nodes, services, tasks, true)?;
+    let placed = (tasks / services * services) as usize;
+    run("mixed", &state, placed, runs)?;
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The agent's task runner: follows the node's assignment stream from the
+//! managers, runs each task through the executor (real containers via the
+//! per-container supervisors), and reports state changes in batches.
+// TODO: move into `shoal-agent` with the session (needs tonic there).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_agent::executor::{ContainerState, Executor, LinuxExecutor};
+use shoal_agent::spec::{Mount, RunRequest};
+use shoal_manager::tls::NodeTls;
+use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
+use shoal_proto::dispatcher::{Assignment, AssignmentsRequest, BlobRef, TaskStatus, TaskStatusBatch};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+
+/// How long a task gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Worker {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub tls: Arc<NodeTls>,
+    pub executor: Arc<LinuxExecutor>,
+    /// The manager the session currently talks to.
+    pub manager: watch::Receiver<Option<String>>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// One task this node runs: the controller's handle.
+struct Local {
+    desired: watch::Sender<String>,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    node_id: u64,
+    data_dir: PathBuf,
+    tls: Arc<NodeTls>,
+    executor: Arc<LinuxExecutor>,
+    manager: watch::Receiver<Option<String>>,
+    reports: mpsc::UnboundedSender<TaskStatus>,
+    /// One image fetch at a time per image.
+    fetching: Arc<tokio::sync::Mutex<()>>,
+}
+
+fn status(task: &str, state: &str, message: &str) -> TaskStatus {
+    TaskStatus { task_id: task.into(), state: state.into(), message: message.into(), ..Default::default() }
+}
+
+impl Worker {
+    pub async fn run(self) {
+        let (reports, rx) = mpsc::unbounded_channel();
+        let ctx = Ctx {
+            node_id: self.node_id,
+            data_dir: self.data_dir.clone(),
+            tls: self.tls.clone(),
+            executor: self.executor.clone(),
+            manager: self.manager.clone(),
+            reports,
+            fetching: Default::default(),
+        };
+        tokio::spawn(report_loop(ctx.clone(), rx, self.shutdown.clone()));
+        let mut tasks: HashMap<String, Local> = HashMap::new();
+        let mut manager = self.manager.clone();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let addr = manager.borrow_and_update().clone();
+            if let Some(addr) = addr {
+                match self.follow(&ctx, &addr, &mut tasks, &mut manager, &mut shutdown).await {
+                    Ok(()) => {}
+                    Err(e) => tracing::debug!(manager = %addr, error = %e, "assignment stream ended"),
+                }
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = manager.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn follow(
+        &self,
+        ctx: &Ctx,
+        addr: &str,
+        tasks: &mut HashMap<String, Local>,
+        manager: &mut watch::Receiver<Option<String>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let channel = self.tls.channel(addr).map_err(|e| e.to_string())?;
+        let mut stream = DispatcherClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .assignments(AssignmentsRequest { node_id: self.node_id })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m.map_err(|s| s.message().to_string())?,
+                _ = manager.changed() => return Ok(()),
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let Some(msg) = msg else { return Ok(()) };
+            let mut seen = Vec::new();
+            for a in msg.updated {
+                seen.push(a.task_id.clone());
+                match tasks.get(&a.task_id) {
+                    Some(local) => {
+                        local.desired.send_if_modified(|d| {
+                            let changed = *d != a.desired_state;
+                            *d = a.desired_state.clone();
+                            changed
+                        });
+                    }
+                    None => {
+                        let (tx, rx) = watch::channel(a.desired_state.clone());
+                        tasks.insert(a.task_id.clone(), Local { desired: tx });
+                        tokio::spawn(run_task(ctx.clone(), a, rx));
+                    }
+                }
+            }
+            let gone: Vec<String> = if msg.full {
+                tasks.keys().filter(|id| !seen.contains(id)).cloned().collect()
+            } else {
+                msg.removed
+            };
+            for id in gone {
+                if let Some(local) = tasks.remove(&id) {
+                    // No longer ours: stop it if it still runs, and clean up.
+                    let _ = local.desired.send("removed".into());
+                }
+            }
+            if msg.full {
+                cleanup_strays(ctx, tasks.keys().cloned().collect());
+            }
+        }
+    }
+}
+
+/// Removes containers this node holds that no assignment names (left over
+/// from before a restart, or from tasks removed while we were away).
+fn cleanup_strays(ctx: &Ctx, keep: Vec<String>) {
+    let exec = ctx.executor.clone();
+    tokio::task::spawn_blocking(move || {
+        for id in exec.list().unwrap_or_default() {
+            if keep.contains(&id) {
+                continue;
+            }
+            if let Ok(ContainerState::Running) = exec.state(&id) {
+                tracing::info!(container = %id, "stopping a container no task claims");
+                let _ = exec.shutdown(&id, STOP_GRACE);
+            }
+            let _ = exec.remove(&id);
+        }
+    });
+}
+
+fn run_request(a: &Assignment) -> RunRequest {
+    let spec = a.spec.clone().unwrap_or_default();
+    let limits = spec.limits.unwrap_or_default();
+    RunRequest {
+        id: a.task_id.clone(),
+        image: spec.image.clone(),
+        command: spec.args.clone(),
+        env: spec.env.clone(),
+        user: (!spec.user.is_empty()).then(|| spec.user.clone()),
+        workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
+        hostname: Some(format!("{}-{}", a.service, a.slot)),
+        read_only: spec.read_only,
+        mounts: spec
+            .mounts
+            .iter()
+            .filter_map(|m| match m.r#type.as_str() {
+                "bind" => Some(Mount::Bind { source: m.source.clone().into(), destination: m.target.clone(), read_only: m.read_only }),
+                "tmpfs" => Some(Mount::Tmpfs { destination: m.target.clone(), size_bytes: None }),
+                _ => None,
+            })
+            .collect(),
+        limits: shoal_agent::cgroup::Limits {
+            memory_bytes: (limits.memory_bytes > 0).then_some(limits.memory_bytes),
+            cpu_micros: (limits.nano_cpus > 0).then_some(limits.nano_cpus / 1000),
+            pids: None,
+        },
+        ..Default::default()
+    }
+}
+
+/// Drives one task from assigned to a final state.
+async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>) {
+    let id = a.task_id.clone();
+    let report = |st: TaskStatus| {
+        let _ = ctx.reports.send(st);
+    };
+    let wants_stop = |d: &watch::Receiver<String>| d.borrow().as_str() != "running";
+    let exec = ctx.executor.clone();
+
+    // Reattach: a container from before an agent restart keeps running.
+    let existing = {
+        let (exec, id) = (exec.clone(), id.clone());
+        tokio::task::spawn_blocking(move || exec.state(&id)).await.ok().and_then(Result::ok)
+    };
+    match existing {
+        Some(ContainerState::Running) => {
+            tracing::info!(task = %id, service = %a.service, "reattached to running container");
+            report(status(&id, "running", "reattached"));
+        }
+        Some(ContainerState::Exited(_)) | Some(ContainerState::Created) | None => {
+            if existing.is_some() {
+                let (exec, id) = (exec.clone(), id.clone());
+                let _ = tokio::task::spawn_blocking(move || exec.remove(&id)).await;
+            }
+            if wants_stop(&desired) {
+                report(status(&id, "shutdown", "stopped before it started"));
+                return;
+            }
+            report(status(&id, "accepted", "accepted by agent"));
+            if let Err(e) = ensure_image(&ctx, &a).await {
+                tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected");
+                report(TaskStatus { error: e, ..status(&id, "rejected", "image unavailable") });
+                return;
+            }
+            report(status(&id, "preparing", "preparing container"));
+            let req = run_request(&a);
+            let prep = {
+                let exec = exec.clone();
+                tokio::task::spawn_blocking(move || exec.prepare(&req)).await
+            };
+            match prep {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    report(TaskStatus { error: e.to_string(), ..status(&id, "rejected", "preparing failed") });
+                    return;
+                }
+                Err(e) => {
+                    report(TaskStatus { error: e.to_string(), ..status(&id, "failed", "preparing failed") });
+                    return;
+                }
+            }
+            if wants_stop(&desired) {
+                let (exec, id2) = (exec.clone(), id.clone());
+                let _ = tokio::task::spawn_blocking(move || exec.remove(&id2)).await;
+                report(status(&id, "shutdown", "stopped before it started"));
+                return;
+            }
+            report(status(&id, "starting", "starting container"));
+            let started = {
+                let (exec, id) = (exec.clone(), id.clone());
+                tokio::task::spawn_blocking(move || exec.start(&id)).await
+            };
+            if let Err(e) = started.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                report(TaskStatus { error: e, ..status(&id, "failed", "starting failed") });
+                return;
+            }
+            tracing::info!(task = %id, service = %a.service, slot = a.slot, "task running");
+            report(status(&id, "running", "started"));
+        }
+    }
+
+    // Running: wait for the exit, or for the managers to want it stopped.
+    let waiter = {
+        let (exec, id) = (exec.clone(), id.clone());
+        tokio::task::spawn_blocking(move || exec.wait(&id, None))
+    };
+    tokio::pin!(waiter);
+    let stopped_by_us = loop {
+        if wants_stop(&desired) {
+            break true;
+        }
+        tokio::select! {
+            r = &mut waiter => {
+                let exit = r.ok().and_then(Result::ok).flatten();
+                let (state, msg, err, code) = match exit {
+                    Some(s) if s.oom_killed => ("failed", "container exited", "OOM killed: the memory limit was reached".to_string(), Some(s.code)),
+                    Some(s) if s.code == 0 => ("complete", "finished", String::new(), Some(0)),
+                    Some(s) => ("failed", "container exited", format!("exit code {}", s.code), Some(s.code)),
+                    None => ("failed", "container lost", "the container's supervisor went away".to_string(), None),
+                };
+                tracing::info!(task = %id, service = %a.service, state, error = %err, "task ended");
+                report(TaskStatus {
+                    error: err,
+                    has_exit_code: code.is_some(),
+                    exit_code: code.unwrap_or(0),
+                    ..status(&id, state, msg)
+                });
+                break false;
+            }
+            c = desired.changed() => {
+                if c.is_err() {
+                    break true;
+                }
+            }
+        }
+    };
+    if stopped_by_us {
+        let (exec2, id2) = (exec.clone(), id.clone());
+        let res = tokio::task::spawn_blocking(move || exec2.shutdown(&id2, STOP_GRACE)).await;
+        let code = res.ok().and_then(Result::ok).map(|s| s.code);
+        tracing::info!(task = %id, service = %a.service, "task shut down");
+        report(TaskStatus {
+            has_exit_code: code.is_some(),
+            exit_code: code.unwrap_or(0),
+            ..status(&id, "shutdown", "shut down")
+        });
+    }
+    // Keep the container (and its logs) until the managers forget the task.
+    while desired.borrow().as_str() != "removed" {
+        if desired.changed().await.is_err() {
+            break;
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || exec.remove(&id)).await;
+}
+
+/// Makes sure the task's image is in this node's store, fetching the blob
+/// from a manager when it is not.
+async fn ensure_image(ctx: &Ctx, a: &Assignment) -> Result<(), String> {
+    let reference = a.spec.as_ref().map(|s| s.image.clone()).unwrap_or_default();
+    let _guard = ctx.fetching.lock().await;
+    let have = {
+        let (exec, r) = (ctx.executor.clone(), reference.clone());
+        tokio::task::spawn_blocking(move || exec.images().get(&r).is_ok()).await.unwrap_or(false)
+    };
+    if have {
+        return Ok(());
+    }
+    if a.image_digest.is_empty() {
+        return Err(format!("image {reference:?} is not known to the cluster"));
+    }
+    let addr = ctx.manager.borrow().clone().ok_or("no manager to fetch the image from")?;
+    let tmp_dir = ctx.data_dir.join("tmp");
+    tokio::fs::create_dir_all(&tmp_dir).await.map_err(|e| e.to_string())?;
+    let tmp = tmp_dir.join(format!("blob-{}", a.task_id));
+    let res = fetch_blob(ctx, &addr, &a.image_digest, &tmp).await;
+    let res = match res {
+        Ok(()) => {
+            let (exec, r, kind, path) = (ctx.executor.clone(), reference.clone(), a.image_kind.clone(), tmp.clone());
+            tokio::task::spawn_blocking(move || {
+                let store = exec.images();
+                if kind == "rootfs" {
+                    store.import_rootfs(&path, &r).map(|_| ()).map_err(|e| e.to_string())
+                } else {
+                    store.load(&path).map_err(|e| e.to_string())?;
+                    store.get(&r).map(|_| ()).map_err(|_| format!("archive does not hold image {r:?}"))
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+        }
+        Err(e) => Err(e),
+    };
+    let _ = tokio::fs::remove_file(&tmp).await;
+    if res.is_ok() {
+        tracing::info!(image = %reference, digest = %a.image_digest, "image fetched from the managers");
+    }
+    res
+}
+
+async fn fetch_blob(ctx: &Ctx, addr: &str, digest: &str, dst: &std::path::Path) -> Result<(), String> {
+    let channel = ctx.tls.channel(addr).map_err(|e| e.to_string())?;
+    let mut stream = DispatcherClient::new(channel)
+        .max_decoding_message_size(2 << 20)
+        .fetch_blob(BlobRef { digest: digest.to_string() })
+        .await
+        .map_err(|s| format!("fetching image blob {digest}: {}", s.message()))?
+        .into_inner();
+    let mut f = tokio::fs::File::create(dst).await.map_err(|e| e.to_string())?;
+    let mut hash = shoal_manager::blobs::Sha256::new();
+    while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_string())? {
+        hash.update(&chunk.data);
+        f.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
+    }
+    f.flush().await.map_err(|e| e.to_string())?;
+    let got = hash.finish_digest();
+    if got != digest {
+        return Err(format!("image blob digest mismatch: expected {digest}, got {got}"));
+    }
+    Ok(())
+}
+
+/// Sends task reports to the manager in batches; keeps only the latest
+/// report per task while the manager is unreachable.
+async fn report_loop(ctx: Ctx, mut rx: mpsc::UnboundedReceiver<TaskStatus>, mut shutdown: watch::Receiver<bool>) {
+    let pending: Arc<Mutex<Vec<TaskStatus>>> = Default::default();
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r { Some(r) => r, None => return },
+            _ = shutdown.changed() => return,
+        };
+        let mut batch = vec![first];
+        while let Ok(r) = rx.try_recv() {
+            batch.push(r);
+        }
+        {
+            let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+            for r in batch {
+                // States only move forward, so order within a task matters:
+                // keep every report, in order.
+                p.push(r);
+            }
+        }
+        loop {
+            let batch: Vec<TaskStatus> = pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if batch.is_empty() {
+                break;
+            }
+            let addr = ctx.manager.borrow().clone();
+            let sent = match addr {
+                Some(addr) => match ctx.tls.channel(&addr) {
+                    Ok(ch) => DispatcherClient::new(ch)
+                        .update_task_status(TaskStatusBatch { node_id: ctx.node_id, statuses: batch.clone() })
+                        .await
+                        .map_err(|s| s.message().to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                None => Err("no manager".into()),
+            };
+            match sent {
+                Ok(_) => {
+                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = batch.len().min(p.len());
+                    p.drain(..n);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "task report failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+            while let Ok(r) = rx.try_recv() {
+                pending.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! What the leader-only loops (orchestrator, scheduler) share: waiting for
+//! leadership, the new leader's read barrier, and writing through the local
+//! Raft node only.
+
+use tokio::sync::watch;
+
+use crate::manager::{LocalError, Manager};
+use crate::store::{ApplyError, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeadError {
+    #[error("this manager is no longer the leader")]
+    NotLeader,
+    #[error("the write was not committed in time: no quorum")]
+    Timeout,
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("no randomness for task ids")]
+    Random,
+    #[error("{kind} refused: {source}")]
+    Refused { kind: &'static str, source: ApplyError },
+}
+
+fn from_local(e: LocalError) -> LeadError {
+    match e {
+        LocalError::NotLeader(_) => LeadError::NotLeader,
+        LocalError::Timeout => LeadError::Timeout,
+        LocalError::Raft(r) => LeadError::Raft(r),
+    }
+}
+
+/// Waits until this manager leads. False when shutting down.
+pub(crate) async fn until_leader(manager: &Manager, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let mut metrics = manager.raft.metrics();
+    loop {
+        if *shutdown.borrow() {
+            return false;
+        }
+        if manager.is_leader() {
+            return true;
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return false },
+            r = shutdown.changed() => if r.is_err() { return false },
+        }
+    }
+}
+
+/// A new leader's read barrier: once a no-op of its own term is applied
+/// here, everything earlier leaders committed is in the store, so the
+/// first decisions do not repeat work a previous leader already did.
+pub(crate) async fn barrier(manager: &Manager) -> Result<(), LeadError> {
+    propose_all(manager, vec![Command::Noop]).await
+}
+
+/// Proposes `cmds` together (they share Raft entries through the batcher)
+/// on this node only: a leader-only loop that lost leadership must not
+/// forward its stale decisions to the new leader.
+pub(crate) async fn propose_all(manager: &Manager, cmds: Vec<Command>) -> Result<(), LeadError> {
+    let kinds: Vec<&'static str> = cmds.iter().map(Command::kind).collect();
+    let results = futures::future::join_all(cmds.into_iter().map(|c| manager.propose_local(c))).await;
+    for (kind, r) in kinds.into_iter().zip(results) {
+        r.map_err(from_local)?.map_err(|source| LeadError::Refused { kind, source })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! The orchestrators (leader only): replicated services keep N slots,
+//! global services one task per eligible node; restart policies, node loss,
+//! drain, removed services, task history and rebalancing.
+//!
+//! [`reconcile::reconcile`] decides (a pure function of the store's state
+//! and the time); [`Orchestrator`] runs it on the leader: everything once
+//! when leadership is gained (after a read barrier), then the services that
+//! each committed batch touched, with all decisions of a pass proposed
+//! together (one `CreateTasks`, one `UpdateTasks`, one `RemoveTasks`, which
+//! the batcher puts into one Raft entry). Delayed restarts wake the loop on
+//! a timer; nothing blocks it.
+
+pub(crate) mod leader;
+pub mod reconcile;
+#[cfg(test)]
+pub(crate) mod testkit;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::rand::SecureRandom;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::watch;
+
+use crate::manager::{Manager, now_ms};
+use crate::store::{Change, Command, State};
+pub use leader::LeadError;
+pub use reconcile::{OrchestratorConfig, Plan, Restart, Scope, reconcile, restart_decision};
+
+pub struct Orchestrator {
+    manager: Arc<Manager>,
+    config: OrchestratorConfig,
+}
+
+/// Retry a failed write after this long.
+const RETRY: Duration = Duration::from_millis(500);
+/// Reconcile everything this often even without events: a safety net for
+/// anything a watch event could not express.
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// Which services need a look.
+enum Dirty {
+    Nothing,
+    Some(BTreeSet<String>),
+    All,
+}
+
+impl Dirty {
+    fn mark(&mut self, service_id: &str) {
+        match self {
+            Dirty::All => {}
+            Dirty::Some(s) => {
+                s.insert(service_id.to_string());
+            }
+            Dirty::Nothing => *self = Dirty::Some(BTreeSet::from([service_id.to_string()])),
+        }
+    }
+
+    fn take(&mut self) -> Option<Scope> {
+        match std::mem::replace(self, Dirty::Nothing) {
+            Dirty::Nothing => None,
+            Dirty::Some(s) => Some(Scope::Services(s)),
+            Dirty::All => Some(Scope::All),
+        }
+    }
+}
+
+impl Orchestrator {
+    pub fn new(manager: Arc<Manager>, config: OrchestratorConfig) -> Self {
+        Orchestrator { manager, config }
+    }
+
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        while leader::until_leader(&self.manager, &mut shutdown).await {
+            if !self.lead(&mut shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// One term of leadership. Returns false when shutting down.
+    async fn lead(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        // Subscribe before the barrier: nothing applied after it is missed.
+        let mut events = self.manager.store.watch();
+        if let Err(e) = leader::barrier(&self.manager).await {
+            tracing::debug!(error = %e, "orchestrator: read barrier failed");
+            tokio::time::sleep(RETRY).await;
+            return true;
+        }
+        tracing::info!("orchestrator: leading; reconciling every service");
+        let mut metrics = self.manager.raft.metrics();
+        let mut dirty = Dirty::All;
+        let mut wake_at: Option<tokio::time::Instant> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.tick().await;
+        loop {
+            if retry_at.is_none() {
+                if let Some(scope) = dirty.take() {
+                    match self.pass(&scope).await {
+                        Ok(wake) => {
+                            // A pass over some services only knows their
+                            // wake-ups; keep the earlier one.
+                            wake_at = match (wake, wake_at, &scope) {
+                                (w, _, Scope::All) => w,
+                                (Some(w), Some(o), _) => Some(w.min(o)),
+                                (w, o, _) => w.or(o),
+                            };
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "orchestrator: could not write decisions; retrying");
+                            dirty = Dirty::All;
+                            retry_at = Some(tokio::time::Instant::now() + RETRY);
+                        }
+                    }
+                }
+            }
+            if !self.manager.is_leader() {
+                tracing::info!("orchestrator: no longer the leader");
+                return true;
+            }
+            let retry = sleep_until(retry_at);
+            let wake = sleep_until(wake_at);
+            tokio::select! {
+                ev = events.recv() => {
+                    let mut evs = Vec::new();
+                    match ev {
+                        Ok(ev) => evs.push(ev),
+                        Err(RecvError::Lagged(_)) => dirty = Dirty::All,
+                        Err(RecvError::Closed) => return false,
+                    }
+                    // Coalesce: everything already committed goes into one pass.
+                    loop {
+                        match events.try_recv() {
+                            Ok(ev) => evs.push(ev),
+                            Err(TryRecvError::Lagged(_)) => dirty = Dirty::All,
+                            Err(_) => break,
+                        }
+                    }
+                    self.manager.store.read(|s| {
+                        for c in evs.iter().flat_map(|e| e.changes.iter()) {
+                            mark(s, c, &mut dirty);
+                        }
+                    });
+                }
+                _ = retry => retry_at = None,
+                _ = wake => { wake_at = None; dirty = Dirty::All; }
+                _ = resync.tick() => dirty = Dirty::All,
+                r = metrics.changed() => if r.is_err() { return false },
+                _ = shutdown.changed() => return false,
+            }
+        }
+    }
+
+    /// One reconcile pass; returns when the next delayed restart is due.
+    async fn pass(&self, scope: &Scope) -> Result<Option<tokio::time::Instant>, LeadError> {
+        let now = now_ms();
+        let started = std::time::Instant::now();
+        let mut plan = self.manager.store.read(|s| reconcile(s, scope, now, &self.config));
+        let took = started.elapsed();
+        let wake = plan.wake_at_ms.map(|at| tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now)));
+        if plan.is_empty() {
+            return Ok(wake);
+        }
+        name_tasks(&mut plan)?;
+        let (created, updated, removed) = (plan.create.len(), plan.update.len(), plan.remove.len());
+        let mut cmds = Vec::new();
+        if !plan.create.is_empty() {
+            cmds.push(Command::CreateTasks { tasks: std::mem::take(&mut plan.create) });
+        }
+        if !plan.update.is_empty() {
+            cmds.push(Command::UpdateTasks { from_node: None, updates: std::mem::take(&mut plan.update) });
+        }
+        if !plan.remove.is_empty() {
+            cmds.push(Command::RemoveTasks { ids: std::mem::take(&mut plan.remove) });
+        }
+        leader::propose_all(&self.manager, cmds).await?;
+        for note in &plan.notes {
+            tracing::info!("{note}");
+        }
+        tracing::debug!(created, updated, removed, decided_in = ?took, "orchestrator: pass committed");
+        Ok(wake)
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Marks the services a change concerns.
+fn mark(s: &State, c: &Change, dirty: &mut Dirty) {
+    match c {
+        // A node change can concern every service (down, drain, labels,
+        // global services).
+        Change::Node(_) | Change::NodeRemoved(_) => *dirty = Dirty::All,
+        Change::Service(id) | Change::ServiceRemoved(id) => dirty.mark(id),
+        Change::Task(id) => {
+            if let Some(t) = s.tasks.get(id) {
+                dirty.mark(&t.service_id);
+            }
+        }
+        // Removals of tasks are our own doing; the rest does not concern
+        // the orchestrators.
+        _ => {}
+    }
+}
+
+/// Gives the plan's new tasks random ids (24 hex digits, like service ids).
+fn name_tasks(plan: &mut Plan) -> Result<(), LeadError> {
+    const BYTES: usize = 12;
+    let mut buf = vec![0u8; plan.create.len() * BYTES];
+    ring::rand::SystemRandom::new().fill(&mut buf).map_err(|_| LeadError::Random)?;
+    for (t, b) in plan.create.iter_mut().zip(buf.chunks(BYTES)) {
+        t.id = hex::encode(b);
+    }
+    Ok(())
+}
