@@ -342,10 +342,41 @@ impl Cluster {
     }
 }
 
+/// Stops and removes every container under `data_dir` (their supervisors
+/// outlive the daemon by design, so killing the daemon is not enough), then
+/// ends any supervisor of that data dir that is still there.
+pub fn remove_containers(data_dir: &Path) {
+    if let Ok(exec) = shoal_agent::executor::LinuxExecutor::new(data_dir, &shoal_bin()) {
+        use shoal_agent::executor::{ContainerState, Executor};
+        for id in exec.list().unwrap_or_default() {
+            if let Ok(ContainerState::Running) = exec.state(&id) {
+                let _ = exec.shutdown(&id, Duration::from_millis(200));
+            }
+            let _ = exec.remove(&id);
+        }
+    }
+    // Supervisors this test's daemons started: their command line names the
+    // test's own data dir.
+    let needle = format!("internal-supervise --data-dir {}", data_dir.display());
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.hosts.len() {
             self.kill(i);
+        }
+        for h in &self.hosts {
+            remove_containers(&h.data_dir);
         }
         for h in &self.hosts {
             let _ = sh("ip", &["link", "del", &h.veth]);

@@ -10,12 +10,18 @@
 //!   a tenth with `spread=node.labels.zone`; nodes in 3 zones, and 1,000
 //!   tasks already running to spread around.
 //!
+//! Then the orchestrator's decision (`reconcile`) at the same size, for
+//! context: a scale from 0 to 100,000 replicas, a pass over 100,000
+//! running tasks with nothing to do, and a scale down to 50,000.
+//!
 //! Run: `cargo run --release -p shoal-bench --bin scheduler`
 //! Options: `--nodes N` (default 1000), `--tasks N` (default 100000), `--runs N` (default 5).
 
 use std::time::{Duration, Instant};
 
+use shoal_manager::orchestrator::{OrchestratorConfig, Scope, reconcile};
 use shoal_manager::scheduler::{SchedulerConfig, schedule};
+use shoal_manager::store::task::TaskUpdate;
 use shoal_manager::store::objects::{Availability, NodeObj, NodeStatus, Role, ServiceObj};
 use shoal_manager::store::task::{TaskObj, TaskState};
 use shoal_manager::store::{Command, State};
@@ -170,5 +176,66 @@ fn main() -> anyhow::Result<()> {
     let state = build(nodes, services, tasks, true)?;
     let placed = (tasks / services * services) as usize;
     run("mixed", &state, placed, runs)?;
+    orchestrator(nodes, tasks, runs)?;
+    Ok(())
+}
+
+fn median_ms(runs: u64, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        f()?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2].as_secs_f64() * 1e3)
+}
+
+fn orchestrator(nodes: u64, tasks: u64, runs: u64) -> anyhow::Result<()> {
+    let config = OrchestratorConfig::default();
+    // The service without tasks: a scale from 0.
+    let mut state = build(nodes, 1, tasks, false)?;
+    let ids: Vec<String> = state.tasks.keys().cloned().collect();
+    let mut b = Builder { state: std::mem::take(&mut state), index: 1_000_000 };
+    b.apply(Command::RemoveTasks { ids })?;
+    let now = 10_000;
+    let ms = median_ms(runs, || {
+        let plan = reconcile(&b.state, &Scope::All, now, &config);
+        anyhow::ensure!(plan.create.len() == tasks as usize, "scale up planned {}", plan.create.len());
+        Ok(())
+    })?;
+    println!("orchestrator: scale 0 -> {tasks}: {ms:.1} ms (median of {runs})");
+
+    // Create, place and run them all, then a pass with nothing to do.
+    let mut plan = reconcile(&b.state, &Scope::All, now, &config);
+    for (i, t) in plan.create.iter_mut().enumerate() {
+        t.id = format!("t{i:08}");
+    }
+    b.apply(Command::CreateTasks { tasks: std::mem::take(&mut plan.create) })?;
+    let d = schedule(&b.state, &SchedulerConfig::default());
+    b.apply(Command::UpdateTasks { from_node: None, updates: d.into_updates() })?;
+    let mut by_node: std::collections::BTreeMap<u64, Vec<TaskUpdate>> = Default::default();
+    for t in b.state.tasks.values() {
+        if let Some(n) = t.node_id {
+            by_node.entry(n).or_default().push(TaskUpdate { id: t.id.clone(), state: Some(TaskState::Running), ..Default::default() });
+        }
+    }
+    for (n, updates) in by_node {
+        b.apply(Command::UpdateTasks { from_node: Some(n), updates })?;
+    }
+    let ms = median_ms(runs, || {
+        let plan = reconcile(&b.state, &Scope::All, now, &config);
+        anyhow::ensure!(plan.is_empty(), "steady state planned {} creates, {} updates", plan.create.len(), plan.update.len());
+        Ok(())
+    })?;
+    println!("orchestrator: pass over {tasks} running tasks, nothing to do: {ms:.1} ms (median of {runs})");
+
+    b.apply(Command::ScaleServices { items: vec![("svc000".into(), tasks / 2)] })?;
+    let ms = median_ms(runs, || {
+        let plan = reconcile(&b.state, &Scope::All, now, &config);
+        anyhow::ensure!(plan.update.len() == (tasks - tasks / 2) as usize, "scale down retired {}", plan.update.len());
+        Ok(())
+    })?;
+    println!("orchestrator: scale {tasks} -> {}: {ms:.1} ms (median of {runs})", tasks / 2);
     Ok(())
 }

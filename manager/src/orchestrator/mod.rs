@@ -98,23 +98,23 @@ impl Orchestrator {
         let mut resync = tokio::time::interval(RESYNC);
         resync.tick().await;
         loop {
-            if retry_at.is_none() {
-                if let Some(scope) = dirty.take() {
-                    match self.pass(&scope).await {
-                        Ok(wake) => {
-                            // A pass over some services only knows their
-                            // wake-ups; keep the earlier one.
-                            wake_at = match (wake, wake_at, &scope) {
-                                (w, _, Scope::All) => w,
-                                (Some(w), Some(o), _) => Some(w.min(o)),
-                                (w, o, _) => w.or(o),
-                            };
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "orchestrator: could not write decisions; retrying");
-                            dirty = Dirty::All;
-                            retry_at = Some(tokio::time::Instant::now() + RETRY);
-                        }
+            if retry_at.is_none()
+                && let Some(scope) = dirty.take()
+            {
+                match self.pass(&scope).await {
+                    Ok(wake) => {
+                        // A pass over some services only knows their
+                        // wake-ups; keep the earlier one.
+                        wake_at = match (wake, wake_at, &scope) {
+                            (w, _, Scope::All) => w,
+                            (Some(w), Some(o), _) => Some(w.min(o)),
+                            (w, o, _) => w.or(o),
+                        };
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "orchestrator: could not write decisions; retrying");
+                        dirty = Dirty::All;
+                        retry_at = Some(tokio::time::Instant::now() + RETRY);
                     }
                 }
             }

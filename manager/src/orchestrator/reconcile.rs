@@ -112,8 +112,19 @@ pub fn restart_decision(spec: &ServiceSpec, ended: &TaskObj, history: &[&TaskObj
             return Restart::Never;
         }
     }
-    let at = ended.state_at_ms.saturating_add(policy.delay_ms);
+    let delay = if policy.delay_ms > 0 { policy.delay_ms } else { backoff_ms(ended.attempt) };
+    let at = ended.state_at_ms.saturating_add(delay);
     if now_ms >= at { Restart::Now } else { Restart::At(at) }
+}
+
+/// The restart delay when the policy sets none: 100 ms, doubling with
+/// each restart of the slot, at most 5 s (Swarm's flat default). A task
+/// that fails at once (a missing image, a bad command) then costs a few
+/// Raft writes per second at first and one per 5 s after, not a stream.
+pub fn backoff_ms(attempt: u64) -> u64 {
+    const BASE_MS: u64 = 100;
+    const MAX_MS: u64 = 5_000;
+    (BASE_MS << attempt.min(6)).min(MAX_MS)
 }
 
 /// A task as this pass sees it: the stored task plus this pass's changes.
@@ -245,7 +256,8 @@ impl<'a> Planner<'a> {
         if never_started {
             v.state = TaskState::Shutdown;
         }
-        let message = message.to_string();
+        // A finished task keeps the message of how it ended.
+        let message = (!v.state.is_terminal() || never_started).then(|| message.to_string());
         self.update(v, |u| {
             if current {
                 u.desired_state = Some(TaskState::Shutdown);
@@ -253,7 +265,9 @@ impl<'a> Planner<'a> {
             if never_started {
                 u.state = Some(TaskState::Shutdown);
             }
-            u.message = Some(message);
+            if message.is_some() {
+                u.message = message;
+            }
         });
     }
 
@@ -281,11 +295,11 @@ impl<'a> Planner<'a> {
 
     /// Retires a task: orphaned if its node is lost, else desired shutdown.
     fn retire(&mut self, v: &mut View, message: &str) {
-        if !v.state.is_terminal() {
-            if let Some(why) = self.lost(v) {
-                self.orphan(v, why);
-                return;
-            }
+        if !v.state.is_terminal()
+            && let Some(why) = self.lost(v)
+        {
+            self.orphan(v, why);
+            return;
         }
         self.shut(v, message);
     }
@@ -338,9 +352,8 @@ impl<'a> Planner<'a> {
         Some(best)
     }
 
-    /// What to do with a slot's current task. `eligible` says whether the
-    /// task's node still takes this service (replicated: active and
-    /// constraints; the caller decides for global).
+    /// What to do with a replicated slot's current task: restart policy for
+    /// ended tasks; orphan, drain and constraint checks for placed ones.
     fn classify(&mut self, svc: &ServiceObj, views: &mut [View], cur: usize, history: &[&TaskObj], req: &Requirements) -> Class {
         let v = &views[cur];
         if v.state.is_terminal() {
@@ -723,10 +736,10 @@ impl<'a> Planner<'a> {
     /// (more when a restart window needs them to count attempts).
     fn trim_history(&mut self, svc: &ServiceObj, views: &[View]) {
         let mut keep = self.config.history_per_slot.max(1);
-        if let Some(r) = &svc.spec.restart {
-            if r.window_ms > 0 {
-                keep = keep.max((r.max_attempts as usize).saturating_add(1).min(100));
-            }
+        if let Some(r) = &svc.spec.restart
+            && r.window_ms > 0
+        {
+            keep = keep.max((r.max_attempts as usize).saturating_add(1).min(100));
         }
         let mut slots: HashMap<(u64, Option<u64>), Vec<&View>> = HashMap::new();
         for v in views.iter().filter(|v| v.state.is_terminal() && !v.current() && !v.touched) {

@@ -193,13 +193,17 @@ impl Sim {
     }
 
     /// Orchestrator, scheduler and agents until nothing changes.
+    /// A delayed restart that is due is taken as due: time jumps to it.
     pub fn settle(&mut self) {
         for _ in 0..50 {
             let p = self.orchestrate();
             let s = self.schedule();
             let a = self.agents();
             if p.is_empty() && s == 0 && a == 0 {
-                return;
+                match p.wake_at_ms {
+                    Some(at) if at > self.now => self.now = at,
+                    _ => return,
+                }
             }
         }
         panic!("did not settle");

@@ -271,6 +271,11 @@ fn restart_any_restarts_completed_tasks() {
     sim.service(with_restart(spec("web", 1), "any", 0, 0, 0));
     sim.settle();
     end_current(&mut sim, TaskState::Complete, Some(0));
+    // No delay set: a short backoff still applies.
+    let plan = sim.orchestrate();
+    assert!(plan.create.is_empty());
+    assert_eq!(plan.wake_at_ms, Some(sim.now + 100));
+    sim.now += 100;
     let plan = sim.orchestrate();
     assert_eq!(plan.create.len(), 1);
     assert!(plan.notes.iter().any(|n| n == "service web: 1 task restarted (complete)"), "{:?}", plan.notes);
@@ -315,6 +320,12 @@ fn restart_delay_waits_without_blocking_and_wakes_on_time() {
 }
 
 #[test]
+fn an_unset_restart_delay_backs_off_up_to_five_seconds() {
+    use super::reconcile::backoff_ms;
+    assert_eq!([0, 1, 2, 3, 4, 5, 6, 7, 60].map(backoff_ms), [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+}
+
+#[test]
 fn restart_window_counts_only_recent_restarts() {
     let s = with_restart(spec("web", 1), "any", 2, 0, 60_000);
     let task = |id: &str, attempt: u64, created: u64| TaskObj {
@@ -348,7 +359,7 @@ fn restart_window_counts_only_recent_restarts() {
     // Without a window the attempt number counts.
     let s0 = with_restart(spec("web", 1), "any", 2, 0, 0);
     assert_eq!(restart_decision(&s0, &recent, &[], now), Restart::Never);
-    assert_eq!(restart_decision(&s0, &task("e", 1, now - 100), &[], now), Restart::Now);
+    assert_eq!(restart_decision(&s0, &task("e", 1, now - 1_000), &[], now), Restart::Now);
 }
 
 #[test]
