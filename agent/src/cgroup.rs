@@ -61,6 +61,12 @@ pub trait Cgroup: Send {
     fn oom_killed(&self) -> Result<bool, CgroupError>;
     /// Directories that make up this group.
     fn paths(&self) -> Vec<PathBuf>;
+    /// Whether the group restricts which devices can be opened (v1's
+    /// devices controller). Without it the runtime keeps device nodes out
+    /// of every writable mount instead.
+    fn limits_devices(&self) -> bool {
+        false
+    }
     /// Removes the group; waits a little for exiting processes to leave it.
     fn destroy(&self) -> Result<(), CgroupError> {
         for p in self.paths() {
@@ -146,7 +152,9 @@ impl V1 {
 
     fn group(&self, id: &str) -> V1Group {
         let dir = |c: &str| self.root.join(c).join(&self.parent).join(id);
-        V1Group { memory: dir("memory"), cpu: dir("cpu"), pids: dir("pids") }
+        // The devices controller is optional: used when mounted.
+        let devices = self.root.join("devices").is_dir().then(|| dir("devices"));
+        V1Group { memory: dir("memory"), cpu: dir("cpu"), pids: dir("pids"), devices }
     }
 }
 
@@ -156,6 +164,9 @@ impl CgroupBackend for V1 {
             mkdir(&self.root.join(c).join(&self.parent))?;
         }
         let g = self.group(id);
+        if let Some(d) = &g.devices {
+            mkdir(d.parent().unwrap_or(d))?;
+        }
         let made = CreatedGuard(g.paths());
         for p in &made.0 {
             mkdir(p)?;
@@ -175,6 +186,12 @@ impl CgroupBackend for V1 {
         }
         if let Some(n) = limits.pids {
             write_file(&g.pids.join("pids.max"), &n.to_string())?;
+        }
+        if let Some(d) = &g.devices {
+            write_file(&d.join("devices.deny"), "a")?;
+            for rule in DEVICE_RULES {
+                write_file(&d.join("devices.allow"), rule)?;
+            }
         }
         std::mem::forget(made);
         Ok(Box::new(g))
@@ -204,7 +221,24 @@ struct V1Group {
     memory: PathBuf,
     cpu: PathBuf,
     pids: PathBuf,
+    devices: Option<PathBuf>,
 }
+
+/// Devices a container may use (moby's default allow list): any device
+/// node may be created (`m`), but only these opened.
+pub const DEVICE_RULES: [&str; 11] = [
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",   // null
+    "c 1:5 rwm",   // zero
+    "c 1:7 rwm",   // full
+    "c 1:8 rwm",   // random
+    "c 1:9 rwm",   // urandom
+    "c 5:0 rwm",   // tty
+    "c 5:1 rwm",   // console
+    "c 5:2 rwm",   // ptmx
+    "c 136:* rwm", // pts
+];
 
 impl Cgroup for V1Group {
     fn add_process(&self, pid: i32) -> Result<(), CgroupError> {
@@ -219,7 +253,13 @@ impl Cgroup for V1Group {
     }
 
     fn paths(&self) -> Vec<PathBuf> {
-        vec![self.memory.clone(), self.cpu.clone(), self.pids.clone()]
+        let mut p = vec![self.memory.clone(), self.cpu.clone(), self.pids.clone()];
+        p.extend(self.devices.clone());
+        p
+    }
+
+    fn limits_devices(&self) -> bool {
+        self.devices.is_some()
     }
 }
 
@@ -240,10 +280,19 @@ impl CgroupBackend for V2 {
         let parent = self.root.join(&self.parent);
         mkdir(&parent)?;
         // Controllers must be enabled in every ancestor's subtree_control
-        // for the leaf to get their files.
-        let enable = "+memory +pids +cpu";
-        write_file(&self.root.join("cgroup.subtree_control"), enable)?;
-        write_file(&parent.join("cgroup.subtree_control"), enable)?;
+        // for the leaf to get their files; enable those the host has.
+        let have_path = self.root.join("cgroup.controllers");
+        let have = fs::read_to_string(&have_path).map_err(io_err(&have_path))?;
+        let enable: Vec<String> = ["memory", "pids", "cpu"]
+            .into_iter()
+            .filter(|c| have.split_whitespace().any(|h| h == *c))
+            .map(|c| format!("+{c}"))
+            .collect();
+        let enable = enable.join(" ");
+        if !enable.is_empty() {
+            write_file(&self.root.join("cgroup.subtree_control"), &enable)?;
+            write_file(&parent.join("cgroup.subtree_control"), &enable)?;
+        }
         let dir = parent.join(id);
         let made = CreatedGuard(vec![dir.clone()]);
         mkdir(&dir)?;
@@ -326,7 +375,7 @@ mod tests {
     #[test]
     fn v1_writes_limits_per_controller() {
         let t = tempfile::tempdir().unwrap();
-        for c in ["memory", "cpu", "pids"] {
+        for c in ["memory", "cpu", "pids", "devices"] {
             fs::create_dir(t.path().join(c)).unwrap();
         }
         fs::create_dir_all(t.path().join("memory/shoal")).unwrap();
@@ -339,6 +388,10 @@ mod tests {
         assert_eq!(read("pids/shoal/c1/pids.max"), "64");
         g.add_process(42).unwrap();
         assert_eq!(read("pids/shoal/c1/cgroup.procs"), "42");
+        // devices is mounted in this tree: deny all, then the allow list
+        // (a plain file keeps only the last write).
+        assert_eq!(read("devices/shoal/c1/devices.deny"), "a");
+        assert_eq!(read("devices/shoal/c1/devices.allow"), "c 136:* rwm");
         assert_eq!(read("memory/shoal/c1/cgroup.procs"), "42");
         assert!(!g.oom_killed().unwrap());
         fs::write(t.path().join("memory/shoal/c1/memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
@@ -350,6 +403,7 @@ mod tests {
         g.destroy().unwrap();
         assert!(!t.path().join("memory/shoal/c1").exists());
         assert!(!t.path().join("pids/shoal/c1").exists());
+        assert!(!t.path().join("devices/shoal/c1").exists());
     }
 
     #[test]
@@ -376,6 +430,16 @@ mod tests {
     }
 
     #[test]
+    fn v2_enables_only_the_controllers_the_host_has() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("cgroup.controllers"), "memory pids io\n").unwrap();
+        let g = V2::new(t.path(), "shoal").create("c4", &Limits { pids: Some(5), ..Limits::default() }).unwrap();
+        assert_eq!(fs::read_to_string(t.path().join("shoal/cgroup.subtree_control")).unwrap(), "+memory +pids");
+        clear_files(&t.path().join("shoal/c4"));
+        g.destroy().unwrap();
+    }
+
+    #[test]
     fn failed_create_leaves_nothing() {
         let t = tempfile::tempdir().unwrap();
         fs::write(t.path().join("cgroup.controllers"), "").unwrap();
@@ -383,6 +447,46 @@ mod tests {
         fs::write(t.path().join("shoal"), "").unwrap();
         assert!(V2::new(t.path(), "shoal").create("c3", &limits()).is_err());
         assert!(!t.path().join("shoal/c3").exists());
+    }
+
+    /// The v2 backend against the real kernel: this hybrid host's cgroup2
+    /// mount has no memory/cpu/pids controllers, but creating a group,
+    /// moving a process in, reading memory.events and removing it are real.
+    #[test]
+    fn v2_on_the_real_unified_mount() {
+        let root = Path::new("/sys/fs/cgroup/unified");
+        if !root.join("cgroup.controllers").exists() || !nix::unistd::Uid::effective().is_root() {
+            eprintln!("no cgroup2 mount at {} (or not root): nothing to check", root.display());
+            return;
+        }
+        let id = format!("unit-{}", std::process::id());
+        let parent = format!("shoal-test-{}", std::process::id());
+        // Removes the test's groups even if an assertion fails.
+        struct Cleanup(PathBuf, PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir(&self.0);
+                let _ = fs::remove_dir(&self.1);
+            }
+        }
+        let _cleanup = Cleanup(root.join(&parent).join(&id), root.join(&parent));
+        let b = V2::new(root, &parent);
+        let g = b.create(&id, &Limits::default()).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("100").spawn().unwrap();
+        struct Kill<'a>(&'a mut std::process::Child);
+        impl Drop for Kill<'_> {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        g.add_process(child.id() as i32).unwrap();
+        let procs = fs::read_to_string(root.join(&parent).join(&id).join("cgroup.procs")).unwrap();
+        assert_eq!(procs.trim(), child.id().to_string());
+        assert!(!g.oom_killed().unwrap());
+        drop(Kill(&mut child));
+        g.destroy().unwrap();
+        assert!(!root.join(&parent).join(&id).exists());
     }
 
     #[test]

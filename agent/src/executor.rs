@@ -131,9 +131,13 @@ impl Executor for LinuxExecutor {
     fn state(&self, id: &str) -> Result<ContainerState, ExecutorError> {
         match self.supervised(id)? {
             None => Ok(ContainerState::Created),
-            Some(s) => match s.state()? {
-                State::Running { .. } => Ok(ContainerState::Running),
-                State::Exited(rec) => Ok(ContainerState::Exited(rec.status)),
+            Some(s) => match s.state() {
+                Ok(State::Running { .. }) => Ok(ContainerState::Running),
+                Ok(State::Exited(rec)) => Ok(ContainerState::Exited(rec.status)),
+                // Its supervisor was killed: the container can't be
+                // followed any more; end it and report it killed.
+                Err(SupervisorError::Lost { .. }) => Ok(ContainerState::Exited(s.recover_lost()?.status)),
+                Err(e) => Err(e.into()),
             },
         }
     }
@@ -141,14 +145,20 @@ impl Executor for LinuxExecutor {
     fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Option<ExitStatus>, ExecutorError> {
         match self.supervised(id)? {
             None => Err(ExecutorError::InvalidState { id: id.into(), state: "created", action: "wait" }),
-            Some(s) => Ok(s.wait(timeout)?.map(|r| r.status)),
+            Some(s) => match s.wait(timeout) {
+                Err(SupervisorError::Lost { .. }) => Ok(Some(s.recover_lost()?.status)),
+                r => Ok(r?.map(|r| r.status)),
+            },
         }
     }
 
     fn shutdown(&self, id: &str, grace: Duration) -> Result<ExitStatus, ExecutorError> {
         match self.supervised(id)? {
             None => Err(ExecutorError::InvalidState { id: id.into(), state: "created", action: "shut down" }),
-            Some(s) => Ok(s.stop(grace)?.status),
+            Some(s) => match s.stop(grace) {
+                Err(SupervisorError::Lost { .. }) => Ok(s.recover_lost()?.status),
+                r => Ok(r?.status),
+            },
         }
     }
 

@@ -333,6 +333,40 @@ impl Supervised {
         }
     }
 
+    /// For a container whose supervisor died without a record (killed):
+    /// kills what is left of it (its init, if it is still in the
+    /// container's cgroup) and records it as killed, so it can be removed.
+    pub fn recover_lost(&self) -> Result<ExitRecord, SupervisorError> {
+        let needle = format!("shoal/{}", self.id);
+        if let Some(init) = read_pid(&self.paths.init_pid()) {
+            let ours = |pid: i32| {
+                fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .map(|c| c.lines().any(|l| l.ends_with(&needle)))
+                    .unwrap_or(false)
+            };
+            if ours(init) {
+                let _ = kill(Pid::from_raw(init), Signal::SIGKILL);
+                let start = Instant::now();
+                // init is not our child: wait for it to leave the cgroup.
+                while ours(init) && start.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        let rec = ExitRecord {
+            status: ExitStatus { code: 137, signal: Some(9), oom_killed: false },
+            error: Some("the supervisor died; the container was killed".into()),
+            finished_at: now_secs(),
+        };
+        let json = serde_json::to_vec(&rec).unwrap_or_default();
+        write_atomic(&self.paths.exit(), &json).map_err(|source| SupervisorError::Io {
+            id: self.id.clone(),
+            path: self.paths.exit(),
+            source,
+        })?;
+        Ok(rec)
+    }
+
     /// Waits up to `timeout` (forever if None) for the container to exit.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<ExitRecord>, SupervisorError> {
         let start = Instant::now();

@@ -182,7 +182,7 @@ impl Manager {
     async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, ProposeError> {
         let unreachable = |reason: String| ProposeError::LeaderUnreachable { leader: addr.to_string(), reason };
         let channel = self.tls.channel(addr).map_err(|e| unreachable(e.to_string()))?;
-        let data = serde_json::to_vec(cmd).map_err(|e| ProposeError::Raft(e.to_string()))?;
+        let data = crate::raft::encode(cmd).map_err(|e| ProposeError::Raft(e.to_string()))?;
         let mut client = RaftClient::new(channel);
         let call = client.propose(RaftPayload { data });
         let resp = match tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), call).await {
@@ -196,7 +196,7 @@ impl Manager {
             Ok(Err(status)) => return Err(ProposeError::Raft(status.message().to_string())),
             Ok(Ok(r)) => r.into_inner(),
         };
-        serde_json::from_slice(&resp.data).map_err(|e| ProposeError::Raft(format!("bad reply from leader: {e}")))
+        crate::raft::decode(&resp.data).map_err(|e| ProposeError::Raft(format!("bad reply from leader: {e}")))
     }
 
     /// Adds `id` as a learner, waits until it has caught up, then makes it a

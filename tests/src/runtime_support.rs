@@ -86,7 +86,7 @@ impl RtHost {
         if dir.exists() {
             left.push(format!("directory {}", dir.display()));
         }
-        for c in ["memory", "cpu", "pids", "unified"] {
+        for c in ["memory", "cpu", "pids", "devices", "unified"] {
             let p = Path::new("/sys/fs/cgroup").join(c).join("shoal").join(id);
             if p.exists() {
                 left.push(format!("cgroup {}", p.display()));
@@ -130,7 +130,7 @@ impl RtHost {
         if let Ok(rd) = fs::read_dir(self.data_dir.join("containers")) {
             for e in rd.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
-                for c in ["memory", "cpu", "pids"] {
+                for c in ["memory", "cpu", "pids", "devices"] {
                     let p = Path::new("/sys/fs/cgroup").join(c).join("shoal").join(&id);
                     // The last processes may still be exiting: retry briefly.
                     for _ in 0..200 {
@@ -252,6 +252,10 @@ pub fn busybox_layer(extra: &[(&str, &[u8])]) -> anyhow::Result<Vec<u8>> {
     let r = t.path();
     for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root", "home/app"] {
         fs::create_dir_all(r.join(d))?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(r.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     }
     fs::copy(BUSYBOX, r.join("bin/busybox"))?;
     let list = Command::new(BUSYBOX).arg("--list").output()?;

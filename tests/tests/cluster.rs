@@ -64,7 +64,7 @@ fn leader_loss_keeps_every_committed_write() -> anyhow::Result<()> {
     let survivor = (old + 1) % 3;
     let new = wait_for(T, "a new leader", || Ok(c.leader(survivor).ok().filter(|l| *l != old)))?;
     assert_ne!(new, old);
-    c.cli_ok(survivor, &["service", "scale", "web=5"])?;
+    c.cli_ok(survivor, &["service", "scale", "--detach", "web=5"])?;
     expect_services(&c, survivor, &[("api", 3), ("web", 5)])?;
     // The old leader comes back from its data dir and catches up.
     c.restart(old)?;
@@ -79,7 +79,7 @@ fn full_restart_brings_back_the_same_state() -> anyhow::Result<()> {
     c.import_busybox(0, "bb:1")?;
     c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "2", "bb:1", "sleep", "3600"])?;
     c.cli_ok(0, &["service", "create", "--detach", "--name", "db", "--replicas", "1", "--limit-memory", "64M", "bb:1", "sleep", "3600"])?;
-    c.cli_ok(1, &["service", "scale", "web=7", "db=0"])?;
+    c.cli_ok(1, &["service", "scale", "--detach", "web=7", "db=0"])?;
     let before = c.cli_ok(0, &["service", "inspect", "db", "--format", "json"])?;
     let ids_before: Vec<Value> = c.cli_ok(0, &["node", "ls", "--format", "json"])?.as_array().cloned().unwrap_or_default().iter().map(|n| n["id"].clone()).collect();
     for i in 0..3 {
@@ -109,14 +109,14 @@ fn partitioned_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
     // Cut off the leader: the hardest case, it believed it could commit.
     let cut = c.leader(0)?;
     c.set_link(cut, false)?;
-    let out = c.cli(cut, &["service", "scale", "web=9"]);
+    let out = c.cli(cut, &["service", "scale", "--detach", "web=9"]);
     assert!(!out.status.success(), "a cut-off manager must not accept a write");
     let err = stderr(&out);
     assert!(err.contains("not committed") || err.contains("quorum") || err.contains("unreachable"), "{err}");
     // The other two elect a leader and carry on.
     let other = (cut + 1) % 3;
     wait_for(T, "a leader among the connected managers", || Ok(c.leader(other).ok().filter(|l| *l != cut)))?;
-    c.cli_ok(other, &["service", "scale", "web=4"])?;
+    c.cli_ok(other, &["service", "scale", "--detach", "web=4"])?;
     c.cli_ok(other, &["service", "create", "--detach", "--name", "api", "bb:1", "sleep", "3600"])?;
     expect_services(&c, other, &[("api", 1), ("web", 4)])?;
     c.set_link(cut, true)?;
@@ -246,7 +246,7 @@ fn join_once(c: &Cluster, i: usize, token: &str) -> std::process::Output {
 fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     let c = Cluster::start(1, 0)?;
     c.import_busybox(0, "bb:1")?;
-    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "2", "bb:1", "sleep", "3600"])?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "0", "bb:1", "sleep", "3600"])?;
     let before = c.cli_ok(0, &["service", "ls", "--format", "json"])?;
     let cases: &[(&[&str], &str)] = &[
         (&["service", "create", "--detach", "--name", "Bad_Name", "bb:1"], "Bad_Name"),
@@ -257,10 +257,10 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
         (&["service", "create", "--detach", "--name", "nan", "--replicas", "many", "bb:1"], "many"),
         (&["service", "create", "--detach", "--name", "mem", "--limit-memory", "lots", "bb:1"], "lots"),
         (&["service", "create", "--detach", "--name", "con", "--constraint", "zone=a", "bb:1"], "zone=a"),
-        (&["service", "scale", "web=-3"], "-3"),
-        (&["service", "scale", "web=ten"], "ten"),
-        (&["service", "scale", "nope=3"], "nope"),
-        (&["service", "scale", "web=4", "nope=3"], "nope"),
+        (&["service", "scale", "--detach", "web=-3"], "-3"),
+        (&["service", "scale", "--detach", "web=ten"], "ten"),
+        (&["service", "scale", "--detach", "nope=3"], "nope"),
+        (&["service", "scale", "--detach", "web=4", "nope=3"], "nope"),
         (&["service", "inspect", "nope"], "nope"),
         (&["service", "rm", "web", "nope"], "nope"),
         (&["node", "update", "ghost", "--availability", "drain"], "ghost"),

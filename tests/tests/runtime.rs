@@ -501,8 +501,10 @@ fn linux_executor_lifecycle_and_reattach() {
     assert_eq!(second.wait(&id, Some(Duration::from_millis(50))).unwrap(), None);
     assert!(second.remove(&id).is_err(), "removing a running container");
     let log_path = h.data_dir.join("containers").join(&id).join("container.log");
-    wait_for(Duration::from_secs(10), "httpd to start", || Ok(fs::read_to_string(&log_path).ok().filter(|l| l == "up\n")))
-        .unwrap();
+    wait_for(Duration::from_secs(10), "httpd to start", || {
+        Ok(fs::read_to_string(&log_path).ok().filter(|l| l == "up\n"))
+    })
+    .unwrap();
     let t = std::time::Instant::now();
     let status = second.shutdown(&id, Duration::from_secs(10)).unwrap();
     assert_eq!(status.code, 143, "{status:?}");
@@ -532,8 +534,10 @@ fn stop_escalates_to_sigkill_after_grace() {
     exec.prepare(&req).unwrap();
     exec.start(&id).unwrap();
     let log_path = h.data_dir.join("containers").join(&id).join("container.log");
-    wait_for(Duration::from_secs(10), "trap to be set", || Ok(fs::read_to_string(&log_path).ok().filter(|l| l == "up\n")))
-        .unwrap();
+    wait_for(Duration::from_secs(10), "trap to be set", || {
+        Ok(fs::read_to_string(&log_path).ok().filter(|l| l == "up\n"))
+    })
+    .unwrap();
     let t = std::time::Instant::now();
     let status = exec.shutdown(&id, Duration::from_millis(300)).unwrap();
     assert!(t.elapsed() >= Duration::from_millis(300), "killed before the grace period");
@@ -553,10 +557,101 @@ fn minimal_dev() {
     let out = stdout(&o);
     let mut lines = out.lines();
     let devs: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    for d in ["null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "ptmx", "fd", "stdin", "stdout", "stderr"] {
+    for d in
+        ["null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "ptmx", "fd", "stdin", "stdout", "stderr"]
+    {
         assert!(devs.contains(&d), "/dev lacks {d}: {devs:?}");
     }
     // Nothing of the host's /dev (disks, consoles) is there.
     assert!(devs.len() <= 14, "{devs:?}");
     assert_eq!(lines.collect::<Vec<_>>(), ["4", "null-ok", "8", "full-refuses", "1"]);
+}
+
+/// CAP_MKNOD is in Docker's set, so a container can make a node for the
+/// host's disk; opening it must still fail (devices cgroup on v1, nodev
+/// mounts otherwise).
+#[test]
+fn host_devices_cannot_be_opened() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let parts = fs::read_to_string("/proc/partitions").unwrap();
+    let (major, minor) = parts
+        .lines()
+        .skip(2)
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4).then(|| (f[0].to_string(), f[1].to_string()))
+        })
+        .expect("a block device");
+    let vol = format!("{}-dev", h.prefix);
+    let script = format!(
+        "mknod /tmp/disk b {major} {minor}; head -c 512 /tmp/disk | wc -c; \
+         mknod /data/disk b {major} {minor}; head -c 512 /data/disk | wc -c; echo x > /dev/null && echo null-ok"
+    );
+    let o = h.run(&["--rm", "-v", &format!("{vol}:/data"), "bb", "sh", "-c", &script]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "0\n0\nnull-ok\n", "stderr: {}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("head: /tmp/disk: Operation not permitted") || err.contains("head: /tmp/disk: Permission denied"),
+        "{err}"
+    );
+}
+
+/// `shoal run` killed with SIGKILL takes its container with it; the next
+/// `shoal run` removes what it left (directory, cgroup).
+#[test]
+fn killed_foreground_run_is_cleaned_up() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("killed");
+    let mut child = h.cmd(&["run", "--rm", "--name", &id, "bb", "sleep", "1000"]).spawn().unwrap();
+    let procs = std::path::Path::new("/sys/fs/cgroup/pids/shoal").join(&id).join("cgroup.procs");
+    wait_for(Duration::from_secs(10), "container to run", || {
+        Ok(fs::read_to_string(&procs).ok().filter(|p| p.lines().count() >= 2))
+    })
+    .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for(Duration::from_secs(10), "container processes to die", || {
+        Ok(fs::read_to_string(&procs).ok().filter(|p| p.trim().is_empty()))
+    })
+    .unwrap();
+    assert!(!h.leftovers(&id).is_empty(), "nothing to clean up?");
+    ok(&h.run(&["--rm", "bb", "true"]).unwrap());
+    assert_clean(&h, &id);
+}
+
+/// A supervisor killed with SIGKILL: the executor reports the container as
+/// killed, kills what is left of it, and can remove it.
+#[test]
+fn lost_supervisor_is_recovered() {
+    use shoal_agent::executor::{ContainerState, Executor, LinuxExecutor};
+    use shoal_agent::spec::RunRequest;
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("lost");
+    let exec = LinuxExecutor::new(&h.data_dir, &shoal_tests::shoal_bin()).unwrap();
+    let req = RunRequest {
+        id: id.clone(),
+        image: "bb".into(),
+        command: vec!["sleep".into(), "1000".into()],
+        ..Default::default()
+    };
+    exec.prepare(&req).unwrap();
+    exec.start(&id).unwrap();
+    let dir = h.data_dir.join("containers").join(&id);
+    let sup: i32 = fs::read_to_string(dir.join("supervisor.pid")).unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let state = wait_for(Duration::from_secs(10), "the loss to be noticed", || {
+        Ok(match exec.state(&id)? {
+            ContainerState::Running => None,
+            s => Some(s),
+        })
+    })
+    .unwrap();
+    let ContainerState::Exited(status) = state else { panic!("{state:?}") };
+    assert_eq!(status.code, 137);
+    exec.remove(&id).unwrap();
+    assert_clean(&h, &id);
 }

@@ -83,6 +83,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let image = store.resolve(&args.image).with_context(|| format!("image {}", args.image))?;
     let spec = build_spec(&args, &image)?;
     let rt = Runtime::new(&args.data_dir).context("container runtime")?;
+    rt.reap_orphans();
     rt.create(&spec)?;
     let id = spec.id.clone();
     if args.detach || args.supervised {
@@ -111,6 +112,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     // Removes the container on every path out of here when --rm is given.
     let guard = RemoveGuard { rt: &rt, id: &id, armed: args.rm };
+    rt.mark_foreground(&id, args.rm)?;
     let opts = StartOptions { stdio: Stdio::Inherit, die_with_parent: true, forward_signals: true };
     let running = match rt.start(&spec, opts) {
         Ok(r) => r,
@@ -139,9 +141,10 @@ struct RemoveGuard<'a> {
 
 impl Drop for RemoveGuard<'_> {
     fn drop(&mut self) {
-        if self.armed
-            && let Err(e) = self.rt.remove(self.id)
-        {
+        if !self.armed {
+            // Kept for inspection; no longer ours to clean up.
+            let _ = std::fs::remove_file(self.rt.container_dir(self.id).join("run.pid"));
+        } else if let Err(e) = self.rt.remove(self.id) {
             eprintln!("shoal: removing container {}: {e}", self.id);
         }
     }

@@ -437,7 +437,12 @@ impl<'a> Planner<'a> {
         let mut current: BTreeMap<u64, (usize, Class)> = BTreeMap::new();
         for (&slot, idxs) in &slots {
             let Some(cur) = self.dedupe(views, idxs) else { continue };
-            let history: Vec<&TaskObj> = idxs.iter().filter(|&&i| i != cur).map(|&i| views[i].t).collect();
+            // The slot's history only matters to the restart policy.
+            let history: Vec<&TaskObj> = if views[cur].state.is_terminal() {
+                idxs.iter().filter(|&&i| i != cur).map(|&i| views[i].t).collect()
+            } else {
+                Vec::new()
+            };
             let class = self.classify(svc, views, cur, &history, &req);
             current.insert(slot, (cur, class));
         }
@@ -582,9 +587,10 @@ impl<'a> Planner<'a> {
         }
         let cfg = svc.spec.update.clone().unwrap_or_default();
         let parallelism = if cfg.parallelism == 0 { usize::MAX } else { cfg.parallelism as usize };
+        let stale: std::collections::HashSet<usize> = outdated.iter().copied().collect();
         let fresh: Vec<&View> = slots
             .iter()
-            .filter(|(_, cur, c)| live(c) && views[*cur].current() && !outdated.contains(cur))
+            .filter(|(_, cur, c)| live(c) && views[*cur].current() && !stale.contains(cur))
             .map(|(_, cur, _)| &views[*cur])
             .collect();
         let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count();
@@ -595,6 +601,19 @@ impl<'a> Planner<'a> {
             .max();
         if let Some(at) = last_started.map(|t| t.saturating_add(cfg.delay_ms)).filter(|at| *at > self.now) {
             self.wake(at);
+            return true;
+        }
+        // A task of the new spec that failed pauses the update (Swarm's
+        // default failure action; `rollback` pauses too, for now): the
+        // rest keep the old spec until the service is updated again.
+        let failed = views.iter().find(|v| {
+            matches!(v.t.state, TaskState::Failed | TaskState::Rejected)
+                && v.t.created_at_ms >= svc.updated_at_ms
+                && !Self::outdated(svc, v.t, &mut cache)
+        });
+        if let Some(v) = failed {
+            let phrase = format!("update paused after task {} of the new spec {}: {{n}} still on the old spec", v.t.id, v.t.state.as_str());
+            *self.tally.entry(phrase).or_default() += outdated.len();
             return true;
         }
         let allowed = parallelism.saturating_sub(in_flight);

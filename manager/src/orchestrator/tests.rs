@@ -725,3 +725,48 @@ mod live {
         let _ = m.raft.shutdown().await;
     }
 }
+
+#[test]
+fn a_failing_new_spec_pauses_the_update() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    let mut s = with_restart(spec("web", 4), "none", 0, 0, 0);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, delay_ms: 0, failure_action: "pause".into() });
+    sim.service(s);
+    sim.settle();
+    sim.now += 1_000;
+    update_image(&mut sim, "web", "bb:broken");
+    assert_eq!(sim.orchestrate().create.len(), 1);
+    sim.schedule();
+    // The first new task fails; the other three stay on the old spec.
+    let new = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:broken").map(|t| t.id.clone()).unwrap();
+    sim.report(&new, TaskState::Failed, Some(1));
+    sim.agents();
+    let plan = sim.orchestrate();
+    assert!(plan.create.is_empty(), "{:?}", plan.create);
+    assert!(plan.notes.iter().any(|n| n.contains("update paused after task")), "{:?}", plan.notes);
+    sim.settle();
+    let old: Vec<_> = sim.running("web").into_iter().filter(|t| t.spec.image == "bb:1").collect();
+    assert_eq!(old.len(), 3);
+    // A new update (the fix) goes on.
+    sim.now += 1_000;
+    update_image(&mut sim, "web", "bb:2");
+    sim.settle();
+    assert_eq!(sim.running("web").iter().filter(|t| t.spec.image == "bb:2").count(), 3);
+}
+
+#[test]
+fn rebalance_fills_a_node_that_joins() {
+    let mut sim = Sim::default();
+    sim.nodes(&["w1", "w2", "w3", "w4"]);
+    sim.service(spec("web", 8));
+    sim.service(global("mon"));
+    sim.settle();
+    sim.node("w5", &[]);
+    sim.settle();
+    let spread = sim.spread("web");
+    assert!(max_minus_min(&spread) <= 1, "{spread:?}");
+    assert_eq!(spread["w5"], 1, "{spread:?}");
+    assert_eq!(sim.spread("mon")["w5"], 1);
+    assert!(sim.orchestrate().is_empty());
+}

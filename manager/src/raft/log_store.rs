@@ -30,7 +30,7 @@ fn read_err(e: impl Into<redb::Error>) -> StorageError {
 fn write_err(e: impl Into<redb::Error>) -> StorageError {
     StorageIOError::write_logs(&e.into()).into()
 }
-fn decode_err(e: serde_json::Error) -> StorageError {
+fn decode_err(e: postcard::Error) -> StorageError {
     StorageIOError::read_logs(&e).into()
 }
 
@@ -47,13 +47,13 @@ impl LogStore {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(META).map_err(read_err)?;
         match table.get(key).map_err(read_err)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(decode_err)?)),
+            Some(v) => Ok(Some(crate::raft::decode(v.value()).map_err(decode_err)?)),
             None => Ok(None),
         }
     }
 
     fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T, durable: bool) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        let bytes = crate::raft::encode(value).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
         let mut txn = self.db.begin_write().map_err(write_err)?;
         if !durable {
             txn.set_durability(redb::Durability::None)
@@ -111,7 +111,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let mut out = Vec::new();
             for item in table.range(start..=end).map_err(read_err)? {
                 let (_, v) = item.map_err(read_err)?;
-                out.push(serde_json::from_slice(v.value()).map_err(decode_err)?);
+                out.push(crate::raft::decode(v.value()).map_err(decode_err)?);
             }
             Ok(out)
         })
@@ -129,7 +129,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let txn = this.db.begin_read().map_err(read_err)?;
             let table = txn.open_table(LOGS).map_err(read_err)?;
             let last = match table.last().map_err(read_err)? {
-                Some((_, v)) => Some(serde_json::from_slice::<Entry<TypeConfig>>(v.value()).map_err(decode_err)?.log_id),
+                Some((_, v)) => Some(crate::raft::decode::<Entry<TypeConfig>>(v.value()).map_err(decode_err)?.log_id),
                 None => last_purged,
             };
             Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
@@ -172,7 +172,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut encoded = Vec::new();
         for e in entries {
-            let bytes = serde_json::to_vec(&e).map_err(|err| StorageError::from(StorageIOError::write_logs(&err)))?;
+            let bytes = crate::raft::encode(&e).map_err(|err| StorageError::from(StorageIOError::write_logs(&err)))?;
             encoded.push((e.log_id.index, bytes));
         }
         let db = self.db.clone();
@@ -217,7 +217,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || {
             // Record the purge point first: if we crash in between, the
             // entries still present below it are simply ignored.
-            this.put_meta(KEY_PURGED, &Some(log_id), true)?;
+            this.put_meta(KEY_PURGED, &log_id, true)?;
             let txn = this.db.begin_write().map_err(write_err)?;
             {
                 let mut table = txn.open_table(LOGS).map_err(write_err)?;

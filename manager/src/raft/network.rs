@@ -78,7 +78,7 @@ enum TransportError {
     #[error("rpc to {addr} timed out after {ttl:?}")]
     Timeout { addr: String, ttl: Duration },
     #[error("bad payload from {addr}: {source}")]
-    Decode { addr: String, source: serde_json::Error },
+    Decode { addr: String, source: postcard::Error },
 }
 
 impl Peer {
@@ -106,7 +106,7 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let data = crate::raft::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = self.client().map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let payload = RaftPayload { data };
         let fut = async {
@@ -128,7 +128,7 @@ impl Peer {
             Ok(Ok(r)) => r.into_inner(),
         };
         self.health.mark(self.target);
-        let res: Result<Resp, E> = serde_json::from_slice(&resp.data).map_err(|source| {
+        let res: Result<Resp, E> = crate::raft::decode(&resp.data).map_err(|source| {
             let e = TransportError::Decode { addr: self.addr.clone(), source };
             RPCError::Network(NetworkError::new(&e))
         })?;

@@ -25,11 +25,11 @@ impl RaftService {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(req: &RaftPayload) -> Result<T, Status> {
-    serde_json::from_slice(&req.data).map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
+    crate::raft::decode(&req.data).map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
-    let data = serde_json::to_vec(v).map_err(|e| Status::internal(format!("encoding raft payload: {e}")))?;
+    let data = crate::raft::encode(v).map_err(|e| Status::internal(format!("encoding raft payload: {e}")))?;
     Ok(Response::new(RaftPayload { data }))
 }
 

@@ -55,7 +55,7 @@ impl StateMachine {
         txn.commit().map_err(|e| sm_write_err(redb::Error::from(e)))?;
         let sm = StateMachine { db, store, inner: Default::default() };
         if let Some(snap) = sm.read_snapshot()? {
-            let state: State = serde_json::from_slice(&snap.data).map_err(sm_read_err)?;
+            let state: State = crate::raft::decode(&snap.data).map_err(sm_read_err)?;
             sm.store.replace(state);
             let mut inner = sm.inner.try_lock().map_err(sm_read_err)?;
             inner.last_applied = snap.meta.last_log_id;
@@ -71,11 +71,11 @@ impl StateMachine {
         let Some(v) = table.get(KEY_SNAPSHOT).map_err(|e| sm_read_err(redb::Error::from(e)))? else {
             return Ok(None);
         };
-        Ok(Some(serde_json::from_slice(v.value()).map_err(sm_read_err)?))
+        Ok(Some(crate::raft::decode(v.value()).map_err(sm_read_err)?))
     }
 
     fn write_snapshot(db: &Database, snap: &StoredSnapshot) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(snap).map_err(sm_write_err)?;
+        let bytes = crate::raft::encode(snap).map_err(sm_write_err)?;
         let txn = db.begin_write().map_err(|e| sm_write_err(redb::Error::from(e)))?;
         {
             let mut table = txn.open_table(SNAPSHOT).map_err(|e| sm_write_err(redb::Error::from(e)))?;
@@ -165,7 +165,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: State = serde_json::from_slice(&data)
+        let state: State = crate::raft::decode(&data)
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
         let mut inner = self.inner.lock().await;
         let stored = StoredSnapshot { meta: meta.clone(), data };

@@ -89,7 +89,7 @@ impl Store {
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
-    pub(crate) fn snapshot_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(&*self.guard())
+    pub(crate) fn snapshot_bytes(&self) -> Result<Vec<u8>, postcard::Error> {
+        crate::raft::encode(&*self.guard())
     }
 }
