@@ -287,7 +287,7 @@ impl Runtime {
                     seccomp: &seccomp,
                     sync: sync_r,
                     err: std::cell::Cell::new(Some(err_w)),
-                    no_devices: !cgroup.get().limits_devices(),
+                    no_devices: !cgroup.get().is_some_and(|g| g.limits_devices()),
                 };
                 child.run(opts)
             }
@@ -295,7 +295,7 @@ impl Runtime {
                 drop(sync_r);
                 drop(err_w);
                 let pid_t = Pid::from_raw(pid);
-                let joined = cgroup.get().add_process(pid);
+                let joined = cgroup.0.as_deref().map_or(Ok(()), |g| g.add_process(pid));
                 if let Err(e) = joined {
                     let _ = kill(pid_t, Signal::SIGKILL);
                     let _ = waitpid(pid_t, None);
@@ -332,9 +332,8 @@ impl Runtime {
 struct CgroupGuard(Option<Box<dyn Cgroup>>);
 
 impl CgroupGuard {
-    #[allow(clippy::unwrap_used)] // always Some until Drop
-    fn get(&self) -> &dyn Cgroup {
-        self.0.as_deref().unwrap()
+    fn get(&self) -> Option<&dyn Cgroup> {
+        self.0.as_deref()
     }
 }
 
@@ -395,7 +394,7 @@ impl Running {
             WaitStatus::Signaled(_, s, _) => (128 + s as i32, Some(s as i32)),
             _ => return Ok(None),
         };
-        let oom_killed = self.cgroup.get().oom_killed().unwrap_or(false);
+        let oom_killed = self.cgroup.get().is_some_and(|g| g.oom_killed().unwrap_or(false));
         if let Some(g) = self.cgroup.0.take() {
             g.destroy()?;
         }

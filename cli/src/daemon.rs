@@ -183,7 +183,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     tracing::info!(node = %identity.name, id = %format_node_id(identity.id), role = identity.role.as_str(), "node starting");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut server = None;
+    let server;
     let mut manager = None;
     if identity.role == Role::Manager {
         let m = Manager::open(identity.id, &dir, tls.clone()).await?;
@@ -191,7 +191,10 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let cfg = DispatcherConfig { down_after: args.heartbeat_timeout, ..Default::default() };
-        server = Some(tokio::spawn(shoal_manager::serve(m.clone(), listener, cfg, stop_rx.clone())));
+        let agent = tonic::service::Routes::new(shoal_proto::agent::agent_server::AgentServer::new(
+            crate::agent_server::AgentService { data_dir: dir.clone() },
+        ));
+        server = tokio::spawn(shoal_manager::serve(m.clone(), listener, cfg, agent, stop_rx.clone()));
         tracing::info!(listen = %args.listen, advertise = %advertise, "manager serving");
         match fresh {
             Fresh::Init => init_cluster(&m, &dir, &identity, &labels, &args.availability).await?,
@@ -202,6 +205,23 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             Fresh::No => {}
         }
         manager = Some(m);
+    } else {
+        // A worker serves only its Agent service (logs, exec) to managers.
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let mut stop = stop_rx.clone();
+        let tls_cfg = tls.server_config();
+        let svc = shoal_proto::agent::agent_server::AgentServer::new(crate::agent_server::AgentService { data_dir: dir.clone() });
+        server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tls_config(tls_cfg)?
+                .add_service(svc)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        });
     }
 
     let (current_tx, current_rx) = tokio::sync::watch::channel(None);
@@ -243,9 +263,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     if let Some(m) = manager {
         let _ = m.raft.shutdown().await;
     }
-    if let Some(s) = server {
-        let _ = s.await;
-    }
+    let _ = server.await;
     let _ = agent.await;
     let _ = worker.await;
     Ok(())

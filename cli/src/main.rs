@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent_server;
 mod client;
 mod cmd;
 mod daemon;
@@ -43,6 +44,13 @@ enum Command {
     /// Manage services.
     #[command(subcommand)]
     Service(cmd::service::ServiceCmd),
+    /// Run a command in a task's container, on whichever node runs it.
+    Exec {
+        /// Task id, id prefix, or SERVICE.SLOT
+        task: String,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
     /// Run a container on this host, without a cluster (like `docker run`).
     Run(cmd::run::RunArgs),
     /// Manage the cluster's images (with --data-dir: this host's store).
@@ -101,6 +109,7 @@ async fn dispatch(ctx: client::Ctx, command: Command) -> anyhow::Result<ExitCode
         Command::Daemon(_) | Command::Run(_) | Command::Image { data_dir: Some(_), .. } | Command::Internal(_) => {
             unreachable!("handled in main")
         }
+        Command::Exec { task, cmd } => return cmd::service::exec(&ctx, task, cmd).await,
         Command::Cluster(c) => cmd::cluster::run(&ctx, c).await,
         Command::JoinToken(a) => cmd::cluster::join_token(&ctx, a).await,
         Command::Node(c) => cmd::node::run(&ctx, c).await,

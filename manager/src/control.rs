@@ -498,4 +498,39 @@ impl Control for ControlService {
         self.manager.propose(Command::RemoveImage { reference }).await.map_err(status)?;
         Ok(Response::new(Empty {}))
     }
+
+    type ServiceLogsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLine, Status>> + Send>>;
+
+    async fn service_logs(&self, req: Request<ServiceLogsRequest>) -> Result<Response<Self::ServiceLogsStream>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let service_id = self.manager.store.read(|s| s.resolve_service(&r.service)).map_err(apply_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(crate::logs::stream_service(self.manager.clone(), service_id, r.follow, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn exec(&self, req: Request<ExecTaskRequest>) -> Result<Response<ExecTaskResponse>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        if r.cmd.is_empty() {
+            return Err(Status::invalid_argument("no command given"));
+        }
+        let (task_id, addr) = self.manager.store.read(|s| {
+            let t = crate::logs::resolve_task(s, &r.task).map_err(apply_status)?;
+            if t.state != TaskState::Running {
+                return Err(Status::failed_precondition(format!("task {} is {}, not running", r.task, t.state.as_str())));
+            }
+            let node = t.node_id.and_then(|n| s.nodes.get(&n)).ok_or_else(|| Status::unavailable("the task's node is gone"))?;
+            Ok((t.id.clone(), node.address.clone()))
+        })?;
+        let channel = self.manager.tls.channel(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = shoal_proto::agent::agent_client::AgentClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .exec(shoal_proto::agent::ExecRequest { task_id, cmd: r.cmd })
+            .await
+            .map_err(|s| Status::new(s.code(), format!("agent at {addr}: {}", s.message())))?
+            .into_inner();
+        Ok(Response::new(ExecTaskResponse { exit_code: resp.exit_code, stdout: resp.stdout, stderr: resp.stderr }))
+    }
 }

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod control;
 pub mod dispatcher;
 pub mod join;
+pub mod logs;
 pub mod manager;
 pub mod orchestrator;
 pub mod pki;
@@ -31,11 +32,14 @@ pub use dispatcher::{DispatcherConfig, DispatcherService};
 pub use manager::Manager;
 
 /// Serves every manager service on `listener` until `shutdown` turns true.
-/// The dispatcher's down-detector runs alongside.
+/// The dispatcher's down-detector, the orchestrators, the scheduler and
+/// blob replication run alongside. `agent` is this node's own Agent service
+/// (the daemon composes it; this crate does not know the agent).
 pub async fn serve(
     manager: Arc<Manager>,
     listener: TcpListener,
     dispatcher: DispatcherConfig,
+    agent: tonic::service::Routes,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let dispatcher = DispatcherService::new(manager.clone(), dispatcher);
@@ -48,6 +52,7 @@ pub async fn serve(
     let mut stop = shutdown.clone();
     tonic::transport::Server::builder()
         .tls_config(manager.tls.server_config())?
+        .add_routes(agent)
         .add_service(ControlServer::new(control::ControlService::new(manager.clone())))
         .add_service(
             RaftServer::new(raft::server::RaftService::new(manager.clone()))

@@ -21,3 +21,6 @@ pub mod dispatcher {
 pub mod join {
     tonic::include_proto!("shoal.join");
 }
+pub mod agent {
+    tonic::include_proto!("shoal.agent");
+}

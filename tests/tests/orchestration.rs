@@ -244,3 +244,68 @@ fn bad_orchestration_input_is_refused_and_changes_nothing() -> anyhow::Result<()
     assert_eq!(images.as_array().map(Vec::len), Some(1), "{images}");
     Ok(())
 }
+
+#[test]
+fn logs_follow_and_exec_reach_tasks_on_other_hosts() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let c = Cluster::start(1, 2)?;
+    c.import_busybox(0, "bb:1")?;
+    let script = "i=0; while true; do echo line $i from $(hostname); i=$((i+1)); sleep 0.2; done";
+    c.cli_ok(0, &["service", "create", "--name", "ticker", "--replicas", "2", "--constraint", "node.role==worker", "bb:1", "sh", "-c", script])?;
+    wait_spread(&c, 0, "ticker", 2, &["n1", "n2"])?;
+    // Follow: lines from both workers arrive through the manager.
+    let h = &c.hosts[0];
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", h.netns))
+        .arg(shoal_tests::shoal_bin())
+        .args(["--host", &h.addr(), "--cert-dir"])
+        .arg(c.cert_dir())
+        .args(["service", "logs", "-f", "ticker"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + T;
+    while seen.len() < 2 && std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            if let Some((prefix, _)) = line.split_once('|') {
+                if line.contains("from ticker-") {
+                    seen.insert(prefix.trim().to_string());
+                }
+            }
+        }
+    }
+    // Following must not hang when a task goes away: scale down while
+    // following, then the stream keeps working for the remaining task.
+    c.cli_ok(0, &["service", "scale", "ticker=1"])?;
+    let mut after = 0;
+    let deadline = std::time::Instant::now() + T;
+    while after < 3 && std::time::Instant::now() < deadline {
+        if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+            after += 1;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen.len(), 2, "lines from both tasks on both workers: {seen:?}");
+    assert!(seen.iter().any(|s| s.contains("@n1")) && seen.iter().any(|s| s.contains("@n2")), "{seen:?}");
+    assert!(after >= 3, "logs -f kept streaming after a task went away");
+    // Exec from the manager's host into a task on a worker.
+    let out = c.cli(0, &["exec", "ticker.1", "hostname"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ticker-1");
+    let out = c.cli(0, &["exec", "ticker.1", "sh", "-c", "echo oops >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "oops");
+    let out = c.cli(0, &["exec", "nosuch.9", "true"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nosuch.9"));
+    Ok(())
+}

@@ -269,6 +269,12 @@ fn image_config_and_multi_layer_oci_archive_with_whiteouts() {
     assert!(out.starts_with("layered\n/work\n65534\nhi from layer 2\nb\n"), "{out}");
     assert!(out.contains("No such file or directory"), "{out}");
     assert!(out.ends_with("k\n"), "{out}");
+    // The archive's path works as IMAGE too (already loaded: found by name
+    // or loaded again under the same digests).
+    let o = h.run(&["--rm", archive.to_str().unwrap(), "echo by path"]).unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "by path\n");
+    assert_eq!(h.layer_count(), 2);
     // Command line overrides Cmd but keeps the Entrypoint.
     let o = h.run(&["--rm", "test/layered:v1", "echo override"]).unwrap();
     ok(&o);

@@ -29,6 +29,13 @@ pub enum ServiceCmd {
         #[arg(long, short)]
         detach: bool,
     },
+    /// Show the output of a service's tasks, from every node.
+    Logs {
+        service: String,
+        /// Keep following new output (and new tasks).
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// List a service's tasks.
     Ps {
         service: String,
@@ -502,6 +509,21 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 converge(ctx, &ids).await?;
             }
         }
+        ServiceCmd::Logs { service, follow } => {
+            use std::io::Write;
+            let mut c = ctx.control().await?;
+            let mut stream = c
+                .service_logs(ServiceLogsRequest { service, follow })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(line) = stream.message().await.map_err(rpc_err)? {
+                write!(out, "{}@{}    | ", line.task, line.node)?;
+                out.write_all(&line.data)?;
+                out.flush()?;
+            }
+        }
         ServiceCmd::Ps { service, all } => {
             let mut c = ctx.control().await?;
             let tasks = c.list_tasks(ListTasksRequest { service, all }).await.map_err(rpc_err)?.into_inner().tasks;
@@ -539,4 +561,20 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `shoal exec TASK CMD...`: the command's output is printed as it came and
+/// its exit code becomes ours.
+pub async fn exec(ctx: &Ctx, task: String, cmd: Vec<String>) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Write;
+    let r = ctx
+        .control()
+        .await?
+        .exec(ExecTaskRequest { task, cmd })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    std::io::stdout().write_all(&r.stdout)?;
+    std::io::stderr().write_all(&r.stderr)?;
+    Ok(std::process::ExitCode::from(r.exit_code.clamp(0, 255) as u8))
 }
