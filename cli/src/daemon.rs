@@ -179,10 +179,44 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     } else {
         bail!("{} holds no node identity: start with --init to create a cluster or --join IP:PORT --token TOKEN", dir.display());
     };
+    let mut identity = identity;
+    let mut fresh = fresh;
+    loop {
+        match run_node(&args, &dir, advertise, &labels, &identity, fresh).await? {
+            Exit::Signal => return Ok(()),
+            Exit::RoleChanged => {
+                identity = serde_json::from_str(&read(&identity_path(&dir))?).context("parsing node.json")?;
+                fresh = Fresh::No;
+                if identity.role == Role::Worker {
+                    // No longer a Raft member: its log is history.
+                    let _ = std::fs::remove_file(dir.join("raft.redb"));
+                }
+                tracing::info!(node = %identity.name, role = identity.role.as_str(), "role changed: restarting the node's components");
+            }
+        }
+    }
+}
+
+/// Why a node's components stopped.
+enum Exit {
+    Signal,
+    RoleChanged,
+}
+
+async fn run_node(
+    args: &DaemonArgs,
+    dir: &Path,
+    advertise: SocketAddr,
+    labels: &BTreeMap<String, String>,
+    identity: &Identity,
+    fresh: Fresh,
+) -> anyhow::Result<Exit> {
+    let dir = dir.to_path_buf();
     let tls = Arc::new(load_tls(&dir)?);
     tracing::info!(node = %identity.name, id = %format_node_id(identity.id), role = identity.role.as_str(), "node starting");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (role_tx, mut role_rx) = tokio::sync::watch::channel(false);
     let server;
     let mut manager = None;
     if identity.role == Role::Manager {
@@ -196,13 +230,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         ));
         server = tokio::spawn(shoal_manager::serve(m.clone(), listener, cfg, agent, stop_rx.clone()));
         tracing::info!(listen = %args.listen, advertise = %advertise, "manager serving");
-        match fresh {
-            Fresh::Init => init_cluster(&m, &dir, &identity, &labels, &args.availability).await?,
-            Fresh::Joined => {
-                m.request_promotion(&identity.managers).await?;
-                tracing::info!("joined the raft group as a voter");
-            }
-            Fresh::No => {}
+        if matches!(fresh, Fresh::Init) {
+            init_cluster(&m, &dir, identity, labels, &args.availability).await?;
+        } else if m.outside_raft() {
+            // Just joined with a manager token, or just promoted.
+            m.request_promotion(&identity.managers).await?;
+            tracing::info!("joined the raft group as a voter");
         }
         manager = Some(m);
     } else {
@@ -241,6 +274,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .run(),
     );
     let agent = tokio::spawn(session::run(session::Session {
+        role: identity.role,
+        role_changed: role_tx,
         current: current_tx,
         data_dir: dir.clone(),
         node_id: identity.id,
@@ -257,8 +292,13 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         shutdown: stop_rx.clone(),
     }));
 
-    wait_for_signal().await;
-    tracing::info!(node = %identity.name, "shutting down");
+    let exit = tokio::select! {
+        _ = wait_for_signal() => Exit::Signal,
+        _ = role_rx.wait_for(|c| *c) => Exit::RoleChanged,
+    };
+    if matches!(exit, Exit::Signal) {
+        tracing::info!(node = %identity.name, "shutting down");
+    }
     let _ = stop_tx.send(true);
     if let Some(m) = manager {
         let _ = m.raft.shutdown().await;
@@ -266,7 +306,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = agent.await;
     let _ = worker.await;
-    Ok(())
+    Ok(exit)
 }
 
 #[derive(Clone, Copy)]
@@ -274,6 +314,15 @@ enum Fresh {
     No,
     Init,
     Joined,
+}
+
+/// Records a role change the managers announced: the new certificate and
+/// role, so the restarted components (and a restarted daemon) use them.
+pub fn apply_role_change(dir: &Path, role: Role, cert_pem: &str) -> anyhow::Result<()> {
+    write_file(&dir.join("tls/node.pem"), cert_pem, false)?;
+    let mut id: Identity = serde_json::from_str(&read(&identity_path(dir))?).context("parsing node.json")?;
+    id.role = role;
+    save_identity(dir, &id)
 }
 
 async fn wait_for_signal() {
@@ -293,7 +342,9 @@ async fn wait_for_signal() {
 fn init_identity(dir: &Path, args: &DaemonArgs, advertise: SocketAddr) -> anyhow::Result<Identity> {
     let ca = pki::new_ca()?;
     let id = pki::random_u64()?;
-    let node = pki::issue(&ca, &format_node_id(id), CertRole::Manager)?;
+    let (csr, key_pem) = pki::new_csr()?;
+    let node = CertKey { cert_pem: pki::sign_csr(&ca, &csr, &format_node_id(id), CertRole::Manager)?, key_pem };
+    write_file(&dir.join("tls/node.csr"), &csr, false)?;
     let client = pki::issue(&ca, "client", CertRole::Client)?;
     save_tls(dir, &NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: node.cert_pem, key_pem: node.key_pem })?;
     write_file(&dir.join("client/ca.pem"), &ca.cert_pem, false)?;
@@ -340,7 +391,7 @@ async fn init_cluster(
         address: identity.advertise.clone(),
         nano_cpus: 0,
         memory_bytes: 0,
-        csr_pem: String::new(),
+        csr_pem: std::fs::read_to_string(dir.join("tls/node.csr")).unwrap_or_default(),
         version: 0,
         created_at_ms: 0,
         updated_at_ms: 0,

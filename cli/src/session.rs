@@ -20,6 +20,11 @@ pub struct Session {
     /// Publishes the manager this session currently talks to (the leader
     /// when it can be reached), for the task runner.
     pub current: tokio::sync::watch::Sender<Option<String>>,
+    /// The role this node's components run as; when the managers say
+    /// otherwise (with a new certificate), the session records it and
+    /// raises `role_changed`.
+    pub role: shoal_manager::store::objects::Role,
+    pub role_changed: tokio::sync::watch::Sender<bool>,
 }
 
 fn resources() -> Resources {
@@ -45,9 +50,19 @@ pub async fn run(mut s: Session) {
         let mut ok = false;
         if let Some(addr) = target.clone() {
             match heartbeat(&s, &addr, &res).await {
-                Ok((p, managers)) => {
+                Ok((p, managers, role, cert)) => {
                     ok = true;
                     period = p;
+                    if let Some(new_role) = role.filter(|r| *r != s.role && !cert.is_empty()) {
+                        match crate::daemon::apply_role_change(&s.data_dir, new_role, &cert) {
+                            Ok(()) => {
+                                tracing::info!(role = new_role.as_str(), "the managers changed this node's role");
+                                let _ = s.role_changed.send(true);
+                                return;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "could not record the new role"),
+                        }
+                    }
                     if !managers.is_empty() && managers != s.managers {
                         s.managers = managers;
                         remember_managers(&s);
@@ -83,7 +98,9 @@ enum HbError {
     Other(String),
 }
 
-async fn heartbeat(s: &Session, addr: &str, res: &Resources) -> Result<(Duration, Vec<String>), HbError> {
+type Beat = (Duration, Vec<String>, Option<shoal_manager::store::objects::Role>, String);
+
+async fn heartbeat(s: &Session, addr: &str, res: &Resources) -> Result<Beat, HbError> {
     let channel = s.tls.channel(addr).map_err(|e| HbError::Other(e.to_string()))?;
     let mut client = DispatcherClient::new(channel);
     let call = client.heartbeat(HeartbeatRequest {
@@ -95,7 +112,12 @@ async fn heartbeat(s: &Session, addr: &str, res: &Resources) -> Result<(Duration
         Err(_) => Err(HbError::Other("timed out".into())),
         Ok(Ok(r)) => {
             let r = r.into_inner();
-            Ok((Duration::from_millis(r.period_ms.clamp(100, 10_000)), r.managers))
+            let role = match r.role.as_str() {
+                "manager" => Some(shoal_manager::store::objects::Role::Manager),
+                "worker" => Some(shoal_manager::store::objects::Role::Worker),
+                _ => None,
+            };
+            Ok((Duration::from_millis(r.period_ms.clamp(100, 10_000)), r.managers, role, r.cert_pem))
         }
         Ok(Err(st)) => match st.metadata().get("shoal-leader").and_then(|v| v.to_str().ok()) {
             Some(l) if !l.is_empty() && l != addr => Err(HbError::Redirect(l.to_string())),

@@ -292,23 +292,52 @@ impl Control for ControlService {
     async fn promote_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
         authorize(&req, CLIENTS)?;
         let what = req.into_inner().node;
-        let node = self.read_node(&what)?;
-        if node.role == "manager" {
-            return Err(Status::failed_precondition(format!("node {:?} is already a manager", node.name)));
+        let (id, role, csr, node_status) = self.manager.store.read(|s| {
+            let id = s.resolve_node(&what).map_err(apply_status)?;
+            let n = &s.nodes[&id];
+            Ok::<_, Status>((id, n.role, n.csr_pem.clone(), n.status))
+        })?;
+        if role == Role::Manager {
+            return Err(Status::failed_precondition(format!("node {what:?} is already a manager")));
         }
-        Err(Status::unimplemented(
-            "promoting a running worker is not supported yet: join a new node with the manager token",
-        ))
+        if csr.is_empty() {
+            return Err(Status::failed_precondition(format!("node {what:?} has no key on record to certify as a manager")));
+        }
+        if node_status != crate::store::objects::NodeStatus::Ready {
+            return Err(Status::failed_precondition(format!("node {what:?} is down: it must be up to become a manager")));
+        }
+        let patch = NodePatch { role: Some(Role::Manager), ..Default::default() };
+        self.manager.propose(Command::UpdateNode { id, patch }).await.map_err(status)?;
+        tracing::info!(node = %what, "node promoted to manager; it joins the raft group on its next heartbeat");
+        Ok(Response::new(self.read_node(&format_node_id(id))?))
     }
 
     async fn demote_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
         authorize(&req, CLIENTS)?;
         let what = req.into_inner().node;
-        let node = self.read_node(&what)?;
-        if node.role == "worker" {
-            return Err(Status::failed_precondition(format!("node {:?} is already a worker", node.name)));
+        let (id, role, managers) = self.manager.store.read(|s| {
+            let id = s.resolve_node(&what).map_err(apply_status)?;
+            let managers = s.nodes.values().filter(|n| n.role == Role::Manager).count();
+            Ok::<_, Status>((id, s.nodes[&id].role, managers))
+        })?;
+        if role == Role::Worker {
+            return Err(Status::failed_precondition(format!("node {what:?} is already a worker")));
         }
-        Err(Status::unimplemented("demoting a manager is not supported yet"))
+        if managers <= 1 {
+            return Err(Status::failed_precondition(format!("node {what:?} is the last manager: promote another node first")));
+        }
+        if self.manager.leader().map(|l| l.0) == Some(id) {
+            return Err(Status::failed_precondition(format!(
+                "node {what:?} is the leader: stop it (a new leader is elected) or demote it once another manager leads"
+            )));
+        }
+        // Out of the Raft group first, so the quorum never counts a node
+        // that already stopped acting as a manager.
+        self.manager.remove_manager(id).await.map_err(status)?;
+        let patch = NodePatch { role: Some(Role::Worker), ..Default::default() };
+        self.manager.propose(Command::UpdateNode { id, patch }).await.map_err(status)?;
+        tracing::info!(node = %what, "manager demoted to worker");
+        Ok(Response::new(self.read_node(&format_node_id(id))?))
     }
 
     async fn update_node(&self, req: Request<UpdateNodeRequest>) -> Result<Response<Node>, Status> {

@@ -271,7 +271,7 @@ impl Dispatcher for DispatcherService {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let (caller, _) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        let (caller, cert_role) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
         let r = req.into_inner();
         if caller != format_node_id(r.node_id) {
             return Err(Status::permission_denied("a node may only heartbeat for itself"));
@@ -305,6 +305,26 @@ impl Dispatcher for DispatcherService {
         let managers = self.manager.store.read(|s| {
             s.nodes.values().filter(|n| n.role == Role::Manager).map(|n| n.address.clone()).collect()
         });
-        Ok(Response::new(HeartbeatResponse { period_ms: self.config.period.as_millis() as u64, managers }))
+        // After `node promote|demote`, hand the node a certificate with its
+        // new role, signed for the key it joined with.
+        let want = match node.role {
+            Role::Manager => CertRole::Manager,
+            Role::Worker => CertRole::Worker,
+        };
+        let cert_pem = if want != cert_role && !node.csr_pem.is_empty() {
+            let ca = self.manager.store.read(|s| {
+                s.cluster.as_ref().map(|c| crate::pki::CertKey { cert_pem: c.ca_cert_pem.clone(), key_pem: c.ca_key_pem.clone() })
+            });
+            let ca = ca.ok_or_else(|| Status::unavailable("cluster not initialized"))?;
+            crate::pki::sign_csr(&ca, &node.csr_pem, &caller, want).map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            String::new()
+        };
+        Ok(Response::new(HeartbeatResponse {
+            period_ms: self.config.period.as_millis() as u64,
+            managers,
+            role: node.role.as_str().into(),
+            cert_pem,
+        }))
     }
 }

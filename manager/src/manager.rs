@@ -212,6 +212,34 @@ impl Manager {
         Ok(())
     }
 
+    /// Takes `id` out of the Raft group (voter and learner). Runs on the
+    /// leader; a follower forwards through the `RemoveVoter` RPC.
+    pub async fn remove_manager(&self, id: NodeId) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            let (_, addr) = self.leader().ok_or(ProposeError::NoLeader)?;
+            let channel = self.tls.channel(&addr).map_err(|e| ProposeError::Raft(e.to_string()))?;
+            RaftClient::new(channel)
+                .remove_voter(PromoteRequest { node_id: id })
+                .await
+                .map_err(|s| ProposeError::Raft(s.message().to_string()))?;
+            return Ok(());
+        }
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
+        if voters.is_empty() {
+            return Err(ProposeError::Raft("cannot remove the last manager".into()));
+        }
+        self.raft.change_membership(voters, false).await.map_err(map_membership_err)?;
+        tracing::info!(node = %crate::store::state::format_node_id(id), "manager removed from the raft group");
+        Ok(())
+    }
+
+    /// Whether this node is in no Raft membership yet (a manager that has
+    /// just joined or been promoted and must ask to be added).
+    pub fn outside_raft(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().nodes().next().is_none()
+    }
+
     /// Asks the leader to add this node as a manager (after a manager join).
     pub async fn request_promotion(&self, via: &[String]) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

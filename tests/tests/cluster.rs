@@ -273,3 +273,36 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn workers_are_promoted_into_raft_and_demoted_out_of_it() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 2)?;
+    for n in ["n1", "n2"] {
+        let out = c.cli(0, &["node", "promote", n]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    c.wait_converged(0, 3, 3)?;
+    let nodes = c.cli_ok(1, &["node", "ls", "--format", "json"])?;
+    assert!(nodes.as_array().context("nodes")?.iter().all(|n| n["role"] == "manager"), "{nodes}");
+    // The promoted node now answers the Control API itself.
+    let st = c.cli_ok(2, &["cluster", "status", "--format", "json"])?;
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(3), "{st}");
+    // Demote a follower: out of the Raft group, back to a worker.
+    let leader = c.leader(0)?;
+    let victim = (1..3).find(|i| *i != leader).context("a follower")?;
+    let name = c.hosts[victim].name.clone();
+    let out = c.cli(leader, &["node", "demote", &name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.wait_converged(leader, 2, 3)?;
+    let n = c.cli_ok(leader, &["node", "inspect", &name, "--format", "json"])?;
+    assert_eq!(n["role"], "worker");
+    let st = c.cli_ok(leader, &["cluster", "status", "--format", "json"])?;
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(2), "{st}");
+    // Refusals: promoting a manager, demoting the leader.
+    let leader_name = c.hosts[leader].name.clone();
+    for (args, want) in [(["node", "promote", leader_name.as_str()], "already a manager"), (["node", "demote", leader_name.as_str()], "leader")] {
+        let out = c.cli(leader, &args);
+        assert!(!out.status.success() && stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+    Ok(())
+}

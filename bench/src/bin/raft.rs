@@ -44,7 +44,8 @@ fn main() -> anyhow::Result<()> {
     let trials = arg("--trials", 5);
 
     let mut c = Cluster::start(3, 0)?;
-    c.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "0", "bb:1"])?;
+    c.import_busybox(0, "bb:1")?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "0", "bb:1"])?;
     let leader = c.leader(0)?;
     let addr = c.hosts[leader].addr();
     let certs = c.cert_dir();

@@ -92,4 +92,14 @@ impl RaftRpc for RaftService {
         m.add_manager(id, &addr).await.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(PromoteResponse {}))
     }
+
+    async fn remove_voter(&self, req: Request<PromoteRequest>) -> Result<Response<PromoteResponse>, Status> {
+        authorize(&req, &[CertRole::Manager])?;
+        let id = req.get_ref().node_id;
+        if !self.manager.is_leader() {
+            return Err(Status::unavailable("not the leader"));
+        }
+        self.manager.remove_manager(id).await.map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(PromoteResponse {}))
+    }
 }
