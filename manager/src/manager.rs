@@ -150,21 +150,40 @@ impl Manager {
     /// the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, ProposeError> {
         let kind = cmd.kind();
-        let outcome = match self.propose_local(cmd.clone()).await {
-            Err(LocalError::NotLeader(Some((leader, addr)))) if leader != self.id => self.forward(&addr, &cmd).await?,
-            Err(LocalError::NotLeader(_)) => return Err(ProposeError::NoLeader),
-            Err(LocalError::Timeout) => return Err(ProposeError::Timeout(WRITE_TIMEOUT)),
-            Err(LocalError::Raft(e)) => return Err(ProposeError::Raft(e)),
-            Ok(o) => o,
+        // During an election there is briefly no leader, or the leader we
+        // knew has gone: retry those (nothing was sent) until the deadline,
+        // so a failover is a short pause for clients, not an error.
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        let (outcome, forwarded) = loop {
+            let retry = match self.propose_local(cmd.clone()).await {
+                Ok(o) => break (o, false),
+                Err(LocalError::NotLeader(Some((leader, addr)))) if leader != self.id => {
+                    match self.forward(&addr, &cmd).await {
+                        Ok(o) => break (o, true),
+                        Err(e @ (ProposeError::LeaderUnreachable { .. } | ProposeError::NoLeader)) => e,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(LocalError::NotLeader(_)) => ProposeError::NoLeader,
+                Err(LocalError::Timeout) => return Err(ProposeError::Timeout(WRITE_TIMEOUT)),
+                Err(LocalError::Raft(e)) => return Err(ProposeError::Raft(e)),
+            };
+            if tokio::time::Instant::now() + Duration::from_millis(100) > deadline {
+                return Err(retry);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let applied = outcome?;
-        // A forwarded write is applied on the leader first; wait until this
-        // manager has applied it too.
-        let _ = self
-            .raft
-            .wait(Some(WRITE_TIMEOUT))
-            .applied_index_at_least(Some(applied.version), kind)
-            .await;
+        // A local proposal returns once this manager applied it. A forwarded
+        // one is applied on the leader first: wait until this manager has
+        // applied it too, so the caller reads its own write here.
+        if forwarded {
+            let _ = self
+                .raft
+                .wait(Some(WRITE_TIMEOUT))
+                .applied_index_at_least(Some(applied.version), kind)
+                .await;
+        }
         Ok(applied)
     }
 
@@ -188,6 +207,8 @@ impl Manager {
         let resp = match tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), call).await {
             Err(_) => return Err(ProposeError::Timeout(WRITE_TIMEOUT)),
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                // A connection failure (never sent) or the leader saying it
+                // no longer leads (not proposed): both safe to retry.
                 return Err(unreachable(status.message().to_string()));
             }
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {

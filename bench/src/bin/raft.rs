@@ -8,23 +8,18 @@
 //! Options: `--writes N` (latency samples, default 2000), `--throughput-writes N`
 //! (default 50000), `--clients N` (default 256), `--trials N` (failover, default 5).
 
+use shoal_bench::arg;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use shoal_proto::control::{ScaleItem, ScaleRequest};
+use shoal_proto::control::UpdateNodeRequest;
 use shoal_tests::{netns::in_netns, wait_for, Cluster};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn scale(replicas: u64) -> ScaleRequest {
-    ScaleRequest { items: vec![ScaleItem { service: "web".into(), replicas }] }
+/// The smallest real write: a label on node n0. It goes through Raft like
+/// any other change, and with no services it gives the orchestrator and
+/// scheduler nothing to do, so the figure is the replicated log's own.
+fn write(i: u64) -> UpdateNodeRequest {
+    UpdateNodeRequest { node: "n0".into(), label_add: [("bench".to_string(), i.to_string())].into(), ..Default::default() }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -44,8 +39,6 @@ fn main() -> anyhow::Result<()> {
     let trials = arg("--trials", 5);
 
     let mut c = Cluster::start(3, 0)?;
-    c.import_busybox(0, "bb:1")?;
-    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "0", "bb:1"])?;
     let leader = c.leader(0)?;
     let addr = c.hosts[leader].addr();
     let certs = c.cert_dir();
@@ -58,12 +51,12 @@ fn main() -> anyhow::Result<()> {
             rt()?.block_on(async move {
                 let mut client = shoal_tests::control_client(&addr, &certs).await?;
                 for i in 0..100 {
-                    client.scale_services(scale(i)).await?; // warm up
+                    client.update_node(write(i)).await?; // warm up
                 }
                 let mut lat = Vec::with_capacity(samples as usize);
                 for i in 0..samples {
                     let t = Instant::now();
-                    client.scale_services(scale(i)).await?;
+                    client.update_node(write(i)).await?;
                     lat.push(t.elapsed());
                 }
                 lat.sort();
@@ -94,7 +87,7 @@ fn main() -> anyhow::Result<()> {
                     let mut client = conns[(w % 8) as usize].clone();
                     tasks.push(tokio::spawn(async move {
                         for i in 0..per {
-                            client.scale_services(scale(w * per + i)).await?;
+                            client.update_node(write(w * per + i)).await?;
                         }
                         anyhow::Ok(per)
                     }));
@@ -128,7 +121,7 @@ fn main() -> anyhow::Result<()> {
                     let mut i = 0;
                     loop {
                         i += 1;
-                        let call = client.scale_services(scale(i));
+                        let call = client.update_node(write(i));
                         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), call).await {
                             return anyhow::Ok(killed.elapsed());
                         }

@@ -6,15 +6,11 @@
 //!
 //! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/scale [--trials N]`
 
+use shoal_bench::arg;
 use std::time::{Duration, Instant};
 
 use shoal_proto::control::{ListTasksRequest, ScaleItem, ScaleRequest};
 use shoal_tests::{netns::in_netns, Cluster};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 const FINAL: [&str; 5] = ["complete", "shutdown", "failed", "rejected", "orphaned"];
 

@@ -17,6 +17,7 @@
 //! Run: `cargo run --release -p shoal-bench --bin scheduler`
 //! Options: `--nodes N` (default 1000), `--tasks N` (default 100000), `--runs N` (default 5).
 
+use shoal_bench::arg;
 use std::time::{Duration, Instant};
 
 use shoal_manager::orchestrator::{OrchestratorConfig, Scope, reconcile};
@@ -26,15 +27,6 @@ use shoal_manager::store::objects::{Availability, NodeObj, NodeStatus, Role, Ser
 use shoal_manager::store::task::{TaskObj, TaskState};
 use shoal_manager::store::{Command, State};
 use shoal_proto::control::{Resources, ServiceSpec};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Builder {
     state: State,

@@ -58,7 +58,10 @@ pub fn config() -> openraft::Config {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
         max_in_snapshot_log_to_keep: 200,
         purge_batch_size: 256,
-        max_payload_entries: 512,
+        // openraft gives an AppendEntries one heartbeat interval to finish;
+        // entries carry up to 1024 commands each (group commit), so keep
+        // each request small enough to land well within 100 ms.
+        max_payload_entries: 32,
         ..Default::default()
     }
 }
