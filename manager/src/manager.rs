@@ -226,9 +226,21 @@ impl Manager {
         let node = BasicNode { addr: addr.to_string() };
         tracing::info!(node = %crate::store::state::format_node_id(id), addr, "adding manager as raft learner");
         self.raft.add_learner(id, node, true).await.map_err(map_membership_err)?;
-        let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-        voters.insert(id);
-        self.raft.change_membership(voters, false).await.map_err(map_membership_err)?;
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        loop {
+            let mut voters: BTreeSet<NodeId> =
+                self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+            voters.insert(id);
+            match self.raft.change_membership(voters, false).await {
+                Ok(_) => break,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(map_membership_err(e)),
+            }
+        }
         tracing::info!(node = %crate::store::state::format_node_id(id), "manager is now a raft voter");
         Ok(())
     }
@@ -245,12 +257,25 @@ impl Manager {
                 .map_err(|s| ProposeError::Raft(s.message().to_string()))?;
             return Ok(());
         }
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
-        if voters.is_empty() {
-            return Err(ProposeError::Raft("cannot remove the last manager".into()));
+        // Another membership change (a promotion finishing its joint
+        // consensus) may still be in flight: wait for it, briefly.
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        loop {
+            let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
+            if voters.is_empty() {
+                return Err(ProposeError::Raft("cannot remove the last manager".into()));
+            }
+            match self.raft.change_membership(voters, false).await {
+                Ok(_) => break,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(map_membership_err(e)),
+            }
         }
-        self.raft.change_membership(voters, false).await.map_err(map_membership_err)?;
         tracing::info!(node = %crate::store::state::format_node_id(id), "manager removed from the raft group");
         Ok(())
     }
