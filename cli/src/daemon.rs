@@ -250,7 +250,7 @@ async fn run_node(
             tonic::transport::Server::builder()
                 .tls_config(tls_cfg)?
                 .add_service(svc)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(shoal_manager::incoming(listener), async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await

@@ -113,7 +113,9 @@ impl Manager {
 
     /// The leader's id and address, as this node knows it.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
+        // Borrow, don't clone: this runs on every request.
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
         let leader = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&leader)?.addr.clone();
         Some((leader, addr))
@@ -127,8 +129,8 @@ impl Manager {
 
     /// Voters and learners of the Raft group with their addresses.
     pub fn members(&self) -> Vec<(NodeId, String, bool)> {
-        let m = self.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = membership.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         membership
             .nodes()

@@ -62,8 +62,8 @@ pub fn authorize<T>(req: &Request<T>, allowed: &[CertRole]) -> Result<(String, C
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate signed by the cluster CA is required"))?;
-    let (id, role) =
-        peer_identity(leaf).ok_or_else(|| Status::unauthenticated("client certificate carries no shoal role"))?;
+    let (id, role) = cached_identity(leaf)
+        .ok_or_else(|| Status::unauthenticated("client certificate carries no shoal role"))?;
     if !allowed.contains(&role) {
         return Err(Status::permission_denied(format!(
             "a {} certificate may not call this API",
@@ -71,4 +71,26 @@ pub fn authorize<T>(req: &Request<T>, allowed: &[CertRole]) -> Result<(String, C
         )));
     }
     Ok((id, role))
+}
+
+/// `peer_identity` of a certificate, remembered: every request on a
+/// connection presents the same certificate, and parsing X.509 on each
+/// call is a large share of a small request's cost. TLS has verified the
+/// chain already; this only reads the subject.
+fn cached_identity(der: &[u8]) -> Option<(String, CertRole)> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<Vec<u8>, (String, CertRole)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(hit) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(der) {
+        return Some(hit.clone());
+    }
+    let found = peer_identity(der)?;
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    // Certificates are few (one per node and CLI); bound it anyway.
+    if c.len() >= 4096 {
+        c.clear();
+    }
+    c.insert(der.to_vec(), found.clone());
+    Some(found)
 }
