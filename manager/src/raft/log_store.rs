@@ -16,7 +16,6 @@ pub(crate) const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 const KEY_VOTE: &str = "vote";
-const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 
 #[derive(Clone)]
@@ -152,18 +151,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || this.get_meta(KEY_VOTE)).await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let this = self.clone();
-        // The committed index is a hint that lets a restarted node apply its
-        // log before it hears from a leader; losing the latest value in a
-        // crash is harmless, so it costs no fsync.
-        blocking(move || this.put_meta(KEY_COMMITTED, &committed, false)).await
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        let this = self.clone();
-        blocking(move || Ok(this.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())).await
-    }
+    // save_committed/read_committed keep openraft's defaults (not stored):
+    // a restarted manager learns the commit index from the leader's next
+    // heartbeat, and skipping the write keeps it off every commit's path.
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
