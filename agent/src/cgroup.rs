@@ -68,9 +68,15 @@ pub trait Cgroup: Send {
         false
     }
     /// Removes the group; waits a little for exiting processes to leave it.
+    /// The shared parent (`shoal/`) goes too once it is empty, so a host
+    /// with no containers has no shoal cgroups.
     fn destroy(&self) -> Result<(), CgroupError> {
         for p in self.paths() {
             remove_group_dir(&p)?;
+            if let Some(parent) = p.parent() {
+                // Fails (EBUSY/ENOTEMPTY) while other containers use it.
+                let _ = fs::remove_dir(parent);
+            }
         }
         Ok(())
     }
@@ -101,11 +107,21 @@ fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
 }
 
 fn mkdir(path: &Path) -> Result<(), CgroupError> {
-    match fs::create_dir(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(CgroupError::Io { path: path.to_path_buf(), source: e }),
+    // The parent may vanish under us: the last container's `destroy`
+    // removes the shared parent. Make it again and retry.
+    for _ in 0..3 {
+        match fs::create_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = path.parent() {
+                    let _ = fs::create_dir(parent);
+                }
+            }
+            Err(e) => return Err(CgroupError::Io { path: path.to_path_buf(), source: e }),
+        }
     }
+    fs::create_dir(path).or_else(|e| if e.kind() == io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) }).map_err(io_err(path))
 }
 
 /// Reads `key N` out of a flat keyed file (memory.events, memory.oom_control).

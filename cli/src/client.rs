@@ -16,14 +16,30 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A client whose calls fail after 30 s instead of hanging on a manager
+    /// that stopped answering.
     pub async fn control(&self) -> anyhow::Result<ControlClient<Channel>> {
+        self.connect(Some(std::time::Duration::from_secs(30))).await
+    }
+
+    /// A client without a per-call deadline, for streams that last
+    /// (`service logs -f`, image uploads).
+    pub async fn control_streaming(&self) -> anyhow::Result<ControlClient<Channel>> {
+        self.connect(None).await
+    }
+
+    async fn connect(&self, timeout: Option<std::time::Duration>) -> anyhow::Result<ControlClient<Channel>> {
         let read = |f: &str| {
             let p = self.cert_dir.join(f);
             std::fs::read_to_string(&p).with_context(|| format!("reading client credentials {}", p.display()))
         };
         let tls = NodeTls { ca_pem: read("ca.pem")?, cert_pem: read("cert.pem")?, key_pem: read("key.pem")? };
-        let channel = shoal_manager::tls::endpoint(&self.host)
-            .with_context(|| format!("invalid manager address {:?}", self.host))?
+        let mut endpoint = shoal_manager::tls::endpoint(&self.host)
+            .with_context(|| format!("invalid manager address {:?}", self.host))?;
+        if let Some(t) = timeout {
+            endpoint = endpoint.timeout(t);
+        }
+        let channel = endpoint
             .tls_config(tls.client_config())
             .context("client TLS settings")?
             .connect()

@@ -220,6 +220,10 @@ async fn run_node(
     let server;
     let mut manager = None;
     if identity.role == Role::Manager {
+        // A manager without a Raft database has just joined or been
+        // promoted: it must ask to be added to the group. (Raft's own view
+        // is not loaded yet right after opening, so it can't tell us.)
+        let new_member = !dir.join("raft.redb").exists() && !matches!(fresh, Fresh::Init);
         let m = Manager::open(identity.id, &dir, tls.clone()).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -232,7 +236,7 @@ async fn run_node(
         tracing::info!(listen = %args.listen, advertise = %advertise, "manager serving");
         if matches!(fresh, Fresh::Init) {
             init_cluster(&m, &dir, identity, labels, &args.availability).await?;
-        } else if m.outside_raft() {
+        } else if new_member {
             // Just joined with a manager token, or just promoted.
             m.request_promotion(&identity.managers).await?;
             tracing::info!("joined the raft group as a voter");

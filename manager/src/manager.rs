@@ -282,12 +282,6 @@ impl Manager {
         Ok(())
     }
 
-    /// Whether this node is in no Raft membership yet (a manager that has
-    /// just joined or been promoted and must ask to be added).
-    pub fn outside_raft(&self) -> bool {
-        self.raft.metrics().borrow().membership_config.membership().nodes().next().is_none()
-    }
-
     /// Asks the leader to add this node as a manager (after a manager join).
     pub async fn request_promotion(&self, via: &[String]) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

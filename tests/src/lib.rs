@@ -288,7 +288,10 @@ impl Cluster {
     }
 
     pub fn cli_with(&self, i: usize, host: &str, cert_dir: &Path, args: &[&str]) -> Output {
-        let out = Command::new("nsenter")
+        // A CLI call that hangs must fail the test, not stall the suite:
+        // coreutils `timeout` bounds it (the cluster's cleanup then runs).
+        let out = Command::new("timeout")
+            .args(["--kill-after=5", "150", "nsenter"])
             .arg(format!("--net=/run/netns/{}", self.hosts[i].netns))
             .arg(shoal_bin())
             .arg("--host")

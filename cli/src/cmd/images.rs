@@ -51,7 +51,7 @@ async fn upload(ctx: &Ctx, path: &Path, reference: &str, kind: &str) -> anyhow::
         }
     });
     let img = ctx
-        .control()
+        .control_streaming()
         .await?
         .import_image(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

@@ -511,7 +511,7 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
         }
         ServiceCmd::Logs { service, follow } => {
             use std::io::Write;
-            let mut c = ctx.control().await?;
+            let mut c = ctx.control_streaming().await?;
             let mut stream = c
                 .service_logs(ServiceLogsRequest { service, follow })
                 .await
