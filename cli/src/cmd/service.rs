@@ -519,9 +519,14 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 .into_inner();
             let mut out = std::io::stdout().lock();
             while let Some(line) = stream.message().await.map_err(rpc_err)? {
-                write!(out, "{}@{}    | ", line.task, line.node)?;
-                out.write_all(&line.data)?;
-                out.flush()?;
+                let written = write!(out, "{}@{}    | ", line.task, line.node)
+                    .and_then(|_| out.write_all(&line.data))
+                    .and_then(|_| out.flush());
+                match written {
+                    // The reader went away (`| head`): done, not an error.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    other => other?,
+                }
             }
         }
         ServiceCmd::Ps { service, all } => {
