@@ -306,3 +306,78 @@ fn workers_are_promoted_into_raft_and_demoted_out_of_it() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// A TLS channel to `addr` with the credentials in a node's `tls/` dir.
+async fn node_channel(addr: &str, tls_dir: &std::path::Path) -> anyhow::Result<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |f: &str| std::fs::read_to_string(tls_dir.join(f));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+        .identity(Identity::from_pem(read("node.pem")?, read("node-key.pem")?))
+        .domain_name("manager.shoal.cluster");
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?.connect().await?)
+}
+
+#[test]
+fn misbehaving_peers_get_clear_errors_and_change_nothing() -> anyhow::Result<()> {
+    use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
+    use shoal_proto::dispatcher::{HeartbeatRequest, TaskStatus, TaskStatusBatch};
+    use shoal_proto::raft::raft_client::RaftClient;
+    use shoal_proto::raft::RaftPayload;
+    let c = Cluster::start(1, 1)?;
+    c.import_busybox(0, "bb:1")?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "0", "bb:1", "sleep", "3600"])?;
+    let before = c.cli_ok(0, &["service", "ls", "--format", "json"])?;
+    let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
+    let worker_id = nodes.as_array().context("nodes")?.iter().find(|n| n["name"] == "n1").context("n1")?["id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    let worker_id = u64::from_str_radix(&worker_id, 16)?;
+    let addr = c.hosts[0].addr();
+    let worker_tls = c.hosts[1].data_dir.join("tls");
+    let manager_tls = c.hosts[0].data_dir.join("tls");
+    let codes = shoal_tests::netns::in_netns(&c.hosts[0].netns.clone(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let w = node_channel(&addr, &worker_tls).await?;
+            let m = node_channel(&addr, &manager_tls).await?;
+            let mut out = Vec::new();
+            let mut d = DispatcherClient::new(w.clone());
+            // Speaking for another node.
+            let r = d.heartbeat(HeartbeatRequest { node_id: worker_id ^ 1, ..Default::default() }).await;
+            out.push(("heartbeat for another node", r.err().map(|s| (s.code(), s.message().to_string()))));
+            // A state that does not exist, and one an agent may not set.
+            for state in ["bogus", "new"] {
+                let batch = TaskStatusBatch {
+                    node_id: worker_id,
+                    statuses: vec![TaskStatus { task_id: "x".into(), state: state.into(), ..Default::default() }],
+                };
+                let r = d.update_task_status(batch).await;
+                out.push(("bad task state", r.err().map(|s| (s.code(), s.message().to_string()))));
+            }
+            // A worker on the Raft transport.
+            let r = RaftClient::new(w).append_entries(RaftPayload { data: vec![1, 2, 3] }).await;
+            out.push(("worker on raft", r.err().map(|s| (s.code(), s.message().to_string()))));
+            // A manager sending garbage.
+            let r = RaftClient::new(m).propose(RaftPayload { data: vec![0xff; 7] }).await;
+            out.push(("garbage proposal", r.err().map(|s| (s.code(), s.message().to_string()))));
+            anyhow::Ok(out)
+        })
+    })?;
+    let want = [
+        ("heartbeat for another node", tonic::Code::PermissionDenied, "itself"),
+        ("bad task state", tonic::Code::InvalidArgument, "bogus"),
+        ("bad task state", tonic::Code::InvalidArgument, "new"),
+        ("worker on raft", tonic::Code::PermissionDenied, "worker certificate"),
+        ("garbage proposal", tonic::Code::InvalidArgument, "malformed raft payload"),
+    ];
+    for ((what, got), (_, code, needle)) in codes.iter().zip(want) {
+        let (c_, msg) = got.clone().with_context(|| format!("{what}: accepted"))?;
+        assert_eq!(c_, code, "{what}: {msg}");
+        assert!(msg.contains(needle), "{what}: {msg}");
+    }
+    assert_eq!(c.cli_ok(0, &["service", "ls", "--format", "json"])?, before);
+    c.wait_converged(0, 1, 2)?;
+    Ok(())
+}
