@@ -228,21 +228,11 @@ impl Manager {
         let node = BasicNode { addr: addr.to_string() };
         tracing::info!(node = %crate::store::state::format_node_id(id), addr, "adding manager as raft learner");
         self.raft.add_learner(id, node, true).await.map_err(map_membership_err)?;
-        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
-        loop {
-            let mut voters: BTreeSet<NodeId> =
-                self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        self.change_voters(|voters| {
             voters.insert(id);
-            match self.raft.change_membership(voters, false).await {
-                Ok(_) => break,
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                    openraft::error::ChangeMembershipError::InProgress(_),
-                ))) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(map_membership_err(e)),
-            }
-        }
+            Ok(())
+        })
+        .await?;
         tracing::info!(node = %crate::store::state::format_node_id(id), "manager is now a raft voter");
         Ok(())
     }
@@ -259,17 +249,32 @@ impl Manager {
                 .map_err(|s| ProposeError::Raft(s.message().to_string()))?;
             return Ok(());
         }
-        // Another membership change (a promotion finishing its joint
-        // consensus) may still be in flight: wait for it, briefly.
-        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
-        loop {
-            let membership = self.raft.metrics().borrow().membership_config.membership().clone();
-            let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
+        self.change_voters(|voters| {
+            voters.remove(&id);
             if voters.is_empty() {
                 return Err(ProposeError::Raft("cannot remove the last manager".into()));
             }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(node = %crate::store::state::format_node_id(id), "manager removed from the raft group");
+        Ok(())
+    }
+
+    /// Sets the voters to `edit(current voters)`. Another membership change
+    /// (a promotion finishing its joint consensus) may still be in flight:
+    /// wait for it, briefly, and apply the edit to the voters it leaves.
+    async fn change_voters(
+        &self,
+        edit: impl Fn(&mut BTreeSet<NodeId>) -> Result<(), ProposeError>,
+    ) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        loop {
+            let mut voters: BTreeSet<NodeId> =
+                self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+            edit(&mut voters)?;
             match self.raft.change_membership(voters, false).await {
-                Ok(_) => break,
+                Ok(_) => return Ok(()),
                 Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
                     openraft::error::ChangeMembershipError::InProgress(_),
                 ))) if tokio::time::Instant::now() < deadline => {
@@ -278,8 +283,6 @@ impl Manager {
                 Err(e) => return Err(map_membership_err(e)),
             }
         }
-        tracing::info!(node = %crate::store::state::format_node_id(id), "manager removed from the raft group");
-        Ok(())
     }
 
     /// Asks the leader to add this node as a manager (after a manager join).

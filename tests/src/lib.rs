@@ -157,7 +157,21 @@ impl Cluster {
         let h = &mut self.hosts[i];
         std::fs::create_dir_all(&h.data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&h.log)?;
-        let child = Command::new("nsenter")
+        let mut cmd = Command::new("nsenter");
+        {
+            use std::os::unix::process::CommandExt;
+            #[allow(unsafe_code)]
+            // SAFETY: the closure runs in the forked child before exec and
+            // only makes one async-signal-safe syscall (prctl).
+            unsafe {
+                cmd.pre_exec(|| {
+                    // If the test process dies (killed on a timeout), its
+                    // daemons die with it instead of running on.
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd
             .arg(format!("--net=/run/netns/{}", h.netns))
             .arg(shoal_bin())
             .args(&args)
