@@ -170,7 +170,12 @@ fn cpu_quota_is_applied() {
         .spawn()
         .unwrap();
     let quota = std::path::Path::new("/sys/fs/cgroup/cpu/shoal").join(&id).join("cpu.cfs_quota_us");
-    let q = wait_for(Duration::from_secs(10), "cpu quota file", || Ok(fs::read_to_string(&quota).ok())).unwrap();
+    // The file appears when the cgroup is made, holding -1 until the
+    // runtime writes the quota a moment later: wait for a value.
+    let q = wait_for(Duration::from_secs(10), "cpu quota set", || {
+        Ok(fs::read_to_string(&quota).ok().filter(|q| q.trim() != "-1"))
+    })
+    .unwrap();
     assert_eq!(q.trim(), "50000");
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
