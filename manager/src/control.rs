@@ -371,14 +371,7 @@ impl Control for ControlService {
         spec::validate_service_spec(&spec).map_err(spec_status)?;
         self.check_image(&mut spec)?;
         let id = pki::random_hex(12).map_err(|e| Status::internal(e.to_string()))?;
-        let service = ServiceObj {
-            id: id.clone(),
-            spec,
-            previous_spec: None,
-            version: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        };
+        let service = ServiceObj::new(id.clone(), spec);
         let name = service.spec.name.clone();
         self.manager
             .propose(Command::CreateService { service: Box::new(service) })

@@ -111,14 +111,7 @@ impl Sim {
     pub fn service(&mut self, spec: ServiceSpec) -> String {
         let id = format!("svc-{}", spec.name);
         self.apply(Command::CreateService {
-            service: Box::new(ServiceObj {
-                id: id.clone(),
-                spec,
-                previous_spec: None,
-                version: 0,
-                created_at_ms: 0,
-                updated_at_ms: 0,
-            }),
+            service: Box::new(ServiceObj::new(id.clone(), spec)),
         });
         id
     }

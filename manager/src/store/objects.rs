@@ -98,6 +98,13 @@ pub struct ServiceObj {
     pub updated_at_ms: u64,
 }
 
+impl ServiceObj {
+    /// A new service; the store stamps version and times when it applies.
+    pub fn new(id: String, spec: ServiceSpec) -> Self {
+        ServiceObj { id, spec, previous_spec: None, version: 0, created_at_ms: 0, updated_at_ms: 0 }
+    }
+}
+
 /// An image the cluster can run: one archive blob held by every manager.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageObj {
