@@ -392,21 +392,35 @@ impl Supervised {
     }
 
     /// Stops the container: SIGTERM to its init (which forwards it), then
-    /// SIGKILL once `grace` has passed.
+    /// SIGKILL once `grace` has passed. A container whose supervisor is
+    /// still starting it (its init not known yet) is waited for; if its
+    /// init is still unknown after `grace` plus the start timeout, the
+    /// supervisor itself is killed and the container recovered as lost.
     pub fn stop(&self, grace: Duration) -> Result<ExitRecord, SupervisorError> {
-        if let State::Running { init_pid } = self.state()?
-            && init_pid > 0
-            && self.owns(init_pid)
-        {
-            let _ = kill(Pid::from_raw(init_pid), Signal::SIGTERM);
-            if let Some(rec) = self.wait(Some(grace))? {
+        let start = Instant::now();
+        let mut termed = false;
+        loop {
+            match self.state()? {
+                State::Exited(rec) => return Ok(rec),
+                State::Running { init_pid } if init_pid > 0 && self.owns(init_pid) => {
+                    if !termed {
+                        let _ = kill(Pid::from_raw(init_pid), Signal::SIGTERM);
+                        termed = true;
+                    } else if start.elapsed() >= grace {
+                        let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
+                    }
+                }
+                State::Running { .. } if start.elapsed() >= grace + START_TIMEOUT => {
+                    let _ = kill(Pid::from_raw(self.supervisor_pid), Signal::SIGKILL);
+                    return Err(SupervisorError::Lost { id: self.id.clone() });
+                }
+                State::Running { .. } => {}
+            }
+            let step = if termed { grace.saturating_sub(start.elapsed()) } else { Duration::ZERO };
+            if let Some(rec) = self.wait(Some(step.clamp(Duration::from_millis(20), Duration::from_millis(500))))? {
                 return Ok(rec);
             }
-            if self.owns(init_pid) {
-                let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
-            }
         }
-        self.wait(None)?.ok_or_else(|| SupervisorError::Lost { id: self.id.clone() })
     }
 
     /// Whether `init_pid` is still our container's init (its parent is our
