@@ -95,6 +95,46 @@ struct Index {
 /// The host's image store.
 pub struct ImageStore {
     root: PathBuf,
+    /// Also keep each layer's uncompressed tar as a blob named by its diff
+    /// id (an export store: what `shoal image import|load` sends the
+    /// managers).
+    keep_layer_blobs: bool,
+}
+
+/// What the cluster holds of one image: an OCI manifest whose layers are
+/// the uncompressed tars (so a layer's blob digest is its diff id), the
+/// config, and the layers.
+#[derive(Debug, Clone)]
+pub struct ImageParts {
+    pub manifest_digest: String,
+    pub config_digest: String,
+    /// Diff ids, bottom first.
+    pub layers: Vec<String>,
+}
+
+/// The fields of an OCI manifest the cluster needs.
+#[derive(Debug, serde::Deserialize)]
+pub struct ManifestRefs {
+    pub config: BlobDesc,
+    pub layers: Vec<BlobDesc>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct BlobDesc {
+    pub digest: String,
+    #[serde(default)]
+    pub size: u64,
+}
+
+impl ManifestRefs {
+    /// Parses a manifest and checks every digest it names.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ImageError> {
+        let m: ManifestRefs = serde_json::from_slice(bytes).map_err(|e| fmt_err("image manifest", e))?;
+        for d in std::iter::once(&m.config).chain(&m.layers) {
+            digest_hex(&d.digest)?;
+        }
+        Ok(m)
+    }
 }
 
 /// Removes a work directory unless it was kept.
@@ -114,6 +154,29 @@ impl Drop for TmpDir {
         if let Some(p) = self.0.take() {
             let _ = fs::remove_dir_all(p);
         }
+    }
+}
+
+/// Removes a work file unless it was moved away.
+struct TmpFile(PathBuf);
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Copies everything read through it to `out`.
+struct TeeReader<'a, R> {
+    inner: R,
+    out: &'a fs::File,
+}
+
+impl<R: Read> Read for TeeReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
     }
 }
 
@@ -170,7 +233,13 @@ impl ImageStore {
         for d in [root.join("blobs/sha256"), root.join("layers"), root.join("tmp")] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(ioe(&d))?;
         }
-        Ok(ImageStore { root })
+        Ok(ImageStore { root, keep_layer_blobs: false })
+    }
+
+    /// Opens a store that also keeps every layer's uncompressed tar as a
+    /// blob, for sending images to the cluster.
+    pub fn open_export(data_dir: &Path) -> Result<Self, ImageError> {
+        Ok(ImageStore { keep_layer_blobs: true, ..Self::open(data_dir)? })
     }
 
     pub fn root(&self) -> &Path {
@@ -266,8 +335,19 @@ impl ImageStore {
             Some(_) => None,
             None => Some(self.tmp_dir("layer")?),
         };
+        let kept = match (&tmp, self.keep_layer_blobs) {
+            (Some(t), true) => {
+                let p = t.path().with_extension("tar");
+                Some((fs::File::create(&p).map_err(ioe(&p))?, TmpFile(p)))
+            }
+            _ => None,
+        };
         let actual_diff = {
             let inner: Box<dyn Read + '_> = if gz { Box::new(GzDecoder::new(&mut buf)) } else { Box::new(&mut buf) };
+            let inner: Box<dyn Read + '_> = match &kept {
+                Some((f, _)) => Box::new(TeeReader { inner, out: f }),
+                None => inner,
+            };
             let mut hr = HashReader::new(inner);
             if let Some(t) = &tmp {
                 unpack::unpack(&mut hr, t.path(), LAYER_OPTS)
@@ -293,6 +373,10 @@ impl ImageStore {
                 actual: actual_diff,
             });
         }
+        if let Some((_, kept)) = kept {
+            let dest = self.blob_path(&actual_diff)?;
+            fs::rename(&kept.0, &dest).map_err(ioe(&dest))?;
+        }
         if let Some(t) = tmp {
             let dest = self.layer_dir(&actual_diff)?;
             match fs::rename(t.path(), &dest) {
@@ -305,12 +389,20 @@ impl ImageStore {
         Ok(actual_diff)
     }
 
+    /// A layer's size for the manifests this store writes: known when the
+    /// store keeps the layer's tar (an export store), else 0.
+    fn layer_size(&self, diff_id: &str) -> u64 {
+        self.blob_path(diff_id).ok().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len())
+    }
+
     /// Stores a config and a manifest for `diff_ids`; returns the manifest digest.
     fn put_image(&self, config: &[u8], diff_ids: &[String]) -> Result<String, ImageError> {
         let config_digest = self.put_blob(config)?;
         let layers: Vec<serde_json::Value> = diff_ids
             .iter()
-            .map(|d| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": 0}))
+            .map(|d| {
+                serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": self.layer_size(d)})
+            })
             .collect();
         let manifest = serde_json::json!({
             "schemaVersion": 2,
@@ -509,6 +601,72 @@ impl ImageStore {
             out.push(Loaded { names, manifest_digest });
         }
         Ok(out)
+    }
+
+    /// The cluster's view of an image in an export store: its manifest,
+    /// config and layer blobs (see [`ImageStore::open_export`]).
+    pub fn parts(&self, reference: &str) -> Result<ImageParts, ImageError> {
+        let img = self.get(reference)?;
+        let manifest = ManifestRefs::parse(&self.read_blob(&img.manifest_digest)?)?;
+        let layers: Vec<String> = manifest.layers.into_iter().map(|l| l.digest).collect();
+        for l in &layers {
+            if !self.blob_path(l)?.is_file() {
+                return Err(ImageError::MissingBlob(l.clone()));
+            }
+        }
+        Ok(ImageParts { manifest_digest: img.manifest_digest, config_digest: img.config_digest, layers })
+    }
+
+    /// The file of a blob this store holds.
+    pub fn blob_file(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        let p = self.blob_path(digest)?;
+        if p.is_file() { Ok(p) } else { Err(ImageError::MissingBlob(digest.to_string())) }
+    }
+
+    /// Whether the layer with this diff id is unpacked here.
+    pub fn has_layer(&self, diff_id: &str) -> bool {
+        self.layer_dir(diff_id).is_ok_and(|p| p.is_dir())
+    }
+
+    /// Unpacks a layer fetched from the cluster: an uncompressed tar whose
+    /// digest must be `diff_id`.
+    pub fn add_layer_tar(&self, tar: &Path, diff_id: &str) -> Result<(), ImageError> {
+        let _lock = self.lock()?;
+        let f = fs::File::open(tar).map_err(ioe(tar))?;
+        self.add_layer(f, diff_id, Some(diff_id), Some(diff_id)).map(|_| ())
+    }
+
+    /// Records an image fetched from the cluster under `reference`, once
+    /// its layers are here: the manifest and config are kept as they are,
+    /// so the image has the same digest on every node.
+    pub fn add_image(&self, reference: &str, manifest: &[u8], config: &[u8]) -> Result<Image, ImageError> {
+        let name = normalize_reference(reference)?;
+        let refs = ManifestRefs::parse(manifest)?;
+        let config_digest = sha256_of(config);
+        if refs.config.digest != config_digest {
+            return Err(ImageError::DigestMismatch {
+                what: "image config".into(),
+                expected: refs.config.digest,
+                actual: config_digest,
+            });
+        }
+        let diff_ids = Self::diff_ids(config, &config_digest)?;
+        let layers: Vec<&String> = refs.layers.iter().map(|l| &l.digest).collect();
+        if diff_ids.iter().collect::<Vec<_>>() != layers {
+            return Err(fmt_err(&config_digest, "the manifest's layers are not the config's diff ids"));
+        }
+        let _lock = self.lock()?;
+        for d in &diff_ids {
+            if !self.has_layer(d) {
+                return Err(ImageError::MissingLayer { image: name, diff_id: d.clone() });
+            }
+        }
+        self.put_blob(config)?;
+        let digest = self.put_blob(manifest)?;
+        let mut idx = self.read_index()?;
+        idx.images.insert(name, digest.clone());
+        self.write_index(&idx)?;
+        self.get(&digest)
     }
 
     /// An image by `name[:tag]` or manifest digest.

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_agent::executor::{ContainerState, Executor, LinuxExecutor};
+use shoal_agent::image::ManifestRefs;
+use shoal_manager::blobs::MAX_MANIFEST;
 use shoal_agent::spec::{Mount, RunRequest};
 use shoal_manager::tls::NodeTls;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
@@ -317,52 +319,86 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
     let _ = tokio::task::spawn_blocking(move || exec.remove(&id)).await;
 }
 
-/// Makes sure the task's image is in this node's store, fetching the blob
-/// from a manager when it is not.
+/// Makes sure the task's image is in this node's store: fetches its
+/// manifest and config from a manager, then only the layers this node
+/// lacks, each checked against its digest.
 async fn ensure_image(ctx: &Ctx, a: &Assignment) -> Result<(), String> {
     let reference = a.spec.as_ref().map(|s| s.image.clone()).unwrap_or_default();
     let _guard = ctx.fetching.lock().await;
     let have = {
         let (exec, r) = (ctx.executor.clone(), reference.clone());
-        tokio::task::spawn_blocking(move || exec.images().get(&r).is_ok()).await.unwrap_or(false)
+        tokio::task::spawn_blocking(move || exec.images().get(&r).map(|i| i.manifest_digest)).await
     };
-    if have {
-        return Ok(());
+    if let Ok(Ok(digest)) = have {
+        // A re-imported tag has a new manifest: fetch that one.
+        if a.image_digest.is_empty() || digest == a.image_digest {
+            return Ok(());
+        }
     }
     if a.image_digest.is_empty() {
         return Err(format!("image {reference:?} is not known to the cluster"));
     }
     let addr = ctx.manager.borrow().clone().ok_or("no manager to fetch the image from")?;
+    let mut manifest = Vec::new();
+    fetch_blob(ctx, &addr, &a.image_digest, &mut manifest, MAX_MANIFEST).await?;
+    let refs = ManifestRefs::parse(&manifest).map_err(|e| e.to_string())?;
+    let mut config = Vec::new();
+    fetch_blob(ctx, &addr, &refs.config.digest, &mut config, MAX_MANIFEST).await?;
+
     let tmp_dir = ctx.data_dir.join("tmp");
     tokio::fs::create_dir_all(&tmp_dir).await.map_err(|e| e.to_string())?;
-    let tmp = tmp_dir.join(format!("blob-{}", a.task_id));
-    let res = fetch_blob(ctx, &addr, &a.image_digest, &tmp).await;
-    let res = match res {
-        Ok(()) => {
-            let (exec, r, kind, path) = (ctx.executor.clone(), reference.clone(), a.image_kind.clone(), tmp.clone());
-            tokio::task::spawn_blocking(move || {
-                let store = exec.images();
-                if kind == "rootfs" {
-                    store.import_rootfs(&path, &r).map(|_| ()).map_err(|e| e.to_string())
-                } else {
-                    store.load(&path).map_err(|e| e.to_string())?;
-                    store.get(&r).map(|_| ()).map_err(|_| format!("archive does not hold image {r:?}"))
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
+    let (mut fetched, mut bytes) = (0, 0u64);
+    for layer in &refs.layers {
+        let have = {
+            let (exec, d) = (ctx.executor.clone(), layer.digest.clone());
+            tokio::task::spawn_blocking(move || exec.images().has_layer(&d)).await.unwrap_or(false)
+        };
+        if have {
+            continue;
         }
-        Err(e) => Err(e),
-    };
-    let _ = tokio::fs::remove_file(&tmp).await;
-    if res.is_ok() {
-        tracing::info!(image = %reference, digest = %a.image_digest, "image fetched from the managers");
+        let tmp = tmp_dir.join(format!("layer-{}", a.task_id));
+        let res = async {
+            let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| e.to_string())?;
+            let n = fetch_blob(ctx, &addr, &layer.digest, &mut f, u64::MAX).await?;
+            f.sync_all().await.map_err(|e| e.to_string())?;
+            let (exec, path, d) = (ctx.executor.clone(), tmp.clone(), layer.digest.clone());
+            tokio::task::spawn_blocking(move || exec.images().add_layer_tar(&path, &d))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(n)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        bytes += res?;
+        fetched += 1;
     }
-    res
+    let (exec, r) = (ctx.executor.clone(), reference.clone());
+    tokio::task::spawn_blocking(move || exec.images().add_image(&r, &manifest, &config))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        image = %reference,
+        digest = %a.image_digest,
+        layers = refs.layers.len(),
+        fetched,
+        bytes,
+        "image fetched from the managers: {fetched} of {} layers were missing",
+        refs.layers.len()
+    );
+    Ok(())
 }
 
-async fn fetch_blob(ctx: &Ctx, addr: &str, digest: &str, dst: &std::path::Path) -> Result<(), String> {
+/// Streams blob `digest` from the manager at `addr` into `dst`, checking
+/// its digest and that it is at most `limit` bytes; returns its size.
+async fn fetch_blob<W: tokio::io::AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    addr: &str,
+    digest: &str,
+    dst: &mut W,
+    limit: u64,
+) -> Result<u64, String> {
     let channel = ctx.tls.channel(addr).map_err(|e| e.to_string())?;
     let mut stream = DispatcherClient::new(channel)
         .max_decoding_message_size(2 << 20)
@@ -370,18 +406,22 @@ async fn fetch_blob(ctx: &Ctx, addr: &str, digest: &str, dst: &std::path::Path) 
         .await
         .map_err(|s| format!("fetching image blob {digest}: {}", s.message()))?
         .into_inner();
-    let mut f = tokio::fs::File::create(dst).await.map_err(|e| e.to_string())?;
     let mut hash = shoal_manager::blobs::Sha256::new();
+    let mut size = 0u64;
     while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_string())? {
+        size += chunk.data.len() as u64;
+        if size > limit {
+            return Err(format!("image blob {digest} is larger than {limit} bytes"));
+        }
         hash.update(&chunk.data);
-        f.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
+        dst.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
     }
-    f.flush().await.map_err(|e| e.to_string())?;
+    dst.flush().await.map_err(|e| e.to_string())?;
     let got = hash.finish_digest();
     if got != digest {
         return Err(format!("image blob digest mismatch: expected {digest}, got {got}"));
     }
-    Ok(())
+    Ok(size)
 }
 
 /// Sends task reports to the manager in batches; keeps only the latest

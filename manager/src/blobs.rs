@@ -1,6 +1,8 @@
 //! Image blobs on a manager: content-addressed files under
-//! `DATA/blobs/sha256/`, verified on write. Every manager holds every blob:
-//! [`replicate`] fetches what the store names and this manager lacks.
+//! `DATA/blobs/sha256/`, verified on write. An image is an OCI manifest,
+//! its config and its layers, each a blob. Every manager holds every blob:
+//! [`replicate`] fetches what the store's images name and this manager
+//! lacks, and drops blobs no image names any more.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,10 +13,18 @@ use shoal_proto::dispatcher::BlobRef;
 use tokio::io::AsyncWriteExt;
 
 use crate::manager::Manager;
+use crate::store::objects::ImageObj;
 use crate::store::Change;
 
-/// Largest image archive a manager accepts.
+/// Largest blob (one layer) a manager accepts.
 pub const MAX_BLOB: u64 = 4 << 30;
+/// Largest manifest a manager reads.
+pub const MAX_MANIFEST: u64 = 4 << 20;
+/// Most blobs (layers + 2) one image may name.
+pub const MAX_IMAGE_BLOBS: usize = 1024;
+/// An unreferenced blob younger than this may belong to an upload in
+/// progress: garbage collection leaves it.
+const GC_GRACE: Duration = Duration::from_secs(600);
 /// Chunk size for streaming blobs.
 pub const CHUNK: usize = 256 << 10;
 
@@ -30,6 +40,8 @@ pub enum BlobError {
     Mismatch { expected: String, actual: String },
     #[error("blob store {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("manifest {digest}: {message}")]
+    Manifest { digest: String, message: String },
 }
 
 #[derive(Clone)]
@@ -60,6 +72,68 @@ impl BlobStore {
 
     pub fn has(&self, digest: &str) -> bool {
         self.path(digest).is_ok_and(|p| p.exists())
+    }
+
+    /// The image `reference` whose manifest is the blob `manifest_digest`,
+    /// after checking that this manager holds the manifest and every blob
+    /// it names.
+    pub async fn image(&self, reference: &str, manifest_digest: &str) -> Result<ImageObj, BlobError> {
+        let path = self.path(manifest_digest)?;
+        let bad = |message: String| BlobError::Manifest { digest: manifest_digest.to_string(), message };
+        let meta = tokio::fs::metadata(&path)
+            .await
+            .map_err(|_| BlobError::NotFound(format!("{manifest_digest} (the manifest): push it first")))?;
+        if meta.len() > MAX_MANIFEST {
+            return Err(bad(format!("{} bytes: a manifest may hold at most {MAX_MANIFEST}", meta.len())));
+        }
+        let bytes = tokio::fs::read(&path).await.map_err(io(&path))?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let digest_of = |d: &serde_json::Value, what: &str| {
+            d.get("digest").and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| bad(format!("{what} has no digest")))
+        };
+        let config = digest_of(&v["config"], "the config")?;
+        let layers = v["layers"]
+            .as_array()
+            .ok_or_else(|| bad("no layers array".into()))?
+            .iter()
+            .map(|l| digest_of(l, "a layer"))
+            .collect::<Result<Vec<_>, _>>()?;
+        if layers.len() + 2 > MAX_IMAGE_BLOBS {
+            return Err(bad(format!("{} layers: at most {}", layers.len(), MAX_IMAGE_BLOBS - 2)));
+        }
+        let mut size = meta.len();
+        for d in std::iter::once(&config).chain(&layers) {
+            let p = self.path(d)?;
+            let m = tokio::fs::metadata(&p)
+                .await
+                .map_err(|_| BlobError::NotFound(format!("{d} (named by manifest {manifest_digest}): push it first")))?;
+            size += m.len();
+        }
+        Ok(ImageObj {
+            reference: reference.to_string(),
+            digest: manifest_digest.to_string(),
+            config,
+            layers,
+            size,
+            version: 0,
+            created_at_ms: 0,
+        })
+    }
+
+    /// Removes blobs that no image in `keep` names, unless they are young
+    /// enough to belong to an upload in progress.
+    fn gc(&self, keep: &std::collections::HashSet<String>) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if keep.contains(&format!("sha256:{name}")) {
+                continue;
+            }
+            let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > GC_GRACE);
+            if old && std::fs::remove_file(e.path()).is_ok() {
+                tracing::info!(blob = %name, "removed an image blob no image uses");
+            }
+        }
     }
 
     /// A writer for a new blob; `finish` verifies and publishes it.
@@ -148,14 +222,21 @@ pub async fn fetch_from(
 }
 
 /// Keeps this manager's blob store complete: fetches every image blob the
-/// store names from another manager that has it.
+/// store names from another manager that has it, and every minute drops
+/// the blobs no image names.
 pub async fn replicate(manager: Arc<Manager>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut events = manager.store.watch();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_gc = std::time::Instant::now();
     loop {
-        let missing: Vec<String> = manager.store.read(|s| {
-            s.images.values().map(|i| i.digest.clone()).filter(|d| !manager.blobs.has(d)).collect()
-        });
+        let wanted: std::collections::HashSet<String> =
+            manager.store.read(|s| s.images.values().flat_map(|i| i.blobs().cloned()).collect());
+        if last_gc.elapsed() > Duration::from_secs(60) {
+            last_gc = std::time::Instant::now();
+            let (blobs, keep) = (manager.blobs.clone(), wanted.clone());
+            let _ = tokio::task::spawn_blocking(move || blobs.gc(&keep)).await;
+        }
+        let missing: Vec<String> = wanted.into_iter().filter(|d| !manager.blobs.has(d)).collect();
         for digest in missing {
             let peers: Vec<String> = manager
                 .members()

@@ -87,7 +87,7 @@ fn image_proto(i: &ImageObj) -> Image {
         reference: i.reference.clone(),
         digest: i.digest.clone(),
         size: i.size,
-        kind: i.kind.clone(),
+        layers: i.layers.len() as u64,
         created_at_ms: i.created_at_ms,
     }
 }
@@ -459,35 +459,68 @@ impl Control for ControlService {
         Ok(Response::new(TaskList { tasks }))
     }
 
-    async fn import_image(&self, req: Request<tonic::Streaming<ImageChunk>>) -> Result<Response<Image>, Status> {
+    async fn missing_blobs(&self, req: Request<BlobList>) -> Result<Response<BlobList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let digests = req.into_inner().digests;
+        if digests.len() > crate::blobs::MAX_IMAGE_BLOBS {
+            return Err(Status::invalid_argument(format!(
+                "{} blobs asked about: at most {} per call",
+                digests.len(),
+                crate::blobs::MAX_IMAGE_BLOBS
+            )));
+        }
+        let mut missing = Vec::new();
+        for d in digests {
+            self.manager.blobs.path(&d).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if !self.manager.blobs.has(&d) {
+                missing.push(d);
+            }
+        }
+        Ok(Response::new(BlobList { digests: missing }))
+    }
+
+    async fn push_blob(&self, req: Request<tonic::Streaming<BlobUpload>>) -> Result<Response<BlobList>, Status> {
         authorize(&req, CLIENTS)?;
         let mut stream = req.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty image upload"))?;
-        spec::validate_image(&first.reference).map_err(spec_status)?;
-        if first.kind != "rootfs" && first.kind != "archive" {
-            return Err(Status::invalid_argument(format!("invalid image kind {:?}: expected rootfs or archive", first.kind)));
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty blob upload"))?;
+        let digest = first.digest;
+        self.manager.blobs.path(&digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.manager.blobs.has(&digest) {
+            return Ok(Response::new(BlobList { digests: vec![digest] }));
         }
-        let reference = if first.reference.contains(':') || first.reference.contains('@') {
-            first.reference.clone()
-        } else {
-            format!("{}:latest", first.reference)
-        };
         let blob_err = |e: crate::blobs::BlobError| Status::invalid_argument(e.to_string());
         let mut w = self.manager.blobs.writer().await.map_err(|e| Status::internal(e.to_string()))?;
         w.write(&first.data).await.map_err(blob_err)?;
         while let Some(chunk) = stream.message().await? {
             w.write(&chunk.data).await.map_err(blob_err)?;
         }
-        let (digest, size) = w.finish(None).await.map_err(|e| Status::internal(e.to_string()))?;
-        if size == 0 {
-            return Err(Status::invalid_argument("image archive is empty"));
-        }
-        let image = ImageObj { reference: reference.clone(), digest, size, kind: first.kind, version: 0, created_at_ms: 0 };
+        let (digest, size) = w.finish(Some(&digest)).await.map_err(blob_err)?;
+        tracing::debug!(blob = %digest, size, "blob pushed");
+        Ok(Response::new(BlobList { digests: vec![digest] }))
+    }
+
+    async fn put_image(&self, req: Request<PutImageRequest>) -> Result<Response<Image>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        spec::validate_image(&r.reference).map_err(spec_status)?;
+        let reference = if r.reference.contains(':') || r.reference.contains('@') {
+            r.reference.clone()
+        } else {
+            format!("{}:latest", r.reference)
+        };
+        let image = self
+            .manager
+            .blobs
+            .image(&reference, &r.manifest_digest)
+            .await
+            .map_err(|e| match e {
+                crate::blobs::BlobError::NotFound(_) => Status::failed_precondition(e.to_string()),
+                crate::blobs::BlobError::Io { .. } => Status::internal(e.to_string()),
+                _ => Status::invalid_argument(e.to_string()),
+            })?;
+        let (size, layers) = (image.size, image.layers.len());
         self.manager.propose(Command::PutImage { image }).await.map_err(status)?;
-        tracing::info!(image = %reference, size, "image imported");
+        tracing::info!(image = %reference, digest = %r.manifest_digest, size, layers, "image added to the cluster");
         let img = self
             .manager
             .store

@@ -124,7 +124,6 @@ fn assignment(t: &TaskObj, s: &State) -> Assignment {
         desired_state: t.desired_state.as_str().into(),
         state: t.state.as_str().into(),
         image_digest: image.map(|i| i.digest.clone()).unwrap_or_default(),
-        image_kind: image.map(|i| i.kind.clone()).unwrap_or_default(),
     }
 }
 

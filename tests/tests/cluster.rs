@@ -324,6 +324,9 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() -> anyhow::Result<()>
     use shoal_proto::dispatcher::{HeartbeatRequest, TaskStatus, TaskStatusBatch};
     use shoal_proto::raft::raft_client::RaftClient;
     use shoal_proto::raft::RaftPayload;
+    use shoal_proto::control::control_client::ControlClient;
+    use shoal_proto::control::{BlobList, BlobUpload, PutImageRequest};
+    let sha256 = |b: &[u8]| shoal_tests::runtime_support::sha256(b);
     let c = Cluster::start(1, 1)?;
     c.import_busybox(0, "bb:1")?;
     c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--replicas", "0", "bb:1", "sleep", "3600"])?;
@@ -360,8 +363,23 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() -> anyhow::Result<()>
             let r = RaftClient::new(w).append_entries(RaftPayload { data: vec![1, 2, 3] }).await;
             out.push(("worker on raft", r.err().map(|s| (s.code(), s.message().to_string()))));
             // A manager sending garbage.
-            let r = RaftClient::new(m).propose(RaftPayload { data: vec![0xff; 7] }).await;
+            let r = RaftClient::new(m.clone()).propose(RaftPayload { data: vec![0xff; 7] }).await;
             out.push(("garbage proposal", r.err().map(|s| (s.code(), s.message().to_string()))));
+            // Image blobs: a digest that is not one, bytes that don't match
+            // their digest, a manifest never pushed, a manifest that isn't one.
+            let mut ctl = ControlClient::new(m);
+            let r = ctl.missing_blobs(BlobList { digests: vec!["sha256:../../etc/passwd".into()] }).await;
+            out.push(("bad blob digest", r.err().map(|s| (s.code(), s.message().to_string()))));
+            let push = |digest: String, data: &[u8]| {
+                tokio_stream::iter(vec![BlobUpload { digest, data: data.to_vec() }])
+            };
+            let r = ctl.push_blob(push(sha256(b"these bytes"), b"other bytes")).await;
+            out.push(("mismatched blob", r.err().map(|s| (s.code(), s.message().to_string()))));
+            let r = ctl.put_image(PutImageRequest { reference: "ghost:1".into(), manifest_digest: sha256(b"never") }).await;
+            out.push(("manifest never pushed", r.err().map(|s| (s.code(), s.message().to_string()))));
+            ctl.push_blob(push(sha256(b"not json"), b"not json")).await?;
+            let r = ctl.put_image(PutImageRequest { reference: "ghost:1".into(), manifest_digest: sha256(b"not json") }).await;
+            out.push(("manifest not json", r.err().map(|s| (s.code(), s.message().to_string()))));
             anyhow::Ok(out)
         })
     })?;
@@ -371,13 +389,20 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() -> anyhow::Result<()>
         ("bad task state", tonic::Code::InvalidArgument, "new"),
         ("worker on raft", tonic::Code::PermissionDenied, "worker certificate"),
         ("garbage proposal", tonic::Code::InvalidArgument, "malformed raft payload"),
+        ("bad blob digest", tonic::Code::InvalidArgument, "invalid blob digest"),
+        ("mismatched blob", tonic::Code::InvalidArgument, "digest mismatch"),
+        ("manifest never pushed", tonic::Code::FailedPrecondition, "push it first"),
+        ("manifest not json", tonic::Code::InvalidArgument, "not JSON"),
     ];
     for ((what, got), (_, code, needle)) in codes.iter().zip(want) {
         let (c_, msg) = got.clone().with_context(|| format!("{what}: accepted"))?;
         assert_eq!(c_, code, "{what}: {msg}");
         assert!(msg.contains(needle), "{what}: {msg}");
     }
+    assert_eq!(codes.len(), 9);
     assert_eq!(c.cli_ok(0, &["service", "ls", "--format", "json"])?, before);
+    let images = c.cli_ok(0, &["image", "ls", "--format", "json"])?;
+    assert_eq!(images.as_array().map(Vec::len), Some(1), "{images}");
     c.wait_converged(0, 1, 2)?;
     Ok(())
 }

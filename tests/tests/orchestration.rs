@@ -310,3 +310,51 @@ fn logs_follow_and_exec_reach_tasks_on_other_hosts() -> anyhow::Result<()> {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nosuch.9"));
     Ok(())
 }
+
+#[test]
+fn images_travel_as_layers_and_nodes_fetch_only_what_they_lack() -> anyhow::Result<()> {
+    use shoal_tests::runtime_support::{docker_archive, Layer, TarBuilder};
+    let c = Cluster::start(1, 1)?;
+    c.import_busybox(0, "bb:1")?;
+    // bb:2 is busybox's layer (gzipped, as `docker save` may ship it) with
+    // a small layer on top: the same diff id as bb:1's only layer.
+    let base = std::fs::read(shoal_tests::busybox_rootfs()?)?;
+    let top = TarBuilder::new().dir("www/")?.file("www/motd", b"layered image\n", 0o644)?.finish()?;
+    let archive = docker_archive(
+        "bb:2",
+        &[Layer { tar: base, gzip: true }, Layer { tar: top, gzip: false }],
+        serde_json::json!({"Env": ["PATH=/bin"]}),
+    )?;
+    let path = c.dir.join("bb2.tar");
+    std::fs::write(&path, archive)?;
+    c.cli_ok(0, &["image", "load", &path.display().to_string()])?;
+    let images = c.cli_ok(0, &["image", "ls", "--format", "json"])?;
+    let layers = |r: &str| images.as_array().into_iter().flatten().find(|i| i["reference"] == r).map(|i| i["layers"].clone());
+    assert_eq!(layers("bb:1"), Some(1.into()), "{images}");
+    assert_eq!(layers("bb:2"), Some(2.into()), "{images}");
+
+    // Every node runs bb:1 first, then bb:2: for bb:2 each fetches only the
+    // top layer.
+    c.cli_ok(0, &["service", "create", "--name", "one", "--mode", "global", "bb:1", "sleep", "3600"])?;
+    wait_spread(&c, 0, "one", 2, &["n0", "n1"])?;
+    c.cli_ok(0, &["service", "create", "--name", "two", "--mode", "global", "bb:2", "sh", "-c", "cat /www/motd; sleep 3600"])?;
+    wait_spread(&c, 0, "two", 2, &["n0", "n1"])?;
+    for i in 0..2 {
+        let log = std::fs::read_to_string(&c.hosts[i].log)?;
+        assert!(log.contains("1 of 1 layers were missing"), "n{i} fetched bb:1:\n{}", c.log_tail(i));
+        assert!(log.contains("1 of 2 layers were missing"), "n{i} fetched only bb:2's top layer:\n{}", c.log_tail(i));
+        assert!(!log.contains("2 of 2 layers were missing"), "n{i} fetched bb:2's base layer again");
+    }
+    wait_for(T, "the top layer's file in both tasks' output", || {
+        let out = c.cli(0, &["service", "logs", "two"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok((text.matches("layered image").count() == 2).then_some(()))
+    })?;
+    // An image in use can't go; once its service is gone, it can.
+    assert!(!c.cli(0, &["image", "rm", "bb:2"]).status.success());
+    c.cli_ok(0, &["service", "rm", "two"])?;
+    c.cli_ok(0, &["image", "rm", "bb:2"])?;
+    let images = c.cli_ok(0, &["image", "ls", "--format", "json"])?;
+    assert_eq!(images.as_array().map(Vec::len), Some(1), "{images}");
+    Ok(())
+}

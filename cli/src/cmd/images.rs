@@ -1,43 +1,89 @@
-//! `shoal image import|load|ls|rm` against the cluster: the archive is
-//! checked on this machine first (a bad archive never leaves it), then
-//! streamed to a manager, which keeps it as a content-addressed blob that
-//! every manager replicates and agents fetch.
+//! `shoal image import|load|ls|rm` against the cluster. The archive is
+//! loaded on this machine first into a throwaway store that keeps each
+//! layer's uncompressed tar (a bad archive never leaves the machine). Then
+//! each image goes to a manager as blobs: the manager says which of the
+//! manifest, config and layers it lacks, the CLI pushes only those, and
+//! names the image by its manifest. Every manager replicates the blobs;
+//! agents fetch the layers they lack.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use shoal_proto::control::{Empty, ImageChunk, ImageRef};
+use shoal_agent::image::{ImageParts, ImageStore};
+use shoal_proto::control::{BlobList, BlobUpload, Empty, ImageRef, PutImageRequest};
 use tokio::io::AsyncReadExt;
 
 use crate::client::{rpc_err, Ctx};
 use crate::cmd::image::LocalImageCmd;
 use crate::output;
 
-/// Checks `path` by loading it into a throwaway store; returns the
-/// references an archive names.
-fn check_locally(path: &Path, kind: &str, reference: Option<&str>) -> anyhow::Result<Vec<String>> {
-    let tmp = std::env::temp_dir().join(format!("shoal-image-check-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let res = (|| {
-        let store = shoal_agent::image::ImageStore::open(&tmp)?;
-        if kind == "rootfs" {
-            let r = reference.unwrap_or_default();
-            store.import_rootfs(path, r)?;
-            Ok(vec![shoal_agent::image::normalize_reference(r)?])
-        } else {
-            let imgs = store.load(path)?;
-            Ok(imgs.into_iter().flat_map(|i| i.names).collect())
-        }
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    res.map_err(|e: shoal_agent::image::ImageError| anyhow::anyhow!("{e}"))
+/// A throwaway export store, removed when dropped.
+struct Staging {
+    dir: PathBuf,
+    store: ImageStore,
 }
 
-async fn upload(ctx: &Ctx, path: &Path, reference: &str, kind: &str) -> anyhow::Result<Value> {
+impl Staging {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("shoal-image-{}-{}", std::process::id(), shoal_agent::image::random_hex(4)));
+        let store = ImageStore::open_export(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Staging { dir, store })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Loads `path` into a staging store; returns the store and the
+/// references it holds.
+fn stage(path: &Path, kind: &str, reference: Option<&str>) -> anyhow::Result<(Staging, Vec<String>)> {
+    let staging = Staging::new()?;
+    let refs = if kind == "rootfs" {
+        let r = reference.unwrap_or_default();
+        let img = staging.store.import_rootfs(path, r).map_err(|e| anyhow::anyhow!("{e}"))?;
+        img.names
+    } else {
+        let imgs = staging.store.load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        imgs.into_iter().flat_map(|i| i.names).collect()
+    };
+    Ok((staging, refs))
+}
+
+/// Sends one staged image to the cluster: only the blobs the manager lacks.
+async fn upload(ctx: &Ctx, store: &ImageStore, reference: &str) -> anyhow::Result<Value> {
+    let ImageParts { manifest_digest, config_digest, layers } =
+        store.parts(reference).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let all: Vec<String> = [manifest_digest.clone(), config_digest].into_iter().chain(layers).collect();
+    let missing = ctx
+        .control()
+        .await?
+        .missing_blobs(BlobList { digests: all })
+        .await
+        .map_err(rpc_err)?
+        .into_inner()
+        .digests;
+    for digest in missing {
+        let path = store.blob_file(&digest).map_err(|e| anyhow::anyhow!("{e}"))?;
+        push_blob(ctx, &path, &digest).await.with_context(|| format!("pushing blob {digest}"))?;
+    }
+    let img = ctx
+        .control()
+        .await?
+        .put_image(PutImageRequest { reference: reference.to_string(), manifest_digest })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    Ok(image_json(&img))
+}
+
+async fn push_blob(ctx: &Ctx, path: &Path, digest: &str) -> anyhow::Result<()> {
     let mut file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(ImageChunk { reference: reference.to_string(), kind: kind.to_string(), data: vec![] }).await?;
+    tx.send(BlobUpload { digest: digest.to_string(), data: vec![] }).await?;
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 256 << 10];
         loop {
@@ -45,49 +91,49 @@ async fn upload(ctx: &Ctx, path: &Path, reference: &str, kind: &str) -> anyhow::
             if n == 0 {
                 return anyhow::Ok(());
             }
-            if tx.send(ImageChunk { data: buf[..n].to_vec(), ..Default::default() }).await.is_err() {
+            if tx.send(BlobUpload { data: buf[..n].to_vec(), ..Default::default() }).await.is_err() {
                 return Ok(());
             }
         }
     });
-    let img = ctx
-        .control_streaming()
+    ctx.control_streaming()
         .await?
-        .import_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .push_blob(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(rpc_err)?
-        .into_inner();
+        .map_err(rpc_err)?;
     reader.await??;
-    Ok(json!({"reference": img.reference, "digest": img.digest, "size": img.size, "kind": img.kind, "created_at_ms": img.created_at_ms}))
+    Ok(())
+}
+
+fn image_json(i: &shoal_proto::control::Image) -> Value {
+    json!({"reference": i.reference, "digest": i.digest, "size": i.size, "layers": i.layers, "created_at_ms": i.created_at_ms})
 }
 
 pub async fn run(ctx: &Ctx, cmd: LocalImageCmd) -> anyhow::Result<()> {
     match cmd {
         LocalImageCmd::Import { rootfs, reference } => {
-            let refs = check_locally(&rootfs, "rootfs", Some(&reference))
+            let (staging, refs) = stage(&rootfs, "rootfs", Some(&reference))
                 .with_context(|| format!("checking {}", rootfs.display()))?;
             let r = refs.first().cloned().unwrap_or(reference);
-            let v = upload(ctx, &rootfs, &r, "rootfs").await?;
+            let v = upload(ctx, &staging.store, &r).await?;
             println!("{}", v["reference"].as_str().unwrap_or_default());
         }
         LocalImageCmd::Load { archive } => {
-            let refs = check_locally(&archive, "archive", None).with_context(|| format!("checking {}", archive.display()))?;
+            let (staging, refs) =
+                stage(&archive, "archive", None).with_context(|| format!("checking {}", archive.display()))?;
             if refs.is_empty() {
                 bail!("{} names no image (no repo tag): the cluster needs a NAME:TAG", archive.display());
             }
             for r in refs {
-                let v = upload(ctx, &archive, &r, "archive").await?;
+                let v = upload(ctx, &staging.store, &r).await?;
                 println!("Loaded image: {}", v["reference"].as_str().unwrap_or_default());
             }
         }
         LocalImageCmd::Ls { json: as_json } => {
             let list = ctx.control().await?.list_images(Empty {}).await.map_err(rpc_err)?.into_inner().images;
-            let rows: Vec<Value> = list
-                .iter()
-                .map(|i| json!({"reference": i.reference, "digest": i.digest, "size": i.size, "kind": i.kind, "created_at_ms": i.created_at_ms}))
-                .collect();
+            let rows: Vec<Value> = list.iter().map(image_json).collect();
             let format = if as_json { output::Format::Json } else { ctx.format };
-            output::list(format, &rows, &[("REFERENCE", "reference"), ("DIGEST", "digest"), ("SIZE", "size"), ("KIND", "kind")]);
+            output::list(format, &rows, &[("REFERENCE", "reference"), ("DIGEST", "digest"), ("SIZE", "size"), ("LAYERS", "layers")]);
         }
         LocalImageCmd::Rm { references } => {
             let mut c = ctx.control().await?;

@@ -105,19 +105,29 @@ impl ServiceObj {
     }
 }
 
-/// An image the cluster can run: one archive blob held by every manager.
+/// An image the cluster can run: an OCI manifest, its config and its layer
+/// blobs, all held by every manager. Layers are uncompressed tars, so a
+/// layer's digest is its diff id and agents fetch only the ones they lack.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageObj {
     /// NAME:TAG
     pub reference: String,
-    /// sha256:<hex> of the archive.
+    /// sha256:<hex> of the manifest.
     pub digest: String,
+    pub config: String,
+    /// Layer digests, bottom first.
+    pub layers: Vec<String>,
+    /// Manifest, config and layers, in bytes.
     pub size: u64,
-    /// `rootfs` (a filesystem tarball, like `docker import`) or `archive`
-    /// (an OCI image layout or `docker save` archive).
-    pub kind: String,
     pub version: u64,
     pub created_at_ms: u64,
+}
+
+impl ImageObj {
+    /// Every blob the image needs: manifest, config, layers.
+    pub fn blobs(&self) -> impl Iterator<Item = &String> {
+        [&self.digest, &self.config].into_iter().chain(&self.layers)
+    }
 }
 
 /// Cluster-wide secrets: the CA (so any manager can sign a joining node's
