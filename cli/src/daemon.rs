@@ -127,7 +127,7 @@ pub fn save_identity(dir: &Path, id: &Identity) -> anyhow::Result<()> {
     write_file(&identity_path(dir), &serde_json::to_string_pretty(id)?, false)
 }
 
-fn parse_labels(labels: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+pub fn parse_labels(labels: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     labels
         .iter()
         .map(|kv| match kv.split_once('=') {

@@ -44,6 +44,15 @@ enum Command {
     /// Manage services.
     #[command(subcommand)]
     Service(cmd::service::ServiceCmd),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(cmd::network::NetworkCmd),
+    /// Manage secrets (mounted at /run/secrets/NAME in tasks that use them).
+    #[command(subcommand)]
+    Secret(cmd::data::DataCmd),
+    /// Manage configs (mounted at /NAME in tasks that use them).
+    #[command(subcommand)]
+    Config(cmd::data::DataCmd),
     /// Run a command in a task's container, on whichever node runs it.
     Exec {
         /// Task id, id prefix, or SERVICE.SLOT
@@ -114,6 +123,9 @@ async fn dispatch(ctx: client::Ctx, command: Command) -> anyhow::Result<ExitCode
         Command::JoinToken(a) => cmd::cluster::join_token(&ctx, a).await,
         Command::Node(c) => cmd::node::run(&ctx, c).await,
         Command::Service(c) => cmd::service::run(&ctx, c).await,
+        Command::Network(c) => cmd::network::run(&ctx, c).await,
+        Command::Secret(c) => cmd::data::run(&ctx, "secret", c).await,
+        Command::Config(c) => cmd::data::run(&ctx, "config", c).await,
     }?;
     Ok(ExitCode::SUCCESS)
 }

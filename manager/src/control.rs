@@ -15,7 +15,7 @@ use crate::pki::{self, CertRole};
 use crate::spec::{self, SpecError};
 use crate::store::objects::{Availability, NodeObj, Role, ServiceObj};
 use crate::store::state::format_node_id;
-use crate::store::objects::ImageObj;
+use crate::store::objects::{DataKind, DataObj, ImageObj, NetworkObj};
 use crate::store::task::{TaskObj, TaskState};
 use crate::store::{ApplyError, Command, NodePatch, State};
 use crate::tls::authorize;
@@ -92,6 +92,51 @@ fn image_proto(i: &ImageObj) -> Image {
     }
 }
 
+fn network_proto(n: &NetworkObj, state: &State) -> Network {
+    Network {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        subnet: n.subnet.clone(),
+        gateway: n.gateway.clone(),
+        internal: n.internal,
+        labels: n.labels.clone().into_iter().collect(),
+        version: n.version,
+        created_at_ms: n.created_at_ms,
+        services: state.services.values().filter(|s| s.spec.networks.contains(&n.name)).map(|s| s.spec.name.clone()).collect(),
+    }
+}
+
+/// A secret's or config's metadata; `with_data` only for a config's inspect.
+fn data_proto(kind: DataKind, d: &DataObj, state: &State, with_data: bool) -> DataObject {
+    let uses = |s: &&ServiceObj| match kind {
+        DataKind::Secret => s.spec.secrets.contains(&d.name),
+        DataKind::Config => s.spec.configs.contains(&d.name),
+    };
+    DataObject {
+        kind: kind.as_str().into(),
+        id: d.id.clone(),
+        name: d.name.clone(),
+        digest: d.digest.clone(),
+        size: d.data.len() as u64,
+        data: if with_data && kind == DataKind::Config { d.data.clone() } else { Vec::new() },
+        labels: d.labels.clone().into_iter().collect(),
+        version: d.version,
+        created_at_ms: d.created_at_ms,
+        services: state.services.values().filter(uses).map(|s| s.spec.name.clone()).collect(),
+    }
+}
+
+fn data_kind(kind: &str) -> Result<DataKind, Status> {
+    DataKind::parse(kind).ok_or_else(|| Status::invalid_argument(format!("invalid kind {kind:?}: expected secret or config")))
+}
+
+fn validate_labels(labels: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    match labels.keys().find(|k| k.is_empty() || k.contains(['=', ' '])) {
+        Some(k) => Err(Status::invalid_argument(format!("invalid label key {k:?}"))),
+        None => Ok(()),
+    }
+}
+
 fn node_proto(n: &NodeObj, leader: Option<u64>, reachable: bool) -> Node {
     Node {
         id: format_node_id(n.id),
@@ -142,6 +187,20 @@ impl ControlService {
             let id = s.resolve_node(what).map_err(apply_status)?;
             Ok(node_proto(&s.nodes[&id], leader, self.reachable(id)))
         })
+    }
+
+    fn read_network(&self, name: &str) -> Result<Network, Status> {
+        self.manager
+            .store
+            .read(|s| s.networks.get(name).map(|n| network_proto(n, s)))
+            .ok_or_else(|| Status::not_found(format!("network {name:?} not found")))
+    }
+
+    fn read_data(&self, kind: DataKind, name: &str, with_data: bool) -> Result<DataObject, Status> {
+        self.manager
+            .store
+            .read(|s| s.data(kind).get(name).map(|d| data_proto(kind, d, s, with_data)))
+            .ok_or_else(|| Status::not_found(format!("{} {name:?} not found", kind.as_str())))
     }
 
     fn read_service(&self, what: &str) -> Result<Service, Status> {
@@ -527,6 +586,105 @@ impl Control for ControlService {
             .read(|s| s.images.get(&reference).map(image_proto))
             .ok_or_else(|| Status::internal("image vanished after import"))?;
         Ok(Response::new(img))
+    }
+
+    async fn create_network(&self, req: Request<CreateNetworkRequest>) -> Result<Response<Network>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        spec::validate_name("network name", &r.name).map_err(spec_status)?;
+        if !r.subnet.is_empty() {
+            spec::parse_cidr(&r.subnet).map_err(spec_status)?;
+        }
+        validate_labels(&r.labels)?;
+        let network = NetworkObj {
+            id: pki::random_hex(12).map_err(|e| Status::internal(e.to_string()))?,
+            name: r.name.clone(),
+            subnet: r.subnet,
+            gateway: String::new(),
+            internal: r.internal,
+            labels: r.labels.into_iter().collect(),
+            version: 0,
+            created_at_ms: 0,
+        };
+        self.manager.propose(Command::CreateNetwork { network }).await.map_err(status)?;
+        let n = self.read_network(&r.name)?;
+        tracing::info!(network = %n.name, subnet = %n.subnet, "network created");
+        Ok(Response::new(n))
+    }
+
+    async fn list_networks(&self, req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let networks = self.manager.store.read(|s| s.networks.values().map(|n| network_proto(n, s)).collect());
+        Ok(Response::new(NetworkList { networks }))
+    }
+
+    async fn inspect_network(&self, req: Request<NetworkRef>) -> Result<Response<Network>, Status> {
+        authorize(&req, CLIENTS)?;
+        Ok(Response::new(self.read_network(&req.into_inner().name)?))
+    }
+
+    async fn remove_network(&self, req: Request<NetworkRef>) -> Result<Response<Empty>, Status> {
+        authorize(&req, CLIENTS)?;
+        let name = req.into_inner().name;
+        self.manager.propose(Command::RemoveNetwork { name: name.clone() }).await.map_err(status)?;
+        tracing::info!(network = %name, "network removed");
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn create_data(&self, req: Request<CreateDataRequest>) -> Result<Response<DataObject>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let kind = data_kind(&r.kind)?;
+        let what = match kind {
+            DataKind::Secret => "secret name",
+            DataKind::Config => "config name",
+        };
+        spec::validate_name(what, &r.name).map_err(spec_status)?;
+        validate_labels(&r.labels)?;
+        if r.data.len() > crate::store::objects::MAX_DATA {
+            return Err(Status::invalid_argument(format!(
+                "{} {:?} is {} bytes: at most {}",
+                kind.as_str(),
+                r.name,
+                r.data.len(),
+                crate::store::objects::MAX_DATA
+            )));
+        }
+        let digest = format!("sha256:{}", hex::encode(ring::digest::digest(&ring::digest::SHA256, &r.data)));
+        let obj = DataObj {
+            id: pki::random_hex(12).map_err(|e| Status::internal(e.to_string()))?,
+            name: r.name.clone(),
+            data: r.data,
+            digest,
+            labels: r.labels.into_iter().collect(),
+            version: 0,
+            created_at_ms: 0,
+        };
+        self.manager.propose(Command::CreateData { kind, obj }).await.map_err(status)?;
+        tracing::info!(kind = kind.as_str(), name = %r.name, "{} created", kind.as_str());
+        Ok(Response::new(self.read_data(kind, &r.name, false)?))
+    }
+
+    async fn list_data(&self, req: Request<DataListRequest>) -> Result<Response<DataList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let kind = data_kind(&req.into_inner().kind)?;
+        let items = self.manager.store.read(|s| s.data(kind).values().map(|d| data_proto(kind, d, s, false)).collect());
+        Ok(Response::new(DataList { items }))
+    }
+
+    async fn inspect_data(&self, req: Request<DataRef>) -> Result<Response<DataObject>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        Ok(Response::new(self.read_data(data_kind(&r.kind)?, &r.name, true)?))
+    }
+
+    async fn remove_data(&self, req: Request<DataRef>) -> Result<Response<Empty>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let kind = data_kind(&r.kind)?;
+        self.manager.propose(Command::RemoveData { kind, name: r.name.clone() }).await.map_err(status)?;
+        tracing::info!(kind = kind.as_str(), name = %r.name, "{} removed", kind.as_str());
+        Ok(Response::new(Empty {}))
     }
 
     async fn list_images(&self, req: Request<Empty>) -> Result<Response<ImageList>, Status> {

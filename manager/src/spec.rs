@@ -25,6 +25,37 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), SpecError> {
     if ok { Ok(()) } else { Err(invalid(what, name, REASON)) }
 }
 
+/// An IPv4 network: base address and prefix length.
+pub type Cidr = (std::net::Ipv4Addr, u8);
+
+/// `"100.64.3.0/24"` → (100.64.3.0, 24). The address must be the network's
+/// own (no host bits), the prefix 8–29: room for a gateway and tasks.
+pub fn parse_cidr(s: &str) -> Result<Cidr, SpecError> {
+    const REASON: &str = "expected an IPv4 network such as 100.64.3.0/24 (prefix 8-29, no host bits set)";
+    let (addr, len) = s.split_once('/').ok_or_else(|| invalid("subnet", s, REASON))?;
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| invalid("subnet", s, REASON))?;
+    let len: u8 = len.parse().map_err(|_| invalid("subnet", s, REASON))?;
+    if !(8..=29).contains(&len) {
+        return Err(invalid("subnet", s, REASON));
+    }
+    let mask = u32::MAX << (32 - len);
+    if u32::from(addr) & !mask != 0 {
+        return Err(invalid("subnet", s, REASON));
+    }
+    Ok((addr, len))
+}
+
+pub fn cidrs_overlap(a: Cidr, b: Cidr) -> bool {
+    let len = a.1.min(b.1);
+    let mask = u32::MAX << (32 - len);
+    u32::from(a.0) & mask == u32::from(b.0) & mask
+}
+
+/// The first host address of a network: its gateway.
+pub fn first_host(c: Cidr) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(c.0) + 1)
+}
+
 /// `"64M"`, `"1.5G"`, `"512k"`, `"1048576"` → bytes (powers of 1024).
 pub fn parse_memory(s: &str) -> Result<u64, SpecError> {
     const REASON: &str = "expected a positive size such as 64M, 512k, 1.5G or a byte count";
@@ -201,6 +232,9 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
         if m.r#type != "tmpfs" && m.source.is_empty() {
             return Err(invalid("mount source", &m.source, "is required for volume and bind mounts"));
         }
+    }
+    for c in &spec.configs {
+        validate_name("config name", c)?;
     }
     for s in &spec.secrets {
         validate_name("secret name", s)?;

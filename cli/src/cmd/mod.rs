@@ -1,8 +1,10 @@
 //! One module per noun, one function per verb.
 
 pub mod cluster;
+pub mod data;
 pub mod node;
 pub mod service;
 pub mod image;
 pub mod images;
+pub mod network;
 pub mod run;

@@ -127,8 +127,12 @@ pub struct SpecFlags {
     update_failure_action: Option<String>,
     #[arg(long = "health-cmd")]
     health_cmd: Option<String>,
+    /// A secret to mount at /run/secrets/NAME.
     #[arg(long)]
     secret: Vec<String>,
+    /// A config to mount at /NAME.
+    #[arg(long)]
+    config: Vec<String>,
     /// type=volume|bind|tmpfs,src=..,dst=..[,readonly]
     #[arg(long)]
     mount: Vec<String>,
@@ -271,6 +275,9 @@ impl SpecFlags {
         if !self.secret.is_empty() {
             spec.secrets = self.secret.clone();
         }
+        if !self.config.is_empty() {
+            spec.configs = self.config.clone();
+        }
         if !self.mount.is_empty() {
             spec.mounts = self.mount.iter().map(|m| parse_mount(m)).collect::<Result<_, _>>()?;
         }
@@ -308,6 +315,7 @@ pub fn service_json(s: &Service) -> Value {
         "update": {"parallelism": update.parallelism, "delay_ms": update.delay_ms, "failure_action": update.failure_action},
         "health_cmd": spec.health_cmd,
         "secrets": spec.secrets,
+        "configs": spec.configs,
         "mounts": spec.mounts.iter().map(|m| json!({"type": m.r#type, "source": m.source, "target": m.target, "read_only": m.read_only})).collect::<Vec<_>>(),
         "read_only": spec.read_only,
         "version": s.version,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use shoal_proto::control::ServiceSpec;
 
-use super::objects::{Availability, ClusterObj, ImageObj, NodeObj, NodeStatus, Role, ServiceObj};
+use super::objects::{Availability, ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj};
 use super::task::{TaskObj, TaskUpdate};
 
 /// One Raft entry's application data: the commands that arrived together
@@ -48,6 +48,12 @@ pub enum Command {
     /// Records an image whose blob the proposing manager holds.
     PutImage { image: ImageObj },
     RemoveImage { reference: String },
+    /// A network; an empty subnet takes the next free /24 of the pool.
+    CreateNetwork { network: NetworkObj },
+    RemoveNetwork { name: String },
+    /// A secret or a config.
+    CreateData { kind: DataKind, obj: DataObj },
+    RemoveData { kind: DataKind, name: String },
     /// Changes nothing; a new leader's read barrier and the benchmarks'
     /// smallest write.
     Noop,
@@ -72,6 +78,10 @@ impl Command {
             Command::RemoveTasks { .. } => "remove-tasks",
             Command::PutImage { .. } => "put-image",
             Command::RemoveImage { .. } => "remove-image",
+            Command::CreateNetwork { .. } => "create-network",
+            Command::RemoveNetwork { .. } => "remove-network",
+            Command::CreateData { .. } => "create-data",
+            Command::RemoveData { .. } => "remove-data",
             Command::Noop => "noop",
         }
     }
@@ -121,8 +131,16 @@ pub enum Refusal {
     RemoveManager { node: String },
     #[error("node {node:?} is ready: drain and stop it first, or use --force")]
     RemoveReady { node: String },
-    #[error("image {image:?} is used by service {service:?}")]
-    ImageInUse { image: String, service: String },
+    #[error("{kind} {name:?} is used by service {service:?}")]
+    InUse { kind: String, name: String, service: String },
+    #[error("network {name:?}: subnet {subnet} overlaps network {other:?} ({other_subnet})")]
+    SubnetOverlap { name: String, subnet: String, other: String, other_subnet: String },
+    #[error("{message}")]
+    InvalidSubnet { message: String },
+    #[error("the network pool {pool} has no free /24 left")]
+    PoolExhausted { pool: String },
+    #[error("{kind} {name:?} is {size} bytes: at most {max}")]
+    TooLarge { kind: String, name: String, size: usize, max: usize },
     #[error("service {service:?} was named twice in one request")]
     Duplicate { service: String },
 }

@@ -130,6 +130,65 @@ impl ImageObj {
     }
 }
 
+/// A network services attach to. The store keeps its definition and its
+/// address range (from the cluster pool when none is given); the overlay
+/// wires it on the nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkObj {
+    pub id: String,
+    pub name: String,
+    /// IPv4 CIDR, e.g. `100.64.3.0/24`.
+    pub subnet: String,
+    pub gateway: String,
+    /// No route out of the overlay.
+    pub internal: bool,
+    pub labels: BTreeMap<String, String>,
+    pub version: u64,
+    pub created_at_ms: u64,
+}
+
+/// Secrets and configs: named, immutable data that services reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    Secret,
+    Config,
+}
+
+impl DataKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataKind::Secret => "secret",
+            DataKind::Config => "config",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "secret" => Some(DataKind::Secret),
+            "config" => Some(DataKind::Config),
+            _ => None,
+        }
+    }
+}
+
+/// Largest secret or config, as in Swarm.
+pub const MAX_DATA: usize = 500 << 10;
+
+/// A secret or a config. A secret's data never leaves the managers except
+/// to the nodes that run a task using it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataObj {
+    pub id: String,
+    pub name: String,
+    pub data: Vec<u8>,
+    /// sha256:<hex> of the data.
+    pub digest: String,
+    pub labels: BTreeMap<String, String>,
+    pub version: u64,
+    pub created_at_ms: u64,
+}
+
 /// Cluster-wide secrets: the CA (so any manager can sign a joining node's
 /// certificate) and the join-token secrets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

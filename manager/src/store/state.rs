@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, ApplyError, Command, NodePatch, Refusal};
-use super::objects::{ClusterObj, ImageObj, NodeObj, NodeStatus, Role, ServiceObj};
+use super::objects::{ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, MAX_DATA};
 use super::task::{TaskObj, TaskUpdate};
 
 /// Everything the managers agree on. Cloned only to build snapshots.
@@ -18,7 +18,16 @@ pub struct State {
     pub tasks: BTreeMap<String, TaskObj>,
     #[serde(default)]
     pub images: BTreeMap<String, ImageObj>,
+    /// By name.
+    pub networks: BTreeMap<String, NetworkObj>,
+    /// By name.
+    pub secrets: BTreeMap<String, DataObj>,
+    /// By name.
+    pub configs: BTreeMap<String, DataObj>,
 }
+
+/// Where networks created without `--subnet` get their /24.
+pub const NETWORK_POOL: &str = "100.64.0.0/10";
 
 /// What one applied command changed, for watchers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +41,10 @@ pub enum Change {
     TaskRemoved(String),
     Image(String),
     ImageRemoved(String),
+    Network(String),
+    NetworkRemoved(String),
+    Data(DataKind, String),
+    DataRemoved(DataKind, String),
 }
 
 impl State {
@@ -79,10 +92,79 @@ impl State {
                     return Err(ApplyError::NotFound { kind: "image".into(), what: reference });
                 }
                 if let Some(s) = self.services.values().find(|s| s.spec.image == reference) {
-                    return Err(ApplyError::Refused(Refusal::ImageInUse { image: reference, service: s.spec.name.clone() }));
+                    return Err(in_use("image", reference, s));
                 }
                 self.images.remove(&reference);
                 changes.push(Change::ImageRemoved(reference));
+            }
+            Command::CreateNetwork { mut network } => {
+                if self.networks.contains_key(&network.name) {
+                    return Err(ApplyError::NameTaken { kind: "network".into(), name: network.name });
+                }
+                if network.subnet.is_empty() {
+                    network.subnet = self.free_subnet()?;
+                }
+                let net = crate::spec::parse_cidr(&network.subnet)
+                    .map_err(|e| ApplyError::Refused(Refusal::InvalidSubnet { message: e.to_string() }))?;
+                if let Some(other) = self.networks.values().find(|o| {
+                    crate::spec::parse_cidr(&o.subnet).is_ok_and(|c| crate::spec::cidrs_overlap(c, net))
+                }) {
+                    return Err(ApplyError::Refused(Refusal::SubnetOverlap {
+                        name: network.name,
+                        subnet: network.subnet,
+                        other: other.name.clone(),
+                        other_subnet: other.subnet.clone(),
+                    }));
+                }
+                network.gateway = crate::spec::first_host(net).to_string();
+                network.version = index;
+                network.created_at_ms = now;
+                applied.ids.push(network.id.clone());
+                changes.push(Change::Network(network.name.clone()));
+                self.networks.insert(network.name.clone(), network);
+            }
+            Command::RemoveNetwork { name } => {
+                if !self.networks.contains_key(&name) {
+                    return Err(ApplyError::NotFound { kind: "network".into(), what: name });
+                }
+                if let Some(s) = self.services.values().find(|s| s.spec.networks.contains(&name)) {
+                    return Err(in_use("network", name, s));
+                }
+                self.networks.remove(&name);
+                changes.push(Change::NetworkRemoved(name));
+            }
+            Command::CreateData { kind, mut obj } => {
+                let map = self.data_mut(kind);
+                if map.contains_key(&obj.name) {
+                    return Err(ApplyError::NameTaken { kind: kind.as_str().into(), name: obj.name });
+                }
+                if obj.data.len() > MAX_DATA {
+                    return Err(ApplyError::Refused(Refusal::TooLarge {
+                        kind: kind.as_str().into(),
+                        name: obj.name,
+                        size: obj.data.len(),
+                        max: MAX_DATA,
+                    }));
+                }
+                obj.version = index;
+                obj.created_at_ms = now;
+                applied.ids.push(obj.id.clone());
+                changes.push(Change::Data(kind, obj.name.clone()));
+                map.insert(obj.name.clone(), obj);
+            }
+            Command::RemoveData { kind, name } => {
+                if !self.data(kind).contains_key(&name) {
+                    return Err(ApplyError::NotFound { kind: kind.as_str().into(), what: name });
+                }
+                let uses = |s: &&ServiceObj| match kind {
+                    DataKind::Secret => s.spec.secrets.contains(&name),
+                    DataKind::Config => s.spec.configs.contains(&name),
+                };
+                if let Some(s) = self.services.values().find(uses) {
+                    return Err(in_use(kind.as_str(), name, s));
+                }
+                self.data_mut(kind).remove(&name);
+                changes.push(Change::DataRemoved(kind, name));
             }
             Command::RemoveTasks { ids } => {
                 for id in ids {
@@ -161,6 +243,7 @@ impl State {
                 changes.push(Change::Cluster);
             }
             Command::CreateService { mut service } => {
+                self.check_references(&service.spec)?;
                 if self.services.values().any(|s| s.spec.name == service.spec.name) {
                     return Err(ApplyError::NameTaken { kind: "service".into(), name: service.spec.name });
                 }
@@ -176,6 +259,7 @@ impl State {
             }
             Command::UpdateService { service, spec, expected_version } => {
                 let id = self.resolve_service(&service)?;
+                self.check_references(&spec)?;
                 if self.services.values().any(|s| s.id != id && s.spec.name == spec.name) {
                     return Err(ApplyError::NameTaken { kind: "service".into(), name: spec.name.clone() });
                 }
@@ -235,6 +319,48 @@ impl State {
             }
         }
         Ok(applied)
+    }
+
+    pub fn data(&self, kind: DataKind) -> &BTreeMap<String, DataObj> {
+        match kind {
+            DataKind::Secret => &self.secrets,
+            DataKind::Config => &self.configs,
+        }
+    }
+
+    fn data_mut(&mut self, kind: DataKind) -> &mut BTreeMap<String, DataObj> {
+        match kind {
+            DataKind::Secret => &mut self.secrets,
+            DataKind::Config => &mut self.configs,
+        }
+    }
+
+    /// Every network, secret and config a service spec names must exist.
+    fn check_references(&self, spec: &shoal_proto::control::ServiceSpec) -> Result<(), ApplyError> {
+        let missing = |kind: &str, what: &String| ApplyError::NotFound { kind: kind.into(), what: what.clone() };
+        if let Some(n) = spec.networks.iter().find(|n| !self.networks.contains_key(*n)) {
+            return Err(missing("network", n));
+        }
+        if let Some(n) = spec.secrets.iter().find(|n| !self.secrets.contains_key(*n)) {
+            return Err(missing("secret", n));
+        }
+        if let Some(n) = spec.configs.iter().find(|n| !self.configs.contains_key(*n)) {
+            return Err(missing("config", n));
+        }
+        Ok(())
+    }
+
+    /// The first /24 of the pool that no network overlaps.
+    fn free_subnet(&self) -> Result<String, ApplyError> {
+        let exhausted = || ApplyError::Refused(Refusal::PoolExhausted { pool: NETWORK_POOL.into() });
+        let pool = crate::spec::parse_cidr(NETWORK_POOL).map_err(|_| exhausted())?;
+        let taken: Vec<_> = self.networks.values().filter_map(|n| crate::spec::parse_cidr(&n.subnet).ok()).collect();
+        let count = 1u32 << (24 - pool.1);
+        (0..count)
+            .map(|i| (std::net::Ipv4Addr::from(u32::from(pool.0) + (i << 8)), 24u8))
+            .find(|c| !taken.iter().any(|t| crate::spec::cidrs_overlap(*t, *c)))
+            .map(|(a, p)| format!("{a}/{p}"))
+            .ok_or_else(exhausted)
     }
 
     /// A service by exact id, exact name, or unique id prefix.
@@ -343,6 +469,10 @@ fn apply_task_update(t: &mut TaskObj, from_node: Option<u64>, u: TaskUpdate, now
     changed
 }
 
+fn in_use(kind: &str, name: String, s: &ServiceObj) -> ApplyError {
+    ApplyError::Refused(Refusal::InUse { kind: kind.into(), name, service: s.spec.name.clone() })
+}
+
 fn node_not_found(id: u64) -> ApplyError {
     ApplyError::NotFound { kind: "node".into(), what: format_node_id(id) }
 }
@@ -412,5 +542,74 @@ mod tests {
         apply(&mut st, 3, Command::UpdateService { service: "web".into(), spec, expected_version: 1 }).unwrap();
         assert_eq!(st.services["a1"].spec.image, "bb:2");
         assert_eq!(st.services["a1"].previous_spec.as_ref().map(|s| s.image.as_str()), Some("bb:1"));
+    }
+
+    fn net(name: &str, subnet: &str) -> Command {
+        Command::CreateNetwork {
+            network: NetworkObj {
+                id: format!("id-{name}"),
+                name: name.into(),
+                subnet: subnet.into(),
+                gateway: String::new(),
+                internal: false,
+                labels: Default::default(),
+                version: 0,
+                created_at_ms: 0,
+            },
+        }
+    }
+
+    fn secret(name: &str, size: usize) -> Command {
+        let obj = DataObj {
+            id: format!("id-{name}"),
+            name: name.into(),
+            data: vec![7; size],
+            digest: String::new(),
+            labels: Default::default(),
+            version: 0,
+            created_at_ms: 0,
+        };
+        Command::CreateData { kind: DataKind::Secret, obj }
+    }
+
+    #[test]
+    fn networks_take_free_subnets_and_never_overlap() {
+        let mut st = State::default();
+        apply(&mut st, 1, net("front", "")).unwrap();
+        apply(&mut st, 2, net("mine", "100.64.1.0/24")).unwrap();
+        apply(&mut st, 3, net("back", "")).unwrap();
+        assert_eq!((st.networks["front"].subnet.as_str(), st.networks["front"].gateway.as_str()), ("100.64.0.0/24", "100.64.0.1"));
+        assert_eq!(st.networks["back"].subnet, "100.64.2.0/24", "skips the /24 taken by hand");
+        let err = apply(&mut st, 4, net("wide", "100.64.0.0/16")).unwrap_err();
+        assert!(matches!(err, ApplyError::Refused(Refusal::SubnetOverlap { .. })), "{err}");
+        assert!(matches!(apply(&mut st, 5, net("front", "")), Err(ApplyError::NameTaken { .. })));
+        assert!(matches!(apply(&mut st, 6, net("bad", "100.64.9.1/24")), Err(ApplyError::Refused(Refusal::InvalidSubnet { .. }))));
+        assert_eq!(st.networks.len(), 3);
+    }
+
+    #[test]
+    fn services_need_their_references_and_keep_them_alive() {
+        let mut st = State::default();
+        let mut cmd = svc("a1", "web", "replicated");
+        if let Command::CreateService { service } = &mut cmd {
+            service.spec.networks = vec!["front".into()];
+            service.spec.secrets = vec!["db-pass".into()];
+        }
+        let err = apply(&mut st, 1, cmd.clone()).unwrap_err();
+        assert!(matches!(&err, ApplyError::NotFound { kind, .. } if kind == "network"), "{err}");
+        apply(&mut st, 2, net("front", "")).unwrap();
+        let err = apply(&mut st, 3, cmd.clone()).unwrap_err();
+        assert!(matches!(&err, ApplyError::NotFound { kind, .. } if kind == "secret"), "{err}");
+        assert!(matches!(apply(&mut st, 4, secret("db-pass", MAX_DATA + 1)), Err(ApplyError::Refused(Refusal::TooLarge { .. }))));
+        apply(&mut st, 5, secret("db-pass", 12)).unwrap();
+        apply(&mut st, 6, cmd).unwrap();
+        let err = apply(&mut st, 7, Command::RemoveNetwork { name: "front".into() }).unwrap_err();
+        assert_eq!(err.to_string(), "network \"front\" is used by service \"web\"");
+        let err = apply(&mut st, 8, Command::RemoveData { kind: DataKind::Secret, name: "db-pass".into() }).unwrap_err();
+        assert_eq!(err.to_string(), "secret \"db-pass\" is used by service \"web\"");
+        apply(&mut st, 9, Command::RemoveServices { services: vec!["web".into()] }).unwrap();
+        apply(&mut st, 10, Command::RemoveNetwork { name: "front".into() }).unwrap();
+        apply(&mut st, 11, Command::RemoveData { kind: DataKind::Secret, name: "db-pass".into() }).unwrap();
+        assert!(st.networks.is_empty() && st.secrets.is_empty());
     }
 }
