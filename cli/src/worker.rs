@@ -14,7 +14,7 @@ use shoal_manager::blobs::MAX_MANIFEST;
 use shoal_agent::spec::{Mount, RunRequest};
 use shoal_manager::tls::NodeTls;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
-use shoal_proto::dispatcher::{Assignment, AssignmentsRequest, BlobRef, TaskStatus, TaskStatusBatch};
+use shoal_proto::dispatcher::{Assignment, AssignmentsRequest, BlobRef, TaskData, TaskStatus, TaskStatusBatch};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
@@ -149,7 +149,16 @@ impl Worker {
 /// from before a restart, or from tasks removed while we were away).
 fn cleanup_strays(ctx: &Ctx, keep: Vec<String>) {
     let exec = ctx.executor.clone();
+    let data_dir = ctx.data_dir.clone();
     tokio::task::spawn_blocking(move || {
+        // Secrets and configs of tasks this node no longer runs.
+        if let Ok(rd) = std::fs::read_dir(data_dir.join("taskdata")) {
+            for e in rd.flatten() {
+                if !keep.iter().any(|k| e.file_name() == k.as_str()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         for id in exec.list().unwrap_or_default() {
             if keep.contains(&id) {
                 continue;
@@ -161,6 +170,43 @@ fn cleanup_strays(ctx: &Ctx, keep: Vec<String>) {
             let _ = exec.remove(&id);
         }
     });
+}
+
+/// Where a task's secrets and configs live on this node: a root-only
+/// directory; each file is bind-mounted read-only into the container
+/// (secrets at /run/secrets/NAME, configs at /NAME).
+fn task_data_dir(data_dir: &std::path::Path, task: &str) -> PathBuf {
+    data_dir.join("taskdata").join(task)
+}
+
+/// Writes the task's secrets and configs; returns their mounts.
+fn write_task_data(dir: &std::path::Path, data: &[TaskData]) -> Result<Vec<Mount>, String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mut mounts = Vec::new();
+    if data.is_empty() {
+        return Ok(mounts);
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for d in data {
+        // The managers check names; a name must still never leave `dir`.
+        let safe = !d.name.is_empty() && d.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let destination = match d.kind.as_str() {
+            "secret" if safe => format!("/run/secrets/{}", d.name),
+            "config" if safe => format!("/{}", d.name),
+            _ => return Err(format!("invalid {} {:?} in the assignment", d.kind, d.name)),
+        };
+        let path = dir.join(format!("{}-{}", d.kind, d.name));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o444)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::io::Write::write_all(&mut f, &d.data).map_err(|e| format!("{}: {e}", path.display()))?;
+        mounts.push(Mount::Bind { source: path, destination, read_only: true });
+    }
+    Ok(mounts)
 }
 
 fn run_request(a: &Assignment) -> RunRequest {
@@ -228,25 +274,34 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 return;
             }
             report(status(&id, "preparing", "preparing container"));
-            let req = run_request(&a);
+            let mut req = run_request(&a);
+            let data_dir = task_data_dir(&ctx.data_dir, &id);
+            match write_task_data(&data_dir, &a.data) {
+                Ok(mounts) => req.mounts.extend(mounts),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&data_dir);
+                    report(TaskStatus { error: e, ..status(&id, "rejected", "secrets and configs") });
+                    return;
+                }
+            }
             let prep = {
                 let exec = exec.clone();
                 tokio::task::spawn_blocking(move || exec.prepare(&req)).await
             };
-            match prep {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    report(TaskStatus { error: e.to_string(), ..status(&id, "rejected", "preparing failed") });
-                    return;
-                }
-                Err(e) => {
-                    report(TaskStatus { error: e.to_string(), ..status(&id, "failed", "preparing failed") });
-                    return;
-                }
+            let failed = match prep {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some((e.to_string(), "rejected")),
+                Err(e) => Some((e.to_string(), "failed")),
+            };
+            if let Some((error, state)) = failed {
+                let _ = tokio::fs::remove_dir_all(&data_dir).await;
+                report(TaskStatus { error, ..status(&id, state, "preparing failed") });
+                return;
             }
             if wants_stop(&desired) {
                 let (exec, id2) = (exec.clone(), id.clone());
                 let _ = tokio::task::spawn_blocking(move || exec.remove(&id2)).await;
+                let _ = tokio::fs::remove_dir_all(&data_dir).await;
                 report(status(&id, "shutdown", "stopped before it started"));
                 return;
             }
@@ -316,7 +371,9 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
             break;
         }
     }
+    let data_dir = task_data_dir(&ctx.data_dir, &id);
     let _ = tokio::task::spawn_blocking(move || exec.remove(&id)).await;
+    let _ = tokio::fs::remove_dir_all(data_dir).await;
 }
 
 /// Makes sure the task's image is in this node's store: fetches its

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::pin::Pin;
 
 use shoal_proto::dispatcher::{
-    Assignment, AssignmentsMessage, AssignmentsRequest, BlobChunk, BlobRef, HeartbeatRequest, HeartbeatResponse,
+    Assignment, AssignmentsMessage, TaskData, AssignmentsRequest, BlobChunk, BlobRef, HeartbeatRequest, HeartbeatResponse,
     TaskStatusAck, TaskStatusBatch,
 };
 use tokio::io::AsyncReadExt;
@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::control::status;
 use crate::manager::Manager;
 use crate::pki::CertRole;
-use crate::store::objects::{NodeStatus, Role};
+use crate::store::objects::{DataKind, NodeStatus, Role};
 use crate::store::state::format_node_id;
 use crate::store::task::{TaskObj, TaskState, TaskUpdate};
 use crate::store::{Change, Command, NodePatch, State};
@@ -114,6 +114,20 @@ fn assigned_to(t: &TaskObj, node: u64) -> bool {
     t.node_id == Some(node) && t.state >= TaskState::Assigned && !t.state.is_terminal()
 }
 
+/// The secrets and configs a task's spec names, for its node only.
+fn task_data(t: &TaskObj, s: &State) -> Vec<TaskData> {
+    let pick = |kind: DataKind, names: &[String]| {
+        names
+            .iter()
+            .filter_map(|n| s.data(kind).get(n))
+            .map(|d| TaskData { kind: kind.as_str().into(), name: d.name.clone(), data: d.data.clone() })
+            .collect::<Vec<_>>()
+    };
+    let mut out = pick(DataKind::Secret, &t.spec.secrets);
+    out.extend(pick(DataKind::Config, &t.spec.configs));
+    out
+}
+
 fn assignment(t: &TaskObj, s: &State) -> Assignment {
     let image = s.images.get(&t.spec.image);
     Assignment {
@@ -124,6 +138,7 @@ fn assignment(t: &TaskObj, s: &State) -> Assignment {
         desired_state: t.desired_state.as_str().into(),
         state: t.state.as_str().into(),
         image_digest: image.map(|i| i.digest.clone()).unwrap_or_default(),
+        data: task_data(t, s),
     }
 }
 

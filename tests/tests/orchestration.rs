@@ -358,3 +358,65 @@ fn images_travel_as_layers_and_nodes_fetch_only_what_they_lack() -> anyhow::Resu
     assert_eq!(images.as_array().map(Vec::len), Some(1), "{images}");
     Ok(())
 }
+
+#[test]
+fn networks_secrets_and_configs_reach_the_tasks_that_use_them() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1)?;
+    c.import_busybox(0, "bb:1")?;
+    let front = c.cli_ok(0, &["network", "create", "front", "--label", "tier=web", "--format", "json"])?;
+    assert_eq!((front["subnet"].as_str(), front["gateway"].as_str()), (Some("100.64.0.0/24"), Some("100.64.0.1")), "{front}");
+    for (args, needle) in [
+        (&["network", "create", "--subnet", "100.64.0.0/16", "wide"][..], "overlaps network \"front\""),
+        (&["network", "create", "--subnet", "300.1.1.0/24", "bad"][..], "300.1.1.0/24"),
+        (&["network", "create", "Front"][..], "Front"),
+        (&["network", "create", "front"][..], "already exists"),
+    ] {
+        let out = c.cli(0, args);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(c.cli_ok(0, &["network", "ls", "--format", "json"])?.as_array().map(Vec::len), Some(1));
+
+    let pass = c.dir.join("db-pass");
+    std::fs::write(&pass, "s3cret-value")?;
+    let motd = c.dir.join("motd");
+    std::fs::write(&motd, "hello from a config")?;
+    c.cli_ok(0, &["secret", "create", "db-pass", &pass.display().to_string()])?;
+    c.cli_ok(0, &["config", "create", "motd", &motd.display().to_string()])?;
+    let out = c.cli(0, &["service", "create", "--detach", "--name", "x", "--secret", "ghost", "bb:1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("secret \"ghost\" not found"), "{out:?}");
+
+    let script = "cat /run/secrets/db-pass; echo; cat /motd; echo; sleep 3600";
+    c.cli_ok(0, &["service", "create", "--name", "app", "--replicas", "2", "--network", "front", "--secret", "db-pass", "--config", "motd", "bb:1", "sh", "-c", script])?;
+    wait_spread(&c, 0, "app", 2, &["n0", "n1"])?;
+    wait_for(T, "both tasks to print the secret and the config", || {
+        let out = c.cli(0, &["service", "logs", "app"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok((text.matches("s3cret-value").count() == 2 && text.matches("hello from a config").count() == 2).then_some(()))
+    })?;
+    // A secret's data never comes back out; a config's does.
+    let secrets = c.cli_ok(0, &["secret", "ls", "--format", "json"])?;
+    assert!(!secrets.to_string().contains("s3cret"), "{secrets}");
+    assert_eq!(secrets[0]["size"], 12);
+    assert_eq!(secrets[0]["services"], serde_json::json!(["app"]));
+    assert!(!c.cli_ok(0, &["secret", "inspect", "db-pass", "--format", "json"])?.to_string().contains("s3cret"));
+    assert_eq!(c.cli_ok(0, &["config", "inspect", "motd", "--format", "json"])?["data"], "hello from a config");
+    // In use: none of them can go.
+    for args in [["secret", "rm", "db-pass"], ["config", "rm", "motd"], ["network", "rm", "front"]] {
+        let out = c.cli(0, &args);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is used by service \"app\""), "{args:?}: {out:?}");
+    }
+    c.cli_ok(0, &["service", "rm", "app"])?;
+    for args in [["secret", "rm", "db-pass"], ["config", "rm", "motd"], ["network", "rm", "front"]] {
+        c.cli_ok(0, &args)?;
+    }
+    // The nodes drop the files once the tasks are gone.
+    for i in 0..2 {
+        let dir = c.hosts[i].data_dir.join("taskdata");
+        wait_for(T, "the tasks' secret files to be removed", || {
+            let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            Ok((left == 0).then_some(()))
+        })?;
+    }
+    Ok(())
+}
