@@ -24,7 +24,7 @@ pub enum DataCmd {
     },
     /// List them (never their data).
     Ls,
-    /// Show one (a config's data too, base64 in JSON).
+    /// Show one (a config's data too: as text, or as hex when it is not UTF-8).
     Inspect { name: String },
     /// Remove ones no service uses.
     Rm {
