@@ -18,6 +18,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod, umask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -325,6 +326,69 @@ impl Runtime {
     /// The cgroup of a container (to check OOM or clean up after a crash).
     pub fn cgroup(&self, id: &str) -> Box<dyn Cgroup> {
         self.cgroups.open(id)
+    }
+
+    /// Runs `args` in running container `id` (whose init is `init_pid`) the
+    /// way its workload runs: charged to its cgroup, in its namespaces and
+    /// root, as its user, with Docker's capabilities, no_new_privs and
+    /// seccomp. Stdio is inherited. Must be called from a single-threaded
+    /// process (`shoal internal-exec`): it changes this process's
+    /// namespaces and root, then forks into the container's pid namespace.
+    pub fn exec(&self, id: &str, init_pid: i32, args: &[String]) -> Result<ExitStatus, RuntimeError> {
+        validate_id(id)?;
+        if args.is_empty() {
+            return Err(RuntimeError::NoCommand { id: id.to_string() });
+        }
+        if !sys::single_threaded() {
+            return Err(RuntimeError::MultiThreaded);
+        }
+        let mut spec = self.load_spec(id)?;
+        spec.args = args.to_vec();
+        let seccomp = security::default_seccomp()?;
+        let proc_dir = PathBuf::from(format!("/proc/{init_pid}"));
+        let io = |what: &str, e: io::Error| RuntimeError::Io { id: id.to_string(), path: proc_dir.join(what), source: e };
+        let sys_err = |step: &'static str| move |source: nix::Error| RuntimeError::Sys { id: id.to_string(), step, source };
+        // Open everything first: once in the mount namespace, /proc/<pid>
+        // of the host is out of reach.
+        let root = fs::File::open(proc_dir.join("root")).map_err(|e| io("root", e))?;
+        let mut namespaces = Vec::new();
+        for (name, flag) in [
+            ("ipc", CloneFlags::CLONE_NEWIPC),
+            ("uts", CloneFlags::CLONE_NEWUTS),
+            ("net", CloneFlags::CLONE_NEWNET),
+            ("pid", CloneFlags::CLONE_NEWPID),
+            ("mnt", CloneFlags::CLONE_NEWNS),
+        ] {
+            let f = fs::File::open(proc_dir.join("ns").join(name)).map_err(|e| io(name, e))?;
+            namespaces.push((name, f, flag));
+        }
+        self.cgroups.open(id).add_process(std::process::id() as i32)?;
+        for (name, f, flag) in &namespaces {
+            nix::sched::setns(f, *flag).map_err(|e| io(&format!("ns/{name}"), e.into()))?;
+        }
+        nix::unistd::fchdir(&root).map_err(sys_err("enter the container's root"))?;
+        nix::unistd::chroot(".").map_err(sys_err("enter the container's root"))?;
+        match sys::fork().map_err(|e| io("fork", e))? {
+            Forked::Child => {
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                let e = match exec_as_workload(&spec, &seccomp) {
+                    Ok(never) => match never {},
+                    Err(e) => e,
+                };
+                let _ = writeln!(io::stderr(), "shoal exec: {}", e.message);
+                sys::exit_now(e.code)
+            }
+            Forked::Parent(pid) => loop {
+                match waitpid(Pid::from_raw(pid), None) {
+                    Ok(WaitStatus::Exited(_, c)) => return Ok(ExitStatus { code: c, signal: None, oom_killed: false }),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => {
+                        return Ok(ExitStatus { code: 128 + sig as i32, signal: Some(sig as i32), oom_killed: false });
+                    }
+                    Ok(_) | Err(nix::Error::EINTR) => continue,
+                    Err(e) => return Err(sys_err("wait for the command")(e)),
+                }
+            },
+        }
     }
 }
 
@@ -643,49 +707,57 @@ impl Child<'_> {
 
     /// The workload: drop privileges, then exec. Never returns on success.
     fn exec_workload(&self) -> ChildResult<std::convert::Infallible> {
-        SigSet::empty().thread_set_mask().ctx("unblock signals")?;
-        sys::reset_signal_dispositions();
-        let user = resolve_user(self.spec.user.as_deref())?;
-        let cwd = if self.spec.cwd.is_empty() { "/" } else { self.spec.cwd.as_str() };
-        if fs::metadata(cwd).is_err() {
-            fs::create_dir_all(cwd).ctx(format!("create working directory {cwd}"))?;
-            let _ = nix::unistd::chown(cwd, Some(Uid::from_raw(user.uid)), Some(Gid::from_raw(user.gid)));
-        }
-        nix::unistd::chdir(cwd).ctx(format!("chdir {cwd}"))?;
-        let mut env: Vec<String> = self.spec.env.clone();
-        if !env.iter().any(|e| e.starts_with("PATH=")) {
-            env.insert(0, DEFAULT_PATH.to_string());
-        }
-        if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
-            env.push(format!("HOSTNAME={}", self.spec.hostname));
-        }
-        if !env.iter().any(|e| e.starts_with("HOME=")) {
-            env.push(format!("HOME={}", user.home));
-        }
-        let path_var = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or("");
-        let prog = find_program(&self.spec.args[0], path_var).ok_or_else(|| ChildError {
-            code: 127,
-            message: format!("exec {:?}: executable file not found in $PATH", self.spec.args[0]),
-        })?;
-        let cstr = |s: &str| CString::new(s).ctx("argument contains NUL");
-        let argv: Vec<CString> = self.spec.args.iter().map(|a| cstr(a)).collect::<ChildResult<_>>()?;
-        let envp: Vec<CString> = env.iter().map(|a| cstr(a)).collect::<ChildResult<_>>()?;
-        let prog_c = cstr(&prog)?;
-
-        let gids: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-        nix::unistd::setgroups(&gids).ctx("setgroups")?;
-        security::limit_bounding(&security::DEFAULT_CAPS).ctx("drop capabilities")?;
-        nix::unistd::setgid(Gid::from_raw(user.gid)).ctx("setgid")?;
-        nix::unistd::setuid(Uid::from_raw(user.uid)).ctx("setuid")?;
-        if user.uid == 0 {
-            security::set_process_caps(&security::DEFAULT_CAPS).ctx("set capabilities")?;
-        }
-        security::no_new_privs().ctx("no_new_privs")?;
-        security::apply_seccomp(self.seccomp).ctx("seccomp")?;
-        let e = nix::unistd::execve(&prog_c, &argv, &envp).map_or_else(|e| e, |never| match never {});
-        let code = if e == nix::Error::ENOENT { 127 } else { 126 };
-        Err(ChildError { code, message: format!("exec {prog}: {e}") })
+        exec_as_workload(self.spec, self.seccomp)
     }
+}
+
+/// Becomes `spec`'s workload: its user, working directory and environment,
+/// Docker's capabilities, no_new_privs and seccomp, then exec. Runs inside
+/// the container (after pivot_root, or after entering its namespaces for
+/// `exec`). Never returns on success.
+fn exec_as_workload(spec: &ContainerSpec, seccomp: &SeccompPolicy) -> ChildResult<std::convert::Infallible> {
+    SigSet::empty().thread_set_mask().ctx("unblock signals")?;
+    sys::reset_signal_dispositions();
+    let user = resolve_user(spec.user.as_deref())?;
+    let cwd = if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() };
+    if fs::metadata(cwd).is_err() {
+        fs::create_dir_all(cwd).ctx(format!("create working directory {cwd}"))?;
+        let _ = nix::unistd::chown(cwd, Some(Uid::from_raw(user.uid)), Some(Gid::from_raw(user.gid)));
+    }
+    nix::unistd::chdir(cwd).ctx(format!("chdir {cwd}"))?;
+    let mut env: Vec<String> = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, DEFAULT_PATH.to_string());
+    }
+    if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+        env.push(format!("HOSTNAME={}", spec.hostname));
+    }
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+    }
+    let path_var = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or("");
+    let prog = find_program(&spec.args[0], path_var).ok_or_else(|| ChildError {
+        code: 127,
+        message: format!("exec {:?}: executable file not found in $PATH", spec.args[0]),
+    })?;
+    let cstr = |s: &str| CString::new(s).ctx("argument contains NUL");
+    let argv: Vec<CString> = spec.args.iter().map(|a| cstr(a)).collect::<ChildResult<_>>()?;
+    let envp: Vec<CString> = env.iter().map(|a| cstr(a)).collect::<ChildResult<_>>()?;
+    let prog_c = cstr(&prog)?;
+
+    let gids: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    nix::unistd::setgroups(&gids).ctx("setgroups")?;
+    security::limit_bounding(&security::DEFAULT_CAPS).ctx("drop capabilities")?;
+    nix::unistd::setgid(Gid::from_raw(user.gid)).ctx("setgid")?;
+    nix::unistd::setuid(Uid::from_raw(user.uid)).ctx("setuid")?;
+    if user.uid == 0 {
+        security::set_process_caps(&security::DEFAULT_CAPS).ctx("set capabilities")?;
+    }
+    security::no_new_privs().ctx("no_new_privs")?;
+    security::apply_seccomp(seccomp).ctx("seccomp")?;
+    let e = nix::unistd::execve(&prog_c, &argv, &envp).map_or_else(|e| e, |never| match never {});
+    let code = if e == nix::Error::ENOENT { 127 } else { 126 };
+    Err(ChildError { code, message: format!("exec {prog}: {e}") })
 }
 
 /// pid 1: forward signals to the workload, reap every zombie, and exit with

@@ -90,25 +90,26 @@ impl Agent for AgentService {
             return Err(Status::invalid_argument("no command given"));
         }
         let sup = attach(&self.data_dir, &r.task_id)?;
-        let pid = match sup.state() {
-            Ok(State::Running { init_pid }) if init_pid > 0 => init_pid,
-            _ => return Err(Status::failed_precondition(format!("task {} is not running here", r.task_id))),
-        };
-        // Enter every namespace of the container's init, its root and its
-        // working directory, and run the command there.
-        let mut cmd = tokio::process::Command::new("nsenter");
-        cmd.arg("--target")
-            .arg(pid.to_string())
-            .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--"])
+        if !matches!(sup.state(), Ok(State::Running { init_pid }) if init_pid > 0) {
+            return Err(Status::failed_precondition(format!("task {} is not running here", r.task_id)));
+        }
+        // `shoal internal-exec` joins the container's cgroup, namespaces and
+        // root and runs the command as the workload runs: its user, env and
+        // working directory, Docker's capabilities, no_new_privs, seccomp.
+        let shoal = std::env::current_exe().map_err(|e| Status::internal(format!("locating the shoal binary: {e}")))?;
+        let mut cmd = tokio::process::Command::new(shoal);
+        cmd.arg("internal-exec")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg(&r.task_id)
+            .arg("--")
             .args(&r.cmd)
-            .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         let out = tokio::time::timeout(EXEC_TIMEOUT, cmd.output())
             .await
             .map_err(|_| Status::deadline_exceeded(format!("command still running after {EXEC_TIMEOUT:?}: killed")))?
-            .map_err(|e| Status::internal(format!("running nsenter: {e}")))?;
+            .map_err(|e| Status::internal(format!("running the command: {e}")))?;
         tracing::info!(task = %r.task_id, cmd = ?r.cmd, code = out.status.code(), "exec in task");
         Ok(Response::new(ExecResponse {
             exit_code: out.status.code().unwrap_or(128 + 9),

@@ -308,6 +308,17 @@ fn logs_follow_and_exec_reach_tasks_on_other_hosts() -> anyhow::Result<()> {
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "oops");
     let out = c.cli(0, &["exec", "nosuch.9", "true"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nosuch.9"));
+    // The exec'd command is held to what the workload is: Docker's
+    // capabilities, no_new_privs, seccomp, the container's cgroup and pid
+    // namespace.
+    let out = c.cli(0, &["exec", "ticker.1", "sh", "-c", "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; cat /proc/self/cgroup; ps -o pid,args"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("CapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\nNoNewPrivs:\t1\nSeccomp:\t2\n"), "{text}");
+    let ticker = tasks(&c, 0, "ticker", false)?;
+    let id = ticker.iter().find(|t| t["slot"] == 1).and_then(|t| t["id"].as_str()).unwrap_or_default().to_string();
+    assert!(text.lines().any(|l| l.ends_with(&format!("shoal/{id}"))), "in the task's cgroup: {text}");
+    assert!(text.lines().any(|l| l.trim_start().starts_with("1 ")), "sees the container's pid 1: {text}");
     Ok(())
 }
 

@@ -291,6 +291,19 @@ pub enum InternalCmd {
     /// with its exit code.
     #[command(name = "internal-attach", hide = true)]
     Attach(AttachArgs),
+    /// Run a command in a running container as its workload runs (the
+    /// agent's side of `shoal exec`).
+    #[command(name = "internal-exec", hide = true)]
+    Exec(ExecArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    pub id: String,
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -321,7 +334,20 @@ pub fn internal(cmd: InternalCmd) -> anyhow::Result<i32> {
     match cmd {
         InternalCmd::Supervise(a) => supervise(a),
         InternalCmd::Attach(a) => attach(a),
+        InternalCmd::Exec(a) => exec(a),
     }
+}
+
+/// `shoal internal-exec`: single-threaded (it enters the container's
+/// namespaces); the command's exit code is ours.
+pub fn exec(args: ExecArgs) -> anyhow::Result<i32> {
+    let sup = Supervised::attach(&args.data_dir, &args.id)?;
+    let init_pid = match sup.state()? {
+        State::Running { init_pid } if init_pid > 0 => init_pid,
+        _ => bail!("container {} is not running", args.id),
+    };
+    let rt = Runtime::new(&args.data_dir)?;
+    Ok(rt.exec(&args.id, init_pid, &args.cmd)?.code)
 }
 
 /// `shoal internal-supervise`: must run before any thread is started.
