@@ -376,8 +376,11 @@ impl Supervised {
                 return Ok(Some(rec));
             }
             let left = match timeout {
-                Some(t) if start.elapsed() >= t => return Ok(None),
-                Some(t) => t - start.elapsed(),
+                // One reading of the clock: it moves between two.
+                Some(t) => match t.checked_sub(start.elapsed()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return Ok(None),
+                },
                 None => Duration::from_secs(3600),
             };
             let ms = left.as_millis().min(1000) as u16;

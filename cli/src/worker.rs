@@ -319,17 +319,26 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         }
     }
 
-    // Running: wait for the exit, or for the managers to want it stopped.
+    // Running: wait for the exit, for the managers to want it stopped, or
+    // for the health check to give up on it.
     let waiter = {
         let (exec, id) = (exec.clone(), id.clone());
         tokio::task::spawn_blocking(move || exec.wait(&id, None))
     };
     tokio::pin!(waiter);
+    let health = health_loop(ctx.data_dir.clone(), id.clone(), a.spec.clone().unwrap_or_default());
+    tokio::pin!(health);
+    let mut unhealthy = None;
     let stopped_by_us = loop {
         if wants_stop(&desired) {
             break true;
         }
         tokio::select! {
+            why = &mut health => {
+                tracing::warn!(task = %id, service = %a.service, reason = %why, "task unhealthy: stopping it");
+                unhealthy = Some(why);
+                break true;
+            }
             r = &mut waiter => {
                 let exit = r.ok().and_then(Result::ok).flatten();
                 let (state, msg, err, code) = match exit {
@@ -358,12 +367,15 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         let (exec2, id2) = (exec.clone(), id.clone());
         let res = tokio::task::spawn_blocking(move || exec2.shutdown(&id2, STOP_GRACE)).await;
         let code = res.ok().and_then(Result::ok).map(|s| s.code);
-        tracing::info!(task = %id, service = %a.service, "task shut down");
-        report(TaskStatus {
-            has_exit_code: code.is_some(),
-            exit_code: code.unwrap_or(0),
-            ..status(&id, "shutdown", "shut down")
-        });
+        let st = match unhealthy {
+            // Failed, not shut down: the restart policy replaces it.
+            Some(why) => TaskStatus { error: why, ..status(&id, "failed", "unhealthy") },
+            None => {
+                tracing::info!(task = %id, service = %a.service, "task shut down");
+                status(&id, "shutdown", "shut down")
+            }
+        };
+        report(TaskStatus { has_exit_code: code.is_some(), exit_code: code.unwrap_or(0), ..st });
     }
     // Keep the container (and its logs) until the managers forget the task.
     while desired.borrow().as_str() != "removed" {
@@ -374,6 +386,56 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
     let data_dir = task_data_dir(&ctx.data_dir, &id);
     let _ = tokio::task::spawn_blocking(move || exec.remove(&id)).await;
     let _ = tokio::fs::remove_dir_all(data_dir).await;
+}
+
+/// Runs the spec's health check inside the task's container (through
+/// `shoal internal-exec`, so it is held to what the workload is) until it
+/// fails `retries` times in a row; returns why. Never returns without a
+/// health command.
+async fn health_loop(data_dir: PathBuf, task: String, spec: shoal_proto::control::ServiceSpec) -> String {
+    if spec.health_cmd.is_empty() {
+        return std::future::pending().await;
+    }
+    let ms = |v: u64, default: u64| Duration::from_millis(if v == 0 { default } else { v });
+    let interval = ms(spec.health_interval_ms, 30_000);
+    let timeout = ms(spec.health_timeout_ms, 30_000);
+    let retries = if spec.health_retries == 0 { 3 } else { spec.health_retries };
+    let started = tokio::time::Instant::now();
+    let start_period = Duration::from_millis(spec.health_start_period_ms);
+    let mut failures = 0u32;
+    loop {
+        tokio::time::sleep(interval).await;
+        let Ok(shoal) = std::env::current_exe() else { continue };
+        let mut cmd = tokio::process::Command::new(shoal);
+        cmd.arg("internal-exec")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg(&task)
+            .args(["--", "/bin/sh", "-c", &spec.health_cmd])
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let why = match tokio::time::timeout(timeout, cmd.output()).await {
+            Ok(Ok(out)) if out.status.success() => None,
+            Ok(Ok(out)) => {
+                let text = String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).trim().to_string();
+                let text: String = text.chars().take(200).collect();
+                Some(format!("exit code {}{}", out.status.code().unwrap_or(-1), if text.is_empty() { String::new() } else { format!(": {text}") }))
+            }
+            Ok(Err(e)) => Some(format!("could not run: {e}")),
+            Err(_) => Some(format!("timed out after {timeout:?}")),
+        };
+        match why {
+            None => failures = 0,
+            Some(_) if started.elapsed() < start_period => {}
+            Some(why) => {
+                failures += 1;
+                tracing::info!(task = %task, failures, retries, reason = %why, "health check failed");
+                if failures >= retries {
+                    return format!("unhealthy: health check failed {failures} times in a row, last: {why}");
+                }
+            }
+        }
+    }
 }
 
 /// Makes sure the task's image is in this node's store: fetches its

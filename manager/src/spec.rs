@@ -160,6 +160,9 @@ pub fn validate_image(image: &str) -> Result<(), SpecError> {
 pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
     validate_name("service name", &spec.name)?;
     validate_image(&spec.image)?;
+    if (1..100).contains(&spec.health_interval_ms) {
+        return Err(invalid("health interval", format!("{}ms", spec.health_interval_ms), "must be at least 100ms"));
+    }
     match spec.mode.as_str() {
         "replicated" => {}
         "global" if spec.replicas == 0 => {}

@@ -431,3 +431,26 @@ fn networks_secrets_and_configs_reach_the_tasks_that_use_them() -> anyhow::Resul
     }
     Ok(())
 }
+
+#[test]
+fn a_task_that_fails_its_health_check_is_failed_and_replaced() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 0)?;
+    c.import_busybox(0, "bb:1")?;
+    // Healthy for its first second or so, then the check's file goes away.
+    let script = "touch /tmp/ok; sleep 1; rm /tmp/ok; sleep 3600";
+    c.cli_ok(0, &["service", "create", "--name", "sick", "--health-cmd", "test -f /tmp/ok", "--health-interval", "200ms", "--health-retries", "2", "bb:1", "sh", "-c", script])?;
+    let failed = wait_for(T, "the unhealthy task to be failed and replaced", || {
+        let ts = tasks(&c, 0, "sick", true)?;
+        let failed: Vec<Value> = ts.iter().filter(|t| t["state"] == "failed").cloned().collect();
+        let replaced = ts.iter().any(|t| t["state"] == "running" && t["desired_state"] == "running");
+        Ok((!failed.is_empty() && replaced).then_some(failed))
+    })?;
+    let err = failed[0]["error"].as_str().unwrap_or_default();
+    assert!(err.contains("unhealthy: health check failed 2 times in a row") && err.contains("exit code 1"), "{err}");
+    // A check that passes leaves its task alone; bad settings are refused.
+    let out = c.cli(0, &["service", "create", "--detach", "--name", "x", "--health-cmd", "true", "--health-interval", "5ms", "bb:1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 100ms"), "{out:?}");
+    let out = c.cli(0, &["service", "create", "--detach", "--name", "x", "--health-interval", "soon", "bb:1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("soon"), "{out:?}");
+    Ok(())
+}

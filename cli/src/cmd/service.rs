@@ -125,8 +125,22 @@ pub struct SpecFlags {
     update_delay: Option<String>,
     #[arg(long = "update-failure-action", value_parser = ["pause", "rollback"])]
     update_failure_action: Option<String>,
+    /// A command run by `sh -c` in the container; a task whose check fails
+    /// --health-retries times in a row is failed and replaced.
     #[arg(long = "health-cmd")]
     health_cmd: Option<String>,
+    /// Time between checks (default 30s).
+    #[arg(long = "health-interval")]
+    health_interval: Option<String>,
+    /// Time a check may take (default 30s).
+    #[arg(long = "health-timeout")]
+    health_timeout: Option<String>,
+    /// Failures in a row that make a task unhealthy (default 3).
+    #[arg(long = "health-retries")]
+    health_retries: Option<u32>,
+    /// Time after start during which failures don't count (default 0s).
+    #[arg(long = "health-start-period")]
+    health_start_period: Option<String>,
     /// A secret to mount at /run/secrets/NAME.
     #[arg(long)]
     secret: Vec<String>,
@@ -272,6 +286,18 @@ impl SpecFlags {
         if let Some(h) = &self.health_cmd {
             spec.health_cmd = h.clone();
         }
+        if let Some(d) = &self.health_interval {
+            spec.health_interval_ms = parse_duration("--health-interval", d)?.as_millis() as u64;
+        }
+        if let Some(d) = &self.health_timeout {
+            spec.health_timeout_ms = parse_duration("--health-timeout", d)?.as_millis() as u64;
+        }
+        if let Some(n) = self.health_retries {
+            spec.health_retries = n;
+        }
+        if let Some(d) = &self.health_start_period {
+            spec.health_start_period_ms = parse_duration("--health-start-period", d)?.as_millis() as u64;
+        }
         if !self.secret.is_empty() {
             spec.secrets = self.secret.clone();
         }
@@ -314,6 +340,7 @@ pub fn service_json(s: &Service) -> Value {
         "restart": {"condition": restart.condition, "max_attempts": restart.max_attempts, "delay_ms": restart.delay_ms, "window_ms": restart.window_ms},
         "update": {"parallelism": update.parallelism, "delay_ms": update.delay_ms, "failure_action": update.failure_action},
         "health_cmd": spec.health_cmd,
+        "health": {"interval_ms": spec.health_interval_ms, "timeout_ms": spec.health_timeout_ms, "retries": spec.health_retries, "start_period_ms": spec.health_start_period_ms},
         "secrets": spec.secrets,
         "configs": spec.configs,
         "mounts": spec.mounts.iter().map(|m| json!({"type": m.r#type, "source": m.source, "target": m.target, "read_only": m.read_only})).collect::<Vec<_>>(),
