@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod executor;
 pub mod image;
+pub mod mounts;
 pub mod runtime;
 pub mod security;
 pub mod spec;

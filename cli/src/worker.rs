@@ -54,6 +54,13 @@ fn status(task: &str, state: &str, message: &str) -> TaskStatus {
 
 impl Worker {
     pub async fn run(self) {
+        // Secrets and configs live on a tmpfs: never on the node's disk.
+        let taskdata = self.data_dir.join("taskdata");
+        match shoal_agent::mounts::ensure_tmpfs(&taskdata, 64) {
+            Ok(true) => tracing::info!(dir = %taskdata.display(), "tmpfs mounted for task secrets and configs"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(dir = %taskdata.display(), error = %e, "no tmpfs for task secrets and configs: they go to disk"),
+        }
         let (reports, rx) = mpsc::unbounded_channel();
         let ctx = Ctx {
             node_id: self.node_id,

@@ -372,6 +372,8 @@ pub fn remove_containers(data_dir: &Path) {
             let _ = exec.remove(&id);
         }
     }
+    // The agent's tmpfs for task secrets outlives a killed daemon.
+    let _ = nix::mount::umount2(&data_dir.join("taskdata"), nix::mount::MntFlags::MNT_DETACH);
     // Supervisors this test's daemons started: their command line names the
     // test's own data dir.
     let needle = format!("internal-supervise --data-dir {}", data_dir.display());

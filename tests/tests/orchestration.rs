@@ -405,6 +405,11 @@ fn networks_secrets_and_configs_reach_the_tasks_that_use_them() -> anyhow::Resul
         let text = String::from_utf8_lossy(&out.stdout);
         Ok((text.matches("s3cret-value").count() == 2 && text.matches("hello from a config").count() == 2).then_some(()))
     })?;
+    // On the nodes the files live on a tmpfs, not on disk.
+    for i in 0..2 {
+        let dir = c.hosts[i].data_dir.join("taskdata");
+        assert!(shoal_agent::mounts::is_mount_point(&dir)?, "{} is not a mount point", dir.display());
+    }
     // A secret's data never comes back out; a config's does.
     let secrets = c.cli_ok(0, &["secret", "ls", "--format", "json"])?;
     assert!(!secrets.to_string().contains("s3cret"), "{secrets}");
