@@ -321,8 +321,15 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 report(TaskStatus { error: e, ..status(&id, "failed", "starting failed") });
                 return;
             }
-            tracing::info!(task = %id, service = %a.service, slot = a.slot, "task running");
-            report(status(&id, "running", "started"));
+            let has_health = a.spec.as_ref().is_some_and(|s| !s.health_cmd.is_empty());
+            if has_health {
+                // As in Swarm: a task with a health check is `starting`
+                // until its first check passes (the health loop reports it).
+                tracing::info!(task = %id, service = %a.service, slot = a.slot, "task started: waiting for its first health check");
+            } else {
+                tracing::info!(task = %id, service = %a.service, slot = a.slot, "task running");
+                report(status(&id, "running", "started"));
+            }
         }
     }
 
@@ -333,7 +340,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         tokio::task::spawn_blocking(move || exec.wait(&id, None))
     };
     tokio::pin!(waiter);
-    let health = health_loop(ctx.data_dir.clone(), id.clone(), a.spec.clone().unwrap_or_default());
+    let health = health_loop(ctx.clone(), id.clone(), a.spec.clone().unwrap_or_default());
     tokio::pin!(health);
     let mut unhealthy = None;
     let stopped_by_us = loop {
@@ -396,10 +403,10 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
 }
 
 /// Runs the spec's health check inside the task's container (through
-/// `shoal internal-exec`, so it is held to what the workload is) until it
-/// fails `retries` times in a row; returns why. Never returns without a
-/// health command.
-async fn health_loop(data_dir: PathBuf, task: String, spec: shoal_proto::control::ServiceSpec) -> String {
+/// `shoal internal-exec`, so it is held to what the workload is); reports
+/// the task `running` on the first pass, and returns why once it fails
+/// `retries` times in a row. Never returns without a health command.
+async fn health_loop(ctx: Ctx, task: String, spec: shoal_proto::control::ServiceSpec) -> String {
     if spec.health_cmd.is_empty() {
         return std::future::pending().await;
     }
@@ -410,13 +417,14 @@ async fn health_loop(data_dir: PathBuf, task: String, spec: shoal_proto::control
     let started = tokio::time::Instant::now();
     let start_period = Duration::from_millis(spec.health_start_period_ms);
     let mut failures = 0u32;
+    let mut healthy = false;
     loop {
         tokio::time::sleep(interval).await;
         let Ok(shoal) = std::env::current_exe() else { continue };
         let mut cmd = tokio::process::Command::new(shoal);
         cmd.arg("internal-exec")
             .arg("--data-dir")
-            .arg(&data_dir)
+            .arg(&ctx.data_dir)
             .arg(&task)
             .args(["--", "/bin/sh", "-c", &spec.health_cmd])
             .stdin(std::process::Stdio::null())
@@ -432,7 +440,14 @@ async fn health_loop(data_dir: PathBuf, task: String, spec: shoal_proto::control
             Err(_) => Some(format!("timed out after {timeout:?}")),
         };
         match why {
-            None => failures = 0,
+            None => {
+                if !healthy {
+                    healthy = true;
+                    tracing::info!(task = %task, "task healthy: running");
+                    let _ = ctx.reports.send(status(&task, "running", "healthy"));
+                }
+                failures = 0;
+            }
             Some(_) if started.elapsed() < start_period => {}
             Some(why) => {
                 failures += 1;

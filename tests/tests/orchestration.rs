@@ -452,7 +452,15 @@ fn a_task_that_fails_its_health_check_is_failed_and_replaced() -> anyhow::Result
     })?;
     let err = failed[0]["error"].as_str().unwrap_or_default();
     assert!(err.contains("unhealthy: health check failed 2 times in a row") && err.contains("exit code 1"), "{err}");
-    // A check that passes leaves its task alone; bad settings are refused.
+    // A task is `starting` until its first check passes, then `running`.
+    let script = "sleep 2; touch /tmp/ready; sleep 3600";
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "slow", "--health-cmd", "test -f /tmp/ready", "--health-interval", "200ms", "--health-retries", "100", "bb:1", "sh", "-c", script])?;
+    let state = |c: &Cluster| -> anyhow::Result<String> {
+        Ok(tasks(c, 0, "slow", false)?.first().and_then(|t| t["state"].as_str()).unwrap_or_default().to_string())
+    };
+    wait_for(T, "slow to be started but not yet healthy", || Ok((state(&c)? == "starting").then_some(())))?;
+    wait_for(T, "slow to pass its check and run", || Ok((state(&c)? == "running").then_some(())))?;
+    // Bad settings are refused.
     let out = c.cli(0, &["service", "create", "--detach", "--name", "x", "--health-cmd", "true", "--health-interval", "5ms", "bb:1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 100ms"), "{out:?}");
     let out = c.cli(0, &["service", "create", "--detach", "--name", "x", "--health-interval", "soon", "bb:1"]);
