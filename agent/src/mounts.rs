@@ -11,10 +11,12 @@ use nix::mount::{MsFlags, mount};
 pub fn is_mount_point(dir: &Path) -> io::Result<bool> {
     let dir = dir.canonicalize()?;
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| Path::new(&m.replace("\\040", " ")) == dir))
+    Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| Path::new(&unescape(m)) == dir))
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape(field: &str) -> String {
+    field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// Makes `dir` a private tmpfs (root only, no exec/suid/dev) of at most
@@ -42,5 +44,6 @@ mod tests {
         assert!(is_mount_point(Path::new("/proc")).unwrap());
         let t = tempfile::tempdir().unwrap();
         assert!(!is_mount_point(t.path()).unwrap());
+        assert_eq!(unescape("/a\\040b\\134c"), "/a b\\c");
     }
 }

@@ -353,6 +353,9 @@ impl Supervised {
                 }
             }
         }
+        // A supervisor killed while starting the container has not written
+        // init.pid: kill whatever is in the container's cgroup.
+        self.kill_cgroup();
         let rec = ExitRecord {
             status: ExitStatus { code: 137, signal: Some(9), oom_killed: false },
             error: Some("the supervisor died; the container was killed".into()),
@@ -365,6 +368,29 @@ impl Supervised {
             source,
         })?;
         Ok(rec)
+    }
+
+    /// SIGKILLs every process in the container's cgroup until it is empty
+    /// (at most 10 s).
+    fn kill_cgroup(&self) {
+        let Some(data_dir) = self.paths.dir.parent().and_then(Path::parent) else { return };
+        let Ok(rt) = Runtime::new(data_dir) else { return };
+        let paths = rt.cgroup(&self.id).paths();
+        let start = Instant::now();
+        loop {
+            let pids: Vec<i32> = paths
+                .iter()
+                .filter_map(|p| fs::read_to_string(p.join("cgroup.procs")).ok())
+                .flat_map(|procs| procs.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<i32>>())
+                .collect();
+            if pids.is_empty() || start.elapsed() > Duration::from_secs(10) {
+                return;
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits up to `timeout` (forever if None) for the container to exit.
@@ -401,25 +427,29 @@ impl Supervised {
     /// supervisor itself is killed and the container recovered as lost.
     pub fn stop(&self, grace: Duration) -> Result<ExitRecord, SupervisorError> {
         let start = Instant::now();
-        let mut termed = false;
+        // The grace period runs from SIGTERM, not from the call: a
+        // container still starting gets all of it once its init is known.
+        let mut termed_at: Option<Instant> = None;
         loop {
             match self.state()? {
                 State::Exited(rec) => return Ok(rec),
-                State::Running { init_pid } if init_pid > 0 && self.owns(init_pid) => {
-                    if !termed {
+                State::Running { init_pid } if init_pid > 0 && self.owns(init_pid) => match termed_at {
+                    None => {
                         let _ = kill(Pid::from_raw(init_pid), Signal::SIGTERM);
-                        termed = true;
-                    } else if start.elapsed() >= grace {
+                        termed_at = Some(Instant::now());
+                    }
+                    Some(t) if t.elapsed() >= grace => {
                         let _ = kill(Pid::from_raw(init_pid), Signal::SIGKILL);
                     }
-                }
-                State::Running { .. } if start.elapsed() >= grace + START_TIMEOUT => {
+                    Some(_) => {}
+                },
+                State::Running { .. } if termed_at.is_none() && start.elapsed() >= grace + START_TIMEOUT => {
                     let _ = kill(Pid::from_raw(self.supervisor_pid), Signal::SIGKILL);
                     return Err(SupervisorError::Lost { id: self.id.clone() });
                 }
                 State::Running { .. } => {}
             }
-            let step = if termed { grace.saturating_sub(start.elapsed()) } else { Duration::ZERO };
+            let step = termed_at.map_or(Duration::ZERO, |t| grace.saturating_sub(t.elapsed()));
             if let Some(rec) = self.wait(Some(step.clamp(Duration::from_millis(20), Duration::from_millis(500))))? {
                 return Ok(rec);
             }

@@ -46,6 +46,8 @@ struct Ctx {
     reports: mpsc::UnboundedSender<TaskStatus>,
     /// One image fetch at a time per image.
     fetching: Arc<tokio::sync::Mutex<()>>,
+    /// `DATA/taskdata` is a tmpfs: secrets may be written there.
+    secrets_on_tmpfs: bool,
 }
 
 fn status(task: &str, state: &str, message: &str) -> TaskStatus {
@@ -56,11 +58,18 @@ impl Worker {
     pub async fn run(self) {
         // Secrets and configs live on a tmpfs: never on the node's disk.
         let taskdata = self.data_dir.join("taskdata");
-        match shoal_agent::mounts::ensure_tmpfs(&taskdata, 64) {
-            Ok(true) => tracing::info!(dir = %taskdata.display(), "tmpfs mounted for task secrets and configs"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(dir = %taskdata.display(), error = %e, "no tmpfs for task secrets and configs: they go to disk"),
-        }
+        let secrets_on_tmpfs = match shoal_agent::mounts::ensure_tmpfs(&taskdata, 64) {
+            Ok(mounted) => {
+                if mounted {
+                    tracing::info!(dir = %taskdata.display(), "tmpfs mounted for task secrets and configs");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(dir = %taskdata.display(), error = %e, "no tmpfs for task secrets and configs: tasks that use them are rejected");
+                false
+            }
+        };
         let (reports, rx) = mpsc::unbounded_channel();
         let ctx = Ctx {
             node_id: self.node_id,
@@ -70,6 +79,7 @@ impl Worker {
             manager: self.manager.clone(),
             reports,
             fetching: Default::default(),
+            secrets_on_tmpfs,
         };
         tokio::spawn(report_loop(ctx.clone(), rx, self.shutdown.clone()));
         let mut tasks: HashMap<String, Local> = HashMap::new();
@@ -254,6 +264,13 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
     };
     let wants_stop = |d: &watch::Receiver<String>| d.borrow().as_str() != "running";
     let exec = ctx.executor.clone();
+    // The id names paths on this node (container, secrets): a bad one from
+    // a misbehaving manager must touch nothing.
+    if let Err(e) = shoal_agent::runtime::validate_id(&id) {
+        tracing::warn!(task = %id, error = %e, "assignment refused");
+        report(TaskStatus { error: e.to_string(), ..status(&id, "rejected", "invalid task id") });
+        return;
+    }
 
     // Reattach: a container from before an agent restart keeps running.
     let existing = {
@@ -283,7 +300,12 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
             report(status(&id, "preparing", "preparing container"));
             let mut req = run_request(&a);
             let data_dir = task_data_dir(&ctx.data_dir, &id);
-            match write_task_data(&data_dir, &a.data) {
+            let written = if a.data.is_empty() || ctx.secrets_on_tmpfs {
+                write_task_data(&data_dir, &a.data)
+            } else {
+                Err("this node has no tmpfs for secrets and configs (see its log): they are never written to disk".to_string())
+            };
+            match written {
                 Ok(mounts) => req.mounts.extend(mounts),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&data_dir);
@@ -318,6 +340,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 tokio::task::spawn_blocking(move || exec.start(&id)).await
             };
             if let Err(e) = started.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                let _ = tokio::fs::remove_dir_all(&data_dir).await;
                 report(TaskStatus { error: e, ..status(&id, "failed", "starting failed") });
                 return;
             }

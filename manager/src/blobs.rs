@@ -74,11 +74,25 @@ impl BlobStore {
         self.path(digest).is_ok_and(|p| p.exists())
     }
 
+    /// Whether the blob is here; if so, marks it recently used so garbage
+    /// collection leaves it to the push or image that counts on it.
+    pub fn has_fresh(&self, digest: &str) -> bool {
+        let Ok(p) = self.path(digest) else { return false };
+        match std::fs::File::options().append(true).open(&p) {
+            Ok(f) => {
+                let _ = f.set_modified(std::time::SystemTime::now());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The image `reference` whose manifest is the blob `manifest_digest`,
     /// after checking that this manager holds the manifest and every blob
     /// it names.
     pub async fn image(&self, reference: &str, manifest_digest: &str) -> Result<ImageObj, BlobError> {
         let path = self.path(manifest_digest)?;
+        self.has_fresh(manifest_digest);
         let bad = |message: String| BlobError::Manifest { digest: manifest_digest.to_string(), message };
         let meta = tokio::fs::metadata(&path)
             .await
@@ -103,11 +117,24 @@ impl BlobStore {
         }
         let mut size = meta.len();
         for d in std::iter::once(&config).chain(&layers) {
-            let p = self.path(d)?;
-            let m = tokio::fs::metadata(&p)
-                .await
-                .map_err(|_| BlobError::NotFound(format!("{d} (named by manifest {manifest_digest}): push it first")))?;
-            size += m.len();
+            if !self.has_fresh(d) {
+                return Err(BlobError::NotFound(format!("{d} (named by manifest {manifest_digest}): push it first")));
+            }
+            size += tokio::fs::metadata(self.path(d)?).await.map_err(io(&self.path(d)?))?.len();
+        }
+        // What every agent will check, checked once here: the config is
+        // small and its diff ids are the manifest's layers (uncompressed).
+        let config_path = self.path(&config)?;
+        let config_len = tokio::fs::metadata(&config_path).await.map_err(io(&config_path))?.len();
+        if config_len > MAX_MANIFEST {
+            return Err(bad(format!("config {config} is {config_len} bytes: at most {MAX_MANIFEST}")));
+        }
+        let cfg: serde_json::Value = serde_json::from_slice(&tokio::fs::read(&config_path).await.map_err(io(&config_path))?)
+            .map_err(|e| bad(format!("config {config} is not JSON: {e}")))?;
+        let diff_ids: Vec<&str> =
+            cfg["rootfs"]["diff_ids"].as_array().into_iter().flatten().filter_map(|d| d.as_str()).collect();
+        if diff_ids != layers.iter().map(String::as_str).collect::<Vec<_>>() {
+            return Err(bad(format!("its layers are not config {config}'s rootfs.diff_ids (layers must be uncompressed tars)")));
         }
         Ok(ImageObj {
             reference: reference.to_string(),
@@ -231,7 +258,9 @@ pub async fn replicate(manager: Arc<Manager>, mut shutdown: tokio::sync::watch::
     loop {
         let wanted: std::collections::HashSet<String> =
             manager.store.read(|s| s.images.values().flat_map(|i| i.blobs().cloned()).collect());
-        if last_gc.elapsed() > Duration::from_secs(60) {
+        // Only the leader's applied state is surely current: a lagging
+        // follower must not drop blobs of images it has not applied yet.
+        if last_gc.elapsed() > Duration::from_secs(60) && manager.is_leader() {
             last_gc = std::time::Instant::now();
             let (blobs, keep) = (manager.blobs.clone(), wanted.clone());
             let _ = tokio::task::spawn_blocking(move || blobs.gc(&keep)).await;
@@ -254,15 +283,16 @@ pub async fn replicate(manager: Arc<Manager>, mut shutdown: tokio::sync::watch::
                 }
             }
         }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tick.tick() => {}
-            ev = events.recv() => {
-                if let Ok(ev) = ev {
-                    if !ev.changes.iter().any(|c| matches!(c, Change::Image(_))) {
-                        continue;
-                    }
-                }
+        // Next pass: on the tick, or as soon as an image changes.
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => break,
+                ev = events.recv() => match ev {
+                    Ok(ev) if !ev.changes.iter().any(|c| matches!(c, Change::Image(_))) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => break,
+                },
             }
         }
     }

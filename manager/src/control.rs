@@ -531,7 +531,7 @@ impl Control for ControlService {
         let mut missing = Vec::new();
         for d in digests {
             self.manager.blobs.path(&d).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if !self.manager.blobs.has(&d) {
+            if !self.manager.blobs.has_fresh(&d) {
                 missing.push(d);
             }
         }
@@ -544,7 +544,7 @@ impl Control for ControlService {
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty blob upload"))?;
         let digest = first.digest;
         self.manager.blobs.path(&digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if self.manager.blobs.has(&digest) {
+        if self.manager.blobs.has_fresh(&digest) {
             return Ok(Response::new(BlobList { digests: vec![digest] }));
         }
         let blob_err = |e: crate::blobs::BlobError| Status::invalid_argument(e.to_string());

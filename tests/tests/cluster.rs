@@ -380,6 +380,22 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() -> anyhow::Result<()>
             ctl.push_blob(push(sha256(b"not json"), b"not json")).await?;
             let r = ctl.put_image(PutImageRequest { reference: "ghost:1".into(), manifest_digest: sha256(b"not json") }).await;
             out.push(("manifest not json", r.err().map(|s| (s.code(), s.message().to_string()))));
+            // Every blob present, but the manifest's layer is not one of the
+            // config's diff ids: every agent would refuse it, so the manager does.
+            let config = br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#;
+            let layer = b"not the layer the config names";
+            let manifest = format!(
+                r#"{{"schemaVersion":2,"config":{{"digest":"{}","size":{}}},"layers":[{{"digest":"{}","size":{}}}]}}"#,
+                sha256(config),
+                config.len(),
+                sha256(layer),
+                layer.len()
+            );
+            for b in [&config[..], &layer[..], manifest.as_bytes()] {
+                ctl.push_blob(push(sha256(b), b)).await?;
+            }
+            let r = ctl.put_image(PutImageRequest { reference: "ghost:1".into(), manifest_digest: sha256(manifest.as_bytes()) }).await;
+            out.push(("layers not the config's", r.err().map(|s| (s.code(), s.message().to_string()))));
             anyhow::Ok(out)
         })
     })?;
@@ -393,13 +409,14 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() -> anyhow::Result<()>
         ("mismatched blob", tonic::Code::InvalidArgument, "digest mismatch"),
         ("manifest never pushed", tonic::Code::FailedPrecondition, "push it first"),
         ("manifest not json", tonic::Code::InvalidArgument, "not JSON"),
+        ("layers not the config's", tonic::Code::InvalidArgument, "rootfs.diff_ids"),
     ];
     for ((what, got), (_, code, needle)) in codes.iter().zip(want) {
         let (c_, msg) = got.clone().with_context(|| format!("{what}: accepted"))?;
         assert_eq!(c_, code, "{what}: {msg}");
         assert!(msg.contains(needle), "{what}: {msg}");
     }
-    assert_eq!(codes.len(), 9);
+    assert_eq!(codes.len(), 10);
     assert_eq!(c.cli_ok(0, &["service", "ls", "--format", "json"])?, before);
     let images = c.cli_ok(0, &["image", "ls", "--format", "json"])?;
     assert_eq!(images.as_array().map(Vec::len), Some(1), "{images}");

@@ -423,8 +423,9 @@ fn networks_secrets_and_configs_reach_the_tasks_that_use_them() -> anyhow::Resul
         assert!(String::from_utf8_lossy(&out.stderr).contains("is used by service \"app\""), "{args:?}: {out:?}");
     }
     c.cli_ok(0, &["service", "rm", "app"])?;
+    // They can go once the service's tasks have stopped too.
     for args in [["secret", "rm", "db-pass"], ["config", "rm", "motd"], ["network", "rm", "front"]] {
-        c.cli_ok(0, &args)?;
+        wait_for(T, &format!("{args:?} to succeed"), || Ok(c.cli(0, &args).status.success().then_some(())))?;
     }
     // The nodes drop the files once the tasks are gone.
     for i in 0..2 {

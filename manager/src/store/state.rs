@@ -130,6 +130,13 @@ impl State {
                 if let Some(s) = self.services.values().find(|s| s.spec.networks.contains(&name)) {
                     return Err(in_use("network", name, s));
                 }
+                if let Some(t) = self.tasks.values().find(|t| !t.state.is_terminal() && t.spec.networks.contains(&name)) {
+                    return Err(ApplyError::Refused(Refusal::InUse {
+                        kind: "network".into(),
+                        name,
+                        service: t.service_name.clone(),
+                    }));
+                }
                 self.networks.remove(&name);
                 changes.push(Change::NetworkRemoved(name));
             }
@@ -156,12 +163,21 @@ impl State {
                 if !self.data(kind).contains_key(&name) {
                     return Err(ApplyError::NotFound { kind: kind.as_str().into(), what: name });
                 }
-                let uses = |s: &&ServiceObj| match kind {
-                    DataKind::Secret => s.spec.secrets.contains(&name),
-                    DataKind::Config => s.spec.configs.contains(&name),
+                let uses = |spec: &shoal_proto::control::ServiceSpec| match kind {
+                    DataKind::Secret => spec.secrets.contains(&name),
+                    DataKind::Config => spec.configs.contains(&name),
                 };
-                if let Some(s) = self.services.values().find(uses) {
+                if let Some(s) = self.services.values().find(|s| uses(&s.spec)) {
                     return Err(in_use(kind.as_str(), name, s));
+                }
+                // Tasks keep their own copy of the spec: one of an older
+                // spec (mid-update) still needs it.
+                if let Some(t) = self.tasks.values().find(|t| !t.state.is_terminal() && uses(&t.spec)) {
+                    return Err(ApplyError::Refused(Refusal::InUse {
+                        kind: kind.as_str().into(),
+                        name,
+                        service: t.service_name.clone(),
+                    }));
                 }
                 self.data_mut(kind).remove(&name);
                 changes.push(Change::DataRemoved(kind, name));
