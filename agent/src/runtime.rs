@@ -362,6 +362,13 @@ impl Runtime {
             let f = fs::File::open(proc_dir.join("ns").join(name)).map_err(|e| io(name, e))?;
             namespaces.push((name, f, flag));
         }
+        // The pid was read from a file: make sure, now that its files are
+        // open, that it is still this container's (not a reused pid).
+        let needle = format!("shoal/{id}");
+        let ours = fs::read_to_string(proc_dir.join("cgroup")).is_ok_and(|c| c.lines().any(|l| l.ends_with(&needle)));
+        if !ours {
+            return Err(io("cgroup", io::Error::new(io::ErrorKind::NotFound, "the container's init has exited")));
+        }
         self.cgroups.open(id).add_process(std::process::id() as i32)?;
         for (name, f, flag) in &namespaces {
             nix::sched::setns(f, *flag).map_err(|e| io(&format!("ns/{name}"), e.into()))?;

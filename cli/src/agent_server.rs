@@ -16,6 +16,92 @@ use tonic::{Request, Response, Status};
 
 /// How long `exec` may run before it is killed.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much of each of stdout and stderr `exec` returns.
+const EXEC_MAX_OUTPUT: usize = 4 << 20;
+
+/// What a command run in a task printed, cut at the limit.
+pub struct ExecOutput {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub enum ExecError {
+    Timeout(Duration),
+    Spawn(std::io::Error),
+}
+
+impl std::fmt::Display for ExecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExecError::Timeout(t) => write!(f, "timed out after {t:?}"),
+            ExecError::Spawn(e) => write!(f, "could not run: {e}"),
+        }
+    }
+}
+
+/// Runs `cmd` in task `task`'s container through `shoal internal-exec`,
+/// which joins the container's cgroup, namespaces and root and runs it as
+/// the workload runs (user, env, working directory, Docker's capabilities,
+/// no_new_privs, seccomp). Keeps at most `max_output` bytes of each stream
+/// (the rest is read and dropped); on timeout kills the command and every
+/// process it started (its own process group).
+pub async fn exec_in_task(
+    data_dir: &std::path::Path,
+    task: &str,
+    cmd: &[String],
+    timeout: Duration,
+    max_output: usize,
+) -> Result<ExecOutput, ExecError> {
+    use tokio::io::AsyncRead;
+    let shoal = std::env::current_exe().map_err(ExecError::Spawn)?;
+    let mut child = tokio::process::Command::new(shoal)
+        .arg("internal-exec")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg(task)
+        .arg("--")
+        .args(cmd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(ExecError::Spawn)?;
+    async fn capped(r: Option<impl AsyncRead + Unpin>, max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let Some(mut r) = r else { return out };
+        let mut buf = vec![0u8; 16 << 10];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let keep = n.min(max.saturating_sub(out.len()));
+            out.extend_from_slice(&buf[..keep]);
+        }
+        out
+    }
+    let pgid = child.id().map(|p| p as i32);
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        let (o, e, status) = tokio::join!(capped(stdout, max_output), capped(stderr, max_output), child.wait());
+        (o, e, status)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok((stdout, stderr, status)) => {
+            let code = status.map_err(ExecError::Spawn)?.code().unwrap_or(128 + 9);
+            Ok(ExecOutput { code, stdout, stderr })
+        }
+        Err(_) => {
+            if let Some(pgid) = pgid {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+            }
+            Err(ExecError::Timeout(timeout))
+        }
+    }
+}
 
 pub struct AgentService {
     pub data_dir: PathBuf,
@@ -93,28 +179,11 @@ impl Agent for AgentService {
         if !matches!(sup.state(), Ok(State::Running { init_pid }) if init_pid > 0) {
             return Err(Status::failed_precondition(format!("task {} is not running here", r.task_id)));
         }
-        // `shoal internal-exec` joins the container's cgroup, namespaces and
-        // root and runs the command as the workload runs: its user, env and
-        // working directory, Docker's capabilities, no_new_privs, seccomp.
-        let shoal = std::env::current_exe().map_err(|e| Status::internal(format!("locating the shoal binary: {e}")))?;
-        let mut cmd = tokio::process::Command::new(shoal);
-        cmd.arg("internal-exec")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg(&r.task_id)
-            .arg("--")
-            .args(&r.cmd)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(EXEC_TIMEOUT, cmd.output())
-            .await
-            .map_err(|_| Status::deadline_exceeded(format!("command still running after {EXEC_TIMEOUT:?}: killed")))?
-            .map_err(|e| Status::internal(format!("running the command: {e}")))?;
-        tracing::info!(task = %r.task_id, cmd = ?r.cmd, code = out.status.code(), "exec in task");
-        Ok(Response::new(ExecResponse {
-            exit_code: out.status.code().unwrap_or(128 + 9),
-            stdout: out.stdout,
-            stderr: out.stderr,
-        }))
+        let out = exec_in_task(&self.data_dir, &r.task_id, &r.cmd, EXEC_TIMEOUT, EXEC_MAX_OUTPUT).await.map_err(|e| match e {
+            ExecError::Timeout(t) => Status::deadline_exceeded(format!("command still running after {t:?}: killed")),
+            ExecError::Spawn(e) => Status::internal(format!("running the command: {e}")),
+        })?;
+        tracing::info!(task = %r.task_id, cmd = ?r.cmd, code = out.code, "exec in task");
+        Ok(Response::new(ExecResponse { exit_code: out.code, stdout: out.stdout, stderr: out.stderr }))
     }
 }

@@ -443,24 +443,16 @@ async fn health_loop(ctx: Ctx, task: String, spec: shoal_proto::control::Service
     let mut healthy = false;
     loop {
         tokio::time::sleep(interval).await;
-        let Ok(shoal) = std::env::current_exe() else { continue };
-        let mut cmd = tokio::process::Command::new(shoal);
-        cmd.arg("internal-exec")
-            .arg("--data-dir")
-            .arg(&ctx.data_dir)
-            .arg(&task)
-            .args(["--", "/bin/sh", "-c", &spec.health_cmd])
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let why = match tokio::time::timeout(timeout, cmd.output()).await {
-            Ok(Ok(out)) if out.status.success() => None,
-            Ok(Ok(out)) => {
+        let check = ["/bin/sh".to_string(), "-c".to_string(), spec.health_cmd.clone()];
+        // Docker keeps 4 KiB of a check's output; so do we.
+        let why = match crate::agent_server::exec_in_task(&ctx.data_dir, &task, &check, timeout, 4096).await {
+            Ok(out) if out.code == 0 => None,
+            Ok(out) => {
                 let text = String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).trim().to_string();
                 let text: String = text.chars().take(200).collect();
-                Some(format!("exit code {}{}", out.status.code().unwrap_or(-1), if text.is_empty() { String::new() } else { format!(": {text}") }))
+                Some(format!("exit code {}{}", out.code, if text.is_empty() { String::new() } else { format!(": {text}") }))
             }
-            Ok(Err(e)) => Some(format!("could not run: {e}")),
-            Err(_) => Some(format!("timed out after {timeout:?}")),
+            Err(e) => Some(e.to_string()),
         };
         match why {
             None => {
