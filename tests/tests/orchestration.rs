@@ -364,7 +364,9 @@ fn images_travel_as_layers_and_nodes_fetch_only_what_they_lack() -> anyhow::Resu
     // An image in use can't go; once its service is gone, it can.
     assert!(!c.cli(0, &["image", "rm", "bb:2"]).status.success());
     c.cli_ok(0, &["service", "rm", "two"])?;
-    c.cli_ok(0, &["image", "rm", "bb:2"])?;
+    wait_for(T, "bb:2 to be removable once its tasks stopped", || {
+        Ok(c.cli(0, &["image", "rm", "bb:2"]).status.success().then_some(()))
+    })?;
     let images = c.cli_ok(0, &["image", "ls", "--format", "json"])?;
     assert_eq!(images.as_array().map(Vec::len), Some(1), "{images}");
     Ok(())

@@ -91,9 +91,7 @@ impl State {
                 if !self.images.contains_key(&reference) {
                     return Err(ApplyError::NotFound { kind: "image".into(), what: reference });
                 }
-                if let Some(s) = self.services.values().find(|s| s.spec.image == reference) {
-                    return Err(in_use("image", reference, s));
-                }
+                let reference = self.unused("image", reference, |spec, r| spec.image == r)?;
                 self.images.remove(&reference);
                 changes.push(Change::ImageRemoved(reference));
             }
@@ -127,16 +125,7 @@ impl State {
                 if !self.networks.contains_key(&name) {
                     return Err(ApplyError::NotFound { kind: "network".into(), what: name });
                 }
-                if let Some(s) = self.services.values().find(|s| s.spec.networks.contains(&name)) {
-                    return Err(in_use("network", name, s));
-                }
-                if let Some(t) = self.tasks.values().find(|t| !t.state.is_terminal() && t.spec.networks.contains(&name)) {
-                    return Err(ApplyError::Refused(Refusal::InUse {
-                        kind: "network".into(),
-                        name,
-                        service: t.service_name.clone(),
-                    }));
-                }
+                let name = self.unused("network", name, |spec, n| spec.networks.iter().any(|x| x == n))?;
                 self.networks.remove(&name);
                 changes.push(Change::NetworkRemoved(name));
             }
@@ -163,22 +152,10 @@ impl State {
                 if !self.data(kind).contains_key(&name) {
                     return Err(ApplyError::NotFound { kind: kind.as_str().into(), what: name });
                 }
-                let uses = |spec: &shoal_proto::control::ServiceSpec| match kind {
-                    DataKind::Secret => spec.secrets.contains(&name),
-                    DataKind::Config => spec.configs.contains(&name),
-                };
-                if let Some(s) = self.services.values().find(|s| uses(&s.spec)) {
-                    return Err(in_use(kind.as_str(), name, s));
-                }
-                // Tasks keep their own copy of the spec: one of an older
-                // spec (mid-update) still needs it.
-                if let Some(t) = self.tasks.values().find(|t| !t.state.is_terminal() && uses(&t.spec)) {
-                    return Err(ApplyError::Refused(Refusal::InUse {
-                        kind: kind.as_str().into(),
-                        name,
-                        service: t.service_name.clone(),
-                    }));
-                }
+                let name = self.unused(kind.as_str(), name, |spec, n| match kind {
+                    DataKind::Secret => spec.secrets.iter().any(|x| x == n),
+                    DataKind::Config => spec.configs.iter().any(|x| x == n),
+                })?;
                 self.data_mut(kind).remove(&name);
                 changes.push(Change::DataRemoved(kind, name));
             }
@@ -351,6 +328,27 @@ impl State {
         }
     }
 
+    /// `name` back if no service and no live task uses it (tasks keep their
+    /// own copy of the spec: one of an older spec, mid-update, still needs
+    /// what it names).
+    fn unused(
+        &self,
+        kind: &str,
+        name: String,
+        uses: impl Fn(&shoal_proto::control::ServiceSpec, &str) -> bool,
+    ) -> Result<String, ApplyError> {
+        let user = self
+            .services
+            .values()
+            .find(|s| uses(&s.spec, &name))
+            .map(|s| s.spec.name.clone())
+            .or_else(|| self.tasks.values().find(|t| !t.state.is_terminal() && uses(&t.spec, &name)).map(|t| t.service_name.clone()));
+        match user {
+            Some(service) => Err(ApplyError::Refused(Refusal::InUse { kind: kind.into(), name, service })),
+            None => Ok(name),
+        }
+    }
+
     /// Every network, secret and config a service spec names must exist.
     fn check_references(&self, spec: &shoal_proto::control::ServiceSpec) -> Result<(), ApplyError> {
         let missing = |kind: &str, what: &String| ApplyError::NotFound { kind: kind.into(), what: what.clone() };
@@ -483,10 +481,6 @@ fn apply_task_update(t: &mut TaskObj, from_node: Option<u64>, u: TaskUpdate, now
         t.addresses = a;
     }
     changed
-}
-
-fn in_use(kind: &str, name: String, s: &ServiceObj) -> ApplyError {
-    ApplyError::Refused(Refusal::InUse { kind: kind.into(), name, service: s.spec.name.clone() })
 }
 
 fn node_not_found(id: u64) -> ApplyError {
