@@ -128,7 +128,7 @@ fn task_data(t: &TaskObj, s: &State) -> Vec<TaskData> {
     out
 }
 
-fn assignment(t: &TaskObj, s: &State) -> Assignment {
+fn assignment(t: &TaskObj, s: &State, with_data: bool) -> Assignment {
     let image = s.images.get(&t.spec.image);
     Assignment {
         task_id: t.id.clone(),
@@ -138,7 +138,7 @@ fn assignment(t: &TaskObj, s: &State) -> Assignment {
         desired_state: t.desired_state.as_str().into(),
         state: t.state.as_str().into(),
         image_digest: image.map(|i| i.digest.clone()).unwrap_or_default(),
-        data: task_data(t, s),
+        data: if with_data { task_data(t, s) } else { Vec::new() },
     }
 }
 
@@ -150,7 +150,7 @@ impl DispatcherService {
         let mut events = self.manager.store.watch();
         let mut sent: HashSet<String> = HashSet::new();
         let full = self.manager.store.read(|s| {
-            s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s)).collect::<Vec<_>>()
+            s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s, true)).collect::<Vec<_>>()
         });
         sent.extend(full.iter().map(|a| a.task_id.clone()));
         if tx.send(Ok(AssignmentsMessage { full: true, updated: full, removed: vec![] })).await.is_err() {
@@ -167,7 +167,7 @@ impl DispatcherService {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind: start over with a full set.
                         let full = self.manager.store.read(|s| {
-                            s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s)).collect::<Vec<_>>()
+                            s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s, true)).collect::<Vec<_>>()
                         });
                         sent = full.iter().map(|a| a.task_id.clone()).collect();
                         if tx.send(Ok(AssignmentsMessage { full: true, updated: full, removed: vec![] })).await.is_err() {
@@ -186,7 +186,9 @@ impl DispatcherService {
                 let mut removed = Vec::new();
                 for id in ids {
                     match s.tasks.get(&id) {
-                        Some(t) if assigned_to(t, node) => updated.push(assignment(t, s)),
+                        // The agent has a task's secrets and configs from the
+                        // first time it saw it: changes carry only the state.
+                        Some(t) if assigned_to(t, node) => updated.push(assignment(t, s, !sent.contains(&id))),
                         _ if sent.contains(&id) => removed.push(id),
                         _ => {}
                     }
