@@ -622,4 +622,41 @@ mod tests {
         apply(&mut st, 11, Command::RemoveData { kind: DataKind::Secret, name: "db-pass".into() }).unwrap();
         assert!(st.networks.is_empty() && st.secrets.is_empty());
     }
+
+    #[test]
+    fn what_a_live_task_still_uses_stays() {
+        use crate::store::task::TaskState;
+        let mut st = State::default();
+        apply(&mut st, 1, secret("db-pass", 4)).unwrap();
+        let spec = ServiceSpec { name: "web".into(), image: "bb:1".into(), secrets: vec!["db-pass".into()], ..Default::default() };
+        let task = |id: &str, state: TaskState| TaskObj {
+            id: id.into(),
+            service_id: "gone".into(),
+            service_name: "web".into(),
+            slot: 1,
+            node_id: Some(1),
+            spec: spec.clone(),
+            spec_version: 1,
+            desired_state: TaskState::Shutdown,
+            state,
+            message: String::new(),
+            error: String::new(),
+            exit_code: None,
+            attempt: 0,
+            addresses: Vec::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            state_at_ms: 0,
+            version: 0,
+        };
+        // The service is gone, but its task is still stopping.
+        apply(&mut st, 2, Command::CreateTasks { tasks: vec![task("t1", TaskState::Running)] }).unwrap();
+        let rm = || Command::RemoveData { kind: DataKind::Secret, name: "db-pass".into() };
+        let err = apply(&mut st, 3, rm()).unwrap_err();
+        assert_eq!(err.to_string(), "secret \"db-pass\" is used by service \"web\"");
+        let done = TaskUpdate { id: "t1".into(), state: Some(TaskState::Shutdown), ..Default::default() };
+        apply(&mut st, 4, Command::UpdateTasks { from_node: None, updates: vec![done] }).unwrap();
+        apply(&mut st, 5, rm()).unwrap();
+        assert!(st.secrets.is_empty());
+    }
 }
