@@ -122,8 +122,6 @@ pub struct ManifestRefs {
 #[derive(Debug, serde::Deserialize)]
 pub struct BlobDesc {
     pub digest: String,
-    #[serde(default)]
-    pub size: u64,
 }
 
 impl ManifestRefs {

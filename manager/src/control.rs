@@ -130,8 +130,8 @@ fn data_kind(kind: &str) -> Result<DataKind, Status> {
     DataKind::parse(kind).ok_or_else(|| Status::invalid_argument(format!("invalid kind {kind:?}: expected secret or config")))
 }
 
-fn validate_labels(labels: &std::collections::HashMap<String, String>) -> Result<(), Status> {
-    match labels.keys().find(|k| k.is_empty() || k.contains(['=', ' '])) {
+fn validate_label_keys<'a>(mut keys: impl Iterator<Item = &'a String>) -> Result<(), Status> {
+    match keys.find(|k| k.is_empty() || k.contains(['=', ' '])) {
         Some(k) => Err(Status::invalid_argument(format!("invalid label key {k:?}"))),
         None => Ok(()),
     }
@@ -409,11 +409,7 @@ impl Control for ControlService {
                 Status::invalid_argument(format!("invalid availability {a:?}: expected active, pause or drain"))
             })?),
         };
-        for k in r.label_add.keys().chain(r.label_rm.iter()) {
-            if k.is_empty() || k.contains(['=', ' ']) {
-                return Err(Status::invalid_argument(format!("invalid label key {k:?}")));
-            }
-        }
+        validate_label_keys(r.label_add.keys().chain(r.label_rm.iter()))?;
         let patch = NodePatch {
             availability,
             label_add: r.label_add.into_iter().collect(),
@@ -595,7 +591,7 @@ impl Control for ControlService {
         if !r.subnet.is_empty() {
             spec::parse_cidr(&r.subnet).map_err(spec_status)?;
         }
-        validate_labels(&r.labels)?;
+        validate_label_keys(r.labels.keys())?;
         let network = NetworkObj {
             id: pki::random_hex(12).map_err(|e| Status::internal(e.to_string()))?,
             name: r.name.clone(),
@@ -640,7 +636,7 @@ impl Control for ControlService {
             DataKind::Config => "config name",
         };
         spec::validate_name(what, &r.name).map_err(spec_status)?;
-        validate_labels(&r.labels)?;
+        validate_label_keys(r.labels.keys())?;
         if r.data.len() > crate::store::objects::MAX_DATA {
             return Err(Status::invalid_argument(format!(
                 "{} {:?} is {} bytes: at most {}",

@@ -383,6 +383,7 @@ fn networks_secrets_and_configs_reach_the_tasks_that_use_them() -> anyhow::Resul
         (&["network", "create", "--subnet", "300.1.1.0/24", "bad"][..], "300.1.1.0/24"),
         (&["network", "create", "Front"][..], "Front"),
         (&["network", "create", "front"][..], "already exists"),
+        (&["network", "create", "--label", "a b=1", "other"][..], "invalid label key \"a b\""),
     ] {
         let out = c.cli(0, args);
         assert!(!out.status.success(), "{args:?} must fail");

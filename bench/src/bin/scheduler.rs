@@ -42,26 +42,7 @@ impl Builder {
 }
 
 fn task(svc: &ServiceObj, slot: u64, n: u64) -> TaskObj {
-    TaskObj {
-        id: format!("{}-{slot:06}-{n}", svc.spec.name),
-        service_id: svc.id.clone(),
-        service_name: svc.spec.name.clone(),
-        slot,
-        node_id: None,
-        spec: svc.spec.clone(),
-        spec_version: 1,
-        desired_state: TaskState::Running,
-        state: TaskState::New,
-        message: String::new(),
-        error: String::new(),
-        exit_code: None,
-        attempt: 0,
-        addresses: Vec::new(),
-        created_at_ms: 0,
-        updated_at_ms: 0,
-        state_at_ms: 0,
-        version: 0,
-    }
+    TaskObj { id: format!("{}-{slot:06}-{n}", svc.spec.name), spec_version: 1, ..TaskObj::new(svc, slot, None, 0, "") }
 }
 
 /// `services` services sharing `tasks` new tasks over `nodes` nodes.

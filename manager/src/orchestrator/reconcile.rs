@@ -389,36 +389,13 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn new_task(&self, svc: &ServiceObj, slot: u64, node_id: Option<u64>, attempt: u64, message: &str) -> TaskObj {
-        TaskObj {
-            id: String::new(),
-            service_id: svc.id.clone(),
-            service_name: svc.spec.name.clone(),
-            slot,
-            node_id,
-            spec: svc.spec.clone(),
-            spec_version: svc.version,
-            desired_state: TaskState::Running,
-            state: TaskState::New,
-            message: message.to_string(),
-            error: String::new(),
-            exit_code: None,
-            attempt,
-            addresses: Vec::new(),
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            state_at_ms: 0,
-            version: 0,
-        }
-    }
-
     /// Replaces a slot's current task: retire it, create its successor.
     fn replace(&mut self, svc: &ServiceObj, v: &mut View, node_id: Option<u64>, message: &str) {
         let (slot, attempt) = (v.t.slot, v.t.attempt + 1);
         if v.current() {
             self.retire(v, message);
         }
-        let t = self.new_task(svc, slot, node_id, attempt, message);
+        let t = TaskObj::new(svc, slot, node_id, attempt, message);
         self.plan.create.push(t);
     }
 
@@ -534,7 +511,7 @@ impl<'a> Planner<'a> {
             let mut created = 0;
             while missing > 0 {
                 if !current.contains_key(&slot) {
-                    let t = self.new_task(svc, slot, None, 0, "created");
+                    let t = TaskObj::new(svc, slot, None, 0, "created");
                     self.plan.create.push(t);
                     missing -= 1;
                     created += 1;
@@ -621,7 +598,7 @@ impl<'a> Planner<'a> {
             let node = if views[cur].t.slot == 0 { views[cur].t.node_id } else { None };
             let (slot, v) = (views[cur].t.slot, &mut views[cur]);
             self.retire(v, "updating to the new spec");
-            let t = self.new_task(svc, slot, node, 0, "updated to the new spec");
+            let t = TaskObj::new(svc, slot, node, 0, "updated to the new spec");
             self.plan.create.push(t);
             self.note("update: {n} replaced with the new spec".into());
         }
@@ -703,7 +680,7 @@ impl<'a> Planner<'a> {
             let history: Vec<&TaskObj> = idxs.iter().filter(|&&i| Some(i) != cur).map(|&i| views[i].t).collect();
             let Some(cur) = cur else {
                 if eligible.is_ok() {
-                    let t = self.new_task(svc, 0, Some(node.id), 0, "created");
+                    let t = TaskObj::new(svc, 0, Some(node.id), 0, "created");
                     self.plan.create.push(t);
                     self.note(format!("{{n}} created for node {}", node.name));
                 }

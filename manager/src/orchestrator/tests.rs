@@ -328,25 +328,17 @@ fn an_unset_restart_delay_backs_off_up_to_five_seconds() {
 #[test]
 fn restart_window_counts_only_recent_restarts() {
     let s = with_restart(spec("web", 1), "any", 2, 0, 60_000);
+    let svc = crate::store::objects::ServiceObj::new("s".into(), s.clone());
     let task = |id: &str, attempt: u64, created: u64| TaskObj {
         id: id.into(),
-        service_id: "s".into(),
-        service_name: "web".into(),
-        slot: 1,
-        node_id: Some(1),
-        spec: s.clone(),
         spec_version: 1,
-        desired_state: TaskState::Running,
         state: TaskState::Failed,
-        message: String::new(),
-        error: String::new(),
         exit_code: Some(1),
-        attempt,
-        addresses: vec![],
         created_at_ms: created,
         updated_at_ms: created,
         state_at_ms: created + 10,
         version: 1,
+        ..TaskObj::new(&svc, 1, Some(1), attempt, "")
     };
     let now = 1_000_000;
     let old1 = task("a", 1, now - 200_000);
@@ -669,7 +661,7 @@ mod live {
 
         m.propose(Command::AddNode { node: node(1, "a") }).await.unwrap();
         m.propose(Command::AddNode { node: node(2, "b") }).await.unwrap();
-        let svc = ServiceObj { id: "web-id".into(), spec: spec("web", 4), previous_spec: None, version: 0, created_at_ms: 0, updated_at_ms: 0 };
+        let svc = ServiceObj::new("web-id".into(), spec("web", 4));
         m.propose(Command::CreateService { service: Box::new(svc) }).await.unwrap();
         wait(&m, "4 tasks assigned, 2 per node", |s| live_on(s, 1) == 2 && live_on(s, 2) == 2 && s.tasks.values().all(|t| t.state == TaskState::Assigned)).await;
         run_assigned(&m, 1).await;

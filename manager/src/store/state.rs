@@ -629,26 +629,8 @@ mod tests {
         let mut st = State::default();
         apply(&mut st, 1, secret("db-pass", 4)).unwrap();
         let spec = ServiceSpec { name: "web".into(), image: "bb:1".into(), secrets: vec!["db-pass".into()], ..Default::default() };
-        let task = |id: &str, state: TaskState| TaskObj {
-            id: id.into(),
-            service_id: "gone".into(),
-            service_name: "web".into(),
-            slot: 1,
-            node_id: Some(1),
-            spec: spec.clone(),
-            spec_version: 1,
-            desired_state: TaskState::Shutdown,
-            state,
-            message: String::new(),
-            error: String::new(),
-            exit_code: None,
-            attempt: 0,
-            addresses: Vec::new(),
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            state_at_ms: 0,
-            version: 0,
-        };
+        let svc = ServiceObj::new("gone".into(), spec);
+        let task = |id: &str, state: TaskState| TaskObj { id: id.into(), state, ..TaskObj::new(&svc, 1, Some(1), 0, "") };
         // The service is gone, but its task is still stopping.
         apply(&mut st, 2, Command::CreateTasks { tasks: vec![task("t1", TaskState::Running)] }).unwrap();
         let rm = || Command::RemoveData { kind: DataKind::Secret, name: "db-pass".into() };

@@ -106,6 +106,33 @@ pub struct TaskObj {
     pub version: u64,
 }
 
+impl TaskObj {
+    /// A new task of `svc` for `slot` (state `new`, desired `running`, the
+    /// service's current spec); the store stamps id-less fields and times.
+    pub fn new(svc: &super::objects::ServiceObj, slot: u64, node_id: Option<u64>, attempt: u64, message: &str) -> Self {
+        TaskObj {
+            id: String::new(),
+            service_id: svc.id.clone(),
+            service_name: svc.spec.name.clone(),
+            slot,
+            node_id,
+            spec: svc.spec.clone(),
+            spec_version: svc.version,
+            desired_state: TaskState::Running,
+            state: TaskState::New,
+            message: message.to_string(),
+            error: String::new(),
+            exit_code: None,
+            attempt,
+            addresses: Vec::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            state_at_ms: 0,
+            version: 0,
+        }
+    }
+}
+
 /// A change to one task. `None` fields are left as they are.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TaskUpdate {
