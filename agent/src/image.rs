@@ -429,7 +429,7 @@ impl ImageStore {
         let config = serde_json::json!({
             "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
             "os": "linux",
-            "config": {"Env": [crate::spec::DEFAULT_PATH]},
+            "config": {"Env": [crate::paths::DEFAULT_PATH]},
             "rootfs": {"type": "layers", "diff_ids": [diff]},
             "history": [{"created_by": format!("shoal image import {}", tar.display())}],
         });
@@ -475,7 +475,7 @@ impl ImageStore {
 
     /// Opens a file of the unpacked archive; never follows a link out of it.
     fn archive_file(dir: &Path, rel: &str) -> Result<fs::File, ImageError> {
-        let p = crate::runtime::resolve_in_root(dir, rel).map_err(ioe(Path::new(rel)))?;
+        let p = crate::paths::resolve_in_root(dir, rel).map_err(ioe(Path::new(rel)))?;
         match fs::metadata(&p) {
             Ok(m) if m.is_file() => fs::File::open(&p).map_err(ioe(&p)),
             _ => Err(ImageError::MissingBlob(rel.to_string())),
@@ -762,7 +762,9 @@ impl ImageStore {
 
     /// Removes a name, then every blob and layer no image or container
     /// still uses.
-    pub fn remove(&self, reference: &str, containers_dir: &Path) -> Result<(), ImageError> {
+    /// `in_use`: the layer directories of containers that still exist
+    /// (they are mounted), which garbage collection leaves.
+    pub fn remove(&self, reference: &str, in_use: &BTreeSet<PathBuf>) -> Result<(), ImageError> {
         let _lock = self.lock()?;
         let mut idx = self.read_index()?;
         let name = normalize_reference(reference)?;
@@ -771,10 +773,10 @@ impl ImageStore {
             idx.sources.retain(|_, d| *d != digest);
         }
         self.write_index(&idx)?;
-        self.gc(&idx, containers_dir)
+        self.gc(&idx, in_use)
     }
 
-    fn gc(&self, idx: &Index, containers_dir: &Path) -> Result<(), ImageError> {
+    fn gc(&self, idx: &Index, in_use: &BTreeSet<PathBuf>) -> Result<(), ImageError> {
         let mut blobs = BTreeSet::new();
         let mut layers: BTreeSet<PathBuf> = BTreeSet::new();
         for d in idx.images.values().chain(idx.sources.values()) {
@@ -784,15 +786,7 @@ impl ImageStore {
             layers.extend(img.layers);
         }
         // Layers of containers that still exist stay: they are mounted.
-        if let Ok(rd) = fs::read_dir(containers_dir) {
-            for c in rd.flatten() {
-                if let Ok(b) = fs::read(c.path().join("config.json"))
-                    && let Ok(spec) = serde_json::from_slice::<crate::spec::ContainerSpec>(&b)
-                {
-                    layers.extend(spec.layers);
-                }
-            }
-        }
+        layers.extend(in_use.iter().cloned());
         let bdir = self.root.join("blobs/sha256");
         for e in fs::read_dir(&bdir).map_err(ioe(&bdir))?.flatten() {
             if !blobs.contains(e.file_name().to_string_lossy().as_ref()) {

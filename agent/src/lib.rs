@@ -1,14 +1,27 @@
 //! The shoal worker: the container runtime (image store, rootfs, namespaces,
-//! cgroups, least privilege), the per-container supervisor, and the agent's
-//! session with the managers.
+//! cgroups, least privilege), the per-container supervisor, and the agent
+//! itself ([`Agent`]): its session with the managers, the task runner, and
+//! the Agent gRPC service.
+//!
+//! Invariant: this crate never imports `shoal-manager`; it speaks the
+//! Dispatcher protocol and never touches the store.
 
 pub mod cgroup;
 pub mod executor;
 pub mod image;
+pub mod join;
 pub mod mounts;
+mod node;
+mod paths;
 pub mod runtime;
 pub mod security;
+mod service;
+mod session;
 pub mod spec;
 pub mod supervisor;
 mod sys;
 pub mod unpack;
+mod worker;
+
+pub use node::{Agent, AgentConfig, AgentError, AgentExit};
+pub use service::{exec_in_task, AgentService, ExecError, ExecOutput};

@@ -15,7 +15,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::CloneFlags;
@@ -26,7 +26,8 @@ use nix::unistd::{Gid, Pid, Uid};
 
 use crate::cgroup::{self, Cgroup, CgroupBackend, CgroupError};
 use crate::security::{self, SeccompPolicy, SecurityError};
-use crate::spec::{ContainerSpec, DEFAULT_PATH, Mount};
+use crate::paths::{resolve_in_root, DEFAULT_PATH};
+use crate::spec::{ContainerSpec, Mount};
 use crate::sys::{self, Forked};
 
 /// Errors of the runtime.
@@ -864,47 +865,6 @@ fn find_program(arg0: &str, path: &str) -> Option<String> {
         .find(|p| fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
 }
 
-/// Resolves `path` inside `root` the way the container will see it:
-/// symlinks are followed, but absolute targets and `..` never leave `root`.
-pub fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
-    let mut out = root.to_path_buf();
-    let mut pending: Vec<std::ffi::OsString> = Vec::new();
-    let push_rev = |pending: &mut Vec<std::ffi::OsString>, p: &Path| {
-        for c in p.components().rev() {
-            match c {
-                Component::Normal(s) => pending.push(s.to_os_string()),
-                Component::ParentDir => pending.push("..".into()),
-                _ => {}
-            }
-        }
-    };
-    push_rev(&mut pending, Path::new(path));
-    let mut hops = 0;
-    while let Some(c) = pending.pop() {
-        if c == ".." {
-            if out != root {
-                out.pop();
-            }
-            continue;
-        }
-        let next = out.join(&c);
-        match fs::symlink_metadata(&next) {
-            Ok(m) if m.file_type().is_symlink() => {
-                hops += 1;
-                if hops > 40 {
-                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
-                }
-                let target = fs::read_link(&next)?;
-                if target.is_absolute() {
-                    out = root.to_path_buf();
-                }
-                push_rev(&mut pending, &target);
-            }
-            _ => out = next,
-        }
-    }
-    Ok(out)
-}
 
 fn mkdir_in(root: &Path, path: &str) -> ChildResult<PathBuf> {
     let p = resolve_in_root(root, path).ctx(format!("resolve {path}"))?;
@@ -1027,21 +987,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn resolve_in_root_never_leaves_root() {
-        let t = tempfile::tempdir().unwrap();
-        let r = t.path();
-        fs::create_dir_all(r.join("usr/lib")).unwrap();
-        std::os::unix::fs::symlink("/etc", r.join("evil")).unwrap();
-        std::os::unix::fs::symlink("../../../../..", r.join("up")).unwrap();
-        std::os::unix::fs::symlink("usr/lib", r.join("lib")).unwrap();
-        assert_eq!(resolve_in_root(r, "/evil/passwd").unwrap(), r.join("etc/passwd"));
-        assert_eq!(resolve_in_root(r, "/up/etc").unwrap(), r.join("etc"));
-        assert_eq!(resolve_in_root(r, "../../x").unwrap(), r.join("x"));
-        assert_eq!(resolve_in_root(r, "/lib/x").unwrap(), r.join("usr/lib/x"));
-        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
-        assert!(resolve_in_root(r, "/loop").is_err());
-    }
 
     #[test]
     fn ids_are_checked() {

@@ -115,7 +115,7 @@ impl RunRequest {
 pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
 
 /// PATH when neither the image nor the caller sets one (Docker's default).
-pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use crate::paths::DEFAULT_PATH;
 
 /// Parses a size like `64M`, `512k`, `1g`, `1048576` or `64MiB` into bytes.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -155,4 +155,21 @@ mod tests {
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("5q").is_err());
     }
+}
+
+/// The layer directories of every container under `containers_dir` (each
+/// keeps its spec in `config.json`): what image garbage collection must
+/// leave, since they are mounted.
+pub fn layers_in_use(containers_dir: &std::path::Path) -> std::collections::BTreeSet<PathBuf> {
+    let mut layers = std::collections::BTreeSet::new();
+    if let Ok(rd) = std::fs::read_dir(containers_dir) {
+        for c in rd.flatten() {
+            if let Ok(b) = std::fs::read(c.path().join("config.json"))
+                && let Ok(spec) = serde_json::from_slice::<ContainerSpec>(&b)
+            {
+                layers.extend(spec.layers);
+            }
+        }
+    }
+    layers
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use shoal_manager::tls::NodeTls;
+use shoal_security::tls::NodeTls;
 use shoal_proto::control::control_client::ControlClient;
 use tonic::transport::Channel;
 
@@ -34,7 +34,7 @@ impl Ctx {
             std::fs::read_to_string(&p).with_context(|| format!("reading client credentials {}", p.display()))
         };
         let tls = NodeTls { ca_pem: read("ca.pem")?, cert_pem: read("cert.pem")?, key_pem: read("key.pem")? };
-        let mut endpoint = shoal_manager::tls::endpoint(&self.host)
+        let mut endpoint = shoal_security::tls::endpoint(&self.host)
             .with_context(|| format!("invalid manager address {:?}", self.host))?;
         if let Some(t) = timeout {
             endpoint = endpoint.timeout(t);

@@ -5,13 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod agent_server;
 mod client;
 mod cmd;
 mod daemon;
 mod output;
-mod session;
-mod worker;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "A Swarm-style container orchestrator")]

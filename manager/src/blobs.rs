@@ -1,25 +1,23 @@
 //! Image blobs on a manager: content-addressed files under
 //! `DATA/blobs/sha256/`, verified on write. An image is an OCI manifest,
 //! its config and its layers, each a blob. Every manager holds every blob:
-//! [`replicate`] fetches what the store's images name and this manager
+//! the replication loop (`replication.rs`) fetches what the store's images name and this manager
 //! lacks, and drops blobs no image names any more.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_proto::dispatcher::BlobRef;
 use tokio::io::AsyncWriteExt;
 
-use crate::manager::Manager;
 use crate::store::objects::ImageObj;
-use crate::store::Change;
+
 
 /// Largest blob (one layer) a manager accepts.
 pub const MAX_BLOB: u64 = 4 << 30;
 /// Largest manifest a manager reads.
-pub const MAX_MANIFEST: u64 = 4 << 20;
+pub use shoal_proto::limits::MAX_MANIFEST;
 /// Most blobs (layers + 2) one image may name.
 pub const MAX_IMAGE_BLOBS: usize = 1024;
 /// An unreferenced blob younger than this may belong to an upload in
@@ -149,7 +147,7 @@ impl BlobStore {
 
     /// Removes blobs that no image in `keep` names, unless they are young
     /// enough to belong to an upload in progress.
-    fn gc(&self, keep: &std::collections::HashSet<String>) {
+    pub fn gc(&self, keep: &std::collections::HashSet<String>) {
         let Ok(rd) = std::fs::read_dir(&self.dir) else { return };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
@@ -165,7 +163,7 @@ impl BlobStore {
 
     /// A writer for a new blob; `finish` verifies and publishes it.
     pub async fn writer(&self) -> Result<BlobWriter, BlobError> {
-        let tmp = self.dir.join(format!(".tmp-{}", crate::pki::random_hex(8).unwrap_or_else(|_| "x".into())));
+        let tmp = self.dir.join(format!(".tmp-{}", shoal_security::pki::random_hex(8).unwrap_or_else(|_| "x".into())));
         let file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
         Ok(BlobWriter {
             store: self.clone(),
@@ -228,7 +226,7 @@ impl Drop for BlobWriter {
 
 /// Fetches `digest` from the manager at `addr` into `store`.
 pub async fn fetch_from(
-    tls: &crate::tls::NodeTls,
+    tls: &shoal_security::tls::NodeTls,
     store: &BlobStore,
     addr: &str,
     digest: &str,
@@ -248,75 +246,3 @@ pub async fn fetch_from(
     Ok(())
 }
 
-/// Keeps this manager's blob store complete: fetches every image blob the
-/// store names from another manager that has it, and every minute drops
-/// the blobs no image names.
-pub async fn replicate(manager: Arc<Manager>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let mut events = manager.store.watch();
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut last_gc = std::time::Instant::now();
-    loop {
-        let wanted: std::collections::HashSet<String> =
-            manager.store.read(|s| s.images.values().flat_map(|i| i.blobs().cloned()).collect());
-        // Only the leader's applied state is surely current: a lagging
-        // follower must not drop blobs of images it has not applied yet.
-        if last_gc.elapsed() > Duration::from_secs(60) && manager.is_leader() {
-            last_gc = std::time::Instant::now();
-            let (blobs, keep) = (manager.blobs.clone(), wanted.clone());
-            let _ = tokio::task::spawn_blocking(move || blobs.gc(&keep)).await;
-        }
-        let missing: Vec<String> = wanted.into_iter().filter(|d| !manager.blobs.has(d)).collect();
-        for digest in missing {
-            let peers: Vec<String> = manager
-                .members()
-                .into_iter()
-                .filter(|(id, _, _)| *id != manager.id)
-                .map(|(_, addr, _)| addr)
-                .collect();
-            for addr in peers {
-                match fetch_from(&manager.tls, &manager.blobs, &addr, &digest).await {
-                    Ok(()) => {
-                        tracing::info!(blob = %digest, from = %addr, "image blob replicated to this manager");
-                        break;
-                    }
-                    Err(e) => tracing::debug!(blob = %digest, from = %addr, error = %e, "blob fetch failed"),
-                }
-            }
-        }
-        // Next pass: on the tick, or as soon as an image changes.
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => break,
-                ev = events.recv() => match ev {
-                    Ok(ev) if !ev.changes.iter().any(|c| matches!(c, Change::Image(_))) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    _ => break,
-                },
-            }
-        }
-    }
-}
-
-/// A streaming sha256 for callers outside this crate (agents verifying the
-/// blobs they fetch).
-pub struct Sha256(ring::digest::Context);
-
-impl Default for Sha256 {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Sha256 {
-    pub fn new() -> Self {
-        Sha256(ring::digest::Context::new(&ring::digest::SHA256))
-    }
-    pub fn update(&mut self, data: &[u8]) {
-        self.0.update(data);
-    }
-    /// `sha256:<hex>`
-    pub fn finish_digest(self) -> String {
-        format!("sha256:{}", hex::encode(self.0.finish()))
-    }
-}

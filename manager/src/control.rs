@@ -11,14 +11,14 @@ use shoal_proto::control::*;
 use tonic::{Request, Response, Status};
 
 use crate::manager::{Manager, ProposeError};
-use crate::pki::{self, CertRole};
+use shoal_security::pki::{self, CertRole};
 use crate::spec::{self, SpecError};
 use crate::store::objects::{Availability, NodeObj, Role, ServiceObj};
 use crate::store::state::format_node_id;
 use crate::store::objects::{DataKind, DataObj, ImageObj, NetworkObj};
 use crate::store::task::{TaskObj, TaskState};
 use crate::store::{ApplyError, Command, NodePatch, State};
-use crate::tls::authorize;
+use shoal_security::tls::authorize;
 
 /// A peer counts as reachable if it answered a Raft RPC this recently.
 const REACHABLE_WITHIN: Duration = Duration::from_secs(2);

@@ -21,12 +21,12 @@ use tonic::{Request, Response, Status};
 
 use crate::control::status;
 use crate::manager::Manager;
-use crate::pki::CertRole;
+use shoal_security::pki::CertRole;
 use crate::store::objects::{DataKind, NodeStatus, Role};
 use crate::store::state::format_node_id;
 use crate::store::task::{TaskObj, TaskState, TaskUpdate};
 use crate::store::{Change, Command, NodePatch, State};
-use crate::tls::authorize;
+use shoal_security::tls::authorize;
 
 /// Dispatcher timing.
 #[derive(Clone, Copy, Debug)]
@@ -329,10 +329,10 @@ impl Dispatcher for DispatcherService {
         };
         let cert_pem = if want != cert_role && !node.csr_pem.is_empty() {
             let ca = self.manager.store.read(|s| {
-                s.cluster.as_ref().map(|c| crate::pki::CertKey { cert_pem: c.ca_cert_pem.clone(), key_pem: c.ca_key_pem.clone() })
+                s.cluster.as_ref().map(|c| shoal_security::pki::CertKey { cert_pem: c.ca_cert_pem.clone(), key_pem: c.ca_key_pem.clone() })
             });
             let ca = ca.ok_or_else(|| Status::unavailable("cluster not initialized"))?;
-            crate::pki::sign_csr(&ca, &node.csr_pem, &caller, want).map_err(|e| Status::internal(e.to_string()))?
+            shoal_security::pki::sign_csr(&ca, &node.csr_pem, &caller, want).map_err(|e| Status::internal(e.to_string()))?
         } else {
             String::new()
         };

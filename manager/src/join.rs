@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::control::status;
 use crate::manager::Manager;
-use crate::pki::{self, CertKey, CertRole};
+use shoal_security::pki::{self, CertKey, CertRole};
 use crate::spec;
 use crate::store::objects::{Availability, NodeObj, NodeStatus, Role};
 use crate::store::state::format_node_id;

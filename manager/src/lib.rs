@@ -6,18 +6,19 @@
 //! composes a manager and an agent on one node.
 
 pub mod blobs;
+pub mod codec;
 pub mod control;
 pub mod dispatcher;
 pub mod join;
 pub mod logs;
 pub mod manager;
+pub mod node;
 pub mod orchestrator;
-pub mod pki;
 pub mod raft;
+pub mod replication;
 pub mod scheduler;
 pub mod spec;
 pub mod store;
-pub mod tls;
 
 use std::sync::Arc;
 
@@ -26,24 +27,10 @@ use shoal_proto::dispatcher::dispatcher_server::DispatcherServer;
 use shoal_proto::join::join_server::JoinServer;
 use shoal_proto::raft::raft_server::RaftServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use shoal_security::tls::incoming;
 
 pub use dispatcher::{DispatcherConfig, DispatcherService};
 pub use manager::Manager;
-
-/// Accepted connections with Nagle's algorithm off: small gRPC responses
-/// must not wait for the peer's delayed ACK (a 40 ms stall per exchange).
-pub fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
-            let _ = c.set_nodelay(true);
-        }
-        conn
-    })
-}
 
 /// Serves every manager service on `listener` until `shutdown` turns true.
 /// The dispatcher's down-detector, the orchestrators, the scheduler and
@@ -60,7 +47,7 @@ pub async fn serve(
     tokio::spawn(dispatcher.clone().run(shutdown.clone()));
     tokio::spawn(orchestrator::Orchestrator::new(manager.clone(), Default::default()).run(shutdown.clone()));
     tokio::spawn(scheduler::Scheduler::new(manager.clone(), Default::default()).run(shutdown.clone()));
-    tokio::spawn(blobs::replicate(manager.clone(), shutdown.clone()));
+    tokio::spawn(replication::replicate(manager.clone(), shutdown.clone()));
     // Snapshots can be large; everything else is small.
     const MAX_MSG: usize = 256 << 20;
     let mut stop = shutdown.clone();

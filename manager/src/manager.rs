@@ -18,7 +18,7 @@ use crate::raft::state_machine::StateMachine;
 use crate::raft::{self, NodeId, Raft};
 use crate::store::{Applied, ApplyError, Command, Outcome, Request, Store};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use crate::tls::NodeTls;
+use shoal_security::tls::NodeTls;
 
 /// How long a write may wait for a quorum before the caller is told it was
 /// not committed. A partitioned manager must answer with an error, not hang.

@@ -24,3 +24,10 @@ pub mod join {
 pub mod agent {
     tonic::include_proto!("shoal.agent");
 }
+
+/// Limits both ends of a connection enforce.
+pub mod limits {
+    /// Largest image manifest or config (bytes) a manager stores or an
+    /// agent fetches.
+    pub const MAX_MANIFEST: u64 = 4 << 20;
+}

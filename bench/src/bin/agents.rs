@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_bench::arg;
-use shoal_manager::pki;
-use shoal_manager::tls::NodeTls;
+use shoal_security::pki;
+use shoal_security::tls::NodeTls;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_proto::dispatcher::{AssignmentsRequest, HeartbeatRequest, Resources, TaskStatus, TaskStatusBatch};
 use shoal_proto::join::join_client::JoinClient;
@@ -25,7 +25,7 @@ async fn join(manager: &str, token: &str, ca_pem: &str, i: u64) -> anyhow::Resul
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
         .domain_name(pki::CLUSTER_DNS_NAME);
-    let channel = shoal_manager::tls::endpoint(manager)?.tls_config(tls)?.connect().await?;
+    let channel = shoal_security::tls::endpoint(manager)?.tls_config(tls)?.connect().await?;
     let resp = JoinClient::new(channel)
         .join(JoinRequest {
             token: token.to_string(),

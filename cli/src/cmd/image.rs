@@ -72,7 +72,7 @@ pub fn image(cmd: LocalImageCmd, data_dir: &Path) -> anyhow::Result<()> {
         }
         LocalImageCmd::Rm { references } => {
             for r in references {
-                store.remove(&r, &data_dir.join("containers")).with_context(|| format!("removing {r}"))?;
+                store.remove(&r, &shoal_agent::spec::layers_in_use(&data_dir.join("containers"))).with_context(|| format!("removing {r}"))?;
                 println!("Untagged: {r}");
             }
         }

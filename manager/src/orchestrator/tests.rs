@@ -592,12 +592,12 @@ mod live {
 
     use crate::manager::Manager;
     use crate::orchestrator::{Orchestrator, OrchestratorConfig};
-    use crate::pki::{self, CertRole};
+    use shoal_security::pki::{self, CertRole};
     use crate::scheduler::{Scheduler, SchedulerConfig};
     use crate::store::objects::{Availability, NodeObj, NodeStatus, Role, ServiceObj};
     use crate::store::task::{TaskState, TaskUpdate};
     use crate::store::{Command, State};
-    use crate::tls::NodeTls;
+    use shoal_security::tls::NodeTls;
 
     use super::spec;
 

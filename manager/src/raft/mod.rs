@@ -26,16 +26,7 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-/// The encoding of everything Raft stores or sends: log entries, votes,
-/// snapshots and transport payloads. postcard is compact and fast; both
-/// ends of a connection run the same shoal version.
-pub fn encode<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, postcard::Error> {
-    postcard::to_allocvec(v)
-}
-
-pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(bytes)
-}
+pub use crate::codec::{decode, encode};
 
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;

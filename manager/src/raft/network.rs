@@ -20,7 +20,7 @@ use shoal_proto::raft::RaftPayload;
 use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig};
-use crate::tls::NodeTls;
+use shoal_security::tls::NodeTls;
 
 /// When each peer last answered a Raft RPC.
 #[derive(Clone, Default)]

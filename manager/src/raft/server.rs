@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status};
 
 use crate::manager::{LocalError, Manager, WRITE_TIMEOUT};
 use crate::store::Command;
-use crate::pki::CertRole;
+use shoal_security::pki::CertRole;
 use crate::store::state::format_node_id;
-use crate::tls::authorize;
+use shoal_security::tls::authorize;
 
 pub struct RaftService {
     manager: Arc<Manager>,

@@ -90,6 +90,6 @@ impl Store {
     }
 
     pub(crate) fn snapshot_bytes(&self) -> Result<Vec<u8>, postcard::Error> {
-        crate::raft::encode(&*self.guard())
+        crate::codec::encode(&*self.guard())
     }
 }

@@ -1,31 +1,30 @@
 //! The agent's task runner: follows the node's assignment stream from the
 //! managers, runs each task through the executor (real containers via the
 //! per-container supervisors), and reports state changes in batches.
-// TODO: move into `shoal-agent` with the session (needs tonic there).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shoal_agent::executor::{ContainerState, Executor, LinuxExecutor};
-use shoal_agent::image::ManifestRefs;
-use shoal_manager::blobs::MAX_MANIFEST;
-use shoal_agent::spec::{Mount, RunRequest};
-use shoal_manager::tls::NodeTls;
+use crate::executor::{ContainerState, Executor, LinuxExecutor};
+use crate::image::ManifestRefs;
+use shoal_proto::limits::MAX_MANIFEST;
+use crate::spec::{Mount, RunRequest};
+use shoal_security::tls::NodeTls;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_proto::dispatcher::{Assignment, AssignmentsRequest, BlobRef, TaskData, TaskStatus, TaskStatusBatch};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-/// How long a task gets between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(10);
-
-pub struct Worker {
+pub(crate) struct Worker {
     pub node_id: u64,
     pub data_dir: PathBuf,
+    pub shoal_bin: PathBuf,
     pub tls: Arc<NodeTls>,
     pub executor: Arc<LinuxExecutor>,
+    /// How long a task gets between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
     /// The manager the session currently talks to.
     pub manager: watch::Receiver<Option<String>>,
     pub shutdown: watch::Receiver<bool>,
@@ -40,8 +39,10 @@ struct Local {
 struct Ctx {
     node_id: u64,
     data_dir: PathBuf,
+    shoal_bin: PathBuf,
     tls: Arc<NodeTls>,
     executor: Arc<LinuxExecutor>,
+    stop_grace: Duration,
     manager: watch::Receiver<Option<String>>,
     reports: mpsc::UnboundedSender<TaskStatus>,
     /// One image fetch at a time per image.
@@ -55,10 +56,10 @@ fn status(task: &str, state: &str, message: &str) -> TaskStatus {
 }
 
 impl Worker {
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         // Secrets and configs live on a tmpfs: never on the node's disk.
         let taskdata = self.data_dir.join("taskdata");
-        let secrets_on_tmpfs = match shoal_agent::mounts::ensure_tmpfs(&taskdata, 64) {
+        let secrets_on_tmpfs = match crate::mounts::ensure_tmpfs(&taskdata, 64) {
             Ok(mounted) => {
                 if mounted {
                     tracing::info!(dir = %taskdata.display(), "tmpfs mounted for task secrets and configs");
@@ -74,8 +75,10 @@ impl Worker {
         let ctx = Ctx {
             node_id: self.node_id,
             data_dir: self.data_dir.clone(),
+            shoal_bin: self.shoal_bin.clone(),
             tls: self.tls.clone(),
             executor: self.executor.clone(),
+            stop_grace: self.stop_grace,
             manager: self.manager.clone(),
             reports,
             fetching: Default::default(),
@@ -167,6 +170,7 @@ impl Worker {
 fn cleanup_strays(ctx: &Ctx, keep: Vec<String>) {
     let exec = ctx.executor.clone();
     let data_dir = ctx.data_dir.clone();
+    let grace = ctx.stop_grace;
     tokio::task::spawn_blocking(move || {
         // Secrets and configs of tasks this node no longer runs.
         if let Ok(rd) = std::fs::read_dir(data_dir.join("taskdata")) {
@@ -182,7 +186,7 @@ fn cleanup_strays(ctx: &Ctx, keep: Vec<String>) {
             }
             if let Ok(ContainerState::Running) = exec.state(&id) {
                 tracing::info!(container = %id, "stopping a container no task claims");
-                let _ = exec.shutdown(&id, STOP_GRACE);
+                let _ = exec.shutdown(&id, grace);
             }
             let _ = exec.remove(&id);
         }
@@ -247,7 +251,7 @@ fn run_request(a: &Assignment) -> RunRequest {
                 _ => None,
             })
             .collect(),
-        limits: shoal_agent::cgroup::Limits {
+        limits: crate::cgroup::Limits {
             memory_bytes: (limits.memory_bytes > 0).then_some(limits.memory_bytes),
             cpu_micros: (limits.nano_cpus > 0).then_some(limits.nano_cpus / 1000),
             pids: None,
@@ -266,7 +270,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
     let exec = ctx.executor.clone();
     // The id names paths on this node (container, secrets): a bad one from
     // a misbehaving manager must touch nothing.
-    if let Err(e) = shoal_agent::runtime::validate_id(&id) {
+    if let Err(e) = crate::runtime::validate_id(&id) {
         tracing::warn!(task = %id, error = %e, "assignment refused");
         report(TaskStatus { error: e.to_string(), ..status(&id, "rejected", "invalid task id") });
         return;
@@ -401,8 +405,8 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         }
     };
     if stopped_by_us {
-        let (exec2, id2) = (exec.clone(), id.clone());
-        let res = tokio::task::spawn_blocking(move || exec2.shutdown(&id2, STOP_GRACE)).await;
+        let (exec2, id2, grace) = (exec.clone(), id.clone(), ctx.stop_grace);
+        let res = tokio::task::spawn_blocking(move || exec2.shutdown(&id2, grace)).await;
         let code = res.ok().and_then(Result::ok).map(|s| s.code);
         let st = match unhealthy {
             // Failed, not shut down: the restart policy replaces it.
@@ -445,7 +449,7 @@ async fn health_loop(ctx: Ctx, task: String, spec: shoal_proto::control::Service
         tokio::time::sleep(interval).await;
         let check = ["/bin/sh".to_string(), "-c".to_string(), spec.health_cmd.clone()];
         // Docker keeps 4 KiB of a check's output; so do we.
-        let why = match crate::agent_server::exec_in_task(&ctx.data_dir, &task, &check, timeout, 4096).await {
+        let why = match crate::service::exec_in_task(&ctx.shoal_bin, &ctx.data_dir, &task, &check, timeout, 4096).await {
             Ok(out) if out.code == 0 => None,
             Ok(out) => {
                 let text = String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).trim().to_string();
@@ -562,18 +566,18 @@ async fn fetch_blob<W: tokio::io::AsyncWrite + Unpin>(
         .await
         .map_err(|s| format!("fetching image blob {digest}: {}", s.message()))?
         .into_inner();
-    let mut hash = shoal_manager::blobs::Sha256::new();
+    let mut hash = <sha2::Sha256 as sha2::Digest>::new();
     let mut size = 0u64;
     while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_string())? {
         size += chunk.data.len() as u64;
         if size > limit {
             return Err(format!("image blob {digest} is larger than {limit} bytes"));
         }
-        hash.update(&chunk.data);
+        sha2::Digest::update(&mut hash, &chunk.data);
         dst.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
     }
     dst.flush().await.map_err(|e| e.to_string())?;
-    let got = hash.finish_digest();
+    let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hash)));
     if got != digest {
         return Err(format!("image blob digest mismatch: expected {digest}, got {got}"));
     }

@@ -1,16 +1,16 @@
 //! The agent's session with the managers: register and heartbeat, follow the
 //! leader, fail over to another manager when one goes away.
-// TODO(issue 4): move into `shoal-agent` together with task assignments.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_manager::tls::NodeTls;
+use shoal_security::identity::{self, Identity, Role};
+use shoal_security::tls::NodeTls;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_proto::dispatcher::{HeartbeatRequest, Resources};
 
-pub struct Session {
+pub(crate) struct Session {
     pub data_dir: PathBuf,
     pub node_id: u64,
     pub tls: Arc<NodeTls>,
@@ -23,8 +23,8 @@ pub struct Session {
     /// The role this node's components run as; when the managers say
     /// otherwise (with a new certificate), the session records it and
     /// raises `role_changed`.
-    pub role: shoal_manager::store::objects::Role,
-    pub role_changed: tokio::sync::watch::Sender<bool>,
+    pub role: Role,
+    pub role_changed: tokio::sync::watch::Sender<Option<Role>>,
 }
 
 fn resources() -> Resources {
@@ -40,7 +40,7 @@ fn resources() -> Resources {
     Resources { nano_cpus: cpus * 1_000_000_000, memory_bytes: mem_kb * 1024 }
 }
 
-pub async fn run(mut s: Session) {
+pub(crate) async fn run(mut s: Session) {
     let res = resources();
     let mut period = Duration::from_millis(500);
     let mut idx = 0usize;
@@ -54,10 +54,10 @@ pub async fn run(mut s: Session) {
                     ok = true;
                     period = p;
                     if let Some(new_role) = role.filter(|r| *r != s.role && !cert.is_empty()) {
-                        match crate::daemon::apply_role_change(&s.data_dir, new_role, &cert) {
+                        match identity::apply_role_change(&s.data_dir, new_role, &cert) {
                             Ok(()) => {
                                 tracing::info!(role = new_role.as_str(), "the managers changed this node's role");
-                                let _ = s.role_changed.send(true);
+                                let _ = s.role_changed.send(Some(new_role));
                                 return;
                             }
                             Err(e) => tracing::warn!(error = %e, "could not record the new role"),
@@ -98,7 +98,7 @@ enum HbError {
     Other(String),
 }
 
-type Beat = (Duration, Vec<String>, Option<shoal_manager::store::objects::Role>, String);
+type Beat = (Duration, Vec<String>, Option<Role>, String);
 
 async fn heartbeat(s: &Session, addr: &str, res: &Resources) -> Result<Beat, HbError> {
     let channel = s.tls.channel(addr).map_err(|e| HbError::Other(e.to_string()))?;
@@ -112,11 +112,7 @@ async fn heartbeat(s: &Session, addr: &str, res: &Resources) -> Result<Beat, HbE
         Err(_) => Err(HbError::Other("timed out".into())),
         Ok(Ok(r)) => {
             let r = r.into_inner();
-            let role = match r.role.as_str() {
-                "manager" => Some(shoal_manager::store::objects::Role::Manager),
-                "worker" => Some(shoal_manager::store::objects::Role::Worker),
-                _ => None,
-            };
+            let role = Role::parse(&r.role);
             Ok((Duration::from_millis(r.period_ms.clamp(100, 10_000)), r.managers, role, r.cert_pem))
         }
         Ok(Err(st)) => match st.metadata().get("shoal-leader").and_then(|v| v.to_str().ok()) {
@@ -127,11 +123,11 @@ async fn heartbeat(s: &Session, addr: &str, res: &Resources) -> Result<Beat, HbE
 }
 
 fn remember_managers(s: &Session) {
-    let path = s.data_dir.join("node.json");
-    let Ok(text) = std::fs::read_to_string(&path) else { return };
-    let Ok(mut id) = serde_json::from_str::<crate::daemon::Identity>(&text) else { return };
-    id.managers = s.managers.clone();
-    if let Err(e) = crate::daemon::save_identity(&s.data_dir, &id) {
+    let saved = Identity::load(&s.data_dir).and_then(|mut id| {
+        id.managers = s.managers.clone();
+        id.save(&s.data_dir)
+    });
+    if let Err(e) = saved {
         tracing::warn!(error = %e, "could not record the manager list");
     }
 }

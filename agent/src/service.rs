@@ -1,14 +1,13 @@
 //! The node's Agent service: task logs and exec, for managers only (the CLI
 //! reaches it through a manager).
-// TODO: move into `shoal-agent` with the session and task runner.
 
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
-use shoal_agent::supervisor::{State, Supervised};
-use shoal_manager::pki::CertRole;
-use shoal_manager::tls::authorize;
+use crate::supervisor::{State, Supervised};
+use shoal_security::pki::CertRole;
+use shoal_security::tls::authorize;
 use shoal_proto::agent::agent_server::Agent;
 use shoal_proto::agent::{ExecRequest, ExecResponse, LogChunk, TaskLogsRequest};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -16,8 +15,9 @@ use tonic::{Request, Response, Status};
 
 /// How long `exec` may run before it is killed.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
-/// How much of each of stdout and stderr `exec` returns.
-const EXEC_MAX_OUTPUT: usize = 4 << 20;
+/// How much of each of stdout and stderr `exec` returns by default (as
+/// Docker caps what it keeps).
+pub const EXEC_MAX_OUTPUT: usize = 4 << 20;
 
 /// What a command run in a task printed, cut at the limit.
 pub struct ExecOutput {
@@ -26,19 +26,12 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("could not run: {0}")]
     Spawn(std::io::Error),
-}
-
-impl std::fmt::Display for ExecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExecError::Timeout(t) => write!(f, "timed out after {t:?}"),
-            ExecError::Spawn(e) => write!(f, "could not run: {e}"),
-        }
-    }
 }
 
 /// Runs `cmd` in task `task`'s container through `shoal internal-exec`,
@@ -48,6 +41,7 @@ impl std::fmt::Display for ExecError {
 /// (the rest is read and dropped); on timeout kills the command and every
 /// process it started (its own process group).
 pub async fn exec_in_task(
+    shoal_bin: &std::path::Path,
     data_dir: &std::path::Path,
     task: &str,
     cmd: &[String],
@@ -55,8 +49,7 @@ pub async fn exec_in_task(
     max_output: usize,
 ) -> Result<ExecOutput, ExecError> {
     use tokio::io::AsyncRead;
-    let shoal = std::env::current_exe().map_err(ExecError::Spawn)?;
-    let mut child = tokio::process::Command::new(shoal)
+    let mut child = tokio::process::Command::new(shoal_bin)
         .arg("internal-exec")
         .arg("--data-dir")
         .arg(data_dir)
@@ -103,8 +96,14 @@ pub async fn exec_in_task(
     }
 }
 
+/// The Agent gRPC service of one node.
+#[derive(Clone)]
 pub struct AgentService {
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
+    /// Re-executed as `shoal internal-exec`.
+    pub(crate) shoal_bin: PathBuf,
+    /// How much of each of stdout and stderr `exec` returns.
+    pub(crate) exec_max_output: usize,
 }
 
 fn attach(data_dir: &std::path::Path, id: &str) -> Result<Supervised, Status> {
@@ -179,7 +178,7 @@ impl Agent for AgentService {
         if !matches!(sup.state(), Ok(State::Running { init_pid }) if init_pid > 0) {
             return Err(Status::failed_precondition(format!("task {} is not running here", r.task_id)));
         }
-        let out = exec_in_task(&self.data_dir, &r.task_id, &r.cmd, EXEC_TIMEOUT, EXEC_MAX_OUTPUT).await.map_err(|e| match e {
+        let out = exec_in_task(&self.shoal_bin, &self.data_dir, &r.task_id, &r.cmd, EXEC_TIMEOUT, self.exec_max_output).await.map_err(|e| match e {
             ExecError::Timeout(t) => Status::deadline_exceeded(format!("command still running after {t:?}: killed")),
             ExecError::Spawn(e) => Status::internal(format!("running the command: {e}")),
         })?;

@@ -1,0 +1,163 @@
+//! A manager as one piece, for the daemon: creating a cluster's identity
+//! (`--init`), opening the Raft node, serving every manager service (with
+//! this node's Agent service mounted beside them), bootstrapping the
+//! cluster on its first start or asking to join the Raft group, and
+//! stopping it all.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use shoal_security::identity::{self, read_file, save_tls, write_file, IdentityError};
+use shoal_security::pki::{self, CertKey, CertRole, PkiError};
+use shoal_security::{Identity, NodeTls, Role};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::manager::{Manager, ManagerError, ProposeError};
+use crate::store::objects::{Availability, ClusterObj, NodeObj, NodeStatus};
+use crate::store::state::format_node_id;
+use crate::store::Command;
+use crate::DispatcherConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Manager(#[from] ManagerError),
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    #[error("listening on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// How this manager starts.
+pub struct ManagerConfig {
+    pub data_dir: PathBuf,
+    pub identity: Identity,
+    pub listen: SocketAddr,
+    pub dispatcher: DispatcherConfig,
+    /// The first start of `--init`: bootstrap a one-member cluster with
+    /// this node (its labels and availability).
+    pub init: Option<InitNode>,
+}
+
+/// This node as the first member of a new cluster.
+pub struct InitNode {
+    pub labels: BTreeMap<String, String>,
+    pub availability: Availability,
+}
+
+/// First start with `--init`: a CA, this node's certificate, client
+/// credentials under `DATA/client/`, and the identity file.
+pub fn init_identity(dir: &Path, name: Option<&str>, advertise: &str) -> Result<Identity, NodeError> {
+    let ca = pki::new_ca()?;
+    let id = pki::random_u64()?;
+    let (csr, key_pem) = pki::new_csr()?;
+    let node = CertKey { cert_pem: pki::sign_csr(&ca, &csr, &format_node_id(id), CertRole::Manager)?, key_pem };
+    write_file(&dir.join("tls/node.csr"), &csr, false)?;
+    let client = pki::issue(&ca, "client", CertRole::Client)?;
+    save_tls(dir, &NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: node.cert_pem, key_pem: node.key_pem })?;
+    write_file(&dir.join("client/ca.pem"), &ca.cert_pem, false)?;
+    write_file(&dir.join("client/cert.pem"), &client.cert_pem, false)?;
+    write_file(&dir.join("client/key.pem"), &client.key_pem, true)?;
+    // The CA key goes into the replicated state at bootstrap; keep a copy
+    // until then so a crash between here and there can finish the job.
+    write_file(&dir.join("tls/ca-key.pem"), &ca.key_pem, true)?;
+    let identity = Identity {
+        id,
+        name: name.map(str::to_string).unwrap_or_else(|| format!("node-{}", &format_node_id(id)[..8])),
+        role: Role::Manager,
+        advertise: advertise.to_string(),
+        managers: vec![advertise.to_string()],
+    };
+    identity.save(dir)?;
+    Ok(identity)
+}
+
+/// A running manager: the Raft node and the server in front of it.
+pub struct RunningManager {
+    pub manager: Arc<Manager>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningManager {
+    /// Opens the Raft node and serves on `cfg.listen` until `shutdown`;
+    /// `agent` is this node's Agent service, served beside the manager's.
+    pub async fn start(
+        cfg: ManagerConfig,
+        tls: Arc<NodeTls>,
+        agent: tonic::service::Routes,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<RunningManager, NodeError> {
+        let id = &cfg.identity;
+        // A manager without a Raft database has just joined or been
+        // promoted: it must ask to be added to the group. (Raft's own view
+        // is not loaded yet right after opening, so it can't tell us.)
+        let new_member = !cfg.data_dir.join("raft.redb").exists() && cfg.init.is_none();
+        let manager = Manager::open(id.id, &cfg.data_dir, tls).await?;
+        let listener =
+            TcpListener::bind(cfg.listen).await.map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
+        let server = tokio::spawn(crate::serve(manager.clone(), listener, cfg.dispatcher, agent, shutdown));
+        tracing::info!(node = %id.name, listen = %cfg.listen, advertise = %id.advertise, "manager serving");
+        let running = RunningManager { manager, server };
+        if let Some(init) = &cfg.init {
+            running.init_cluster(&cfg.data_dir, id, init).await?;
+        } else if new_member {
+            running.manager.request_promotion(&id.managers).await?;
+            tracing::info!(node = %id.name, "joined the raft group as a voter");
+        }
+        Ok(running)
+    }
+
+    async fn init_cluster(&self, dir: &Path, identity: &Identity, init: &InitNode) -> Result<(), NodeError> {
+        self.manager.bootstrap(&identity.advertise).await?;
+        let tls = identity::load_tls(dir)?;
+        let cluster = ClusterObj {
+            ca_cert_pem: tls.ca_pem.clone(),
+            ca_key_pem: read_file(&dir.join("tls/ca-key.pem"))?,
+            worker_secret: pki::random_hex(16)?,
+            manager_secret: pki::random_hex(16)?,
+            version: 0,
+        };
+        let node = NodeObj {
+            id: identity.id,
+            name: identity.name.clone(),
+            role: Role::Manager,
+            status: NodeStatus::Ready,
+            availability: init.availability,
+            labels: init.labels.clone(),
+            address: identity.advertise.clone(),
+            nano_cpus: 0,
+            memory_bytes: 0,
+            csr_pem: read_file(&dir.join("tls/node.csr")).unwrap_or_default(),
+            version: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        self.manager.propose(Command::InitCluster { cluster, node }).await?;
+        if let Err(e) = std::fs::remove_file(dir.join("tls/ca-key.pem")) {
+            tracing::warn!(node = %identity.name, error = %e, "could not remove the CA key's bootstrap copy");
+        }
+        tracing::info!(node = %identity.name, "cluster initialized");
+        Ok(())
+    }
+
+    /// Stops Raft and waits for the server (whose `shutdown` the caller
+    /// has raised) to finish.
+    pub async fn stop(self) {
+        if let Err(e) = self.manager.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "manager server ended with an error"),
+            Err(e) => tracing::error!(error = %e, "manager server panicked"),
+        }
+    }
+}
