@@ -426,6 +426,12 @@ impl Supervised {
     /// init is still unknown after `grace` plus the start timeout, the
     /// supervisor itself is killed and the container recovered as lost.
     pub fn stop(&self, grace: Duration) -> Result<ExitRecord, SupervisorError> {
+        self.stop_within(grace, START_TIMEOUT)
+    }
+
+    /// [`Supervised::stop`], giving a container that is still starting
+    /// `start_timeout` (beyond `grace`) to show its init.
+    pub fn stop_within(&self, grace: Duration, start_timeout: Duration) -> Result<ExitRecord, SupervisorError> {
         let start = Instant::now();
         // The grace period runs from SIGTERM, not from the call: a
         // container still starting gets all of it once its init is known.
@@ -443,7 +449,7 @@ impl Supervised {
                     }
                     Some(_) => {}
                 },
-                State::Running { .. } if termed_at.is_none() && start.elapsed() >= grace + START_TIMEOUT => {
+                State::Running { .. } if termed_at.is_none() && start.elapsed() >= grace + start_timeout => {
                     let _ = kill(Pid::from_raw(self.supervisor_pid), Signal::SIGKILL);
                     return Err(SupervisorError::Lost { id: self.id.clone() });
                 }

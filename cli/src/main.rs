@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         cmd: cmd::image::LocalImageCmd,
     },
+    /// Print a shell completion script (e.g. `shoal completion bash > /etc/bash_completion.d/shoal`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     #[command(flatten)]
     Internal(cmd::run::InternalCmd),
 }
@@ -86,6 +91,17 @@ fn main() -> ExitCode {
             cmd::image::image(cmd, &data_dir).map(|()| ExitCode::SUCCESS)
         }
         Command::Internal(c) => cmd::run::internal(c).map(exit_code),
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut script);
+            match std::io::stdout().write_all(&script) {
+                // `shoal completion bash | head` is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+                r => r.map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from),
+            }
+        }
         other => {
             let ctx = client::Ctx { host: cli.host, cert_dir: cli.cert_dir, format: cli.format };
             runtime().and_then(|rt| rt.block_on(dispatch(ctx, other)))
@@ -112,7 +128,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn dispatch(ctx: client::Ctx, command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Image { data_dir: None, cmd } => cmd::images::run(&ctx, cmd).await,
-        Command::Daemon(_) | Command::Run(_) | Command::Image { data_dir: Some(_), .. } | Command::Internal(_) => {
+        Command::Daemon(_)
+        | Command::Run(_)
+        | Command::Image { data_dir: Some(_), .. }
+        | Command::Internal(_)
+        | Command::Completion { .. } => {
             unreachable!("handled in main")
         }
         Command::Exec { task, cmd } => return cmd::service::exec(&ctx, task, cmd).await,

@@ -49,11 +49,14 @@ pub struct DispatcherService {
     manager: Arc<Manager>,
     config: DispatcherConfig,
     last_seen: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// Ends the assignment streams when the manager stops: the server's
+    /// graceful shutdown waits for every open stream.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl DispatcherService {
-    pub fn new(manager: Arc<Manager>, config: DispatcherConfig) -> Self {
-        DispatcherService { manager, config, last_seen: Default::default() }
+    pub fn new(manager: Arc<Manager>, config: DispatcherConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        DispatcherService { manager, config, last_seen: Default::default(), shutdown }
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
@@ -148,6 +151,7 @@ impl DispatcherService {
     /// Streams node `node`'s assignments: the full set, then what changes.
     async fn stream_assignments(self, node: u64, tx: tokio::sync::mpsc::Sender<Result<AssignmentsMessage, Status>>) {
         let mut events = self.manager.store.watch();
+        let mut shutdown = self.shutdown.clone();
         let mut sent: HashSet<String> = HashSet::new();
         let full = self.manager.store.read(|s| {
             s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s, true)).collect::<Vec<_>>()
@@ -159,6 +163,7 @@ impl DispatcherService {
         loop {
             let ids: Vec<String> = tokio::select! {
                 _ = tx.closed() => return,
+                _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
                 ev = events.recv() => match ev {
                     Ok(ev) => ev.changes.iter().filter_map(|c| match c {
                         Change::Task(id) | Change::TaskRemoved(id) => Some(id.clone()),

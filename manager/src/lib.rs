@@ -43,7 +43,7 @@ pub async fn serve(
     agent: tonic::service::Routes,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    let dispatcher = DispatcherService::new(manager.clone(), dispatcher);
+    let dispatcher = DispatcherService::new(manager.clone(), dispatcher, shutdown.clone());
     tokio::spawn(dispatcher.clone().run(shutdown.clone()));
     tokio::spawn(orchestrator::Orchestrator::new(manager.clone(), Default::default()).run(shutdown.clone()));
     tokio::spawn(scheduler::Scheduler::new(manager.clone(), Default::default()).run(shutdown.clone()));

@@ -95,14 +95,25 @@ impl RunningManager {
         agent: tonic::service::Routes,
         shutdown: watch::Receiver<bool>,
     ) -> Result<RunningManager, NodeError> {
+        let listener =
+            TcpListener::bind(cfg.listen).await.map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
+        Self::start_on(cfg, listener, tls, agent, shutdown).await
+    }
+
+    /// [`RunningManager::start`] on a listener the caller bound.
+    pub async fn start_on(
+        cfg: ManagerConfig,
+        listener: TcpListener,
+        tls: Arc<NodeTls>,
+        agent: tonic::service::Routes,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<RunningManager, NodeError> {
         let id = &cfg.identity;
         // A manager without a Raft database has just joined or been
         // promoted: it must ask to be added to the group. (Raft's own view
         // is not loaded yet right after opening, so it can't tell us.)
         let new_member = !cfg.data_dir.join("raft.redb").exists() && cfg.init.is_none();
         let manager = Manager::open(id.id, &cfg.data_dir, tls).await?;
-        let listener =
-            TcpListener::bind(cfg.listen).await.map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
         let server = tokio::spawn(crate::serve(manager.clone(), listener, cfg.dispatcher, agent, shutdown));
         tracing::info!(node = %id.name, listen = %cfg.listen, advertise = %id.advertise, "manager serving");
         let running = RunningManager { manager, server };

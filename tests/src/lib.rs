@@ -432,6 +432,7 @@ pub async fn control_client(
     Ok(shoal_proto::control::control_client::ControlClient::new(channel))
 }
 
+pub mod inprocess;
 pub mod runtime_support;
 
 /// A busybox rootfs tarball (Debian's busybox-static), built once per test

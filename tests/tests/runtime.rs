@@ -666,3 +666,106 @@ fn lost_supervisor_is_recovered() {
     exec.remove(&id).unwrap();
     assert_clean(&h, &id);
 }
+
+/// Sends `sig` to `pid` (a supervisor this test started through `shoal run -d`).
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
+fn read_pid(path: &std::path::Path) -> i32 {
+    fs::read_to_string(path).unwrap().trim().parse().unwrap()
+}
+
+/// A supervisor still starting its container has not written `init.pid`.
+/// This freezes a real one in that state: stopped (SIGSTOP), its init.pid
+/// moved aside. `resume` puts both back.
+struct StartingSupervisor {
+    pid: i32,
+    init_pid: std::path::PathBuf,
+    hidden: std::path::PathBuf,
+}
+
+impl StartingSupervisor {
+    fn freeze(h: &RtHost, id: &str) -> Self {
+        let dir = h.data_dir.join("containers").join(id);
+        let pid = read_pid(&dir.join("supervisor.pid"));
+        signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        let (init_pid, hidden) = (dir.join("init.pid"), dir.join("init.pid.hidden"));
+        fs::rename(&init_pid, &hidden).unwrap();
+        StartingSupervisor { pid, init_pid, hidden }
+    }
+
+    fn resume(&self) {
+        fs::rename(&self.hidden, &self.init_pid).unwrap();
+        signal(self.pid, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Stop's grace period runs from SIGTERM: a container whose init shows up
+/// only after the stop was asked for still gets the whole grace period to
+/// finish (here its TERM handler takes 2 s of a 4 s grace, and the init
+/// appears 2.5 s into the stop).
+#[test]
+fn stop_grace_runs_from_sigterm_for_a_container_still_starting() {
+    use shoal_agent::supervisor::Supervised;
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("slow");
+    let script = "trap 'sleep 2; exit 3' TERM; echo up; while true; do usleep 50000; done";
+    ok(&h.run(&["-d", "--name", &id, "bb", "sh", "-c", script]).unwrap());
+    let log = h.data_dir.join("containers").join(&id).join("container.log");
+    wait_for(Duration::from_secs(10), "the container to run", || Ok(fs::read_to_string(&log)?.contains("up").then_some(())))
+        .unwrap();
+    let frozen = StartingSupervisor::freeze(&h, &id);
+    let sup = Supervised::attach(&h.data_dir, &id).unwrap();
+    let stopper = std::thread::spawn(move || sup.stop_within(Duration::from_secs(4), Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(2500)); // the container is "starting" for this long
+    frozen.resume();
+    let rec = wait_for(Duration::from_secs(20), "the stop to finish", || Ok(stopper.is_finished().then_some(())))
+        .and_then(|()| stopper.join().map_err(|_| anyhow::anyhow!("stop panicked")))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.status.code, 3, "the TERM handler was cut short: {rec:?}");
+    let o = h.shoal(&["internal-attach", "--rm", &id]).unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    assert_clean(&h, &id);
+}
+
+/// A container whose init never shows up is not waited for forever: after
+/// grace plus the start timeout its supervisor is killed, and recovering
+/// the lost container sweeps its cgroup, which still holds the workload
+/// (a supervisor killed mid-start never wrote init.pid).
+#[test]
+fn a_container_stuck_starting_is_given_up_and_its_cgroup_swept() {
+    use shoal_agent::supervisor::{Supervised, SupervisorError};
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("stuck");
+    ok(&h.run(&["-d", "--name", &id, "bb", "sh", "-c", "echo up; sleep 1000"]).unwrap());
+    let dir = h.data_dir.join("containers").join(&id);
+    wait_for(Duration::from_secs(10), "the container to run", || {
+        Ok(fs::read_to_string(dir.join("container.log"))?.contains("up").then_some(()))
+    })
+    .unwrap();
+    let frozen = StartingSupervisor::freeze(&h, &id);
+    let sup = Supervised::attach(&h.data_dir, &id).unwrap();
+    let started = std::time::Instant::now();
+    let res = sup.stop_within(Duration::from_millis(200), Duration::from_secs(1));
+    assert!(matches!(res, Err(SupervisorError::Lost { .. })), "{res:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    wait_for(Duration::from_secs(10), "the supervisor to be killed", || {
+        Ok((!std::path::Path::new(&format!("/proc/{}", frozen.pid)).exists()
+            || fs::read_to_string(format!("/proc/{}/stat", frozen.pid))?.contains(") Z "))
+        .then_some(()))
+    })
+    .unwrap();
+    // The workload is still in the container's cgroup, with no init.pid.
+    assert!(h.leftovers(&id).iter().any(|l| l.starts_with("process")), "{:?}", h.leftovers(&id));
+    let rec = sup.recover_lost().unwrap();
+    assert_eq!(rec.status.signal, Some(9));
+    assert!(!h.leftovers(&id).iter().any(|l| l.starts_with("process")), "{:?}", h.leftovers(&id));
+    drop(frozen);
+    let exec = shoal_agent::executor::LinuxExecutor::new(&h.data_dir, &shoal_tests::shoal_bin()).unwrap();
+    shoal_agent::executor::Executor::remove(&exec, &id).unwrap();
+    assert_clean(&h, &id);
+}
