@@ -23,5 +23,5 @@ mod sys;
 pub mod unpack;
 mod worker;
 
-pub use node::{Agent, AgentConfig, AgentError, AgentExit};
+pub use node::{Agent, AgentConfig, AgentError, AgentExit, OverlayOpts};
 pub use service::{exec_in_task, AgentService, ExecError, ExecOutput};

@@ -15,6 +15,8 @@ use shoal_security::{Identity, Role};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use shoal_overlay::{Overlay, OverlayConfig};
+
 use crate::executor::{ExecutorError, LinuxExecutor};
 use crate::service::{AgentService, EXEC_MAX_OUTPUT};
 use crate::{session, worker};
@@ -33,11 +35,27 @@ pub struct AgentConfig {
     pub stop_grace: Duration,
     /// How much of each of stdout and stderr `exec` returns.
     pub exec_max_output: usize,
+    /// The overlay: WireGuard on this UDP port at this node's address. A
+    /// node without one refuses tasks on networks.
+    pub overlay: Option<OverlayOpts>,
+}
+
+#[derive(Clone, Debug)]
+pub struct OverlayOpts {
+    pub port: u16,
+    pub endpoint_ip: std::net::Ipv4Addr,
 }
 
 impl AgentConfig {
     pub fn new(data_dir: PathBuf, identity: Identity, shoal_bin: PathBuf) -> Self {
-        AgentConfig { data_dir, identity, shoal_bin, stop_grace: Duration::from_secs(10), exec_max_output: EXEC_MAX_OUTPUT }
+        AgentConfig {
+            data_dir,
+            identity,
+            shoal_bin,
+            stop_grace: Duration::from_secs(10),
+            exec_max_output: EXEC_MAX_OUTPUT,
+            overlay: None,
+        }
     }
 }
 
@@ -45,6 +63,8 @@ impl AgentConfig {
 pub enum AgentError {
     #[error("opening the container runtime: {0}")]
     Runtime(#[from] ExecutorError),
+    #[error("starting the overlay: {0}")]
+    Overlay(#[from] shoal_overlay::OverlayError),
 }
 
 /// Why [`Agent::run`] returned.
@@ -101,9 +121,26 @@ impl Agent {
 
     /// Runs the session and the task runner until `shutdown` turns true or
     /// the managers change this node's role.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> AgentExit {
-        let id = &self.cfg.identity;
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<AgentExit, AgentError> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let overlay = match &self.cfg.overlay {
+            Some(o) => {
+                let cfg = OverlayConfig { data_dir: self.cfg.data_dir.clone(), port: o.port, endpoint_ip: o.endpoint_ip };
+                Some(Arc::new(Overlay::start(cfg, stop_rx.clone()).await?))
+            }
+            None => None,
+        };
+        Ok(self.run_with(shutdown, stop_tx, stop_rx, overlay).await)
+    }
+
+    async fn run_with(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+        stop_tx: watch::Sender<bool>,
+        stop_rx: watch::Receiver<bool>,
+        overlay: Option<Arc<Overlay>>,
+    ) -> AgentExit {
+        let id = &self.cfg.identity;
         let (role_tx, mut role_rx) = watch::channel(None);
         let (current_tx, current_rx) = watch::channel(None);
         let worker = tokio::spawn(
@@ -114,6 +151,7 @@ impl Agent {
                 tls: self.tls.clone(),
                 executor: self.executor.clone(),
                 stop_grace: self.cfg.stop_grace,
+                overlay: overlay.clone(),
                 manager: current_rx,
                 shutdown: stop_rx.clone(),
             }
@@ -137,6 +175,7 @@ impl Agent {
             advertise: id.advertise.clone(),
             managers,
             shutdown: stop_rx,
+            overlay,
         }));
         let exit = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => AgentExit::Shutdown,

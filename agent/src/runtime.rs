@@ -277,12 +277,28 @@ impl Runtime {
         let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
         let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
 
-        match sys::clone_fork(NAMESPACES)
+        // A container on overlay networks joins the namespace the overlay
+        // wired for it; others get a new one of their own.
+        let (flags, netns) = match &spec.netns {
+            Some(path) => {
+                let f = fs::File::open(path).map_err(|e| sys_err("open netns")(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?;
+                (NAMESPACES & !libc::CLONE_NEWNET, Some(f))
+            }
+            None => (NAMESPACES, None),
+        };
+        match sys::clone_fork(flags)
             .map_err(|e| sys_err("clone")(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?
         {
             Forked::Child => {
                 drop(sync_w);
                 drop(err_r);
+                if let Some(ns) = &netns
+                    && let Err(e) = nix::sched::setns(std::os::fd::AsFd::as_fd(ns), CloneFlags::CLONE_NEWNET)
+                {
+                    let mut w = fs::File::from(err_w);
+                    let _ = write!(w, "125\tjoining the task's network namespace: {e}");
+                    sys::exit_now(125);
+                }
                 let child = Child {
                     spec,
                     dir: &dir,

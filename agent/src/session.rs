@@ -8,7 +8,8 @@ use std::time::Duration;
 use shoal_security::identity::{self, Identity, Role};
 use shoal_security::tls::NodeTls;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
-use shoal_proto::dispatcher::{HeartbeatRequest, Resources};
+use shoal_overlay::{Overlay, PeerConfig};
+use shoal_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, Peer, Resources};
 
 pub(crate) struct Session {
     pub data_dir: PathBuf,
@@ -25,6 +26,9 @@ pub(crate) struct Session {
     /// raises `role_changed`.
     pub role: Role,
     pub role_changed: tokio::sync::watch::Sender<Option<Role>>,
+    /// The node's overlay: its identity goes out with each heartbeat, and
+    /// the peers come back when they change.
+    pub overlay: Option<Arc<Overlay>>,
 }
 
 fn resources() -> Resources {
@@ -45,14 +49,25 @@ pub(crate) async fn run(mut s: Session) {
     let mut period = Duration::from_millis(500);
     let mut idx = 0usize;
     let mut preferred: Option<String> = None;
+    // The peer set applied to the overlay (0: none yet).
+    let mut peers_version = 0u64;
     loop {
         let target = preferred.clone().or_else(|| s.managers.get(idx % s.managers.len().max(1)).cloned());
         let mut ok = false;
         if let Some(addr) = target.clone() {
-            match heartbeat(&s, &addr, &res).await {
-                Ok((p, managers, role, cert)) => {
+            match heartbeat(&s, &addr, &res, peers_version).await {
+                Ok(r) => {
                     ok = true;
-                    period = p;
+                    period = Duration::from_millis(r.period_ms.clamp(100, 10_000));
+                    let (managers, role, cert) = (r.managers, Role::parse(&r.role), r.cert_pem);
+                    if r.peers_changed
+                        && let Some(o) = &s.overlay
+                    {
+                        match o.set_peers(peer_configs(&r.peers)).await {
+                            Ok(()) => peers_version = r.peers_version,
+                            Err(e) => tracing::warn!(error = %e, "could not apply the overlay peers; retrying"),
+                        }
+                    }
                     if let Some(new_role) = role.filter(|r| *r != s.role && !cert.is_empty()) {
                         match identity::apply_role_change(&s.data_dir, new_role, &cert) {
                             Ok(()) => {
@@ -98,28 +113,51 @@ enum HbError {
     Other(String),
 }
 
-type Beat = (Duration, Vec<String>, Option<Role>, String);
-
-async fn heartbeat(s: &Session, addr: &str, res: &Resources) -> Result<Beat, HbError> {
+async fn heartbeat(s: &Session, addr: &str, res: &Resources, peers_version: u64) -> Result<HeartbeatResponse, HbError> {
     let channel = s.tls.channel(addr).map_err(|e| HbError::Other(e.to_string()))?;
     let mut client = DispatcherClient::new(channel);
     let call = client.heartbeat(HeartbeatRequest {
         node_id: s.node_id,
         resources: Some(*res),
         address: s.advertise.clone(),
+        overlay_key: s.overlay.as_ref().map(|o| o.public_key().to_string()).unwrap_or_default(),
+        overlay_endpoint: s.overlay.as_ref().map(|o| o.endpoint().to_string()).unwrap_or_default(),
+        peers_version,
     });
     match tokio::time::timeout(Duration::from_secs(2), call).await {
         Err(_) => Err(HbError::Other("timed out".into())),
-        Ok(Ok(r)) => {
-            let r = r.into_inner();
-            let role = Role::parse(&r.role);
-            Ok((Duration::from_millis(r.period_ms.clamp(100, 10_000)), r.managers, role, r.cert_pem))
-        }
+        Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(st)) => match st.metadata().get("shoal-leader").and_then(|v| v.to_str().ok()) {
             Some(l) if !l.is_empty() && l != addr => Err(HbError::Redirect(l.to_string())),
             _ => Err(HbError::Other(st.message().to_string())),
         },
     }
+}
+
+/// The managers' peers as the data plane takes them; a peer the managers
+/// describe badly is left out (and said so), never half-applied.
+fn peer_configs(peers: &[Peer]) -> Vec<PeerConfig> {
+    peers
+        .iter()
+        .filter_map(|p| {
+            let parsed = (|| {
+                let public_key = shoal_overlay::keys::decode_key(&p.public_key)?;
+                let endpoint = p.endpoint.parse().map_err(|_| format!("endpoint {:?}", p.endpoint))?;
+                let allowed = p
+                    .allowed_ips
+                    .iter()
+                    .map(|c| {
+                        let (a, l) = c.split_once('/').ok_or_else(|| format!("allowed ip {c:?}"))?;
+                        let a = a.parse().map_err(|_| format!("allowed ip {c:?}"))?;
+                        let l = l.parse::<u8>().ok().filter(|l| *l <= 32).ok_or_else(|| format!("allowed ip {c:?}"))?;
+                        Ok::<_, String>((a, l))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, String>(PeerConfig { node_id: p.node_id, name: p.name.clone(), public_key, endpoint, allowed })
+            })();
+            parsed.map_err(|why| tracing::warn!(peer = %p.name, why = %why, "overlay peer left out")).ok()
+        })
+        .collect()
 }
 
 fn remember_managers(s: &Session) {

@@ -26,6 +26,10 @@ pub struct ContainerSpec {
     pub limits: Limits,
     /// Run shoal's minimal init as pid 1 (forwards signals, reaps zombies).
     pub init: bool,
+    /// A network namespace to join (pinned at this path) instead of a new
+    /// one with only `lo`.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// A mount on top of the rootfs.
@@ -63,6 +67,9 @@ pub struct RunRequest {
     pub mounts: Vec<Mount>,
     pub limits: Limits,
     pub no_init: bool,
+    /// Join the network namespace pinned at this path (made and wired by
+    /// the overlay) instead of a new one of the container's own.
+    pub netns: Option<PathBuf>,
 }
 
 /// Why a request can't become a spec.
@@ -106,6 +113,7 @@ impl RunRequest {
             mounts: self.mounts.clone(),
             limits: self.limits.clone(),
             init: !self.no_init,
+            netns: self.netns.clone(),
         })
     }
 }

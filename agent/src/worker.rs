@@ -14,6 +14,7 @@ use crate::spec::{Mount, RunRequest};
 use shoal_security::tls::NodeTls;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_proto::dispatcher::{Assignment, AssignmentsRequest, BlobRef, TaskData, TaskStatus, TaskStatusBatch};
+use shoal_overlay::{Attachment, Overlay};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
@@ -25,6 +26,8 @@ pub(crate) struct Worker {
     pub executor: Arc<LinuxExecutor>,
     /// How long a task gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
+    /// Wires tasks' networks; `None` on a node without an overlay.
+    pub overlay: Option<Arc<Overlay>>,
     /// The manager the session currently talks to.
     pub manager: watch::Receiver<Option<String>>,
     pub shutdown: watch::Receiver<bool>,
@@ -43,6 +46,7 @@ struct Ctx {
     tls: Arc<NodeTls>,
     executor: Arc<LinuxExecutor>,
     stop_grace: Duration,
+    overlay: Option<Arc<Overlay>>,
     manager: watch::Receiver<Option<String>>,
     reports: mpsc::UnboundedSender<TaskStatus>,
     /// One image fetch at a time per image.
@@ -79,6 +83,7 @@ impl Worker {
             tls: self.tls.clone(),
             executor: self.executor.clone(),
             stop_grace: self.stop_grace,
+            overlay: self.overlay.clone(),
             manager: self.manager.clone(),
             reports,
             fetching: Default::default(),
@@ -168,6 +173,10 @@ impl Worker {
 /// Removes containers this node holds that no assignment names (left over
 /// from before a restart, or from tasks removed while we were away).
 fn cleanup_strays(ctx: &Ctx, keep: Vec<String>) {
+    if let Some(o) = ctx.overlay.clone() {
+        let keep = keep.clone();
+        tokio::spawn(async move { o.remove_strays(&keep).await });
+    }
     let exec = ctx.executor.clone();
     let data_dir = ctx.data_dir.clone();
     let grace = ctx.stop_grace;
@@ -230,6 +239,31 @@ fn write_task_data(dir: &std::path::Path, data: &[TaskData]) -> Result<Vec<Mount
     Ok(mounts)
 }
 
+/// The task's networks with its addresses, as the overlay takes them.
+fn attachments(a: &Assignment) -> Result<Vec<Attachment>, String> {
+    let wanted = a.spec.as_ref().map_or(0, |s| s.networks.len());
+    if a.networks.len() != wanted {
+        return Err(format!("the task names {wanted} networks but the assignment gives addresses on {}", a.networks.len()));
+    }
+    a.networks
+        .iter()
+        .map(|n| Attachment::parse(&n.name, &n.id, &n.subnet, &n.address, &n.gateway, n.internal).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Takes the task's interfaces and namespace down (its addresses go back
+/// to the managers once the task is reported finished).
+async fn release_networks(ctx: &Ctx, id: &str, atts: &[Attachment]) {
+    if atts.is_empty() {
+        return;
+    }
+    if let Some(o) = &ctx.overlay
+        && let Err(e) = o.detach(id, atts.len()).await
+    {
+        tracing::warn!(task = %id, error = %e, "could not remove the task's network interfaces");
+    }
+}
+
 fn run_request(a: &Assignment) -> RunRequest {
     let spec = a.spec.clone().unwrap_or_default();
     let limits = spec.limits.unwrap_or_default();
@@ -276,6 +310,19 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         return;
     }
 
+    let atts = match attachments(&a) {
+        Ok(atts) if !atts.is_empty() && ctx.overlay.is_none() => {
+            report(TaskStatus { error: "this node runs no overlay: tasks on networks can't run here".into(), ..status(&id, "rejected", "no overlay") });
+            return;
+        }
+        Ok(atts) => atts,
+        Err(e) => {
+            tracing::warn!(task = %id, error = %e, "assignment refused");
+            report(TaskStatus { error: e, ..status(&id, "rejected", "invalid networks") });
+            return;
+        }
+    };
+
     // Reattach: a container from before an agent restart keeps running.
     let existing = {
         let (exec, id) = (exec.clone(), id.clone());
@@ -283,6 +330,11 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
     };
     match existing {
         Some(ContainerState::Running) => {
+            if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty())
+                && let Err(e) = o.attach(&id, &atts).await
+            {
+                tracing::warn!(task = %id, error = %e, "could not restore the task's networks");
+            }
             tracing::info!(task = %id, service = %a.service, "reattached to running container");
             report(status(&id, "running", "reattached"));
         }
@@ -317,6 +369,18 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                     return;
                 }
             }
+            if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty()) {
+                match o.attach(&id, &atts).await {
+                    Ok(path) => req.netns = Some(path),
+                    Err(e) => {
+                        tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected: its networks could not be wired");
+                        let _ = std::fs::remove_dir_all(&data_dir);
+                        release_networks(&ctx, &id, &atts).await;
+                        report(TaskStatus { error: e.to_string(), ..status(&id, "rejected", "networks") });
+                        return;
+                    }
+                }
+            }
             let prep = {
                 let exec = exec.clone();
                 tokio::task::spawn_blocking(move || exec.prepare(&req)).await
@@ -328,6 +392,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
             };
             if let Some((error, state)) = failed {
                 let _ = tokio::fs::remove_dir_all(&data_dir).await;
+                release_networks(&ctx, &id, &atts).await;
                 report(TaskStatus { error, ..status(&id, state, "preparing failed") });
                 return;
             }
@@ -335,6 +400,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 let (exec, id2) = (exec.clone(), id.clone());
                 let _ = tokio::task::spawn_blocking(move || exec.remove(&id2)).await;
                 let _ = tokio::fs::remove_dir_all(&data_dir).await;
+                release_networks(&ctx, &id, &atts).await;
                 report(status(&id, "shutdown", "stopped before it started"));
                 return;
             }
@@ -345,6 +411,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
             };
             if let Err(e) = started.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 let _ = tokio::fs::remove_dir_all(&data_dir).await;
+                release_networks(&ctx, &id, &atts).await;
                 report(TaskStatus { error: e, ..status(&id, "failed", "starting failed") });
                 return;
             }
@@ -389,6 +456,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                     None => ("failed", "container lost", "the container's supervisor went away".to_string(), None),
                 };
                 tracing::info!(task = %id, service = %a.service, state, error = %err, "task ended");
+                release_networks(&ctx, &id, &atts).await;
                 report(TaskStatus {
                     error: err,
                     has_exit_code: code.is_some(),
@@ -408,6 +476,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         let (exec2, id2, grace) = (exec.clone(), id.clone(), ctx.stop_grace);
         let res = tokio::task::spawn_blocking(move || exec2.shutdown(&id2, grace)).await;
         let code = res.ok().and_then(Result::ok).map(|s| s.code);
+        release_networks(&ctx, &id, &atts).await;
         let st = match unhealthy {
             // Failed, not shut down: the restart policy replaces it.
             Some(why) => TaskStatus { error: why, ..status(&id, "failed", "unhealthy") },

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use shoal_agent::join::{join_cluster, JoinParams};
-use shoal_agent::{Agent, AgentConfig, AgentExit};
+use shoal_agent::{Agent, AgentConfig, AgentExit, OverlayOpts};
 use shoal_manager::node::{init_identity, InitNode, ManagerConfig, RunningManager};
 use shoal_manager::store::objects::Availability;
 use shoal_manager::DispatcherConfig;
@@ -48,7 +48,8 @@ pub struct DaemonArgs {
     /// WireGuard UDP port of the overlay.
     #[arg(long, default_value_t = 51820)]
     overlay_port: u16,
-    /// Pool the overlay allocates subnets from.
+    /// Pool the overlay allocates subnets from (with --init: the
+    /// cluster's; ignored when joining).
     #[arg(long, default_value = "100.64.0.0/10")]
     address_pool: String,
     /// A node that misses heartbeats this long is marked down.
@@ -98,6 +99,14 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         None => args.listen,
     };
     let labels = parse_labels(&args.labels)?;
+    let pool = shoal_manager::spec::parse_cidr(&args.address_pool).with_context(|| format!("--address-pool {}", args.address_pool))?;
+    if pool.1 > shoal_manager::store::state::NETWORK_PREFIX {
+        bail!(
+            "--address-pool {} is too small: networks take a /{} each",
+            args.address_pool,
+            shoal_manager::store::state::NETWORK_PREFIX
+        );
+    }
     if let Some(n) = &args.node_name {
         shoal_manager::spec::validate_name("node name", n)?;
     }
@@ -152,7 +161,12 @@ async fn run_node(
     let tls = Arc::new(load_tls(dir)?);
     tracing::info!(node = %identity.name, id = %format!("{:016x}", identity.id), role = identity.role.as_str(), "node starting");
     let shoal_bin = std::env::current_exe().context("locating the shoal binary")?;
-    let agent = Agent::new(AgentConfig::new(dir.to_path_buf(), identity.clone(), shoal_bin), tls.clone())?;
+    let mut cfg = AgentConfig::new(dir.to_path_buf(), identity.clone(), shoal_bin);
+    let std::net::IpAddr::V4(endpoint_ip) = args.advertise.unwrap_or(args.listen).ip() else {
+        bail!("the overlay needs an IPv4 address: --advertise {} is not one", args.advertise.unwrap_or(args.listen));
+    };
+    cfg.overlay = Some(OverlayOpts { port: args.overlay_port, endpoint_ip });
+    let agent = Agent::new(cfg, tls.clone())?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut manager = None;
@@ -166,6 +180,7 @@ async fn run_node(
             init: init.then(|| InitNode {
                 labels: labels.clone(),
                 availability: Availability::parse(&args.availability).unwrap_or(Availability::Active),
+                address_pool: args.address_pool.clone(),
             }),
         };
         let routes = tonic::service::Routes::new(agent.service());
@@ -185,10 +200,14 @@ async fn run_node(
         _ = wait_for_signal() => {
             tracing::info!(node = %identity.name, "shutting down");
             let _ = agent_stop_tx.send(true);
-            (&mut agent_run).await.unwrap_or(AgentExit::Shutdown);
-            AgentExit::Shutdown
+            (&mut agent_run).await.map(|r| r.map(|_| AgentExit::Shutdown))
         }
-        r = &mut agent_run => r.unwrap_or(AgentExit::Shutdown),
+        r = &mut agent_run => r,
+    };
+    let exit = match exit {
+        Ok(Ok(exit)) => Ok(exit),
+        Ok(Err(e)) => Err(anyhow::Error::from(e)),
+        Err(e) => Err(anyhow::anyhow!("the agent panicked: {e}")),
     };
     // Receivers may be gone already; then there is nothing left to stop.
     let _ = stop_tx.send(true);
@@ -202,7 +221,7 @@ async fn run_node(
             Err(e) => tracing::error!(node = %identity.name, error = %e, "agent server panicked"),
         }
     }
-    Ok(exit)
+    exit
 }
 
 async fn wait_for_signal() {

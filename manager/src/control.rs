@@ -601,6 +601,7 @@ impl Control for ControlService {
             labels: r.labels.into_iter().collect(),
             version: 0,
             created_at_ms: 0,
+            slices: Default::default(),
         };
         self.manager.propose(Command::CreateNetwork { network }).await.map_err(status)?;
         let n = self.read_network(&r.name)?;

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::pin::Pin;
 
 use shoal_proto::dispatcher::{
-    Assignment, AssignmentsMessage, TaskData, AssignmentsRequest, BlobChunk, BlobRef, HeartbeatRequest, HeartbeatResponse,
+    Assignment, AssignmentsMessage, NetworkAttachment, Peer, TaskData, AssignmentsRequest, BlobChunk, BlobRef, HeartbeatRequest, HeartbeatResponse,
     TaskStatusAck, TaskStatusBatch,
 };
 use tokio::io::AsyncReadExt;
@@ -111,6 +111,19 @@ impl DispatcherService {
     }
 }
 
+/// A node's overlay identity must be usable by its peers: a 32-byte key in
+/// base64 and an `ip:port` endpoint.
+fn overlay_identity_ok(key: &str, endpoint: &str) -> Result<(), String> {
+    let valid_key = key.len() == 44 && key.ends_with('=') && key[..43].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+    if !valid_key {
+        return Err(format!("overlay key {key:?} is not a base64 WireGuard public key"));
+    }
+    endpoint
+        .parse::<std::net::SocketAddrV4>()
+        .map(|_| ())
+        .map_err(|_| format!("overlay endpoint {endpoint:?} is not an IPv4 ip:port"))
+}
+
 /// Whether `t` belongs in node `node`'s assignment set: assigned there and
 /// not finished.
 fn assigned_to(t: &TaskObj, node: u64) -> bool {
@@ -142,7 +155,57 @@ fn assignment(t: &TaskObj, s: &State, with_data: bool) -> Assignment {
         state: t.state.as_str().into(),
         image_digest: image.map(|i| i.digest.clone()).unwrap_or_default(),
         data: if with_data { task_data(t, s) } else { Vec::new() },
+        networks: attachments(t, s),
     }
+}
+
+/// The task's networks with its address on each (in the order of its
+/// spec's networks; empty until the task has addresses).
+fn attachments(t: &TaskObj, s: &State) -> Vec<NetworkAttachment> {
+    t.spec
+        .networks
+        .iter()
+        .zip(&t.addresses)
+        .filter_map(|(name, addr)| {
+            let n = s.networks.get(name)?;
+            let ip: std::net::Ipv4Addr = addr.split('/').next()?.parse().ok()?;
+            let slice_size = 1u32 << (32 - crate::store::state::SLICE_PREFIX);
+            let gateway = std::net::Ipv4Addr::from((u32::from(ip) & !(slice_size - 1)) + 1);
+            Some(NetworkAttachment {
+                name: n.name.clone(),
+                id: n.id.clone(),
+                subnet: n.subnet.clone(),
+                address: addr.clone(),
+                gateway: gateway.to_string(),
+                internal: n.internal,
+            })
+        })
+        .collect()
+}
+
+/// Every other ready node with an overlay identity, with its slices of
+/// every network; and a version of that set (a hash: any leader computes
+/// the same one).
+fn peers_of(s: &State, node: u64) -> (u64, Vec<Peer>) {
+    use std::hash::{Hash, Hasher};
+    let mut peers: Vec<Peer> = s
+        .nodes
+        .values()
+        .filter(|n| n.id != node && n.status == NodeStatus::Ready && !n.overlay_key.is_empty())
+        .map(|n| Peer {
+            node_id: n.id,
+            name: n.name.clone(),
+            public_key: n.overlay_key.clone(),
+            endpoint: n.overlay_endpoint.clone(),
+            allowed_ips: s.networks.values().filter_map(|net| net.slices.get(&n.id)).flatten().cloned().collect(),
+        })
+        .collect();
+    peers.sort_by_key(|p| p.node_id);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in &peers {
+        (p.node_id, &p.public_key, &p.endpoint, &p.allowed_ips).hash(&mut h);
+    }
+    (h.finish().max(1), peers)
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -312,9 +375,21 @@ impl Dispatcher for DispatcherService {
         self.seen().insert(r.node_id, Instant::now());
         let resources = r.resources.map(|x| (x.nano_cpus, x.memory_bytes));
         let changed_resources = resources.is_some_and(|x| x != (node.nano_cpus, node.memory_bytes));
-        if changed_resources {
-            let patch = NodePatch { resources, ..Default::default() };
+        let overlay = (!r.overlay_key.is_empty()).then(|| (r.overlay_key.clone(), r.overlay_endpoint.clone()));
+        let changed_overlay = overlay.as_ref().is_some_and(|(k, e)| *k != node.overlay_key || *e != node.overlay_endpoint);
+        if changed_overlay {
+            overlay_identity_ok(&r.overlay_key, &r.overlay_endpoint).map_err(Status::invalid_argument)?;
+        }
+        if changed_resources || changed_overlay {
+            let patch = NodePatch {
+                resources: resources.filter(|_| changed_resources),
+                overlay: overlay.filter(|_| changed_overlay),
+                ..Default::default()
+            };
             self.manager.propose(Command::UpdateNode { id: r.node_id, patch }).await.map_err(status)?;
+            if changed_overlay {
+                tracing::info!(node = %node.name, endpoint = %r.overlay_endpoint, "node's overlay identity recorded");
+            }
         }
         if node.status == NodeStatus::Down {
             self.manager
@@ -341,11 +416,16 @@ impl Dispatcher for DispatcherService {
         } else {
             String::new()
         };
+        let (peers_version, peers) = self.manager.store.read(|s| peers_of(s, r.node_id));
+        let peers_changed = peers_version != r.peers_version;
         Ok(Response::new(HeartbeatResponse {
             period_ms: self.config.period.as_millis() as u64,
             managers,
             role: node.role.as_str().into(),
             cert_pem,
+            peers_version,
+            peers_changed,
+            peers: if peers_changed { peers } else { Vec::new() },
         }))
     }
 }

@@ -70,6 +70,8 @@ impl Join for JoinService {
             availability,
             labels: r.labels.into_iter().collect(),
             address: r.advertise_addr,
+            overlay_key: String::new(),
+            overlay_endpoint: String::new(),
             nano_cpus: 0,
             memory_bytes: 0,
             csr_pem: r.csr_pem,

@@ -51,6 +51,8 @@ pub struct ManagerConfig {
 pub struct InitNode {
     pub labels: BTreeMap<String, String>,
     pub availability: Availability,
+    /// Where networks get their subnets (`--address-pool`).
+    pub address_pool: String,
 }
 
 /// First start with `--init`: a CA, this node's certificate, client
@@ -132,6 +134,7 @@ impl RunningManager {
         let cluster = ClusterObj {
             ca_cert_pem: tls.ca_pem.clone(),
             ca_key_pem: read_file(&dir.join("tls/ca-key.pem"))?,
+            address_pool: init.address_pool.clone(),
             worker_secret: pki::random_hex(16)?,
             manager_secret: pki::random_hex(16)?,
             version: 0,
@@ -144,6 +147,8 @@ impl RunningManager {
             availability: init.availability,
             labels: init.labels.clone(),
             address: identity.advertise.clone(),
+            overlay_key: String::new(),
+            overlay_endpoint: String::new(),
             nano_cpus: 0,
             memory_bytes: 0,
             csr_pem: read_file(&dir.join("tls/node.csr")).unwrap_or_default(),

@@ -1,5 +1,265 @@
 //! The overlay network that links containers across hosts: a userspace
-//! WireGuard data plane (boringtun over TUN), bridges, routes and DNS.
+//! WireGuard data plane (boringtun over TUN), a bridge per network on each
+//! node, a network namespace per task with a veth on each of its networks,
+//! routes to the other nodes' slices through the WireGuard device, and
+//! nftables rules that keep networks apart and NAT their egress.
 //!
-//! Not built yet: the agent does not drive an overlay in this release, and
-//! containers on different hosts cannot reach each other. See README.md.
+//! A library the agent drives: the agent learns peers and addresses from
+//! its session with the managers and hands them here; nothing in this crate
+//! talks to a manager.
+
+pub mod dataplane;
+pub mod firewall;
+pub mod keys;
+pub mod link;
+pub mod netns;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use tokio::sync::{watch, Mutex};
+
+pub use dataplane::{DataPlane, PeerConfig};
+use link::Netlink;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Netlink { what: String, source: rtnetlink::Error },
+    #[error("no link named {0}")]
+    NoSuchLink(String),
+    #[error("overlay key {path}: {why}")]
+    BadKey { path: String, why: String },
+    #[error("nft refused shoal's rules: {0}")]
+    Nft(String),
+    #[error("invalid network attachment: {0}")]
+    BadAttachment(String),
+}
+
+/// The WireGuard device's name.
+pub const TUN_NAME: &str = "shoal0";
+/// Bridges are `shn` + 12 characters of the network's id.
+pub const BRIDGE_PREFIX: &str = "shn";
+/// The MTU of container interfaces: what fits through the tunnel.
+pub const CONTAINER_MTU: u32 = dataplane::MTU as u32;
+
+pub struct OverlayConfig {
+    pub data_dir: PathBuf,
+    /// UDP port of the WireGuard socket.
+    pub port: u16,
+    /// The address peers reach this node's port at (its underlay IP).
+    pub endpoint_ip: Ipv4Addr,
+}
+
+/// One of a task's networks, with the task's address on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub network: String,
+    pub network_id: String,
+    pub subnet: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub internal: bool,
+}
+
+impl Attachment {
+    /// From the assignment's strings; refuses what a real manager never
+    /// sends (bad addresses, ids that could name other interfaces).
+    pub fn parse(network: &str, id: &str, subnet: &str, address: &str, gateway: &str, internal: bool) -> Result<Self, OverlayError> {
+        let bad = |what: &str| OverlayError::BadAttachment(format!("network {network:?}: {what}"));
+        if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(&format!("id {id:?} is not hex")));
+        }
+        let (ip, prefix) = address.split_once('/').ok_or_else(|| bad(&format!("address {address:?} has no prefix")))?;
+        let address: Ipv4Addr = ip.parse().map_err(|_| bad(&format!("address {ip:?}")))?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| bad(&format!("prefix in {address}")))?;
+        let gateway: Ipv4Addr = gateway.parse().map_err(|_| bad(&format!("gateway {gateway:?}")))?;
+        let (net, len) = subnet.split_once('/').ok_or_else(|| bad(&format!("subnet {subnet:?}")))?;
+        let net: Ipv4Addr = net.parse().map_err(|_| bad(&format!("subnet {subnet:?}")))?;
+        let len: u8 = len.parse().ok().filter(|l| (8..=30).contains(l)).ok_or_else(|| bad(&format!("subnet {subnet:?}")))?;
+        let mask = u32::MAX << (32 - u32::from(len));
+        if u32::from(address) & mask != u32::from(net) || u32::from(gateway) & mask != u32::from(net) {
+            return Err(bad(&format!("address {address} or gateway {gateway} outside {subnet}")));
+        }
+        Ok(Attachment { network: network.into(), network_id: id.into(), subnet: subnet.into(), address, prefix, gateway, internal })
+    }
+
+    fn bridge(&self) -> String {
+        format!("{BRIDGE_PREFIX}{}", &self.network_id[..12])
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Networks with a bridge on this node, by bridge name.
+    bridges: BTreeMap<String, (u32, firewall::NetRule)>,
+    /// Routes to peers' slices through the TUN.
+    routes: BTreeSet<(Ipv4Addr, u8)>,
+    rules_applied: Option<Vec<firewall::NetRule>>,
+}
+
+pub struct Overlay {
+    dp: DataPlane,
+    nl: Netlink,
+    tun_index: u32,
+    public_key: String,
+    endpoint: String,
+    netns_dir: PathBuf,
+    state: Mutex<State>,
+}
+
+impl Overlay {
+    /// The node's key (made on first start), IP forwarding, the data plane
+    /// and shoal's nftables table. Runs until `shutdown`.
+    pub async fn start(cfg: OverlayConfig, shutdown: watch::Receiver<bool>) -> Result<Overlay, OverlayError> {
+        let secret = keys::load_or_create(&cfg.data_dir.join("overlay.key"))?;
+        let public_key = keys::public_key(&secret);
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|source| OverlayError::Io { what: "enabling IPv4 forwarding".into(), source })?;
+        let dp = DataPlane::start(dataplane::DataPlaneConfig { tun_name: TUN_NAME.into(), port: cfg.port, secret }, shutdown).await?;
+        let nl = Netlink::open()?;
+        let tun_index = nl.index(TUN_NAME).await?.ok_or_else(|| OverlayError::NoSuchLink(TUN_NAME.into()))?;
+        let overlay = Overlay {
+            dp,
+            nl,
+            tun_index,
+            public_key,
+            endpoint: format!("{}:{}", cfg.endpoint_ip, cfg.port),
+            netns_dir: cfg.data_dir.join("netns"),
+            state: Mutex::new(State::default()),
+        };
+        overlay.apply_rules(&mut *overlay.state.lock().await)?;
+        Ok(overlay)
+    }
+
+    pub fn public_key(&self) -> &str {
+        &self.public_key
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn data_plane(&self) -> &DataPlane {
+        &self.dp
+    }
+
+    /// Where task `task`'s network namespace is pinned.
+    pub fn netns_path(&self, task: &str) -> PathBuf {
+        self.netns_dir.join(task)
+    }
+
+    /// The peers and the routes to their slices.
+    pub async fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<(), OverlayError> {
+        let want: BTreeSet<(Ipv4Addr, u8)> = peers.iter().flat_map(|p| p.allowed.iter().copied()).collect();
+        self.dp.set_peers(peers);
+        let mut st = self.state.lock().await;
+        for (net, len) in st.routes.difference(&want) {
+            self.nl.del_route_dev(*net, *len, self.tun_index).await?;
+        }
+        for (net, len) in want.difference(&st.routes) {
+            self.nl.add_route_dev(*net, *len, self.tun_index).await?;
+        }
+        st.routes = want;
+        Ok(())
+    }
+
+    fn apply_rules(&self, st: &mut State) -> Result<(), OverlayError> {
+        let rules: Vec<firewall::NetRule> = st.bridges.values().map(|(_, r)| r.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        if st.rules_applied.as_ref() != Some(&rules) {
+            firewall::apply(&rules, TUN_NAME, BRIDGE_PREFIX)?;
+            st.rules_applied = Some(rules);
+        }
+        Ok(())
+    }
+
+    /// Gives task `task` a network namespace with an interface on each of
+    /// its networks (`eth0`, `eth1`, … in order; the default route via the
+    /// first), `lo` up. Idempotent: a namespace already there (a container
+    /// that outlived its agent) is kept as it is. Returns its path.
+    pub async fn attach(&self, task: &str, atts: &[Attachment]) -> Result<PathBuf, OverlayError> {
+        let path = self.netns_path(task);
+        let mut st = self.state.lock().await;
+        let mut bridges = Vec::new();
+        for a in atts {
+            let name = a.bridge();
+            let index = match st.bridges.get(&name) {
+                Some((i, _)) => *i,
+                None => self.nl.ensure_bridge(&name).await?,
+            };
+            // The node's address in the task's slice: the task's gateway.
+            self.nl.add_address(index, a.gateway, a.prefix).await?;
+            st.bridges.insert(name, (index, firewall::NetRule { subnet: a.subnet.clone(), internal: a.internal }));
+            bridges.push(index);
+        }
+        self.apply_rules(&mut st)?;
+        drop(st);
+        if path.exists() {
+            return Ok(path);
+        }
+        netns::create(&path)?;
+        let made = self.wire(task, atts, &bridges, &path).await;
+        if let Err(e) = made {
+            let _ = self.detach(task, atts.len()).await;
+            return Err(e);
+        }
+        Ok(path)
+    }
+
+    async fn wire(&self, task: &str, atts: &[Attachment], bridges: &[u32], path: &Path) -> Result<(), OverlayError> {
+        let short = &task[..task.len().min(10)];
+        for (i, bridge) in bridges.iter().enumerate() {
+            self.nl.veth_into(&format!("shv{short}{i}"), &format!("shp{short}{i}"), path, *bridge).await?;
+            if let Some(h) = self.nl.index(&format!("shv{short}{i}")).await? {
+                self.nl.set_mtu(h, CONTAINER_MTU).await?;
+            }
+        }
+        let atts = atts.to_vec();
+        let short = short.to_string();
+        netns::run_in(path, move || {
+            Box::pin(async move {
+                let nl = Netlink::open()?;
+                if let Some(lo) = nl.index("lo").await? {
+                    nl.up(lo).await?;
+                }
+                for (i, a) in atts.iter().enumerate() {
+                    let idx = nl.rename_up(&format!("shp{short}{i}"), &format!("eth{i}")).await?;
+                    nl.set_mtu(idx, CONTAINER_MTU).await?;
+                    nl.add_address(idx, a.address, a.prefix).await?;
+                }
+                if let Some(first) = atts.first() {
+                    nl.add_default_route(first.gateway).await?;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Removes task `task`'s interfaces (its `count` veths) and namespace.
+    pub async fn detach(&self, task: &str, count: usize) -> Result<(), OverlayError> {
+        let short = &task[..task.len().min(10)];
+        for i in 0..count.max(1) {
+            self.nl.delete_named(&format!("shv{short}{i}")).await?;
+        }
+        netns::remove(&self.netns_path(task))
+    }
+
+    /// Namespaces of tasks this node no longer runs (`keep` are the ones
+    /// it does).
+    pub async fn remove_strays(&self, keep: &[String]) {
+        let Ok(rd) = std::fs::read_dir(&self.netns_dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if keep.contains(&name) {
+                continue;
+            }
+            if let Err(e) = self.detach(&name, 4).await {
+                tracing::warn!(task = %name, error = %e, "could not remove a stray task namespace");
+            }
+        }
+    }
+}

@@ -54,7 +54,7 @@ impl InProcessNode {
             identity: identity.clone(),
             listen: listener.local_addr()?,
             dispatcher: DispatcherConfig::default(),
-            init: Some(InitNode { labels: Default::default(), availability: Availability::Active }),
+            init: Some(InitNode { labels: Default::default(), availability: Availability::Active, address_pool: "100.64.0.0/10".into() }),
         };
         let routes = tonic::service::Routes::new(agent.service());
         let manager = rt
@@ -62,7 +62,7 @@ impl InProcessNode {
             .context("starting the in-process manager")?;
         let done = rt.spawn(async move {
             let exit = agent.run(stop_rx).await;
-            assert_eq!(exit, AgentExit::Shutdown);
+            assert!(matches!(exit, Ok(AgentExit::Shutdown)), "{exit:?}");
             manager.stop().await;
         });
         let node = InProcessNode { dir, addr, identity, tls, rt, stop, done: Some(done) };

@@ -210,7 +210,7 @@ mod misbehaving_manager {
             assert_eq!(s.message, "invalid task id", "{s:?}");
         }
         stop.send(true).unwrap();
-        rt.block_on(run).unwrap();
+        rt.block_on(run).unwrap().unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("marker")).unwrap(), "still here");
         assert!(dir.join("containers").is_dir());
     }

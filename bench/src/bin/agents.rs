@@ -48,7 +48,7 @@ async fn agent(manager: String, node_id: u64, tls: NodeTls) -> anyhow::Result<()
     tokio::spawn(async move {
         loop {
             let _ = hb
-                .heartbeat(HeartbeatRequest { node_id, resources: Some(res), address: String::new() })
+                .heartbeat(HeartbeatRequest { node_id, resources: Some(res), ..Default::default() })
                 .await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -59,6 +59,8 @@ fn build(nodes: u64, services: u64, tasks: u64, mixed: bool) -> anyhow::Result<S
                 availability: Availability::Active,
                 labels: [("zone".to_string(), zone.to_string())].into(),
                 address: String::new(),
+                overlay_key: String::new(),
+                overlay_endpoint: String::new(),
                 nano_cpus: 64_000_000_000,
                 memory_bytes: 256 << 30,
                 csr_pem: String::new(),

@@ -240,6 +240,7 @@ fn build_spec(args: &RunArgs, image: &Image) -> anyhow::Result<ContainerSpec> {
             pids: (args.pids_limit > 0).then_some(args.pids_limit as u64),
         },
         no_init: args.no_init,
+        netns: None,
     };
     Ok(req.to_spec(image)?)
 }

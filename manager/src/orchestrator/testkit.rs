@@ -79,6 +79,8 @@ impl Sim {
                 availability: Availability::Active,
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 address: String::new(),
+                overlay_key: String::new(),
+                overlay_endpoint: String::new(),
                 nano_cpus: 2_000_000_000,
                 memory_bytes: 4 * GIB,
                 csr_pem: String::new(),

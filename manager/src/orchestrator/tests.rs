@@ -610,6 +610,8 @@ mod live {
             availability: Availability::Active,
             labels: Default::default(),
             address: String::new(),
+            overlay_key: String::new(),
+            overlay_endpoint: String::new(),
             nano_cpus: 0,
             memory_bytes: 0,
             csr_pem: String::new(),

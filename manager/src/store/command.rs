@@ -95,6 +95,8 @@ pub struct NodePatch {
     pub label_rm: Vec<String>,
     pub address: Option<String>,
     pub resources: Option<(u64, u64)>,
+    /// (WireGuard public key, UDP endpoint)
+    pub overlay: Option<(String, String)>,
 }
 
 /// What applying a command produced: the log index it was applied at (the
@@ -137,8 +139,8 @@ pub enum Refusal {
     SubnetOverlap { name: String, subnet: String, other: String, other_subnet: String },
     #[error("{message}")]
     InvalidSubnet { message: String },
-    #[error("the network pool {pool} has no free /24 left")]
-    PoolExhausted { pool: String },
+    #[error("the network pool {pool} has no free /{prefix} left")]
+    PoolExhausted { pool: String, prefix: u8 },
     #[error("{kind} {name:?} is {size} bytes: at most {max}")]
     TooLarge { kind: String, name: String, size: usize, max: usize },
     #[error("service {service:?} was named twice in one request")]

@@ -63,6 +63,10 @@ pub struct NodeObj {
     pub labels: BTreeMap<String, String>,
     /// host:port of the node's gRPC server.
     pub address: String,
+    /// The node's overlay identity: its WireGuard public key (base64) and
+    /// UDP endpoint (ip:port), as its agent reports them.
+    pub overlay_key: String,
+    pub overlay_endpoint: String,
     pub nano_cpus: u64,
     pub memory_bytes: u64,
     /// The node's CSR, kept so the CA can re-issue its certificate with a new
@@ -130,6 +134,9 @@ pub struct NetworkObj {
     /// No route out of the overlay.
     pub internal: bool,
     pub labels: BTreeMap<String, String>,
+    /// Each node's slices of the subnet (`a.b.c.d/26`), allocated as its
+    /// tasks need addresses; a node's WireGuard peers route them to it.
+    pub slices: BTreeMap<u64, Vec<String>>,
     pub version: u64,
     pub created_at_ms: u64,
 }
@@ -182,6 +189,9 @@ pub struct DataObj {
 pub struct ClusterObj {
     pub ca_cert_pem: String,
     pub ca_key_pem: String,
+    /// Where networks created without `--subnet` get theirs
+    /// (`shoal daemon --init --address-pool`).
+    pub address_pool: String,
     pub worker_secret: String,
     pub manager_secret: String,
     pub version: u64,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, ApplyError, Command, NodePatch, Refusal};
 use super::objects::{ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, MAX_DATA};
-use super::task::{TaskObj, TaskUpdate};
+use super::task::{TaskObj, TaskState, TaskUpdate};
 
 /// Everything the managers agree on. Cloned only to build snapshots.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -26,8 +26,15 @@ pub struct State {
     pub configs: BTreeMap<String, DataObj>,
 }
 
-/// Where networks created without `--subnet` get their /24.
+/// Where networks created without `--subnet` get theirs, unless the
+/// cluster was created with another `--address-pool`.
 pub const NETWORK_POOL: &str = "100.64.0.0/10";
+/// The size of a network created without `--subnet`: 64 slices.
+pub const NETWORK_PREFIX: u8 = 20;
+/// Each node gets its addresses on a network in slices of this size: the
+/// first address of a slice is the node's gateway (its bridge), the next
+/// ones its tasks'.
+pub const SLICE_PREFIX: u8 = 26;
 
 /// What one applied command changed, for watchers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,14 +70,18 @@ impl State {
                     t.created_at_ms = now;
                     t.updated_at_ms = now;
                     t.state_at_ms = now;
-                    applied.ids.push(t.id.clone());
-                    changes.push(Change::Task(t.id.clone()));
-                    self.tasks.insert(t.id.clone(), t);
+                    let id = t.id.clone();
+                    applied.ids.push(id.clone());
+                    changes.push(Change::Task(id.clone()));
+                    self.tasks.insert(id.clone(), t);
+                    // Global tasks are created on their node.
+                    self.address_task(&id, index, now, changes);
                 }
             }
             Command::UpdateTasks { from_node, updates } => {
                 for u in updates {
-                    if let Some(t) = self.tasks.get_mut(&u.id) {
+                    let id = u.id.clone();
+                    if let Some(t) = self.tasks.get_mut(&id) {
                         if apply_task_update(t, from_node, u, now) {
                             t.version = index;
                             t.updated_at_ms = now;
@@ -78,6 +89,9 @@ impl State {
                             changes.push(Change::Task(t.id.clone()));
                         }
                     }
+                    // A task placed on a node gets its overlay addresses
+                    // there, in the same entry.
+                    self.address_task(&id, index, now, changes);
                 }
             }
             Command::PutImage { mut image } => {
@@ -104,6 +118,15 @@ impl State {
                 }
                 let net = crate::spec::parse_cidr(&network.subnet)
                     .map_err(|e| ApplyError::Refused(Refusal::InvalidSubnet { message: e.to_string() }))?;
+                if net.1 > SLICE_PREFIX {
+                    return Err(ApplyError::Refused(Refusal::InvalidSubnet {
+                        message: format!(
+                            "subnet {} is too small: nodes take addresses in /{SLICE_PREFIX} slices, so a network needs a /{SLICE_PREFIX} or larger",
+                            network.subnet
+                        ),
+                    }));
+                }
+                network.slices.clear();
                 if let Some(other) = self.networks.values().find(|o| {
                     crate::spec::parse_cidr(&o.subnet).is_ok_and(|c| crate::spec::cidrs_overlap(c, net))
                 }) {
@@ -208,6 +231,12 @@ impl State {
                 }
                 self.nodes.remove(&id);
                 changes.push(Change::NodeRemoved(id));
+                for n in self.networks.values_mut() {
+                    if n.slices.remove(&id).is_some() {
+                        n.version = index;
+                        changes.push(Change::Network(n.name.clone()));
+                    }
+                }
             }
             Command::SetNodeStatus { changes: status } => {
                 // Nodes removed meanwhile are skipped: the status report raced
@@ -364,17 +393,115 @@ impl State {
         Ok(())
     }
 
-    /// The first /24 of the pool that no network overlaps.
+    /// The cluster's address pool.
+    pub fn address_pool(&self) -> &str {
+        match &self.cluster {
+            Some(c) if !c.address_pool.is_empty() => &c.address_pool,
+            _ => NETWORK_POOL,
+        }
+    }
+
+    /// The first /NETWORK_PREFIX of the pool that no network overlaps.
     fn free_subnet(&self) -> Result<String, ApplyError> {
-        let exhausted = || ApplyError::Refused(Refusal::PoolExhausted { pool: NETWORK_POOL.into() });
-        let pool = crate::spec::parse_cidr(NETWORK_POOL).map_err(|_| exhausted())?;
+        let pool_text = self.address_pool().to_string();
+        let exhausted = || ApplyError::Refused(Refusal::PoolExhausted { pool: pool_text.clone(), prefix: NETWORK_PREFIX });
+        let pool = crate::spec::parse_cidr(&pool_text).map_err(|_| exhausted())?;
+        let prefix = NETWORK_PREFIX.max(pool.1);
         let taken: Vec<_> = self.networks.values().filter_map(|n| crate::spec::parse_cidr(&n.subnet).ok()).collect();
-        let count = 1u32 << (24 - pool.1);
+        let count = 1u32 << (prefix - pool.1);
         (0..count)
-            .map(|i| (std::net::Ipv4Addr::from(u32::from(pool.0) + (i << 8)), 24u8))
+            .map(|i| (std::net::Ipv4Addr::from(u32::from(pool.0) + (i << (32 - prefix))), prefix))
             .find(|c| !taken.iter().any(|t| crate::spec::cidrs_overlap(*t, *c)))
             .map(|(a, p)| format!("{a}/{p}"))
             .ok_or_else(exhausted)
+    }
+
+    /// Gives task `id` an address on each of its networks from its node's
+    /// slices (taking a new slice when they are full), if it is placed, not
+    /// finished, and has none yet. A network with no address left fails
+    /// the task with the reason.
+    fn address_task(&mut self, id: &str, index: u64, now: u64, changes: &mut Vec<Change>) {
+        let Some(t) = self.tasks.get(id) else { return };
+        let Some(node) = t.node_id else { return };
+        if t.spec.networks.is_empty() || !t.addresses.is_empty() || t.state.is_terminal() {
+            return;
+        }
+        let nets = t.spec.networks.clone();
+        let mut addresses = Vec::new();
+        let mut new_slices = Vec::new();
+        for name in &nets {
+            match self.free_address(name, node, &new_slices) {
+                Ok((addr, slice)) => {
+                    if let Some(sl) = slice {
+                        new_slices.push((name.clone(), sl));
+                    }
+                    addresses.push(addr);
+                }
+                Err(why) => {
+                    if let Some(t) = self.tasks.get_mut(id) {
+                        t.state = TaskState::Rejected;
+                        t.state_at_ms = now;
+                        t.error = why;
+                        t.message = "no overlay address".into();
+                        t.version = index;
+                        changes.push(Change::Task(id.to_string()));
+                    }
+                    return;
+                }
+            }
+        }
+        for (name, slice) in new_slices {
+            if let Some(n) = self.networks.get_mut(&name) {
+                n.slices.entry(node).or_default().push(slice);
+                n.version = index;
+                changes.push(Change::Network(name));
+            }
+        }
+        if let Some(t) = self.tasks.get_mut(id) {
+            t.addresses = addresses;
+            t.version = index;
+            changes.push(Change::Task(id.to_string()));
+        }
+    }
+
+    /// A free `ip/SLICE_PREFIX` on network `name` in one of `node`'s slices
+    /// (with `pending` slices this entry is adding), or a new slice for it.
+    fn free_address(&self, name: &str, node: u64, pending: &[(String, String)]) -> Result<(String, Option<String>), String> {
+        let net = self.networks.get(name).ok_or_else(|| format!("network {name:?} does not exist"))?;
+        let subnet = crate::spec::parse_cidr(&net.subnet).map_err(|e| e.to_string())?;
+        // Addresses held by live tasks on this network.
+        let used: std::collections::HashSet<u32> = self
+            .tasks
+            .values()
+            .filter(|t| !t.state.is_terminal())
+            .flat_map(|t| t.spec.networks.iter().zip(&t.addresses).filter(|(n, _)| *n == name).map(|(_, a)| a))
+            .filter_map(|a| a.split('/').next()?.parse::<std::net::Ipv4Addr>().ok())
+            .map(u32::from)
+            .collect();
+        let size = 1u32 << (32 - SLICE_PREFIX);
+        let mine = net.slices.get(&node).into_iter().flatten().chain(pending.iter().filter(|(n, _)| n == name).map(|(_, s)| s));
+        for slice in mine {
+            let Ok((base, _)) = crate::spec::parse_cidr(slice) else { continue };
+            // .0 and the last address of a slice stay unused, .1 is the gateway.
+            if let Some(a) = (2..size - 1).map(|o| u32::from(base) + o).find(|a| !used.contains(a)) {
+                return Ok((format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(a)), None));
+            }
+        }
+        let taken: std::collections::HashSet<u32> = net
+            .slices
+            .values()
+            .flatten()
+            .chain(pending.iter().filter(|(n, _)| n == name).map(|(_, s)| s))
+            .filter_map(|s| crate::spec::parse_cidr(s).ok())
+            .map(|(a, _)| u32::from(a))
+            .collect();
+        let count = 1u32 << (SLICE_PREFIX - subnet.1);
+        let base = (0..count)
+            .map(|i| u32::from(subnet.0) + i * size)
+            .find(|b| !taken.contains(b))
+            .ok_or_else(|| format!("network {name:?} ({}) has no free address: every /{SLICE_PREFIX} slice is taken", net.subnet))?;
+        let slice = format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(base));
+        Ok((format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(base + 2)), Some(slice)))
     }
 
     /// A service by exact id, exact name, or unique id prefix.
@@ -432,6 +559,10 @@ fn apply_patch(node: &mut NodeObj, patch: NodePatch) {
     if let Some((cpus, mem)) = patch.resources {
         node.nano_cpus = cpus;
         node.memory_bytes = mem;
+    }
+    if let Some((key, endpoint)) = patch.overlay {
+        node.overlay_key = key;
+        node.overlay_endpoint = endpoint;
     }
 }
 
@@ -563,6 +694,7 @@ mod tests {
                 gateway: String::new(),
                 internal: false,
                 labels: Default::default(),
+                slices: Default::default(),
                 version: 0,
                 created_at_ms: 0,
             },
@@ -586,10 +718,12 @@ mod tests {
     fn networks_take_free_subnets_and_never_overlap() {
         let mut st = State::default();
         apply(&mut st, 1, net("front", "")).unwrap();
-        apply(&mut st, 2, net("mine", "100.64.1.0/24")).unwrap();
+        apply(&mut st, 2, net("mine", "100.64.16.0/24")).unwrap();
         apply(&mut st, 3, net("back", "")).unwrap();
-        assert_eq!((st.networks["front"].subnet.as_str(), st.networks["front"].gateway.as_str()), ("100.64.0.0/24", "100.64.0.1"));
-        assert_eq!(st.networks["back"].subnet, "100.64.2.0/24", "skips the /24 taken by hand");
+        assert_eq!((st.networks["front"].subnet.as_str(), st.networks["front"].gateway.as_str()), ("100.64.0.0/20", "100.64.0.1"));
+        assert_eq!(st.networks["back"].subnet, "100.64.32.0/20", "skips the /20 a network taken by hand overlaps");
+        let small = apply(&mut st, 7, net("tiny", "100.65.0.0/27")).unwrap_err();
+        assert!(small.to_string().contains("too small"), "{small}");
         let err = apply(&mut st, 4, net("wide", "100.64.0.0/16")).unwrap_err();
         assert!(matches!(err, ApplyError::Refused(Refusal::SubnetOverlap { .. })), "{err}");
         assert!(matches!(apply(&mut st, 5, net("front", "")), Err(ApplyError::NameTaken { .. })));
@@ -640,5 +774,74 @@ mod tests {
         apply(&mut st, 4, Command::UpdateTasks { from_node: None, updates: vec![done] }).unwrap();
         apply(&mut st, 5, rm()).unwrap();
         assert!(st.secrets.is_empty());
+    }
+
+    /// A task on networks placed on a node, with its update.
+    fn placed(st: &mut State, index: u64, id: &str, nets: &[&str], node: u64) {
+        let spec = ServiceSpec { name: "web".into(), image: "bb:1".into(), networks: nets.iter().map(|n| n.to_string()).collect(), ..Default::default() };
+        let svc = ServiceObj::new("svc".into(), spec);
+        let t = TaskObj { id: id.into(), ..TaskObj::new(&svc, 1, None, 0, "") };
+        apply(st, index, Command::CreateTasks { tasks: vec![t] }).unwrap();
+        let u = TaskUpdate { id: id.into(), node_id: Some(node), state: Some(TaskState::Assigned), ..Default::default() };
+        apply(st, index, Command::UpdateTasks { from_node: None, updates: vec![u] }).unwrap();
+    }
+
+    #[test]
+    fn tasks_get_addresses_from_their_nodes_slices() {
+        let mut st = State::default();
+        apply(&mut st, 1, net("front", "100.64.0.0/24")).unwrap();
+        apply(&mut st, 2, net("back", "")).unwrap();
+        placed(&mut st, 3, "t1", &["front", "back"], 7);
+        placed(&mut st, 4, "t2", &["front"], 7);
+        placed(&mut st, 5, "t3", &["front"], 9);
+        assert_eq!(st.tasks["t1"].addresses, ["100.64.0.2/26", "100.64.16.2/26"]);
+        assert_eq!(st.tasks["t2"].addresses, ["100.64.0.3/26"], "the node's slice is reused");
+        assert_eq!(st.tasks["t3"].addresses, ["100.64.0.66/26"], "another node gets its own slice");
+        assert_eq!(st.networks["front"].slices[&7], ["100.64.0.0/26"]);
+        assert_eq!(st.networks["front"].slices[&9], ["100.64.0.64/26"]);
+        // A finished task's address is free again.
+        let done = TaskUpdate { id: "t2".into(), state: Some(TaskState::Shutdown), ..Default::default() };
+        apply(&mut st, 6, Command::UpdateTasks { from_node: None, updates: vec![done] }).unwrap();
+        placed(&mut st, 7, "t4", &["front"], 7);
+        assert_eq!(st.tasks["t4"].addresses, ["100.64.0.3/26"]);
+        // A node that goes gives its slices back.
+        st.nodes.insert(9, NodeObj { id: 9, name: "n9".into(), role: Role::Worker, status: NodeStatus::Down, ..test_node() });
+        apply(&mut st, 8, Command::RemoveNode { id: 9, force: true }).unwrap();
+        assert!(!st.networks["front"].slices.contains_key(&9));
+    }
+
+    #[test]
+    fn a_full_network_fails_the_task_with_the_reason() {
+        let mut st = State::default();
+        apply(&mut st, 1, net("one", "100.64.0.0/26")).unwrap();
+        for i in 0..61 {
+            placed(&mut st, 2 + i, &format!("t{i}"), &["one"], 7);
+        }
+        assert!(st.tasks.values().all(|t| t.state == TaskState::Assigned));
+        placed(&mut st, 100, "late", &["one"], 8);
+        let t = &st.tasks["late"];
+        assert_eq!(t.state, TaskState::Rejected);
+        assert!(t.error.contains("no free address"), "{}", t.error);
+        assert!(t.addresses.is_empty());
+    }
+
+    fn test_node() -> NodeObj {
+        NodeObj {
+            id: 0,
+            name: String::new(),
+            role: Role::Worker,
+            status: NodeStatus::Ready,
+            availability: crate::store::objects::Availability::Active,
+            labels: Default::default(),
+            address: String::new(),
+            overlay_key: String::new(),
+            overlay_endpoint: String::new(),
+            nano_cpus: 0,
+            memory_bytes: 0,
+            csr_pem: String::new(),
+            version: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
     }
 }

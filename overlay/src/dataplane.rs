@@ -1,0 +1,390 @@
+//! The WireGuard data plane: one TUN device and one UDP socket per node,
+//! boringtun's `Tunn` for the protocol (handshakes, timers, rekeying,
+//! cookies), and our own packet I/O: the TUN side reads GSO super-packets
+//! (virtio-net header, TSO) split into segments in one call and writes
+//! decrypted packets back coalesced (GRO), in batches, into buffers sized
+//! once per task.
+//!
+//! Cryptokey routing as WireGuard does it: a packet from the TUN goes to
+//! the peer whose allowed IPs hold its destination; a packet from a peer is
+//! delivered only if its source is in that peer's allowed IPs. Peers are
+//! known by their endpoint: a datagram from any other address is dropped
+//! before any crypto runs.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use crate::OverlayError;
+
+/// The TUN's MTU: a 1500-byte underlay less WireGuard's 60 bytes over IPv4
+/// (and some room), as wireguard-go defaults to.
+pub const MTU: u16 = 1420;
+/// Room for one packet (MTU) in a batch buffer, with the virtio header.
+const PACKET_ROOM: usize = 2048;
+
+/// A peer as the agent's session reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub node_id: u64,
+    pub name: String,
+    pub public_key: [u8; 32],
+    pub endpoint: SocketAddr,
+    /// The node's slices: (network address, prefix length).
+    pub allowed: Vec<(Ipv4Addr, u8)>,
+}
+
+struct Peer {
+    cfg: PeerConfig,
+    /// (network, mask) as integers.
+    ranges: Vec<(u32, u32)>,
+    tunn: Mutex<Tunn>,
+    tx_bytes: AtomicU64,
+    rx_bytes: AtomicU64,
+}
+
+impl Peer {
+    fn allows(&self, ip: u32) -> bool {
+        self.ranges.iter().any(|(net, mask)| ip & mask == *net)
+    }
+}
+
+#[derive(Default)]
+struct Peers {
+    list: Vec<Arc<Peer>>,
+    by_endpoint: HashMap<SocketAddr, usize>,
+}
+
+impl Peers {
+    fn for_destination(&self, ip: u32) -> Option<&Arc<Peer>> {
+        self.list.iter().find(|p| p.allows(ip))
+    }
+}
+
+struct Inner {
+    secret: StaticSecret,
+    peers: RwLock<Arc<Peers>>,
+    udp: UdpSocket,
+    tun: AsyncDevice,
+    offload: bool,
+    next_index: AtomicU32,
+    /// Datagrams dropped: unknown sender, or not WireGuard.
+    dropped: AtomicU64,
+}
+
+/// The running data plane; cheap to clone.
+#[derive(Clone)]
+pub struct DataPlane {
+    inner: Arc<Inner>,
+    tun_name: String,
+}
+
+pub struct DataPlaneConfig {
+    pub tun_name: String,
+    pub port: u16,
+    pub secret: StaticSecret,
+}
+
+impl DataPlane {
+    /// Creates the TUN device and binds the UDP port, then runs the packet
+    /// loops until `shutdown`. Must run inside a tokio runtime.
+    pub async fn start(cfg: DataPlaneConfig, shutdown: watch::Receiver<bool>) -> Result<DataPlane, OverlayError> {
+        let io = |what: String| move |source| OverlayError::Io { what, source };
+        let (tun, offload) = match DeviceBuilder::new().name(&cfg.tun_name).mtu(MTU).offload(true).build_async() {
+            Ok(t) => (t, true),
+            Err(e) => {
+                tracing::warn!(tun = %cfg.tun_name, error = %e, "TUN offloads (TSO/GRO) unavailable: one packet per read and write");
+                let t = DeviceBuilder::new().name(&cfg.tun_name).mtu(MTU).build_async().map_err(io(format!("creating TUN {}", cfg.tun_name)))?;
+                (t, false)
+            }
+        };
+        let udp = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port))).await.map_err(io(format!("binding UDP port {}", cfg.port)))?;
+        tracing::info!(tun = %cfg.tun_name, port = cfg.port, offload, "overlay data plane up");
+        let inner = Arc::new(Inner {
+            secret: cfg.secret,
+            peers: RwLock::new(Arc::new(Peers::default())),
+            udp,
+            tun,
+            offload,
+            next_index: AtomicU32::new(1),
+            dropped: AtomicU64::new(0),
+        });
+        tokio::spawn(until(shutdown.clone(), tun_to_udp(inner.clone())));
+        tokio::spawn(until(shutdown.clone(), udp_to_tun(inner.clone())));
+        tokio::spawn(until(shutdown, timers(inner.clone())));
+        Ok(DataPlane { inner, tun_name: cfg.tun_name })
+    }
+
+    pub fn tun_name(&self) -> &str {
+        &self.tun_name
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        PublicKey::from(&self.inner.secret).to_bytes()
+    }
+
+    /// Datagrams dropped so far (unknown sender or not WireGuard).
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// (peer name, tx bytes, rx bytes, time since its last handshake)
+    pub fn stats(&self) -> Vec<(String, u64, u64, Option<Duration>)> {
+        let peers = self.inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        peers
+            .list
+            .iter()
+            .map(|p| {
+                let hs = p.tunn.lock().unwrap_or_else(|e| e.into_inner()).time_since_last_handshake();
+                (p.cfg.name.clone(), p.tx_bytes.load(Ordering::Relaxed), p.rx_bytes.load(Ordering::Relaxed), hs)
+            })
+            .collect()
+    }
+
+    /// Replaces the peer set. A peer whose key and endpoint are unchanged
+    /// keeps its session.
+    pub fn set_peers(&self, peers: Vec<PeerConfig>) {
+        let old = self.inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut next = Peers::default();
+        for cfg in peers {
+            let ranges = cfg
+                .allowed
+                .iter()
+                .map(|(net, len)| {
+                    let mask = if *len == 0 { 0 } else { u32::MAX << (32 - u32::from(*len)) };
+                    (u32::from(*net) & mask, mask)
+                })
+                .collect();
+            let kept = old.list.iter().find(|p| p.cfg.public_key == cfg.public_key && p.cfg.endpoint == cfg.endpoint);
+            let peer = match kept {
+                Some(p) if p.cfg == cfg => p.clone(),
+                Some(p) => {
+                    // Same session, new allowed IPs: move the Tunn over.
+                    let tunn = std::mem::replace(
+                        &mut *p.tunn.lock().unwrap_or_else(|e| e.into_inner()),
+                        self.new_tunn(&cfg.public_key),
+                    );
+                    Arc::new(Peer { cfg, ranges, tunn: Mutex::new(tunn), tx_bytes: AtomicU64::new(0), rx_bytes: AtomicU64::new(0) })
+                }
+                None => {
+                    tracing::info!(peer = %cfg.name, endpoint = %cfg.endpoint, slices = cfg.allowed.len(), "overlay peer added");
+                    let tunn = self.new_tunn(&cfg.public_key);
+                    Arc::new(Peer { cfg, ranges, tunn: Mutex::new(tunn), tx_bytes: AtomicU64::new(0), rx_bytes: AtomicU64::new(0) })
+                }
+            };
+            next.by_endpoint.insert(peer.cfg.endpoint, next.list.len());
+            next.list.push(peer);
+        }
+        for p in &old.list {
+            if !next.list.iter().any(|n| n.cfg.public_key == p.cfg.public_key) {
+                tracing::info!(peer = %p.cfg.name, endpoint = %p.cfg.endpoint, "overlay peer removed");
+            }
+        }
+        *self.inner.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+    }
+
+    fn new_tunn(&self, key: &[u8; 32]) -> Tunn {
+        // boringtun shifts the index left by 8: keep it below 2^24.
+        let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+        Tunn::new(self.inner.secret.clone(), PublicKey::from(*key), None, Some(25), index, None)
+    }
+}
+
+async fn until(mut shutdown: watch::Receiver<bool>, f: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => {}
+        _ = f => {}
+    }
+}
+
+fn dst_v4(pkt: &[u8]) -> Option<u32> {
+    (pkt.len() >= 20 && pkt[0] >> 4 == 4).then(|| u32::from_be_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]))
+}
+
+/// Encrypts what the TUN gives us and sends it to the owning peer.
+async fn tun_to_udp(inner: Arc<Inner>) {
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
+    let mut bufs = vec![vec![0u8; PACKET_ROOM]; IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut out = vec![0u8; PACKET_ROOM + 64];
+    loop {
+        let n = if inner.offload {
+            match inner.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the overlay TUN failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        } else {
+            match inner.tun.recv(&mut bufs[0]).await {
+                Ok(len) => {
+                    sizes[0] = len;
+                    1
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the overlay TUN failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        };
+        let peers = inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for i in 0..n {
+            let pkt = &bufs[i][..sizes[i]];
+            let Some(peer) = dst_v4(pkt).and_then(|d| peers.for_destination(d)) else { continue };
+            let sent = {
+                let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+                match t.encapsulate(pkt, &mut out) {
+                    TunnResult::WriteToNetwork(d) => Some(d.len()),
+                    TunnResult::Err(e) => {
+                        tracing::debug!(peer = %peer.cfg.name, error = ?e, "encapsulate failed");
+                        None
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(len) = sent {
+                peer.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                if let Err(e) = inner.udp.send_to(&out[..len], peer.cfg.endpoint).await {
+                    tracing::debug!(peer = %peer.cfg.name, error = %e, "sending to overlay peer failed");
+                }
+            }
+        }
+    }
+}
+
+/// Decrypts what peers send and hands it to the TUN in batches.
+async fn udp_to_tun(inner: Arc<Inner>) {
+    const BATCH: usize = 64;
+    let mut datagram = vec![0u8; 65535];
+    let mut reply = vec![0u8; PACKET_ROOM + 64];
+    let mut outs: Vec<Vec<u8>> = vec![Vec::with_capacity(VIRTIO_NET_HDR_LEN + PACKET_ROOM); BATCH];
+    let mut gro = GROTable::default();
+    loop {
+        let mut ready = 0usize;
+        let first = inner.udp.recv_from(&mut datagram).await;
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            match r {
+                Ok((len, from)) => {
+                    if let Some(pkt_len) = handle_datagram(&inner, &datagram[..len], from, &mut outs[ready], &mut reply).await {
+                        let _ = pkt_len;
+                        ready += 1;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "overlay socket receive failed"),
+            }
+            if ready < BATCH {
+                // More already queued? Take them into this batch.
+                match inner.udp.try_recv_from(&mut datagram) {
+                    Ok(r) => next = Some(Ok(r)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => next = Some(Err(e)),
+                }
+            }
+        }
+        if ready == 0 {
+            continue;
+        }
+        let res = if inner.offload {
+            inner.tun.send_multiple(&mut gro, &mut outs[..ready], VIRTIO_NET_HDR_LEN).await.map(|_| ())
+        } else {
+            let mut r = Ok(());
+            for o in &outs[..ready] {
+                if let Err(e) = inner.tun.send(&o[VIRTIO_NET_HDR_LEN..]).await {
+                    r = Err(e);
+                }
+            }
+            r
+        };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "writing to the overlay TUN failed");
+        }
+    }
+}
+
+/// Runs one datagram through its peer's `Tunn`; answers handshakes. If it
+/// carried a packet for us, leaves it in `out` after the virtio header
+/// room and returns its length.
+async fn handle_datagram(inner: &Inner, datagram: &[u8], from: SocketAddr, out: &mut Vec<u8>, reply: &mut [u8]) -> Option<usize> {
+    let peers = inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(peer) = peers.by_endpoint.get(&from).map(|i| peers.list[*i].clone()) else {
+        inner.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(from = %from, "datagram from an address that is no overlay peer: dropped");
+        return None;
+    };
+    out.clear();
+    out.resize(VIRTIO_NET_HDR_LEN + PACKET_ROOM, 0);
+    let mut delivered = None;
+    let mut to_send: Vec<Vec<u8>> = Vec::new();
+    {
+        let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        match t.decapsulate(Some(from.ip()), datagram, &mut out[VIRTIO_NET_HDR_LEN..]) {
+            TunnResult::WriteToTunnelV4(pkt, src) => {
+                let len = pkt.len();
+                if peer.allows(u32::from(src)) {
+                    delivered = Some(len);
+                } else {
+                    tracing::debug!(peer = %peer.cfg.name, src = %src, "packet from outside the peer's allowed IPs: dropped");
+                }
+            }
+            TunnResult::WriteToNetwork(d) => {
+                to_send.push(d.to_vec());
+                // Flush what was queued behind the handshake.
+                while let TunnResult::WriteToNetwork(d) = t.decapsulate(None, &[], reply) {
+                    to_send.push(d.to_vec());
+                }
+            }
+            TunnResult::WriteToTunnelV6(..) => {}
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                inner.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %peer.cfg.name, error = ?e, "datagram refused by WireGuard");
+            }
+        }
+    }
+    for d in to_send {
+        if let Err(e) = inner.udp.send_to(&d, from).await {
+            tracing::debug!(peer = %peer.cfg.name, error = %e, "answering overlay peer failed");
+        }
+    }
+    let len = delivered?;
+    peer.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    out.truncate(VIRTIO_NET_HDR_LEN + len);
+    Some(len)
+}
+
+/// Handshake retries, keepalives and rekeying, every 250 ms as boringtun's
+/// own device does.
+async fn timers(inner: Arc<Inner>) {
+    let mut buf = vec![0u8; PACKET_ROOM];
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let peers = inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for p in &peers.list {
+            let send = {
+                let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
+                match t.update_timers(&mut buf) {
+                    TunnResult::WriteToNetwork(d) => Some(d.len()),
+                    _ => None,
+                }
+            };
+            if let Some(len) = send
+                && let Err(e) = inner.udp.send_to(&buf[..len], p.cfg.endpoint).await
+            {
+                tracing::debug!(peer = %p.cfg.name, error = %e, "overlay timer send failed");
+            }
+        }
+    }
+}
