@@ -103,6 +103,28 @@ fn network_proto(n: &NetworkObj, state: &State) -> Network {
         version: n.version,
         created_at_ms: n.created_at_ms,
         services: state.services.values().filter(|s| s.spec.networks.contains(&n.name)).map(|s| s.spec.name.clone()).collect(),
+        slices: n
+            .slices
+            .iter()
+            .map(|(node, slices)| shoal_proto::control::NetworkSlice {
+                node: state.nodes.get(node).map(|x| x.name.clone()).unwrap_or_else(|| format_node_id(*node)),
+                slices: slices.clone(),
+            })
+            .collect(),
+        tasks: state
+            .tasks
+            .values()
+            .filter(|t| !t.state.is_terminal())
+            .filter_map(|t| {
+                let i = t.spec.networks.iter().position(|x| *x == n.name)?;
+                Some(shoal_proto::control::NetworkTask {
+                    task: t.id.clone(),
+                    service: t.service_name.clone(),
+                    node: t.node_id.and_then(|id| state.nodes.get(&id)).map(|x| x.name.clone()).unwrap_or_default(),
+                    address: t.addresses.get(i)?.clone(),
+                })
+            })
+            .collect(),
     }
 }
 

@@ -193,8 +193,18 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
             published.push((p.published, &p.protocol));
         }
     }
-    for n in &spec.networks {
+    for (i, n) in spec.networks.iter().enumerate() {
+        if n == "host" || n == "none" || n == "bridge" {
+            return Err(invalid(
+                "network",
+                n.clone(),
+                "Docker's built-in networks are not supported: every task has its own network namespace; create an overlay network and name it",
+            ));
+        }
         validate_name("network name", n)?;
+        if spec.networks[..i].contains(n) {
+            return Err(invalid("network", n.clone(), "named twice"));
+        }
     }
     for c in &spec.constraints {
         validate_constraint(c)?;

@@ -88,6 +88,11 @@ impl Attachment {
         Ok(Attachment { network: network.into(), network_id: id.into(), subnet: subnet.into(), address, prefix, gateway, internal })
     }
 
+    fn subnet_parts(&self) -> (Ipv4Addr, u8) {
+        let (n, l) = self.subnet.split_once('/').unwrap_or((&self.subnet, "32"));
+        (n.parse().unwrap_or(Ipv4Addr::UNSPECIFIED), l.parse().unwrap_or(32))
+    }
+
     fn bridge(&self) -> String {
         format!("{BRIDGE_PREFIX}{}", &self.network_id[..12])
     }
@@ -230,6 +235,10 @@ impl Overlay {
                     let idx = nl.rename_up(&format!("shp{short}{i}"), &format!("eth{i}")).await?;
                     nl.set_mtu(idx, CONTAINER_MTU).await?;
                     nl.add_address(idx, a.address, a.prefix).await?;
+                    // The whole network through this interface's gateway:
+                    // a task on two networks talks to each on its own.
+                    let (net, len) = a.subnet_parts();
+                    nl.add_route_via(net, len, a.gateway).await?;
                 }
                 if let Some(first) = atts.first() {
                     nl.add_default_route(first.gateway).await?;

@@ -140,6 +140,12 @@ impl Netlink {
         }
     }
 
+    /// `dst/prefix via gateway`.
+    pub async fn add_route_via(&self, dst: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<(), OverlayError> {
+        let r = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, prefix).gateway(gateway).build();
+        exists_ok(self.handle.route().add(r).execute().await).map_err(nl(format!("adding route {dst}/{prefix} via {gateway}")))
+    }
+
     pub async fn add_default_route(&self, gateway: Ipv4Addr) -> Result<(), OverlayError> {
         let r = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).build();
         exists_ok(self.handle.route().add(r).execute().await).map_err(nl(format!("adding default route via {gateway}")))

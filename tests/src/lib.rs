@@ -372,8 +372,14 @@ pub fn remove_containers(data_dir: &Path) {
             let _ = exec.remove(&id);
         }
     }
-    // The agent's tmpfs for task secrets outlives a killed daemon.
+    // The agent's tmpfs for task secrets outlives a killed daemon, and so
+    // do the pinned network namespaces of its tasks.
     let _ = nix::mount::umount2(&data_dir.join("taskdata"), nix::mount::MntFlags::MNT_DETACH);
+    if let Ok(rd) = std::fs::read_dir(data_dir.join("netns")) {
+        for e in rd.flatten() {
+            let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
     // Supervisors this test's daemons started: their command line names the
     // test's own data dir.
     let needle = format!("internal-supervise --data-dir {}", data_dir.display());

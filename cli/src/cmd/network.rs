@@ -43,6 +43,8 @@ fn network_json(n: &Network) -> Value {
         "internal": n.internal,
         "labels": n.labels,
         "services": n.services,
+        "slices": n.slices.iter().map(|s| (s.node.clone(), s.slices.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        "tasks": n.tasks.iter().map(|t| json!({"task": t.task, "service": t.service, "node": t.node, "address": t.address})).collect::<Vec<_>>(),
         "version": n.version,
         "created_at_ms": n.created_at_ms,
     })

@@ -1,0 +1,220 @@
+//! The overlay end to end: hosts in network namespaces, real containers,
+//! WireGuard between the hosts, driven through the CLI.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use shoal_tests::{sh, wait_for, Cluster};
+
+const T: Duration = Duration::from_secs(90);
+
+fn tasks(c: &Cluster, service: &str) -> Vec<Value> {
+    c.cli_ok(0, &["service", "ps", service, "--format", "json"]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
+
+/// Waits for `service` to have `n` running tasks; returns them.
+fn running(c: &Cluster, service: &str, n: usize) -> Vec<Value> {
+    wait_for(T, &format!("{n} running tasks of {service}"), || {
+        let t: Vec<Value> = tasks(c, service).into_iter().filter(|t| t["state"] == "running").collect();
+        Ok((t.len() == n).then_some(t))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()))
+}
+
+/// The task's address on its `i`-th network, without the prefix.
+fn ip(task: &Value, i: usize) -> String {
+    task["address"][i].as_str().unwrap().split('/').next().unwrap().to_string()
+}
+
+fn create(c: &Cluster, args: &[&str]) {
+    let mut all = vec!["service", "create", "--detach"];
+    all.extend_from_slice(args);
+    c.cli_ok(0, &all).unwrap();
+}
+
+/// A web server in a task that serves `marker`.
+fn web(marker: &str) -> Vec<String> {
+    ["busybox:latest", "sh", "-c", &format!("mkdir -p /www && echo {marker} > /www/index.html && exec httpd -f -p 80 -h /www")]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// An HTTP GET from task `from` (SERVICE.SLOT) to `url` (`http://IP[:PORT]/`)
+/// with busybox `nc` (Debian's static busybox `wget` crashes): the body,
+/// or None when it could not connect within 3 s.
+fn fetch(c: &Cluster, from: &str, url: &str) -> Option<String> {
+    let hostport = url.strip_prefix("http://")?.trim_end_matches('/');
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "80"));
+    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}");
+    let out = c.cli(0, &["exec", from, "sh", "-c", &script]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (_, body) = text.split_once("\r\n\r\n")?;
+    (out.status.success() && text.starts_with("HTTP/1.")).then(|| body.trim().to_string())
+}
+
+fn fetch_ok(c: &Cluster, from: &str, url: &str, want: &str) {
+    // The first packets may wait for a WireGuard handshake: poll.
+    wait_for(T, &format!("{from} to fetch {url}"), || Ok(fetch(c, from, url).filter(|b| b == want)))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+}
+
+/// A one-shot HTTP server on the test's own bridge address (the underlay
+/// seen from the root namespace), answering `body` to every request.
+fn underlay_server(c: &Cluster, body: &'static str) -> (String, std::thread::JoinHandle<()>, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    sh("ip", &["addr", "add", "198.18.0.1/24", "dev", &c.bridge]).unwrap();
+    let l = TcpListener::bind("198.18.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let url = format!("http://{}/", l.local_addr().unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let h = std::thread::spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut conn, _)) => {
+                    conn.set_nonblocking(false).unwrap();
+                    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut buf = [0u8; 1024];
+                    let _ = conn.read(&mut buf);
+                    let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    (url, h, stop)
+}
+
+/// Everything the overlay promises on one cluster: cross-host traffic by
+/// address, isolation between networks on one host and across hosts,
+/// encryption on the wire, egress (not from internal networks), and clear
+/// refusals.
+#[test]
+fn overlay_links_isolates_and_encrypts() {
+    let c = Cluster::start(1, 2).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    for n in [&["network", "create", "front"][..], &["network", "create", "back"], &["network", "create", "--internal", "priv"]] {
+        c.cli_ok(0, n).unwrap();
+    }
+    // frontend on n1, backend on front+back on n2, db on back on n1 and n2.
+    let (n1, n2) = ("node.name==n1", "node.name==n2");
+    let mut args = vec!["--name", "db", "--network", "back", "--replicas", "2", "--constraint", "node.role==worker"];
+    let db_cmd = web("DB-MARKER");
+    args.extend(db_cmd.iter().map(String::as_str));
+    create(&c, &args);
+    let mut args = vec!["--name", "backend", "--network", "front", "--network", "back", "--constraint", n2];
+    let be_cmd = web("BACKEND-MARKER");
+    args.extend(be_cmd.iter().map(String::as_str));
+    create(&c, &args);
+    create(&c, &["--name", "frontend", "--network", "front", "--constraint", n1, "busybox:latest", "sleep", "1d"]);
+    create(&c, &["--name", "hidden", "--network", "priv", "--constraint", n1, "busybox:latest", "sleep", "1d"]);
+
+    let backend = running(&c, "backend", 1);
+    let dbs = running(&c, "db", 2);
+    running(&c, "frontend", 1);
+    running(&c, "hidden", 1);
+    assert_eq!(backend[0]["address"].as_array().unwrap().len(), 2, "backend has an address on each network");
+    let (be_front, be_back) = (ip(&backend[0], 0), ip(&backend[0], 1));
+    let db_on = |node: &str| dbs.iter().find(|t| t["node"] == node).map(|t| ip(t, 0));
+    let (db_n1, db_n2) = (db_on("n1").unwrap(), db_on("n2").unwrap());
+
+    // frontend (n1) → backend (n2) across hosts: yes.
+    fetch_ok(&c, "frontend.1", &format!("http://{be_front}/"), "BACKEND-MARKER");
+    // backend → db on its own host and across hosts: yes.
+    fetch_ok(&c, "backend.1", &format!("http://{db_n2}/"), "DB-MARKER");
+    fetch_ok(&c, "backend.1", &format!("http://{db_n1}/"), "DB-MARKER");
+    // frontend → db: no, on the same host (n1) and across hosts (n2), and
+    // not through backend's address on back either.
+    for target in [&db_n1, &db_n2, &be_back] {
+        assert_eq!(fetch(&c, "frontend.1", &format!("http://{target}/")), None, "frontend reached {target} on back");
+    }
+
+    // Encryption: between the two workers there is only WireGuard, and the
+    // page backend serves never shows on the wire.
+    let cap = c.dir.join("n2.pcap");
+    let (h1, h2) = (&c.hosts[1], &c.hosts[2]);
+    let filter = format!("host {} and host {}", h1.ip, h2.ip);
+    // Written through our own file: tcpdump drops root before it writes.
+    let mut dump = Command::new("tcpdump")
+        .args(["-i", &h2.veth, "--immediate-mode", "-U", "-n", "-w", "-", &filter])
+        .stdout(std::fs::File::create(&cap).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // tcpdump says "listening on" once it captures.
+    let mut err = dump.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    wait_for(Duration::from_secs(10), "tcpdump to listen", || {
+        let mut b = [0u8; 256];
+        let n = err.read(&mut b)?;
+        seen.extend_from_slice(&b[..n]);
+        Ok(String::from_utf8_lossy(&seen).contains("listening on").then_some(()))
+    })
+    .unwrap();
+    for _ in 0..3 {
+        fetch_ok(&c, "frontend.1", &format!("http://{be_front}/"), "BACKEND-MARKER");
+    }
+    // Captured packets reach the file as they come (immediate mode).
+    wait_for(Duration::from_secs(10), "the capture to hold packets", || {
+        Ok((std::fs::metadata(&cap)?.len() > 1000).then_some(()))
+    })
+    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(dump.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    dump.wait().unwrap();
+    let mut rest = String::new();
+    let _ = err.read_to_string(&mut rest);
+    let raw = std::fs::read(&cap).unwrap();
+    assert!(!raw.windows(14).any(|w| w == b"BACKEND-MARKER"), "the page crossed the underlay in the clear");
+    let listing = sh("tcpdump", &["-r", cap.to_str().unwrap(), "-n"]).unwrap();
+    let packets: Vec<&str> = listing.lines().collect();
+    assert!(packets.len() > 4, "captured nothing between the workers ({filter} on {}): {listing} {rest}", h2.veth);
+    for p in &packets {
+        assert!(p.contains(" UDP, length") && p.contains(".51820"), "not WireGuard: {p}");
+    }
+
+    // Egress: a container reaches a server on the underlay; one on an
+    // internal network does not.
+    let (url, server, stop) = underlay_server(&c, "EGRESS-OK");
+    fetch_ok(&c, "frontend.1", &url, "EGRESS-OK");
+    assert_eq!(fetch(&c, "hidden.1", &url), None, "an internal network reached the underlay");
+
+    // A peer that sends garbage to the overlay port changes nothing.
+    let garbage = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.hosts[0].netns))
+        .args(["/bin/busybox", "sh", "-c"])
+        .arg(format!("for i in 1 2 3 4 5; do head -c 300 /dev/urandom | /bin/busybox nc -u -w 1 {} 51820; done; true", c.hosts[2].ip))
+        .status()
+        .unwrap();
+    assert!(garbage.success());
+    fetch_ok(&c, "frontend.1", &format!("http://{be_front}/"), "BACKEND-MARKER");
+
+    // Bad input: clear errors, nothing changes.
+    let before = c.cli_ok(0, &["network", "ls", "--format", "json"]).unwrap();
+    let bad: [(&[&str], &str); 5] = [
+        (&["network", "create", "--subnet", "100.64.0.0/16", "wide"], "overlaps"),
+        (&["network", "create", "--subnet", "100.90.0.0/28", "tiny"], "too small"),
+        (&["network", "rm", "front"], "is used by service"),
+        (&["service", "create", "--detach", "--name", "h", "--network", "host", "busybox:latest", "true"], "not supported"),
+        (&["service", "create", "--detach", "--name", "u", "--network", "nosuch", "busybox:latest", "true"], "nosuch"),
+    ];
+    for (args, want) in bad {
+        let out = c.cli(0, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(c.cli_ok(0, &["network", "ls", "--format", "json"]).unwrap(), before);
+    let services = c.cli_ok(0, &["service", "ls", "--format", "json"]).unwrap();
+    assert_eq!(services.as_array().unwrap().len(), 4);
+
+    // inspect shows slices and the attached tasks.
+    let front = c.cli_ok(0, &["network", "inspect", "front", "--format", "json"]).unwrap();
+    assert!(front["slices"]["n1"].is_array() && front["slices"]["n2"].is_array(), "{front}");
+    assert_eq!(front["tasks"].as_array().unwrap().len(), 2, "{front}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+}
