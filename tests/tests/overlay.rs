@@ -218,3 +218,49 @@ fn overlay_links_isolates_and_encrypts() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap();
 }
+
+/// Routes through the WireGuard device on host `i` (its peers' slices).
+fn tunnel_routes(c: &Cluster, i: usize) -> Vec<String> {
+    sh("ip", &["-n", &c.hosts[i].netns, "route", "show", "dev", "shoal0"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Peers follow the cluster: a restarted node's tasks are reachable again,
+/// a node that goes down leaves its peers' routes, and comes back into
+/// them when it returns.
+#[test]
+fn peers_follow_the_cluster() {
+    let mut c = Cluster::start(1, 2).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    let mut args = vec!["--name", "b", "--network", "front", "--constraint", "node.name==n2"];
+    let cmd = web("B-MARKER");
+    args.extend(cmd.iter().map(String::as_str));
+    create(&c, &args);
+    create(&c, &["--name", "a", "--network", "front", "--constraint", "node.name==n1", "busybox:latest", "sleep", "1d"]);
+    let b = running(&c, "b", 1);
+    running(&c, "a", 1);
+    let url = format!("http://{}/", ip(&b[0], 0));
+    fetch_ok(&c, "a.1", &url, "B-MARKER");
+    let front = c.cli_ok(0, &["network", "inspect", "front", "--format", "json"]).unwrap();
+    let n2_slice = front["slices"]["n2"][0].as_str().unwrap().to_string();
+    assert!(tunnel_routes(&c, 1).contains(&n2_slice));
+
+    // A clean restart of n2's daemon: its container kept running, and
+    // its networking comes back with the new data plane.
+    c.stop(2);
+    c.restart(2).unwrap();
+    fetch_ok(&c, "a.1", &url, "B-MARKER");
+
+    // n2 dies: once it is down, n1 no longer routes its slice.
+    c.kill(2);
+    wait_for(T, "n1 to drop n2's routes", || Ok((!tunnel_routes(&c, 1).contains(&n2_slice)).then_some(()))).unwrap();
+    // It comes back: its slice is routed again and its task reachable.
+    c.restart(2).unwrap();
+    wait_for(T, "n1 to route n2's slice again", || Ok(tunnel_routes(&c, 1).contains(&n2_slice).then_some(()))).unwrap();
+    let b = running(&c, "b", 1);
+    fetch_ok(&c, "a.1", &format!("http://{}/", ip(&b[0], 0)), "B-MARKER");
+}
