@@ -11,6 +11,7 @@ pub mod executor;
 pub mod image;
 pub mod join;
 pub mod mounts;
+mod discovery;
 mod node;
 mod paths;
 pub mod runtime;

@@ -152,7 +152,7 @@ impl Agent {
                 executor: self.executor.clone(),
                 stop_grace: self.cfg.stop_grace,
                 overlay: overlay.clone(),
-                manager: current_rx,
+                manager: current_rx.clone(),
                 shutdown: stop_rx.clone(),
             }
             .run(),
@@ -165,6 +165,18 @@ impl Agent {
         } else {
             id.managers.clone()
         };
+        let discovery = overlay.clone().map(|o| {
+            tokio::spawn(
+                crate::discovery::Discovery {
+                    node_id: id.id,
+                    tls: self.tls.clone(),
+                    overlay: o,
+                    manager: current_rx.clone(),
+                    shutdown: stop_rx.clone(),
+                }
+                .run(),
+            )
+        });
         let session = tokio::spawn(session::run(session::Session {
             role: id.role,
             role_changed: role_tx,
@@ -186,7 +198,9 @@ impl Agent {
         };
         // Nobody may be listening any more: the send can only fail then.
         let _ = stop_tx.send(true);
-        for (what, handle) in [("session", session), ("task runner", worker)] {
+        let mut handles = vec![("session", session), ("task runner", worker)];
+        handles.extend(discovery.map(|d| ("service discovery", d)));
+        for (what, handle) in handles {
             if let Err(e) = handle.await {
                 tracing::error!(node = %id.name, error = %e, "the agent's {what} panicked");
             }

@@ -251,6 +251,17 @@ fn attachments(a: &Assignment) -> Result<Vec<Attachment>, String> {
         .collect()
 }
 
+/// The task's `/etc/resolv.conf` (this node's DNS server), under
+/// `DATA/netconf/<task>/`; bind-mounted read-only into the container.
+fn write_resolv_conf(data_dir: &std::path::Path, task: &str, atts: &[Attachment]) -> Result<PathBuf, shoal_overlay::OverlayError> {
+    let dir = data_dir.join("netconf").join(task);
+    let path = dir.join("resolv.conf");
+    let io = |source| shoal_overlay::OverlayError::Io { what: format!("writing {}", path.display()), source };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::write(&path, Overlay::resolv_conf(atts).unwrap_or_default()).map_err(io)?;
+    Ok(path)
+}
+
 /// Takes the task's interfaces and namespace down (its addresses go back
 /// to the managers once the task is reported finished).
 async fn release_networks(ctx: &Ctx, id: &str, atts: &[Attachment]) {
@@ -261,6 +272,11 @@ async fn release_networks(ctx: &Ctx, id: &str, atts: &[Attachment]) {
         && let Err(e) = o.detach(id, atts.len()).await
     {
         tracing::warn!(task = %id, error = %e, "could not remove the task's network interfaces");
+    }
+    if let Err(e) = tokio::fs::remove_dir_all(ctx.data_dir.join("netconf").join(id)).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(task = %id, error = %e, "could not remove the task's resolv.conf");
     }
 }
 
@@ -370,8 +386,11 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 }
             }
             if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty()) {
-                match o.attach(&id, &atts).await {
-                    Ok(path) => req.netns = Some(path),
+                match o.attach(&id, &atts).await.and_then(|path| Ok((path, write_resolv_conf(&ctx.data_dir, &id, &atts)?))) {
+                    Ok((path, resolv)) => {
+                        req.netns = Some(path);
+                        req.mounts.push(Mount::Bind { source: resolv, destination: "/etc/resolv.conf".into(), read_only: true });
+                    }
                     Err(e) => {
                         tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected: its networks could not be wired");
                         let _ = std::fs::remove_dir_all(&data_dir);
@@ -473,6 +492,11 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         }
     };
     if stopped_by_us {
+        // Out of DNS and the virtual IPs first, then the signal.
+        if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty() && unhealthy.is_none()) {
+            let addrs: Vec<std::net::Ipv4Addr> = atts.iter().map(|a| a.address).collect();
+            o.wait_out_of_view(&addrs, Duration::from_secs(2), Duration::from_millis(200)).await;
+        }
         let (exec2, id2, grace) = (exec.clone(), id.clone(), ctx.stop_grace);
         let res = tokio::task::spawn_blocking(move || exec2.shutdown(&id2, grace)).await;
         let code = res.ok().and_then(Result::ok).map(|s| s.code);

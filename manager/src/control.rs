@@ -199,6 +199,7 @@ fn service_proto(s: &ServiceObj, state: &State) -> Service {
         // A global service wants one task per eligible node: as many as the
         // orchestrator keeps alive.
         replicas_desired: if s.spec.mode == "global" { wanted } else { s.spec.replicas },
+        vips: s.vips.clone().into_iter().collect(),
     }
 }
 

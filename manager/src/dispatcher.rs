@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::pin::Pin;
 
 use shoal_proto::dispatcher::{
-    Assignment, AssignmentsMessage, NetworkAttachment, Peer, TaskData, AssignmentsRequest, BlobChunk, BlobRef, HeartbeatRequest, HeartbeatResponse,
+    Assignment, AssignmentsMessage, NetworkAttachment, Peer, ServiceRecord, ServiceView, ServicesRequest, TaskData, AssignmentsRequest, BlobChunk, BlobRef, HeartbeatRequest, HeartbeatResponse,
     TaskStatusAck, TaskStatusBatch,
 };
 use tokio::io::AsyncReadExt;
@@ -210,7 +210,64 @@ fn peers_of(s: &State, node: u64) -> (u64, Vec<Peer>) {
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Every service on every network it is on: its virtual IP and the
+/// addresses of its tasks that run and are to keep running (a task told to
+/// stop leaves the view at once, before its node signals it).
+fn service_view(s: &State) -> ServiceView {
+    let mut records = Vec::new();
+    for svc in s.services.values() {
+        for (i, network) in svc.spec.networks.iter().enumerate() {
+            let addresses = s
+                .tasks
+                .values()
+                .filter(|t| t.service_id == svc.id && t.state == TaskState::Running && t.desired_state == TaskState::Running)
+                .filter_map(|t| t.addresses.get(i))
+                .filter_map(|a| a.split('/').next().map(str::to_string))
+                .collect();
+            records.push(ServiceRecord {
+                service: svc.spec.name.clone(),
+                network: network.clone(),
+                vip: svc.vips.get(network).cloned().unwrap_or_default(),
+                addresses,
+            });
+        }
+    }
+    ServiceView { records }
+}
+
 impl DispatcherService {
+    /// Streams the service view: now, then again whenever a service, a
+    /// task or a network changes it (changes in one burst are sent once).
+    async fn stream_services(self, tx: tokio::sync::mpsc::Sender<Result<ServiceView, Status>>) {
+        let mut events = self.manager.store.watch();
+        let mut shutdown = self.shutdown.clone();
+        let mut last: Option<ServiceView> = None;
+        loop {
+            let view = self.manager.store.read(service_view);
+            if last.as_ref() != Some(&view) {
+                if tx.send(Ok(view.clone())).await.is_err() {
+                    return;
+                }
+                last = Some(view);
+            }
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
+                    ev = events.recv() => match ev {
+                        Ok(ev) if ev.changes.iter().any(|c| matches!(c,
+                            Change::Service(_) | Change::ServiceRemoved(_) | Change::Task(_) | Change::TaskRemoved(_) | Change::Network(_) | Change::NetworkRemoved(_))) => break,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(_) => return,
+                    },
+                }
+            }
+            // Let the rest of a burst land first.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Streams node `node`'s assignments: the full set, then what changes.
     async fn stream_assignments(self, node: u64, tx: tokio::sync::mpsc::Sender<Result<AssignmentsMessage, Status>>) {
         let mut events = self.manager.store.watch();
@@ -292,6 +349,18 @@ impl Dispatcher for DispatcherService {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(self.clone().stream_assignments(node, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ServicesStream = Stream_<ServiceView>;
+
+    async fn services(&self, req: Request<ServicesRequest>) -> Result<Response<Self::ServicesStream>, Status> {
+        let (caller, _) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        if caller != format_node_id(req.get_ref().node_id) {
+            return Err(Status::permission_denied("a node may only follow the service view for itself"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(self.clone().stream_services(tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -193,6 +193,9 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
             published.push((p.published, &p.protocol));
         }
     }
+    if !["", "vip", "dnsrr"].contains(&spec.endpoint_mode.as_str()) {
+        return Err(invalid("endpoint mode", spec.endpoint_mode.clone(), "expected vip or dnsrr"));
+    }
     for (i, n) in spec.networks.iter().enumerate() {
         if n == "host" || n == "none" || n == "bridge" {
             return Err(invalid(

@@ -28,6 +28,8 @@ use crate::OverlayError;
 /// The TUN's MTU: a 1500-byte underlay less WireGuard's 60 bytes over IPv4
 /// (and some room), as wireguard-go defaults to.
 pub const MTU: u16 = 1420;
+/// The UDP socket's send and receive buffers.
+const SOCKET_BUFFER: usize = 8 << 20;
 /// Room for one packet (MTU) in a batch buffer, with the virtio header.
 const PACKET_ROOM: usize = 2048;
 
@@ -107,6 +109,18 @@ impl DataPlane {
             }
         };
         let udp = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port))).await.map_err(io(format!("binding UDP port {}", cfg.port)))?;
+        // Bursts of a whole TSO super-packet arrive at once: the default
+        // socket buffers (~200 KiB) overflow and TCP sees the drops.
+        for (opt, name) in [(true, "receive"), (false, "send")] {
+            let set = if opt {
+                nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::RcvBufForce, &SOCKET_BUFFER)
+            } else {
+                nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::SndBufForce, &SOCKET_BUFFER)
+            };
+            if let Err(e) = set {
+                tracing::warn!(error = %e, "could not enlarge the overlay socket's {name} buffer");
+            }
+        }
         tracing::info!(tun = %cfg.tun_name, port = cfg.port, offload, "overlay data plane up");
         let inner = Arc::new(Inner {
             secret: cfg.secret,

@@ -21,11 +21,32 @@ pub struct NetRule {
     pub internal: bool,
 }
 
+/// A service's virtual IP on one network and the tasks behind it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VipRule {
+    pub vip: std::net::Ipv4Addr,
+    pub backends: Vec<std::net::Ipv4Addr>,
+}
+
 /// The rule set for `nets`, as `nft -f` input.
-pub fn ruleset(nets: &[NetRule], tun: &str, bridge_prefix: &str) -> String {
+pub fn ruleset(nets: &[NetRule], vips: &[VipRule], tun: &str, bridge_prefix: &str) -> String {
     let mut s = format!("add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    // Virtual IPs: each new connection goes to one of the service's tasks,
+    // picked at random; conntrack keeps a connection on its task, so
+    // replacing the map never moves open connections.
+    s.push_str("  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n");
+    for v in vips.iter().filter(|v| !v.backends.is_empty()) {
+        let map: Vec<String> = v.backends.iter().enumerate().map(|(i, b)| format!("{i} : {b}")).collect();
+        s.push_str(&format!("    ip daddr {} dnat ip to numgen random mod {} map {{ {} }}\n", v.vip, v.backends.len(), map.join(", ")));
+    }
+    s.push_str("  }\n");
     s.push_str("  chain forward {\n    type filter hook forward priority filter - 5; policy accept;\n");
     s.push_str("    ct state established,related accept\n");
+    // A virtual IP with no task behind it: refused at once, never routed on.
+    let idle: Vec<String> = vips.iter().filter(|v| v.backends.is_empty()).map(|v| v.vip.to_string()).collect();
+    if !idle.is_empty() {
+        s.push_str(&format!("    ip daddr {{ {} }} reject\n", idle.join(", ")));
+    }
     // Within one network: allowed, on this host and across hosts.
     for n in nets {
         s.push_str(&format!("    ip saddr {0} ip daddr {0} accept\n", n.subnet));
@@ -72,8 +93,8 @@ fn nft(input: &str) -> Result<(), OverlayError> {
 }
 
 /// Installs (or replaces) the table.
-pub fn apply(nets: &[NetRule], tun: &str, bridge_prefix: &str) -> Result<(), OverlayError> {
-    nft(&ruleset(nets, tun, bridge_prefix))
+pub fn apply(nets: &[NetRule], vips: &[VipRule], tun: &str, bridge_prefix: &str) -> Result<(), OverlayError> {
+    nft(&ruleset(nets, vips, tun, bridge_prefix))
 }
 
 /// Removes the table, if it is there.
@@ -83,6 +104,7 @@ pub fn remove() -> Result<(), OverlayError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -91,13 +113,19 @@ mod tests {
             NetRule { subnet: "100.64.0.0/20".into(), internal: false },
             NetRule { subnet: "100.64.16.0/20".into(), internal: true },
         ];
-        let r = ruleset(&nets, "shoal0", "shn");
+        let vips = [
+            VipRule { vip: "100.64.15.193".parse().unwrap(), backends: vec!["100.64.0.2".parse().unwrap(), "100.64.0.66".parse().unwrap()] },
+            VipRule { vip: "100.64.15.194".parse().unwrap(), backends: vec![] },
+        ];
+        let r = ruleset(&nets, &vips, "shoal0", "shn");
+        assert!(r.contains("ip daddr 100.64.15.193 dnat ip to numgen random mod 2 map { 0 : 100.64.0.2, 1 : 100.64.0.66 }"), "{r}");
+        assert!(r.contains("ip daddr { 100.64.15.194 } reject"));
         assert!(r.contains("ip saddr 100.64.0.0/20 ip daddr 100.64.0.0/20 accept"));
         assert!(r.contains("ip daddr { 100.64.0.0/20, 100.64.16.0/20 } drop"));
         assert!(r.contains("ip saddr { 100.64.16.0/20 } drop"));
         assert!(r.contains("ip saddr { 100.64.0.0/20 } oifname != \"shoal0\" oifname != \"shn*\" masquerade"));
         // No networks: a valid, empty table.
-        let empty = ruleset(&[], "shoal0", "shn");
+        let empty = ruleset(&[], &[], "shoal0", "shn");
         assert!(!empty.contains("{  }") && !empty.contains("drop"));
     }
 }

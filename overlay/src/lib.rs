@@ -9,6 +9,7 @@
 //! talks to a manager.
 
 pub mod dataplane;
+pub mod dns;
 pub mod firewall;
 pub mod keys;
 pub mod link;
@@ -17,6 +18,7 @@ pub mod netns;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex};
 
@@ -98,13 +100,28 @@ impl Attachment {
     }
 }
 
+/// One service on one network, as the managers' service view says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub service: String,
+    pub network: String,
+    /// None in dnsrr mode.
+    pub vip: Option<Ipv4Addr>,
+    /// Tasks that run and are to keep running.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
 #[derive(Default)]
 struct State {
     /// Networks with a bridge on this node, by bridge name.
     bridges: BTreeMap<String, (u32, firewall::NetRule)>,
     /// Routes to peers' slices through the TUN.
     routes: BTreeSet<(Ipv4Addr, u8)>,
-    rules_applied: Option<Vec<firewall::NetRule>>,
+    /// Virtual IPs and their backends, from the service view.
+    vips: Vec<firewall::VipRule>,
+    rules_applied: Option<(Vec<firewall::NetRule>, Vec<firewall::VipRule>)>,
+    /// Gateways the DNS server listens on.
+    dns_listening: BTreeSet<Ipv4Addr>,
 }
 
 pub struct Overlay {
@@ -115,6 +132,8 @@ pub struct Overlay {
     endpoint: String,
     netns_dir: PathBuf,
     state: Mutex<State>,
+    dns: Arc<dns::DnsView>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl Overlay {
@@ -123,9 +142,17 @@ impl Overlay {
     pub async fn start(cfg: OverlayConfig, shutdown: watch::Receiver<bool>) -> Result<Overlay, OverlayError> {
         let secret = keys::load_or_create(&cfg.data_dir.join("overlay.key"))?;
         let public_key = keys::public_key(&secret);
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|source| OverlayError::Io { what: "enabling IPv4 forwarding".into(), source })?;
-        let dp = DataPlane::start(dataplane::DataPlaneConfig { tun_name: TUN_NAME.into(), port: cfg.port, secret }, shutdown).await?;
+        // Forward between bridges and the tunnel; never tell a task to go
+        // around its gateway (tasks have /32 addresses: every packet, even
+        // to a neighbour, passes the node, its isolation and its VIPs).
+        for (path, value) in [
+            ("/proc/sys/net/ipv4/ip_forward", "1"),
+            ("/proc/sys/net/ipv4/conf/all/send_redirects", "0"),
+            ("/proc/sys/net/ipv4/conf/default/send_redirects", "0"),
+        ] {
+            std::fs::write(path, value).map_err(|source| OverlayError::Io { what: format!("setting {path}"), source })?;
+        }
+        let dp = DataPlane::start(dataplane::DataPlaneConfig { tun_name: TUN_NAME.into(), port: cfg.port, secret }, shutdown.clone()).await?;
         let nl = Netlink::open()?;
         let tun_index = nl.index(TUN_NAME).await?.ok_or_else(|| OverlayError::NoSuchLink(TUN_NAME.into()))?;
         let overlay = Overlay {
@@ -136,6 +163,8 @@ impl Overlay {
             endpoint: format!("{}:{}", cfg.endpoint_ip, cfg.port),
             netns_dir: cfg.data_dir.join("netns"),
             state: Mutex::new(State::default()),
+            dns: Arc::new(dns::DnsView::new(dns::upstream_from_resolv_conf())),
+            shutdown,
         };
         overlay.apply_rules(&mut *overlay.state.lock().await)?;
         Ok(overlay)
@@ -175,11 +204,47 @@ impl Overlay {
 
     fn apply_rules(&self, st: &mut State) -> Result<(), OverlayError> {
         let rules: Vec<firewall::NetRule> = st.bridges.values().map(|(_, r)| r.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        if st.rules_applied.as_ref() != Some(&rules) {
-            firewall::apply(&rules, TUN_NAME, BRIDGE_PREFIX)?;
-            st.rules_applied = Some(rules);
+        let want = (rules, st.vips.clone());
+        if st.rules_applied.as_ref() != Some(&want) {
+            firewall::apply(&want.0, &want.1, TUN_NAME, BRIDGE_PREFIX)?;
+            st.rules_applied = Some(want);
         }
         Ok(())
+    }
+
+    /// The managers' service view: DNS answers and virtual IPs follow it.
+    pub async fn set_services(&self, entries: Vec<ServiceEntry>) -> Result<(), OverlayError> {
+        let mut vips: Vec<firewall::VipRule> = entries
+            .iter()
+            .filter_map(|e| {
+                let mut backends = e.addresses.clone();
+                backends.sort();
+                Some(firewall::VipRule { vip: e.vip?, backends })
+            })
+            .collect();
+        vips.sort();
+        self.dns.set_services(entries);
+        let mut st = self.state.lock().await;
+        st.vips = vips;
+        self.apply_rules(&mut st)
+    }
+
+    /// Waits (at most `max`) until the service view no longer lists any of
+    /// `addresses`: a task told to stop is out of DNS and the virtual IPs
+    /// on this node before it is signalled. The other nodes got the same
+    /// view from the same leader; `margin` is their time to apply it.
+    pub async fn wait_out_of_view(&self, addresses: &[Ipv4Addr], max: std::time::Duration, margin: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        while self.dns.lists(addresses) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(margin).await;
+    }
+
+    /// What a task's `/etc/resolv.conf` says: this node's DNS server on
+    /// the task's first network.
+    pub fn resolv_conf(atts: &[Attachment]) -> Option<String> {
+        atts.first().map(|a| format!("nameserver {}\noptions ndots:0\n", a.gateway))
     }
 
     /// Gives task `task` a network namespace with an interface on each of
@@ -200,9 +265,19 @@ impl Overlay {
             self.nl.add_address(index, a.gateway, a.prefix).await?;
             st.bridges.insert(name, (index, firewall::NetRule { subnet: a.subnet.clone(), internal: a.internal }));
             bridges.push(index);
+            if st.dns_listening.insert(a.gateway) {
+                match dns::serve(self.dns.clone(), a.gateway, self.shutdown.clone()).await {
+                    Ok(()) => tracing::info!(network = %a.network, address = %a.gateway, "DNS answering tasks"),
+                    Err(e) => {
+                        st.dns_listening.remove(&a.gateway);
+                        return Err(e);
+                    }
+                }
+            }
         }
         self.apply_rules(&mut st)?;
         drop(st);
+        self.dns.add_asker(task, atts.iter().map(|a| (a.address, a.network.clone())).collect());
         if path.exists() {
             return Ok(path);
         }
@@ -234,7 +309,10 @@ impl Overlay {
                 for (i, a) in atts.iter().enumerate() {
                     let idx = nl.rename_up(&format!("shp{short}{i}"), &format!("eth{i}")).await?;
                     nl.set_mtu(idx, CONTAINER_MTU).await?;
-                    nl.add_address(idx, a.address, a.prefix).await?;
+                    // A /32 behind the node's gateway: even a neighbour on
+                    // the same bridge is reached through the node.
+                    nl.add_address(idx, a.address, 32).await?;
+                    nl.add_route_dev(a.gateway, 32, idx).await?;
                     // The whole network through this interface's gateway:
                     // a task on two networks talks to each on its own.
                     let (net, len) = a.subnet_parts();
@@ -250,6 +328,7 @@ impl Overlay {
 
     /// Removes task `task`'s interfaces (its `count` veths) and namespace.
     pub async fn detach(&self, task: &str, count: usize) -> Result<(), OverlayError> {
+        self.dns.remove_asker(task);
         let short = &task[..task.len().min(10)];
         for i in 0..count.max(1) {
             self.nl.delete_named(&format!("shv{short}{i}")).await?;

@@ -264,3 +264,68 @@ fn peers_follow_the_cluster() {
     let b = running(&c, "b", 1);
     fetch_ok(&c, "a.1", &format!("http://{}/", ip(&b[0], 0)), "B-MARKER");
 }
+
+/// `nslookup NAME` in task `from`: the addresses it answered, or None.
+fn lookup(c: &Cluster, from: &str, name: &str) -> Option<Vec<String>> {
+    let out = c.cli(0, &["exec", from, "nslookup", name]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return None;
+    }
+    // busybox prints the server first, then "Name: …" and the answers.
+    let answers = text.split_once("Name:")?.1;
+    Some(answers.lines().filter_map(|l| l.trim().strip_prefix("Address:")).map(|a| a.trim().to_string()).collect())
+}
+
+/// Discovery: a service's name resolves to its virtual IP on the asker's
+/// network, `tasks.NAME` to every running task, connections to the VIP are
+/// balanced over all tasks on every host, names on other networks don't
+/// resolve, and a scaled-down task leaves DNS and the VIP.
+#[test]
+fn services_by_name_and_virtual_ip() {
+    let c = Cluster::start(1, 2).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    c.cli_ok(0, &["network", "create", "other"]).unwrap();
+    let serve_hostname = "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 80 -h /www";
+    create(&c, &["--name", "b", "--network", "front", "--replicas", "3", "--constraint", "node.role==worker", "busybox:latest", "sh", "-c", serve_hostname]);
+    create(&c, &["--name", "a", "--network", "front", "--constraint", "node.name==n1", "busybox:latest", "sleep", "1d"]);
+    create(&c, &["--name", "o", "--network", "other", "--constraint", "node.name==n1", "busybox:latest", "sleep", "1d"]);
+    let bs = running(&c, "b", 3);
+    running(&c, "a", 1);
+    running(&c, "o", 1);
+    let svc = c.cli_ok(0, &["service", "inspect", "b", "--format", "json"]).unwrap();
+    let vip = svc["vips"]["front"].as_str().unwrap().to_string();
+    let mut task_ips: Vec<String> = bs.iter().map(|t| ip(t, 0)).collect();
+    task_ips.sort();
+
+    // By name: the VIP; tasks.b: every running task.
+    wait_for(T, "b to resolve to its VIP", || Ok((lookup(&c, "a.1", "b") == Some(vec![vip.clone()])).then_some(()))).unwrap();
+    let mut tasks = lookup(&c, "a.1", "tasks.b").unwrap();
+    tasks.sort();
+    assert_eq!(tasks, task_ips);
+    // Not on a network the asker shares: no answer.
+    assert_eq!(lookup(&c, "o.1", "b"), None);
+
+    // Through the VIP: 60 connections reach all three tasks.
+    wait_for(T, "the VIP to answer", || Ok(fetch(&c, "a.1", &format!("http://{vip}/")))).unwrap();
+    let script = format!("for i in $(seq 60); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {vip} 80 | tail -n 1; done");
+    let out = c.cli(0, &["exec", "a.1", "sh", "-c", &script]);
+    let seen: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    assert_eq!(seen.len(), 3, "60 connections reached {seen:?}");
+
+    // Scale down: the removed task leaves DNS and the VIP.
+    c.cli_ok(0, &["service", "scale", "--detach", "b=2"]).unwrap();
+    let left = running(&c, "b", 2);
+    let mut left_ips: Vec<String> = left.iter().map(|t| ip(t, 0)).collect();
+    left_ips.sort();
+    wait_for(T, "tasks.b to hold two tasks", || {
+        let mut t = lookup(&c, "a.1", "tasks.b").unwrap_or_default();
+        t.sort();
+        Ok((t == left_ips).then_some(()))
+    })
+    .unwrap();
+    let out = c.cli(0, &["exec", "a.1", "sh", "-c", &script.replace("seq 60", "seq 20")]);
+    let seen: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    assert_eq!(seen.len(), 2, "after scale-down: {seen:?}");
+}

@@ -88,7 +88,7 @@ fn build(nodes: u64, services: u64, tasks: u64, mixed: bool) -> anyhow::Result<S
                 spec.placement_prefs.push("spread=node.labels.zone".into());
             }
         }
-        let svc = ServiceObj { id: format!("id{s:03}"), spec, previous_spec: None, version: 1, created_at_ms: 0, updated_at_ms: 0 };
+        let svc = ServiceObj { id: format!("id{s:03}"), spec, previous_spec: None, vips: Default::default(), version: 1, created_at_ms: 0, updated_at_ms: 0 };
         b.apply(Command::CreateService { service: Box::new(svc.clone()) })?;
         let new: Vec<TaskObj> = (1..=per).map(|slot| task(&svc, slot, 0)).collect();
         b.apply(Command::CreateTasks { tasks: new })?;
@@ -99,6 +99,7 @@ fn build(nodes: u64, services: u64, tasks: u64, mixed: bool) -> anyhow::Result<S
             id: "existing".into(),
             spec: ServiceSpec { name: "existing".into(), image: "bb:1".into(), mode: "replicated".into(), replicas: nodes, ..Default::default() },
             previous_spec: None,
+            vips: Default::default(),
             version: 1,
             created_at_ms: 0,
             updated_at_ms: 0,

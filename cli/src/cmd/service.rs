@@ -71,6 +71,12 @@ pub struct UpdateArgs {
     /// Replace the command and arguments.
     #[arg(long = "args", num_args = 1.., allow_hyphen_values = true)]
     args: Option<Vec<String>>,
+    /// Attach to one more network.
+    #[arg(long = "network-add")]
+    network_add: Vec<String>,
+    /// Detach from a network.
+    #[arg(long = "network-rm")]
+    network_rm: Vec<String>,
     #[command(flatten)]
     flags: SpecFlags,
 }
@@ -87,8 +93,14 @@ pub struct SpecFlags {
     /// PUBLISHED:TARGET[/tcp|udp]
     #[arg(long, short = 'p')]
     publish: Vec<String>,
+    /// An overlay network to attach the tasks to (repeatable; on update,
+    /// replaces the list).
     #[arg(long)]
     network: Vec<String>,
+    /// vip: the service name resolves to a virtual IP per network,
+    /// balanced over its tasks; dnsrr: to the task addresses.
+    #[arg(long = "endpoint-mode", value_parser = ["vip", "dnsrr"])]
+    endpoint_mode: Option<String>,
     /// KEY=VALUE
     #[arg(long, short = 'e')]
     env: Vec<String>,
@@ -226,6 +238,9 @@ impl SpecFlags {
         if !self.network.is_empty() {
             spec.networks = self.network.clone();
         }
+        if let Some(m) = &self.endpoint_mode {
+            spec.endpoint_mode = m.clone();
+        }
         if !self.env.is_empty() {
             spec.env = self.env.clone();
         }
@@ -331,6 +346,8 @@ pub fn service_json(s: &Service) -> Value {
         "env": spec.env,
         "ports": spec.ports.iter().map(|p| json!({"published": p.published, "target": p.target, "protocol": p.protocol})).collect::<Vec<_>>(),
         "networks": spec.networks,
+        "endpoint_mode": if spec.endpoint_mode.is_empty() { "vip" } else { spec.endpoint_mode.as_str() },
+        "vips": s.vips,
         "user": spec.user,
         "workdir": spec.workdir,
         "limits": {"nano_cpus": limits.nano_cpus, "memory_bytes": limits.memory_bytes},
@@ -508,6 +525,18 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 s.args = args;
             }
             a.flags.apply(&mut s)?;
+            for n in &a.network_rm {
+                if !s.networks.contains(n) {
+                    return Err(anyhow!("--network-rm {n}: the service is not on network {n:?}"));
+                }
+                s.networks.retain(|x| x != n);
+            }
+            for n in &a.network_add {
+                if s.networks.contains(n) {
+                    return Err(anyhow!("--network-add {n}: the service is on network {n:?} already"));
+                }
+                s.networks.push(n.clone());
+            }
             let svc = c
                 .update_service(UpdateServiceRequest { service: cur.id.clone(), spec: Some(s), version: cur.version })
                 .await

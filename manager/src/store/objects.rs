@@ -84,6 +84,9 @@ pub struct ServiceObj {
     pub spec: ServiceSpec,
     #[serde(with = "prost_bytes_opt")]
     pub previous_spec: Option<ServiceSpec>,
+    /// Network name → the service's virtual IP there (vip endpoint mode),
+    /// from the network's last slice; kept across updates.
+    pub vips: BTreeMap<String, String>,
     pub version: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
@@ -92,7 +95,7 @@ pub struct ServiceObj {
 impl ServiceObj {
     /// A new service; the store stamps version and times when it applies.
     pub fn new(id: String, spec: ServiceSpec) -> Self {
-        ServiceObj { id, spec, previous_spec: None, version: 0, created_at_ms: 0, updated_at_ms: 0 }
+        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0 }
     }
 }
 

@@ -118,11 +118,12 @@ impl State {
                 }
                 let net = crate::spec::parse_cidr(&network.subnet)
                     .map_err(|e| ApplyError::Refused(Refusal::InvalidSubnet { message: e.to_string() }))?;
-                if net.1 > SLICE_PREFIX {
+                if net.1 >= SLICE_PREFIX {
                     return Err(ApplyError::Refused(Refusal::InvalidSubnet {
                         message: format!(
-                            "subnet {} is too small: nodes take addresses in /{SLICE_PREFIX} slices, so a network needs a /{SLICE_PREFIX} or larger",
-                            network.subnet
+                            "subnet {} is too small: nodes take addresses in /{SLICE_PREFIX} slices and virtual IPs take one more, so a network needs a /{} or larger",
+                            network.subnet,
+                            SLICE_PREFIX - 1
                         ),
                     }));
                 }
@@ -272,6 +273,7 @@ impl State {
                 if self.services.contains_key(&service.id) {
                     return Err(ApplyError::NameTaken { kind: "service id".into(), name: service.id });
                 }
+                service.vips = self.vips_for(&service.spec, &service.vips, &service.id)?;
                 service.version = index;
                 service.created_at_ms = now;
                 service.updated_at_ms = now;
@@ -285,6 +287,8 @@ impl State {
                 if self.services.values().any(|s| s.id != id && s.spec.name == spec.name) {
                     return Err(ApplyError::NameTaken { kind: "service".into(), name: spec.name.clone() });
                 }
+                let old_vips = self.services.get(&id).map(|s| s.vips.clone()).unwrap_or_default();
+                let vips = self.vips_for(&spec, &old_vips, &id)?;
                 let svc = self.services.get_mut(&id).ok_or_else(|| service_not_found(&service))?;
                 if expected_version != 0 && svc.version != expected_version {
                     return Err(ApplyError::VersionMismatch {
@@ -295,6 +299,7 @@ impl State {
                     });
                 }
                 svc.previous_spec = Some(std::mem::replace(&mut svc.spec, *spec));
+                svc.vips = vips;
                 svc.version = index;
                 svc.updated_at_ms = now;
                 applied.ids.push(id.clone());
@@ -416,6 +421,40 @@ impl State {
             .ok_or_else(exhausted)
     }
 
+    /// The service's virtual IPs for `spec`: one per network in vip mode,
+    /// kept where it already had one (`old`), new ones from the network's
+    /// last slice, which tasks never get.
+    fn vips_for(&self, spec: &shoal_proto::control::ServiceSpec, old: &BTreeMap<String, String>, service_id: &str) -> Result<BTreeMap<String, String>, ApplyError> {
+        let mut out = BTreeMap::new();
+        if spec.endpoint_mode == "dnsrr" {
+            return Ok(out);
+        }
+        for name in &spec.networks {
+            if let Some(v) = old.get(name) {
+                out.insert(name.clone(), v.clone());
+                continue;
+            }
+            let Some(net) = self.networks.get(name) else { continue };
+            let Ok(subnet) = crate::spec::parse_cidr(&net.subnet) else { continue };
+            let size = 1u32 << (32 - SLICE_PREFIX);
+            let base = u32::from(subnet.0) + (1u32 << (32 - subnet.1)) - size;
+            let used: std::collections::HashSet<String> = self
+                .services
+                .values()
+                .filter(|s| s.id != service_id)
+                .filter_map(|s| s.vips.get(name).cloned())
+                .collect();
+            let vip = (1..size - 1)
+                .map(|o| std::net::Ipv4Addr::from(base + o).to_string())
+                .find(|a| !used.contains(a))
+                .ok_or_else(|| ApplyError::Refused(Refusal::InvalidSubnet {
+                    message: format!("network {name:?} has no virtual IP left for service {:?}: its last /{SLICE_PREFIX} holds them", spec.name),
+                }))?;
+            out.insert(name.clone(), vip);
+        }
+        Ok(out)
+    }
+
     /// Gives task `id` an address on each of its networks from its node's
     /// slices (taking a new slice when they are full), if it is placed, not
     /// finished, and has none yet. A network with no address left fails
@@ -495,7 +534,8 @@ impl State {
             .filter_map(|s| crate::spec::parse_cidr(s).ok())
             .map(|(a, _)| u32::from(a))
             .collect();
-        let count = 1u32 << (SLICE_PREFIX - subnet.1);
+        // The last slice holds the network's virtual IPs.
+        let count = (1u32 << (SLICE_PREFIX - subnet.1)) - 1;
         let base = (0..count)
             .map(|i| u32::from(subnet.0) + i * size)
             .find(|b| !taken.contains(b))
@@ -634,6 +674,7 @@ mod tests {
                 id: id.into(),
                 spec: ServiceSpec { name: name.into(), image: "bb:1".into(), mode: mode.into(), replicas: 1, ..Default::default() },
                 previous_spec: None,
+                vips: Default::default(),
                 version: 0,
                 created_at_ms: 0,
                 updated_at_ms: 0,
@@ -813,7 +854,7 @@ mod tests {
     #[test]
     fn a_full_network_fails_the_task_with_the_reason() {
         let mut st = State::default();
-        apply(&mut st, 1, net("one", "100.64.0.0/26")).unwrap();
+        apply(&mut st, 1, net("one", "100.64.0.0/25")).unwrap();
         for i in 0..61 {
             placed(&mut st, 2 + i, &format!("t{i}"), &["one"], 7);
         }
