@@ -75,6 +75,8 @@ struct Inner {
     secret: StaticSecret,
     peers: RwLock<Arc<Peers>>,
     udp: UdpSocket,
+    /// GSO/GRO and batched receive on `udp` (quinn-udp).
+    udp_state: quinn_udp::UdpSocketState,
     tun: AsyncDevice,
     offload: bool,
     next_index: AtomicU32,
@@ -121,10 +123,19 @@ impl DataPlane {
                 tracing::warn!(error = %e, "could not enlarge the overlay socket's {name} buffer");
             }
         }
-        tracing::info!(tun = %cfg.tun_name, port = cfg.port, offload, "overlay data plane up");
+        let udp_state = quinn_udp::UdpSocketState::new((&udp).into()).map_err(io("setting up the overlay socket".into()))?;
+        tracing::info!(
+            tun = %cfg.tun_name,
+            port = cfg.port,
+            tun_offload = offload,
+            udp_gso_segments = udp_state.max_gso_segments(),
+            udp_gro_segments = udp_state.gro_segments(),
+            "overlay data plane up"
+        );
         let inner = Arc::new(Inner {
             secret: cfg.secret,
             peers: RwLock::new(Arc::new(Peers::default())),
+            udp_state,
             udp,
             tun,
             offload,
@@ -223,12 +234,42 @@ fn dst_v4(pkt: &[u8]) -> Option<u32> {
     (pkt.len() >= 20 && pkt[0] >> 4 == 4).then(|| u32::from_be_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]))
 }
 
+/// Consecutive encrypted packets for one peer, of one size (the last may
+/// be shorter): sent with one `sendmsg` as UDP GSO segments.
+struct Run {
+    endpoint: SocketAddr,
+    start: usize,
+    segment: usize,
+    count: usize,
+    /// A shorter segment ended it.
+    closed: bool,
+}
+
+/// Sends `run`'s bytes of `buf`; one syscall for the whole run where the
+/// kernel does UDP GSO.
+async fn flush(inner: &Inner, buf: &[u8], run: &Run, end: usize) {
+    let contents = &buf[run.start..end];
+    let t = quinn_udp::Transmit {
+        destination: run.endpoint,
+        ecn: None,
+        contents,
+        segment_size: (run.count > 1).then_some(run.segment),
+        src_ip: None,
+    };
+    let sent = inner.udp.async_io(tokio::io::Interest::WRITABLE, || inner.udp_state.try_send((&inner.udp).into(), &t)).await;
+    if let Err(e) = sent {
+        tracing::debug!(peer = %run.endpoint, segments = run.count, error = %e, "sending to overlay peer failed");
+    }
+}
+
 /// Encrypts what the TUN gives us and sends it to the owning peer.
 async fn tun_to_udp(inner: Arc<Inner>) {
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     let mut bufs = vec![vec![0u8; PACKET_ROOM]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut out = vec![0u8; PACKET_ROOM + 64];
+    // Encrypted packets of one batch, back to back.
+    let mut out = vec![0u8; IDEAL_BATCH_SIZE * (PACKET_ROOM + 64)];
+    let max_segments = inner.udp_state.max_gso_segments().clamp(1, 64);
     loop {
         let n = if inner.offload {
             match inner.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0).await {
@@ -253,77 +294,99 @@ async fn tun_to_udp(inner: Arc<Inner>) {
             }
         };
         let peers = inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut at = 0usize;
+        let mut run: Option<Run> = None;
         for i in 0..n {
             let pkt = &bufs[i][..sizes[i]];
             let Some(peer) = dst_v4(pkt).and_then(|d| peers.for_destination(d)) else { continue };
-            let sent = {
+            let len = {
                 let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
-                match t.encapsulate(pkt, &mut out) {
-                    TunnResult::WriteToNetwork(d) => Some(d.len()),
+                match t.encapsulate(pkt, &mut out[at..]) {
+                    TunnResult::WriteToNetwork(d) => d.len(),
                     TunnResult::Err(e) => {
                         tracing::debug!(peer = %peer.cfg.name, error = ?e, "encapsulate failed");
-                        None
+                        continue;
                     }
-                    _ => None,
+                    _ => continue,
                 }
             };
-            if let Some(len) = sent {
-                peer.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
-                if let Err(e) = inner.udp.send_to(&out[..len], peer.cfg.endpoint).await {
-                    tracing::debug!(peer = %peer.cfg.name, error = %e, "sending to overlay peer failed");
+            peer.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+            let joins = run.as_ref().is_some_and(|r| {
+                r.endpoint == peer.cfg.endpoint && !r.closed && r.count < max_segments && len <= r.segment
+            });
+            if joins {
+                if let Some(r) = run.as_mut() {
+                    r.count += 1;
+                    r.closed = len < r.segment;
                 }
+            } else {
+                if let Some(r) = run.take() {
+                    flush(&inner, &out, &r, at).await;
+                }
+                run = Some(Run { endpoint: peer.cfg.endpoint, start: at, segment: len, count: 1, closed: false });
             }
+            at += len;
+        }
+        if let Some(r) = run.take() {
+            flush(&inner, &out, &r, at).await;
         }
     }
 }
 
-/// Decrypts what peers send and hands it to the TUN in batches.
+/// Decrypts what peers send and hands it to the TUN in batches: one
+/// `recvmmsg` brings several GRO trains of datagrams.
 async fn udp_to_tun(inner: Arc<Inner>) {
-    const BATCH: usize = 64;
-    let mut datagram = vec![0u8; 65535];
+    const MSGS: usize = 16;
+    let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; 65536]; MSGS];
+    let mut metas = vec![quinn_udp::RecvMeta::default(); MSGS];
     let mut reply = vec![0u8; PACKET_ROOM + 64];
-    let mut outs: Vec<Vec<u8>> = vec![Vec::with_capacity(VIRTIO_NET_HDR_LEN + PACKET_ROOM); BATCH];
+    let mut outs: Vec<Vec<u8>> = vec![Vec::with_capacity(VIRTIO_NET_HDR_LEN + PACKET_ROOM); IDEAL_BATCH_SIZE];
     let mut gro = GROTable::default();
     loop {
-        let mut ready = 0usize;
-        let first = inner.udp.recv_from(&mut datagram).await;
-        let mut next = Some(first);
-        while let Some(r) = next.take() {
-            match r {
-                Ok((len, from)) => {
-                    if let Some(pkt_len) = handle_datagram(&inner, &datagram[..len], from, &mut outs[ready], &mut reply).await {
-                        let _ = pkt_len;
-                        ready += 1;
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "overlay socket receive failed"),
-            }
-            if ready < BATCH {
-                // More already queued? Take them into this batch.
-                match inner.udp.try_recv_from(&mut datagram) {
-                    Ok(r) => next = Some(Ok(r)),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => next = Some(Err(e)),
-                }
-            }
-        }
-        if ready == 0 {
-            continue;
-        }
-        let res = if inner.offload {
-            inner.tun.send_multiple(&mut gro, &mut outs[..ready], VIRTIO_NET_HDR_LEN).await.map(|_| ())
-        } else {
-            let mut r = Ok(());
-            for o in &outs[..ready] {
-                if let Err(e) = inner.tun.send(&o[VIRTIO_NET_HDR_LEN..]).await {
-                    r = Err(e);
-                }
-            }
-            r
+        let got = {
+            let mut slices: Vec<std::io::IoSliceMut<'_>> = bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+            inner.udp.async_io(tokio::io::Interest::READABLE, || inner.udp_state.recv((&inner.udp).into(), &mut slices, &mut metas)).await
         };
-        if let Err(e) = res {
-            tracing::debug!(error = %e, "writing to the overlay TUN failed");
+        let msgs = match got {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "overlay socket receive failed");
+                continue;
+            }
+        };
+        let mut ready = 0usize;
+        for (m, meta) in metas.iter().enumerate().take(msgs) {
+            let stride = meta.stride.max(1);
+            for datagram in bufs[m][..meta.len].chunks(stride) {
+                if handle_datagram(&inner, datagram, meta.addr, &mut outs[ready], &mut reply).await.is_some() {
+                    ready += 1;
+                }
+                if ready == outs.len() {
+                    write_tun(&inner, &mut gro, &mut outs[..ready]).await;
+                    ready = 0;
+                }
+            }
         }
+        if ready > 0 {
+            write_tun(&inner, &mut gro, &mut outs[..ready]).await;
+        }
+    }
+}
+
+async fn write_tun(inner: &Inner, gro: &mut GROTable, outs: &mut [Vec<u8>]) {
+    let res = if inner.offload {
+        inner.tun.send_multiple(gro, outs, VIRTIO_NET_HDR_LEN).await.map(|_| ())
+    } else {
+        let mut r = Ok(());
+        for o in outs.iter() {
+            if let Err(e) = inner.tun.send(&o[VIRTIO_NET_HDR_LEN..]).await {
+                r = Err(e);
+            }
+        }
+        r
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "writing to the overlay TUN failed");
     }
 }
 

@@ -147,6 +147,10 @@ mod misbehaving_manager {
             self.reports.lock().unwrap().extend(req.into_inner().statuses);
             Ok(Response::new(TaskStatusAck {}))
         }
+        type ServicesStream = Stream<ServiceView>;
+        async fn services(&self, _: Request<ServicesRequest>) -> Result<Response<Self::ServicesStream>, Status> {
+            Ok(Response::new(Box::pin(tokio_stream::pending())))
+        }
         type FetchBlobStream = Stream<BlobChunk>;
         async fn fetch_blob(&self, _: Request<BlobRef>) -> Result<Response<Self::FetchBlobStream>, Status> {
             Err(Status::not_found("this manager has no blobs"))
