@@ -28,6 +28,8 @@ use crate::OverlayError;
 /// The TUN's MTU: a 1500-byte underlay less WireGuard's 60 bytes over IPv4
 /// (and some room), as wireguard-go defaults to.
 pub const MTU: u16 = 1420;
+/// The most one GSO send may carry (a UDP datagram's limit, less headers).
+const MAX_GSO_BYTES: usize = 65_000;
 /// The UDP socket's send and receive buffers.
 const SOCKET_BUFFER: usize = 8 << 20;
 /// Room for one packet (MTU) in a batch buffer, with the virtio header.
@@ -258,7 +260,7 @@ async fn flush(inner: &Inner, buf: &[u8], run: &Run, end: usize) {
     };
     let sent = inner.udp.async_io(tokio::io::Interest::WRITABLE, || inner.udp_state.try_send((&inner.udp).into(), &t)).await;
     if let Err(e) = sent {
-        tracing::debug!(peer = %run.endpoint, segments = run.count, error = %e, "sending to overlay peer failed");
+        tracing::warn!(peer = %run.endpoint, segments = run.count, bytes = contents.len(), error = %e, "sending to overlay peer failed");
     }
 }
 
@@ -311,8 +313,13 @@ async fn tun_to_udp(inner: Arc<Inner>) {
                 }
             };
             peer.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+            // A GSO send is one UDP datagram to the kernel: at most 64 KiB.
             let joins = run.as_ref().is_some_and(|r| {
-                r.endpoint == peer.cfg.endpoint && !r.closed && r.count < max_segments && len <= r.segment
+                r.endpoint == peer.cfg.endpoint
+                    && !r.closed
+                    && r.count < max_segments
+                    && len <= r.segment
+                    && (at - r.start) + len <= MAX_GSO_BYTES
             });
             if joins {
                 if let Some(r) = run.as_mut() {
