@@ -377,7 +377,7 @@ fn networks_secrets_and_configs_reach_the_tasks_that_use_them() -> anyhow::Resul
     let c = Cluster::start(1, 1)?;
     c.import_busybox(0, "bb:1")?;
     let front = c.cli_ok(0, &["network", "create", "front", "--label", "tier=web", "--format", "json"])?;
-    assert_eq!((front["subnet"].as_str(), front["gateway"].as_str()), (Some("100.64.0.0/24"), Some("100.64.0.1")), "{front}");
+    assert_eq!((front["subnet"].as_str(), front["gateway"].as_str()), (Some("100.64.0.0/20"), Some("100.64.0.1")), "{front}");
     for (args, needle) in [
         (&["network", "create", "--subnet", "100.64.0.0/16", "wide"][..], "overlaps network \"front\""),
         (&["network", "create", "--subnet", "300.1.1.0/24", "bad"][..], "300.1.1.0/24"),
