@@ -11,7 +11,7 @@ use crate::control::status;
 use crate::manager::Manager;
 use shoal_security::pki::{self, CertKey, CertRole};
 use crate::spec;
-use crate::store::objects::{Availability, NodeObj, NodeStatus, Role};
+use crate::store::objects::{Availability, NodeObj, Role};
 use crate::store::state::format_node_id;
 use crate::store::Command;
 
@@ -63,21 +63,10 @@ impl Join for JoinService {
         let cert_pem = pki::sign_csr(&ca, &r.csr_pem, &format_node_id(id), cert_role)
             .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
         let node = NodeObj {
-            id,
-            name: name.clone(),
-            role,
-            status: NodeStatus::Ready,
             availability,
             labels: r.labels.into_iter().collect(),
-            address: r.advertise_addr,
-            overlay_key: String::new(),
-            overlay_endpoint: String::new(),
-            nano_cpus: 0,
-            memory_bytes: 0,
             csr_pem: r.csr_pem,
-            version: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
+            ..NodeObj::new(id, &name, role, &r.advertise_addr)
         };
         self.manager.propose(Command::AddNode { node }).await.map_err(status)?;
         tracing::info!(node = %name, id = %format_node_id(id), role = role.as_str(), "node joined");

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::manager::{Manager, ManagerError, ProposeError};
-use crate::store::objects::{Availability, ClusterObj, NodeObj, NodeStatus};
+use crate::store::objects::{Availability, ClusterObj, NodeObj};
 use crate::store::state::format_node_id;
 use crate::store::Command;
 use crate::DispatcherConfig;
@@ -140,21 +140,10 @@ impl RunningManager {
             version: 0,
         };
         let node = NodeObj {
-            id: identity.id,
-            name: identity.name.clone(),
-            role: Role::Manager,
-            status: NodeStatus::Ready,
             availability: init.availability,
             labels: init.labels.clone(),
-            address: identity.advertise.clone(),
-            overlay_key: String::new(),
-            overlay_endpoint: String::new(),
-            nano_cpus: 0,
-            memory_bytes: 0,
             csr_pem: read_file(&dir.join("tls/node.csr")).unwrap_or_default(),
-            version: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
+            ..NodeObj::new(identity.id, &identity.name, Role::Manager, &identity.advertise)
         };
         self.manager.propose(Command::InitCluster { cluster, node }).await?;
         if let Err(e) = std::fs::remove_file(dir.join("tls/ca-key.pem")) {

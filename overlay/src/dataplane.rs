@@ -347,7 +347,7 @@ async fn udp_to_tun(inner: Arc<Inner>) {
     let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; 65536]; MSGS];
     let mut metas = vec![quinn_udp::RecvMeta::default(); MSGS];
     let mut reply = vec![0u8; PACKET_ROOM + 64];
-    let mut outs: Vec<Vec<u8>> = vec![Vec::with_capacity(VIRTIO_NET_HDR_LEN + PACKET_ROOM); IDEAL_BATCH_SIZE];
+    let mut outs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + PACKET_ROOM)).collect();
     let mut gro = GROTable::default();
     loop {
         let got = {

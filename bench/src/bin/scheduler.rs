@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use shoal_manager::orchestrator::{OrchestratorConfig, Scope, reconcile};
 use shoal_manager::scheduler::{SchedulerConfig, schedule};
 use shoal_manager::store::task::TaskUpdate;
-use shoal_manager::store::objects::{Availability, NodeObj, NodeStatus, Role, ServiceObj};
+use shoal_manager::store::objects::{NodeObj, Role, ServiceObj};
 use shoal_manager::store::task::{TaskObj, TaskState};
 use shoal_manager::store::{Command, State};
 use shoal_proto::control::{Resources, ServiceSpec};
@@ -52,21 +52,10 @@ fn build(nodes: u64, services: u64, tasks: u64, mixed: bool) -> anyhow::Result<S
         let zone = ["a", "b", "c"][(i % 3) as usize];
         b.apply(Command::AddNode {
             node: NodeObj {
-                id: i + 1,
-                name: format!("node-{i:04}"),
-                role: if i < 3 { Role::Manager } else { Role::Worker },
-                status: NodeStatus::Ready,
-                availability: Availability::Active,
                 labels: [("zone".to_string(), zone.to_string())].into(),
-                address: String::new(),
-                overlay_key: String::new(),
-                overlay_endpoint: String::new(),
                 nano_cpus: 64_000_000_000,
                 memory_bytes: 256 << 30,
-                csr_pem: String::new(),
-                version: 0,
-                created_at_ms: 0,
-                updated_at_ms: 0,
+                ..NodeObj::new(i + 1, &format!("node-{i:04}"), if i < 3 { Role::Manager } else { Role::Worker }, "")
             },
         })?;
     }

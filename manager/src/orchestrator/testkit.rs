@@ -72,21 +72,10 @@ impl Sim {
         let id = self.state.nodes.len() as u64 + 1;
         self.apply(Command::AddNode {
             node: NodeObj {
-                id,
-                name: name.into(),
-                role: Role::Worker,
-                status: NodeStatus::Ready,
-                availability: Availability::Active,
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                address: String::new(),
-                overlay_key: String::new(),
-                overlay_endpoint: String::new(),
                 nano_cpus: 2_000_000_000,
                 memory_bytes: 4 * GIB,
-                csr_pem: String::new(),
-                version: 0,
-                created_at_ms: 0,
-                updated_at_ms: 0,
+                ..NodeObj::new(id, name, Role::Worker, "")
             },
         });
         id

@@ -594,7 +594,7 @@ mod live {
     use crate::orchestrator::{Orchestrator, OrchestratorConfig};
     use shoal_security::pki::{self, CertRole};
     use crate::scheduler::{Scheduler, SchedulerConfig};
-    use crate::store::objects::{Availability, NodeObj, NodeStatus, Role, ServiceObj};
+    use crate::store::objects::{NodeObj, NodeStatus, Role, ServiceObj};
     use crate::store::task::{TaskState, TaskUpdate};
     use crate::store::{Command, State};
     use shoal_security::tls::NodeTls;
@@ -602,23 +602,7 @@ mod live {
     use super::spec;
 
     fn node(id: u64, name: &str) -> NodeObj {
-        NodeObj {
-            id,
-            name: name.into(),
-            role: Role::Worker,
-            status: NodeStatus::Ready,
-            availability: Availability::Active,
-            labels: Default::default(),
-            address: String::new(),
-            overlay_key: String::new(),
-            overlay_endpoint: String::new(),
-            nano_cpus: 0,
-            memory_bytes: 0,
-            csr_pem: String::new(),
-            version: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        }
+        NodeObj::new(id, name, Role::Worker, "")
     }
 
     /// Waits (on the store's watch, never on a timer) until `cond` holds.

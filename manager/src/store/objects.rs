@@ -77,6 +77,30 @@ pub struct NodeObj {
     pub updated_at_ms: u64,
 }
 
+impl NodeObj {
+    /// A ready, active node with no labels; the store stamps version and
+    /// times when it applies.
+    pub fn new(id: u64, name: &str, role: Role, address: &str) -> Self {
+        NodeObj {
+            id,
+            name: name.to_string(),
+            role,
+            status: NodeStatus::Ready,
+            availability: Availability::Active,
+            labels: BTreeMap::new(),
+            address: address.to_string(),
+            overlay_key: String::new(),
+            overlay_endpoint: String::new(),
+            nano_cpus: 0,
+            memory_bytes: 0,
+            csr_pem: String::new(),
+            version: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceObj {
     pub id: String,

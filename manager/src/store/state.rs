@@ -846,7 +846,7 @@ mod tests {
         placed(&mut st, 7, "t4", &["front"], 7);
         assert_eq!(st.tasks["t4"].addresses, ["100.64.0.3/26"]);
         // A node that goes gives its slices back.
-        st.nodes.insert(9, NodeObj { id: 9, name: "n9".into(), role: Role::Worker, status: NodeStatus::Down, ..test_node() });
+        st.nodes.insert(9, NodeObj { status: NodeStatus::Down, ..NodeObj::new(9, "n9", Role::Worker, "") });
         apply(&mut st, 8, Command::RemoveNode { id: 9, force: true }).unwrap();
         assert!(!st.networks["front"].slices.contains_key(&9));
     }
@@ -866,23 +866,4 @@ mod tests {
         assert!(t.addresses.is_empty());
     }
 
-    fn test_node() -> NodeObj {
-        NodeObj {
-            id: 0,
-            name: String::new(),
-            role: Role::Worker,
-            status: NodeStatus::Ready,
-            availability: crate::store::objects::Availability::Active,
-            labels: Default::default(),
-            address: String::new(),
-            overlay_key: String::new(),
-            overlay_endpoint: String::new(),
-            nano_cpus: 0,
-            memory_bytes: 0,
-            csr_pem: String::new(),
-            version: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        }
-    }
 }
