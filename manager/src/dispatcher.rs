@@ -216,12 +216,14 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 fn service_view(s: &State) -> ServiceView {
     let mut records = Vec::new();
     for svc in s.services.values() {
-        for (i, network) in svc.spec.networks.iter().enumerate() {
+        for network in &svc.spec.networks {
             let addresses = s
                 .tasks
                 .values()
                 .filter(|t| t.service_id == svc.id && t.state == TaskState::Running && t.desired_state == TaskState::Running)
-                .filter_map(|t| t.addresses.get(i))
+                // A task's addresses follow its own spec's networks (an older
+                // task may be on other ones than the service now).
+                .filter_map(|t| t.spec.networks.iter().position(|n| n == network).and_then(|j| t.addresses.get(j)))
                 .filter_map(|a| a.split('/').next().map(str::to_string))
                 .collect();
             records.push(ServiceRecord {

@@ -104,7 +104,18 @@ impl DataPlane {
     /// loops until `shutdown`. Must run inside a tokio runtime.
     pub async fn start(cfg: DataPlaneConfig, shutdown: watch::Receiver<bool>) -> Result<DataPlane, OverlayError> {
         let io = |what: String| move |source| OverlayError::Io { what, source };
-        let (tun, offload) = match DeviceBuilder::new().name(&cfg.tun_name).mtu(MTU).offload(true).build_async() {
+        // After a role change the node's previous data plane may still hold
+        // the device (EBUSY) while its tasks stop: wait for it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let first = loop {
+            match DeviceBuilder::new().name(&cfg.tun_name).mtu(MTU).offload(true).build_async() {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                r => break r,
+            }
+        };
+        let (tun, offload) = match first {
             Ok(t) => (t, true),
             Err(e) => {
                 tracing::warn!(tun = %cfg.tun_name, error = %e, "TUN offloads (TSO/GRO) unavailable: one packet per read and write");
@@ -112,7 +123,14 @@ impl DataPlane {
                 (t, false)
             }
         };
-        let udp = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port))).await.map_err(io(format!("binding UDP port {}", cfg.port)))?;
+        let udp = loop {
+            match UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port))).await {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                r => break r.map_err(io(format!("binding UDP port {}", cfg.port)))?,
+            }
+        };
         // Bursts of a whole TSO super-packet arrive at once: the default
         // socket buffers (~200 KiB) overflow and TCP sees the drops.
         for (opt, name) in [(true, "receive"), (false, "send")] {
@@ -271,8 +289,9 @@ async fn tun_to_udp(inner: Arc<Inner>) {
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     // Encrypted packets of one batch, back to back.
     let mut out = vec![0u8; IDEAL_BATCH_SIZE * (PACKET_ROOM + 64)];
-    let max_segments = inner.udp_state.max_gso_segments().clamp(1, 64);
     loop {
+        // quinn-udp lowers this to 1 when the kernel refuses GSO at run time.
+        let max_segments = inner.udp_state.max_gso_segments().clamp(1, 64);
         let n = if inner.offload {
             match inner.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0).await {
                 Ok(n) => n,
@@ -407,6 +426,13 @@ async fn handle_datagram(inner: &Inner, datagram: &[u8], from: SocketAddr, out: 
         tracing::debug!(from = %from, "datagram from an address that is no overlay peer: dropped");
         return None;
     };
+    // boringtun panics when its output buffer is smaller than the datagram:
+    // nothing we send is this large, so such a datagram is garbage.
+    if datagram.len() > PACKET_ROOM {
+        inner.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(from = %from, len = datagram.len(), "oversized datagram on the overlay port: dropped");
+        return None;
+    }
     out.clear();
     out.resize(VIRTIO_NET_HDR_LEN + PACKET_ROOM, 0);
     let mut delivered = None;

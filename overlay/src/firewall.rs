@@ -15,6 +15,8 @@ pub const TABLE: &str = "shoal";
 /// One overlay network as the firewall sees it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NetRule {
+    /// The network's bridge on this node.
+    pub bridge: String,
     /// `a.b.c.d/len`
     pub subnet: String,
     /// No egress beyond the overlay.
@@ -47,6 +49,11 @@ pub fn ruleset(nets: &[NetRule], vips: &[VipRule], tun: &str, bridge_prefix: &st
     if !idle.is_empty() {
         s.push_str(&format!("    ip daddr {{ {} }} reject\n", idle.join(", ")));
     }
+    // A task speaks only from its own network: a spoofed source never
+    // gets past its bridge.
+    for n in nets {
+        s.push_str(&format!("    iifname \"{}\" ip saddr != {} drop\n", n.bridge, n.subnet));
+    }
     // Within one network: allowed, on this host and across hosts.
     for n in nets {
         s.push_str(&format!("    ip saddr {0} ip daddr {0} accept\n", n.subnet));
@@ -59,6 +66,9 @@ pub fn ruleset(nets: &[NetRule], vips: &[VipRule], tun: &str, bridge_prefix: &st
     // refused unless it answers a connection the network opened.
     if let Some(all) = set(&|_| true) {
         s.push_str(&format!("    ip daddr {all} drop\n"));
+        // Overlay traffic never leaves in the clear: a slice with no route
+        // through the tunnel (yet) is unreachable, not sent to the underlay.
+        s.push_str(&format!("    oifname != \"{tun}\" oifname != \"{bridge_prefix}*\" ip daddr {all} drop\n"));
     }
     if let Some(internal) = set(&|n| n.internal) {
         s.push_str(&format!("    ip saddr {internal} drop\n"));
@@ -110,8 +120,8 @@ mod tests {
     #[test]
     fn rules_isolate_networks_and_nat_only_egress() {
         let nets = [
-            NetRule { subnet: "100.64.0.0/20".into(), internal: false },
-            NetRule { subnet: "100.64.16.0/20".into(), internal: true },
+            NetRule { bridge: "shn000000000001".into(), subnet: "100.64.0.0/20".into(), internal: false },
+            NetRule { bridge: "shn000000000002".into(), subnet: "100.64.16.0/20".into(), internal: true },
         ];
         let vips = [
             VipRule { vip: "100.64.15.193".parse().unwrap(), backends: vec!["100.64.0.2".parse().unwrap(), "100.64.0.66".parse().unwrap()] },
@@ -121,6 +131,7 @@ mod tests {
         assert!(r.contains("ip daddr 100.64.15.193 dnat ip to numgen random mod 2 map { 0 : 100.64.0.2, 1 : 100.64.0.66 }"), "{r}");
         assert!(r.contains("ip daddr { 100.64.15.194 } reject"));
         assert!(r.contains("ip saddr 100.64.0.0/20 ip daddr 100.64.0.0/20 accept"));
+        assert!(r.contains("iifname \"shn000000000001\" ip saddr != 100.64.0.0/20 drop"));
         assert!(r.contains("ip daddr { 100.64.0.0/20, 100.64.16.0/20 } drop"));
         assert!(r.contains("ip saddr { 100.64.16.0/20 } drop"));
         assert!(r.contains("ip saddr { 100.64.0.0/20 } oifname != \"shoal0\" oifname != \"shn*\" masquerade"));

@@ -111,6 +111,12 @@ pub struct ServiceEntry {
     pub addresses: Vec<Ipv4Addr>,
 }
 
+/// The first 10 characters of a task id, for interface names (15 bytes at
+/// most: `shv` + 10 + the index).
+fn short_id(task: &str) -> String {
+    task.chars().filter(char::is_ascii_alphanumeric).take(10).collect()
+}
+
 #[derive(Default)]
 struct State {
     /// Networks with a bridge on this node, by bridge name.
@@ -263,7 +269,8 @@ impl Overlay {
             };
             // The node's address in the task's slice: the task's gateway.
             self.nl.add_address(index, a.gateway, a.prefix).await?;
-            st.bridges.insert(name, (index, firewall::NetRule { subnet: a.subnet.clone(), internal: a.internal }));
+            let rule = firewall::NetRule { bridge: name.clone(), subnet: a.subnet.clone(), internal: a.internal };
+            st.bridges.insert(name, (index, rule));
             bridges.push(index);
             if st.dns_listening.insert(a.gateway) {
                 match dns::serve(self.dns.clone(), a.gateway, self.shutdown.clone()).await {
@@ -291,7 +298,7 @@ impl Overlay {
     }
 
     async fn wire(&self, task: &str, atts: &[Attachment], bridges: &[u32], path: &Path) -> Result<(), OverlayError> {
-        let short = &task[..task.len().min(10)];
+        let short = short_id(task);
         for (i, bridge) in bridges.iter().enumerate() {
             self.nl.veth_into(&format!("shv{short}{i}"), &format!("shp{short}{i}"), path, *bridge).await?;
             if let Some(h) = self.nl.index(&format!("shv{short}{i}")).await? {
@@ -299,7 +306,6 @@ impl Overlay {
             }
         }
         let atts = atts.to_vec();
-        let short = short.to_string();
         netns::run_in(path, move || {
             Box::pin(async move {
                 let nl = Netlink::open()?;
@@ -329,7 +335,7 @@ impl Overlay {
     /// Removes task `task`'s interfaces (its `count` veths) and namespace.
     pub async fn detach(&self, task: &str, count: usize) -> Result<(), OverlayError> {
         self.dns.remove_asker(task);
-        let short = &task[..task.len().min(10)];
+        let short = short_id(task);
         for i in 0..count.max(1) {
             self.nl.delete_named(&format!("shv{short}{i}")).await?;
         }
