@@ -866,4 +866,23 @@ mod tests {
         assert!(t.addresses.is_empty());
     }
 
+
+    #[test]
+    fn an_exhausted_pool_is_a_clear_error_at_network_create() {
+        let mut st = State::default();
+        st.cluster = Some(ClusterObj {
+            ca_cert_pem: String::new(),
+            ca_key_pem: String::new(),
+            address_pool: "100.70.0.0/19".into(),
+            worker_secret: String::new(),
+            manager_secret: String::new(),
+            version: 0,
+        });
+        apply(&mut st, 1, net("one", "")).unwrap();
+        apply(&mut st, 2, net("two", "")).unwrap();
+        assert_eq!((st.networks["one"].subnet.as_str(), st.networks["two"].subnet.as_str()), ("100.70.0.0/20", "100.70.16.0/20"));
+        let err = apply(&mut st, 3, net("three", "")).unwrap_err();
+        assert_eq!(err.to_string(), "the network pool 100.70.0.0/19 has no free /20 left");
+        assert_eq!(st.networks.len(), 2);
+    }
 }
