@@ -222,6 +222,10 @@ mod tests {
         assert_eq!(v.lookup(front_task, "db"), Lookup::Elsewhere, "db is not on front");
         assert_eq!(v.lookup(front_task, "example.org"), Lookup::Elsewhere);
         assert_eq!(v.lookup(ip("198.18.0.1"), "backend"), Lookup::Refused);
+        // dnsrr: the name resolves to the tasks themselves.
+        let back_task: Ipv4Addr = "100.64.16.9".parse().unwrap();
+        v.add_asker("t-back", vec![(back_task, "back".into())]);
+        assert_eq!(v.lookup(back_task, "db"), Lookup::Found(vec![ip("100.64.16.3")]));
         v.remove_asker("t-front");
         assert_eq!(v.lookup(front_task, "backend"), Lookup::Refused);
     }

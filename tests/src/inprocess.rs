@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde_json::Value;
 use shoal_agent::{Agent, AgentConfig, AgentExit};
 use shoal_manager::node::{init_identity, InitNode, ManagerConfig, RunningManager};
@@ -85,23 +85,11 @@ impl InProcessNode {
             .args(args)
             .stdin(Stdio::null())
             .output();
-        out.unwrap_or_else(|e| Output {
-            status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
-            stdout: Vec::new(),
-            stderr: e.to_string().into_bytes(),
-        })
+        crate::spawned(out)
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let out = self.cli(args);
-        if !out.status.success() {
-            bail!("shoal {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text.trim().to_string())))
+        crate::cli_json(args, self.cli(args))
     }
 
     pub fn import_busybox(&self, reference: &str) -> anyhow::Result<()> {

@@ -315,27 +315,12 @@ impl Cluster {
             .args(args)
             .stdin(Stdio::null())
             .output();
-        match out {
-            Ok(o) => o,
-            Err(e) => Output {
-                status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
-                stdout: Vec::new(),
-                stderr: e.to_string().into_bytes(),
-            },
-        }
+        spawned(out)
     }
 
     /// Runs the CLI and parses its stdout as JSON; fails on a non-zero exit.
     pub fn cli_ok(&self, i: usize, args: &[&str]) -> anyhow::Result<Value> {
-        let out = self.cli(i, args);
-        if !out.status.success() {
-            bail!("shoal {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text.trim().to_string())))
+        cli_json(args, self.cli(i, args))
     }
 
     /// The current leader's host index, as seen through host `via`.
@@ -357,6 +342,28 @@ impl Cluster {
     pub fn log_tails(&self) -> String {
         (0..self.hosts.len()).map(|i| format!("--- {} log:\n{}", self.hosts[i].name, self.log_tail(i))).collect::<Vec<_>>().join("\n")
     }
+}
+
+/// A command's output, or one that says why it could not start (exit 127).
+pub fn spawned(out: std::io::Result<Output>) -> Output {
+    out.unwrap_or_else(|e| Output {
+        status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
+        stdout: Vec::new(),
+        stderr: e.to_string().into_bytes(),
+    })
+}
+
+/// A CLI run's stdout as JSON (a plain string if it is not JSON, null if
+/// empty); an error with its stderr when it exited non-zero.
+pub fn cli_json(args: &[&str], out: Output) -> anyhow::Result<Value> {
+    if !out.status.success() {
+        bail!("shoal {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(Value::String(text.trim().to_string())))
 }
 
 /// Stops and removes every container under `data_dir` (their supervisors
