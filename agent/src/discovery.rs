@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_overlay::{Overlay, ServiceEntry};
+use shoal_overlay::{Overlay, PublishedPort, ServiceEntry};
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_proto::dispatcher::{ServiceRecord, ServicesRequest};
 use shoal_security::tls::NodeTls;
@@ -36,7 +36,23 @@ fn entries(records: Vec<ServiceRecord>) -> Vec<ServiceEntry> {
                 },
             };
             let addresses = r.addresses.iter().filter_map(|a| a.parse().ok()).collect();
-            Some(ServiceEntry { service: r.service, network: r.network, vip, addresses })
+            let ports = r
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    let port = PublishedPort {
+                        published: u16::try_from(p.published).ok().filter(|p| *p != 0)?,
+                        target: u16::try_from(p.target).ok().filter(|p| *p != 0)?,
+                        udp: p.protocol == "udp",
+                        host_mode: p.mode == "host",
+                    };
+                    Some(port)
+                })
+                .collect::<Vec<_>>();
+            if ports.len() != r.ports.len() {
+                tracing::warn!(service = %r.service, "service view: a published port out of range was left out");
+            }
+            Some(ServiceEntry { service: r.service, network: r.network, vip, addresses, ports })
         })
         .collect()
 }

@@ -63,7 +63,11 @@ pub(crate) async fn run(mut s: Session) {
                     if r.peers_changed
                         && let Some(o) = &s.overlay
                     {
-                        match o.set_peers(peer_configs(&r.peers)).await {
+                        let pool = r.address_pool.split_once('/').and_then(|(n, l)| Some((n.parse().ok()?, l.parse::<u8>().ok().filter(|l| *l <= 32)?)));
+                        if pool.is_none() && !r.address_pool.is_empty() {
+                            tracing::warn!(pool = %r.address_pool, "the managers sent an address pool that is no IPv4 CIDR: routing-mesh clients are refused");
+                        }
+                        match o.set_peers(peer_configs(&r.peers), pool).await {
                             Ok(()) => peers_version = r.peers_version,
                             Err(e) => tracing::warn!(error = %e, "could not apply the overlay peers; retrying"),
                         }

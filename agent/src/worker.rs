@@ -493,11 +493,19 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
     };
     if stopped_by_us {
         // Out of DNS and the virtual IPs first, then the signal.
+        // The service's --stop-grace-period (the node's default without).
+        let grace = a.spec.as_ref().map(|s| s.stop_grace_period_ms).filter(|ms| *ms > 0).map_or(ctx.stop_grace, Duration::from_millis);
         if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty() && unhealthy.is_none()) {
             let addrs: Vec<std::net::Ipv4Addr> = atts.iter().map(|a| a.address).collect();
             o.wait_out_of_view(&addrs, Duration::from_secs(2), Duration::from_millis(200)).await;
+            // Then the connections it still serves get up to the grace
+            // period to finish before the signal.
+            let open = o.drain(&id, grace).await;
+            if open > 0 {
+                tracing::info!(task = %id, service = %a.service, open, "grace period over with connections still open: stopping the task");
+            }
         }
-        let (exec2, id2, grace) = (exec.clone(), id.clone(), ctx.stop_grace);
+        let (exec2, id2) = (exec.clone(), id.clone());
         let res = tokio::task::spawn_blocking(move || exec2.shutdown(&id2, grace)).await;
         let code = res.ok().and_then(Result::ok).map(|s| s.code);
         release_networks(&ctx, &id, &atts).await;

@@ -611,6 +611,11 @@ impl Control for ControlService {
         authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         spec::validate_name("network name", &r.name).map_err(spec_status)?;
+        if r.name == spec::INGRESS_NETWORK {
+            return Err(Status::invalid_argument(
+                "network name \"ingress\" is reserved: shoal makes the routing mesh's network itself when a service publishes a port",
+            ));
+        }
         if !r.subnet.is_empty() {
             spec::parse_cidr(&r.subnet).map_err(spec_status)?;
         }

@@ -231,6 +231,9 @@ fn service_view(s: &State) -> ServiceView {
                 network: network.clone(),
                 vip: svc.vips.get(network).cloned().unwrap_or_default(),
                 addresses,
+                // The routing mesh forwards published ports to the tasks'
+                // addresses on its network.
+                ports: if network == crate::spec::INGRESS_NETWORK { svc.spec.ports.clone() } else { Vec::new() },
             });
         }
     }
@@ -487,7 +490,10 @@ impl Dispatcher for DispatcherService {
         } else {
             String::new()
         };
-        let (peers_version, peers) = self.manager.store.read(|s| peers_of(s, r.node_id));
+        let (peers_version, peers, address_pool) = self.manager.store.read(|s| {
+            let (v, p) = peers_of(s, r.node_id);
+            (v, p, s.address_pool().to_string())
+        });
         let peers_changed = peers_version != r.peers_version;
         Ok(Response::new(HeartbeatResponse {
             period_ms: self.config.period.as_millis() as u64,
@@ -497,6 +503,7 @@ impl Dispatcher for DispatcherService {
             peers_version,
             peers_changed,
             peers: if peers_changed { peers } else { Vec::new() },
+            address_pool: if peers_changed { address_pool } else { String::new() },
         }))
     }
 }

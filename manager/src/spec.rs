@@ -156,6 +156,15 @@ pub fn validate_image(image: &str) -> Result<(), SpecError> {
     if ok { Ok(()) } else { Err(invalid("image", image, REASON)) }
 }
 
+/// The routing mesh's network: shoal creates it when a service first
+/// publishes a port, and every service that publishes ports is on it.
+pub const INGRESS_NETWORK: &str = "ingress";
+
+/// Whether `p` is published through the routing mesh (every node).
+pub fn is_ingress(p: &shoal_proto::control::Port) -> bool {
+    p.mode != "host"
+}
+
 /// Checks a whole service spec as the managers receive it.
 pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
     validate_name("service name", &spec.name)?;
@@ -180,18 +189,26 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
         if p.target == 0 || p.target > 65535 {
             return Err(invalid("port", p.target.to_string(), "must be 1-65535"));
         }
-        if p.published > 65535 {
-            return Err(invalid("port", p.published.to_string(), "must be 1-65535"));
+        if p.published == 0 || p.published > 65535 {
+            return Err(invalid("published port", p.published.to_string(), "must be 1-65535"));
         }
         if p.protocol != "tcp" && p.protocol != "udp" {
             return Err(invalid("protocol", &p.protocol, "expected tcp or udp"));
         }
-        if p.published != 0 {
-            if published.contains(&(p.published, &p.protocol)) {
-                return Err(invalid("port", p.published.to_string(), "published twice"));
-            }
-            published.push((p.published, &p.protocol));
+        if !["", "ingress", "host"].contains(&p.mode.as_str()) {
+            return Err(invalid("publish mode", &p.mode, "expected ingress or host"));
         }
+        if published.contains(&(p.published, &p.protocol)) {
+            return Err(invalid("port", p.published.to_string(), "published twice"));
+        }
+        published.push((p.published, &p.protocol));
+    }
+    if spec.networks.iter().any(|n| n == INGRESS_NETWORK) && spec.ports.is_empty() {
+        return Err(invalid(
+            "network",
+            INGRESS_NETWORK,
+            "the routing mesh's network is managed by shoal: a service joins it by publishing a port (--publish)",
+        ));
     }
     if !["", "vip", "dnsrr"].contains(&spec.endpoint_mode.as_str()) {
         return Err(invalid("endpoint mode", spec.endpoint_mode.clone(), "expected vip or dnsrr"));

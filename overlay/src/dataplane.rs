@@ -10,6 +10,14 @@
 //! delivered only if its source is in that peer's allowed IPs. Peers are
 //! known by their endpoint: a datagram from any other address is dropped
 //! before any crypto runs.
+//!
+//! One exception, for the routing mesh: a peer forwards a client's
+//! connection to a task here with the client's own address as the source
+//! (so the task sees who called). Such a packet is delivered when its
+//! source is outside the cluster's address pool (an overlay address from
+//! the wrong peer is still dropped), and its flow is remembered: the
+//! task's replies, which the kernel routes back into the TUN, go to the
+//! peer the flow came from.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -34,6 +42,45 @@ const MAX_GSO_BYTES: usize = 65_000;
 const SOCKET_BUFFER: usize = 8 << 20;
 /// Room for one packet (MTU) in a batch buffer, with the virtio header.
 const PACKET_ROOM: usize = 2048;
+/// Routing-mesh flows remembered at most; past that a new flow's packets
+/// are dropped (the client retries) rather than evicting live ones.
+const MAX_FLOWS: usize = 1 << 18;
+/// A mesh flow with no packet for this long is forgotten (seconds).
+const FLOW_IDLE_SECS: u64 = 600;
+
+/// A mesh flow as seen from this node: (remote client, local task).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowKey {
+    remote: u32,
+    remote_port: u16,
+    local: u32,
+    local_port: u16,
+    proto: u8,
+}
+
+/// (source, source port, destination, destination port, protocol) of a
+/// TCP or UDP packet over IPv4.
+fn five_tuple(pkt: &[u8]) -> Option<(u32, u16, u32, u16, u8)> {
+    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    let proto = pkt[9];
+    if (proto != 6 && proto != 17) || pkt.len() < ihl + 4 {
+        return None;
+    }
+    let src = u32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
+    let dst = u32::from_be_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]);
+    let sport = u16::from_be_bytes([pkt[ihl], pkt[ihl + 1]]);
+    let dport = u16::from_be_bytes([pkt[ihl + 2], pkt[ihl + 3]]);
+    Some((src, sport, dst, dport, proto))
+}
+
+/// Mesh flows: which peer each one came from, and when it was last used.
+#[derive(Default)]
+struct Flows {
+    map: HashMap<FlowKey, (SocketAddr, u64)>,
+}
 
 /// A peer as the agent's session reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +131,46 @@ struct Inner {
     next_index: AtomicU32,
     /// Datagrams dropped: unknown sender, or not WireGuard.
     dropped: AtomicU64,
+    /// The cluster's address pool as (network, mask); (0, 0) until known,
+    /// which holds every address (no mesh traffic is taken before then).
+    pool: AtomicU64,
+    flows: Mutex<Flows>,
+    /// Seconds since start, advanced by the timers (a cheap clock for flows).
+    now_secs: AtomicU64,
+}
+
+impl Inner {
+    fn in_pool(&self, ip: u32) -> bool {
+        let p = self.pool.load(Ordering::Relaxed);
+        let (net, mask) = ((p >> 32) as u32, p as u32);
+        ip & mask == net
+    }
+
+    /// Remembers a mesh flow that `peer` brought here; false when the
+    /// table is full.
+    fn learn_flow(&self, pkt: &[u8], from: SocketAddr) -> bool {
+        let Some((src, sport, dst, dport, proto)) = five_tuple(pkt) else { return false };
+        let key = FlowKey { remote: src, remote_port: sport, local: dst, local_port: dport, proto };
+        let now = self.now_secs.load(Ordering::Relaxed);
+        let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        if flows.map.len() >= MAX_FLOWS && !flows.map.contains_key(&key) {
+            return false;
+        }
+        flows.map.insert(key, (from, now));
+        true
+    }
+
+    /// The endpoint of the peer a reply belongs to, for a packet whose
+    /// destination is no peer's.
+    fn flow_endpoint(&self, pkt: &[u8]) -> Option<SocketAddr> {
+        let (src, sport, dst, dport, proto) = five_tuple(pkt)?;
+        let key = FlowKey { remote: dst, remote_port: dport, local: src, local_port: sport, proto };
+        let now = self.now_secs.load(Ordering::Relaxed);
+        let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        let e = flows.map.get_mut(&key)?;
+        e.1 = now;
+        Some(e.0)
+    }
 }
 
 /// The running data plane; cheap to clone.
@@ -161,6 +248,9 @@ impl DataPlane {
             offload,
             next_index: AtomicU32::new(1),
             dropped: AtomicU64::new(0),
+            pool: AtomicU64::new(0),
+            flows: Mutex::new(Flows::default()),
+            now_secs: AtomicU64::new(0),
         });
         tokio::spawn(until(shutdown.clone(), tun_to_udp(inner.clone())));
         tokio::spawn(until(shutdown.clone(), udp_to_tun(inner.clone())));
@@ -192,6 +282,19 @@ impl DataPlane {
                 (p.cfg.name.clone(), p.tx_bytes.load(Ordering::Relaxed), p.rx_bytes.load(Ordering::Relaxed), hs)
             })
             .collect()
+    }
+
+    /// The cluster's address pool: sources outside it are routing-mesh
+    /// clients.
+    pub fn set_pool(&self, net: Ipv4Addr, prefix: u8) {
+        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
+        let p = (u64::from(u32::from(net) & mask) << 32) | u64::from(mask);
+        self.inner.pool.store(p, Ordering::Relaxed);
+    }
+
+    /// Routing-mesh flows remembered now.
+    pub fn flows(&self) -> usize {
+        self.inner.flows.lock().unwrap_or_else(|e| e.into_inner()).map.len()
     }
 
     /// Replaces the peer set. A peer whose key and endpoint are unchanged
@@ -319,7 +422,16 @@ async fn tun_to_udp(inner: Arc<Inner>) {
         let mut run: Option<Run> = None;
         for i in 0..n {
             let pkt = &bufs[i][..sizes[i]];
-            let Some(peer) = dst_v4(pkt).and_then(|d| peers.for_destination(d)) else { continue };
+            let Some(d) = dst_v4(pkt) else { continue };
+            let peer = match peers.for_destination(d) {
+                Some(p) => p,
+                // A task's reply to a mesh client: back to the node the
+                // connection came through.
+                None => match inner.flow_endpoint(pkt).and_then(|ep| peers.by_endpoint.get(&ep)) {
+                    Some(i) => &peers.list[*i],
+                    None => continue,
+                },
+            };
             let len = {
                 let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
                 match t.encapsulate(pkt, &mut out[at..]) {
@@ -442,10 +554,14 @@ async fn handle_datagram(inner: &Inner, datagram: &[u8], from: SocketAddr, out: 
         match t.decapsulate(Some(from.ip()), datagram, &mut out[VIRTIO_NET_HDR_LEN..]) {
             TunnResult::WriteToTunnelV4(pkt, src) => {
                 let len = pkt.len();
-                if peer.allows(u32::from(src)) {
+                let src = u32::from(src);
+                if peer.allows(src) {
+                    delivered = Some(len);
+                } else if !inner.in_pool(src) && inner.learn_flow(pkt, from) {
+                    // A routing-mesh client's packet, its source kept.
                     delivered = Some(len);
                 } else {
-                    tracing::debug!(peer = %peer.cfg.name, src = %src, "packet from outside the peer's allowed IPs: dropped");
+                    tracing::debug!(peer = %peer.cfg.name, src = %Ipv4Addr::from(src), "packet from outside the peer's allowed IPs: dropped");
                 }
             }
             TunnResult::WriteToNetwork(d) => {
@@ -479,8 +595,17 @@ async fn handle_datagram(inner: &Inner, datagram: &[u8], from: SocketAddr, out: 
 async fn timers(inner: Arc<Inner>) {
     let mut buf = vec![0u8; PACKET_ROOM];
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let start = tokio::time::Instant::now();
+    let mut last_sweep = 0u64;
     loop {
         tick.tick().await;
+        let now = start.elapsed().as_secs();
+        inner.now_secs.store(now, Ordering::Relaxed);
+        if now >= last_sweep + 10 {
+            last_sweep = now;
+            let mut flows = inner.flows.lock().unwrap_or_else(|e| e.into_inner());
+            flows.map.retain(|_, (_, seen)| now.saturating_sub(*seen) < FLOW_IDLE_SECS);
+        }
         let peers = inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
         for p in &peers.list {
             let send = {

@@ -86,7 +86,10 @@ impl DnsView {
             None => (name, false),
         };
         let Some(entries) = inner.services.get(&service) else { return Lookup::Elsewhere };
-        let shared: Vec<&ServiceEntry> = entries.iter().filter(|e| networks.contains(&e.network)).collect();
+        // The routing mesh's network carries published ports, not names
+        // (as in Swarm): sharing it is no reason to resolve a service.
+        let shared: Vec<&ServiceEntry> =
+            entries.iter().filter(|e| networks.contains(&e.network) && e.network != crate::INGRESS_NETWORK).collect();
         if shared.is_empty() {
             return Lookup::Elsewhere;
         }
@@ -203,6 +206,7 @@ mod tests {
             network: network.into(),
             vip: vip.map(|v| v.parse().unwrap()),
             addresses: tasks.iter().map(|t| t.parse().unwrap()).collect(),
+            ports: vec![],
         }
     }
 

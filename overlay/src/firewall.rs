@@ -1,5 +1,6 @@
 //! shoal's nftables table (`inet shoal`): isolation between overlay
-//! networks and NAT for their egress. The whole table is replaced in one
+//! networks, NAT for their egress, virtual IPs, and the routing mesh for
+//! published ports. The whole table is replaced in one
 //! `nft -f` transaction each time the set of networks changes, so packets
 //! never see a half-written rule set, and removing it is one command. It
 //! uses only its own table: a host's Docker or firewall rules are neither
@@ -21,6 +22,35 @@ pub struct NetRule {
     pub subnet: String,
     /// No egress beyond the overlay.
     pub internal: bool,
+    /// The routing mesh's network: clients from outside the cluster reach
+    /// its tasks through published ports.
+    pub ingress: bool,
+}
+
+/// A published port on this node and the task addresses it forwards to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PublishRule {
+    pub port: u16,
+    pub udp: bool,
+    pub backends: Vec<(std::net::Ipv4Addr, u16)>,
+}
+
+/// conntrack mark of a connection this node's routing mesh forwarded.
+pub const MARK_INGRESS: u32 = 0x5348_0001;
+/// conntrack mark (and, on its replies, packet mark) of a connection
+/// another node's routing mesh forwarded here: its replies are routed back
+/// through the tunnel (policy routing on this mark), to that node.
+pub const MARK_MESH_REPLY: u32 = 0x5348_0002;
+
+/// What the table is made of.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub nets: Vec<NetRule>,
+    pub vips: Vec<VipRule>,
+    pub publish: Vec<PublishRule>,
+    /// The cluster's address pool (`a.b.c.d/len`), once known: sources
+    /// outside it that come through the tunnel are mesh clients.
+    pub pool: Option<String>,
 }
 
 /// A service's virtual IP on one network and the tasks behind it.
@@ -30,9 +60,21 @@ pub struct VipRule {
     pub backends: Vec<std::net::Ipv4Addr>,
 }
 
-/// The rule set for `nets`, as `nft -f` input.
-pub fn ruleset(nets: &[NetRule], vips: &[VipRule], tun: &str, bridge_prefix: &str) -> String {
+/// The rule set, as `nft -f` input.
+pub fn ruleset(r: &Rules, tun: &str, bridge_prefix: &str) -> String {
+    let (nets, vips) = (&r.nets, &r.vips);
     let mut s = format!("add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    // The routing mesh keeps the client's address as the source, so a
+    // task's reply to it must go back through the node the connection
+    // came in at, not out of this node's own underlay: mark connections
+    // that arrive through the tunnel from outside the pool, and their
+    // replies, which a policy route sends into the tunnel.
+    s.push_str("  chain mesh_mark {\n    type filter hook prerouting priority mangle; policy accept;\n");
+    if let Some(pool) = &r.pool {
+        s.push_str(&format!("    iifname \"{tun}\" ip saddr != {pool} ct state new ct mark set {MARK_MESH_REPLY:#x}\n"));
+        s.push_str(&format!("    iifname \"{bridge_prefix}*\" ct mark {MARK_MESH_REPLY:#x} meta mark set {MARK_MESH_REPLY:#x}\n"));
+    }
+    s.push_str("  }\n");
     // Virtual IPs: each new connection goes to one of the service's tasks,
     // picked at random; conntrack keeps a connection on its task, so
     // replacing the map never moves open connections.
@@ -41,9 +83,51 @@ pub fn ruleset(nets: &[NetRule], vips: &[VipRule], tun: &str, bridge_prefix: &st
         let map: Vec<String> = v.backends.iter().enumerate().map(|(i, b)| format!("{i} : {b}")).collect();
         s.push_str(&format!("    ip daddr {} dnat ip to numgen random mod {} map {{ {} }}\n", v.vip, v.backends.len(), map.join(", ")));
     }
+    // Published ports: any address of this node, balanced the same way
+    // over the tasks wherever they run (the tunnel takes it there).
+    let publish = |s: &mut String, extra: &str| {
+        for p in r.publish.iter().filter(|p| !p.backends.is_empty()) {
+            let map: Vec<String> = p.backends.iter().enumerate().map(|(i, (a, port))| format!("{i} : {a} . {port}")).collect();
+            s.push_str(&format!(
+                "    fib daddr type local {extra}{} dport {} ct mark set {MARK_INGRESS:#x} dnat ip to numgen random mod {} map {{ {} }}\n",
+                if p.udp { "udp" } else { "tcp" },
+                p.port,
+                p.backends.len(),
+                map.join(", ")
+            ));
+        }
+    };
+    publish(&mut s, "");
+    s.push_str("  }\n");
+    // The node's own processes reach published ports on its addresses too
+    // (loopback excepted: a DNAT'd packet can't leave with 127.0.0.1).
+    s.push_str("  chain local_out {\n    type nat hook output priority -100; policy accept;\n");
+    publish(&mut s, "ip daddr != 127.0.0.0/8 ");
+    s.push_str("  }\n");
+    s.push_str("  chain input {\n    type filter hook input priority filter - 5; policy accept;\n");
+    if let Some(pool) = &r.pool {
+        // Mesh clients come through the tunnel only to reach tasks.
+        s.push_str(&format!("    iifname \"{tun}\" ip saddr != {pool} drop\n"));
+    }
     s.push_str("  }\n");
     s.push_str("  chain forward {\n    type filter hook forward priority filter - 5; policy accept;\n");
     s.push_str("    ct state established,related accept\n");
+    // A connection this node's mesh forwarded (to a task here or through
+    // the tunnel); its DNAT picked a task of the published service.
+    s.push_str(&format!("    ct mark {MARK_INGRESS:#x} accept\n"));
+    let set = |f: &dyn Fn(&NetRule) -> bool| {
+        let items: Vec<&str> = nets.iter().filter(|n| f(n)).map(|n| n.subnet.as_str()).collect();
+        (!items.is_empty()).then(|| format!("{{ {} }}", items.join(", ")))
+    };
+    if let Some(pool) = &r.pool {
+        // A connection another node's mesh sent here: only into the mesh's
+        // network; nothing else from outside the pool comes through the
+        // tunnel.
+        if let Some(ingress) = set(&|n| n.ingress) {
+            s.push_str(&format!("    iifname \"{tun}\" ct mark {MARK_MESH_REPLY:#x} ip daddr {ingress} accept\n"));
+        }
+        s.push_str(&format!("    iifname \"{tun}\" ip saddr != {pool} drop\n"));
+    }
     // A virtual IP with no task behind it: refused at once, never routed on.
     let idle: Vec<String> = vips.iter().filter(|v| v.backends.is_empty()).map(|v| v.vip.to_string()).collect();
     if !idle.is_empty() {
@@ -58,10 +142,6 @@ pub fn ruleset(nets: &[NetRule], vips: &[VipRule], tun: &str, bridge_prefix: &st
     for n in nets {
         s.push_str(&format!("    ip saddr {0} ip daddr {0} accept\n", n.subnet));
     }
-    let set = |f: &dyn Fn(&NetRule) -> bool| {
-        let items: Vec<&str> = nets.iter().filter(|n| f(n)).map(|n| n.subnet.as_str()).collect();
-        (!items.is_empty()).then(|| format!("{{ {} }}", items.join(", ")))
-    };
     // Into a network from anywhere else (another network, the underlay):
     // refused unless it answers a connection the network opened.
     if let Some(all) = set(&|_| true) {
@@ -103,8 +183,8 @@ fn nft(input: &str) -> Result<(), OverlayError> {
 }
 
 /// Installs (or replaces) the table.
-pub fn apply(nets: &[NetRule], vips: &[VipRule], tun: &str, bridge_prefix: &str) -> Result<(), OverlayError> {
-    nft(&ruleset(nets, vips, tun, bridge_prefix))
+pub fn apply(rules: &Rules, tun: &str, bridge_prefix: &str) -> Result<(), OverlayError> {
+    nft(&ruleset(rules, tun, bridge_prefix))
 }
 
 /// Removes the table, if it is there.
@@ -119,15 +199,15 @@ mod tests {
 
     #[test]
     fn rules_isolate_networks_and_nat_only_egress() {
-        let nets = [
-            NetRule { bridge: "shn000000000001".into(), subnet: "100.64.0.0/20".into(), internal: false },
-            NetRule { bridge: "shn000000000002".into(), subnet: "100.64.16.0/20".into(), internal: true },
+        let nets = vec![
+            NetRule { bridge: "shn000000000001".into(), subnet: "100.64.0.0/20".into(), internal: false, ingress: false },
+            NetRule { bridge: "shn000000000002".into(), subnet: "100.64.16.0/20".into(), internal: true, ingress: false },
         ];
-        let vips = [
+        let vips = vec![
             VipRule { vip: "100.64.15.193".parse().unwrap(), backends: vec!["100.64.0.2".parse().unwrap(), "100.64.0.66".parse().unwrap()] },
             VipRule { vip: "100.64.15.194".parse().unwrap(), backends: vec![] },
         ];
-        let r = ruleset(&nets, &vips, "shoal0", "shn");
+        let r = ruleset(&Rules { nets, vips, ..Default::default() }, "shoal0", "shn");
         assert!(r.contains("ip daddr 100.64.15.193 dnat ip to numgen random mod 2 map { 0 : 100.64.0.2, 1 : 100.64.0.66 }"), "{r}");
         assert!(r.contains("ip daddr { 100.64.15.194 } reject"));
         assert!(r.contains("ip saddr 100.64.0.0/20 ip daddr 100.64.0.0/20 accept"));
@@ -136,7 +216,30 @@ mod tests {
         assert!(r.contains("ip saddr { 100.64.16.0/20 } drop"));
         assert!(r.contains("ip saddr { 100.64.0.0/20 } oifname != \"shoal0\" oifname != \"shn*\" masquerade"));
         // No networks: a valid, empty table.
-        let empty = ruleset(&[], &[], "shoal0", "shn");
+        let empty = ruleset(&Rules::default(), "shoal0", "shn");
         assert!(!empty.contains("{  }") && !empty.contains("drop"));
+    }
+
+    #[test]
+    fn published_ports_forward_from_every_address_and_mark_their_replies() {
+        let nets = vec![NetRule { bridge: "shn1e5500000000".into(), subnet: "100.64.0.0/20".into(), internal: false, ingress: true }];
+        let publish = vec![
+            PublishRule { port: 8080, udp: false, backends: vec![("100.64.0.2".parse().unwrap(), 80), ("100.64.0.66".parse().unwrap(), 80)] },
+            PublishRule { port: 5353, udp: true, backends: vec![] },
+        ];
+        let r = ruleset(&Rules { nets, publish, pool: Some("100.64.0.0/10".into()), ..Default::default() }, "shoal0", "shn");
+        assert!(
+            r.contains("fib daddr type local tcp dport 8080 ct mark set 0x53480001 dnat ip to numgen random mod 2 map { 0 : 100.64.0.2 . 80, 1 : 100.64.0.66 . 80 }"),
+            "{r}"
+        );
+        assert!(r.contains("fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080"));
+        // A port with no task behind it is not forwarded anywhere.
+        assert!(!r.contains("dport 5353"));
+        assert!(r.contains("iifname \"shoal0\" ip saddr != 100.64.0.0/10 ct state new ct mark set 0x53480002"));
+        assert!(r.contains("iifname \"shn*\" ct mark 0x53480002 meta mark set 0x53480002"));
+        assert!(r.contains("iifname \"shoal0\" ct mark 0x53480002 ip daddr { 100.64.0.0/20 } accept"));
+        let forward = &r[r.find("chain forward").unwrap()..];
+        // Mesh traffic is let in before isolation drops what is left.
+        assert!(forward.find("ct mark 0x53480001 accept").unwrap() < forward.find("ip daddr { 100.64.0.0/20 } drop").unwrap());
     }
 }

@@ -109,12 +109,69 @@ pub struct ServiceEntry {
     pub vip: Option<Ipv4Addr>,
     /// Tasks that run and are to keep running.
     pub addresses: Vec<Ipv4Addr>,
+    /// On the ingress network: the ports the service publishes.
+    pub ports: Vec<PublishedPort>,
 }
+
+/// A port a service publishes, forwarded to `target` on its tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PublishedPort {
+    pub published: u16,
+    pub target: u16,
+    pub udp: bool,
+    /// Only nodes that run a task accept it, for their own tasks.
+    pub host_mode: bool,
+}
+
+/// The routing mesh's network (the managers make it).
+pub const INGRESS_NETWORK: &str = "ingress";
+/// The routing table that sends replies to mesh clients back into the
+/// tunnel, and the priority of the rule that picks it.
+const MESH_TABLE: u32 = 0x5348;
+const MESH_RULE_PRIORITY: u32 = 5348;
+/// The tunnel's own address (link-local, never routed).
+const TUN_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 83, 72);
 
 /// The first 10 characters of a task id, for interface names (15 bytes at
 /// most: `shv` + 10 + the index).
 fn short_id(task: &str) -> String {
     task.chars().filter(char::is_ascii_alphanumeric).take(10).collect()
+}
+
+/// One DNAT rule per service virtual IP.
+fn vip_rules(services: &[ServiceEntry]) -> Vec<firewall::VipRule> {
+    let mut vips: Vec<firewall::VipRule> = services
+        .iter()
+        .filter_map(|e| {
+            let mut backends = e.addresses.clone();
+            backends.sort();
+            Some(firewall::VipRule { vip: e.vip?, backends })
+        })
+        .collect();
+    vips.sort();
+    vips
+}
+
+/// The routing mesh on this node: each published port forwards to every
+/// running task of its service (ingress mode) or to those on this node
+/// (host mode; `local` holds this node's task addresses).
+fn publish_rules(services: &[ServiceEntry], local: &BTreeMap<String, Vec<Ipv4Addr>>) -> Vec<firewall::PublishRule> {
+    let here: BTreeSet<Ipv4Addr> = local.values().flatten().copied().collect();
+    let mut out: Vec<firewall::PublishRule> = services
+        .iter()
+        .filter(|e| e.network == INGRESS_NETWORK)
+        .flat_map(|e| {
+            e.ports.iter().filter_map(|p| {
+                let mut backends: Vec<(Ipv4Addr, u16)> =
+                    e.addresses.iter().filter(|a| !p.host_mode || here.contains(a)).map(|a| (*a, p.target)).collect();
+                backends.sort();
+                // Host mode binds only where a task runs.
+                (!p.host_mode || !backends.is_empty()).then_some(firewall::PublishRule { port: p.published, udp: p.udp, backends })
+            })
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[derive(Default)]
@@ -123,9 +180,13 @@ struct State {
     bridges: BTreeMap<String, (u32, firewall::NetRule)>,
     /// Routes to peers' slices through the TUN.
     routes: BTreeSet<(Ipv4Addr, u8)>,
-    /// Virtual IPs and their backends, from the service view.
-    vips: Vec<firewall::VipRule>,
-    rules_applied: Option<(Vec<firewall::NetRule>, Vec<firewall::VipRule>)>,
+    /// The managers' service view, last received.
+    services: Vec<ServiceEntry>,
+    /// The addresses of the tasks attached on this node.
+    local: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// The cluster's address pool, once the managers said it.
+    pool: Option<(Ipv4Addr, u8)>,
+    rules_applied: Option<firewall::Rules>,
     /// Gateways the DNS server listens on.
     dns_listening: BTreeSet<Ipv4Addr>,
 }
@@ -161,6 +222,22 @@ impl Overlay {
         let dp = DataPlane::start(dataplane::DataPlaneConfig { tun_name: TUN_NAME.into(), port: cfg.port, secret }, shutdown.clone()).await?;
         let nl = Netlink::open()?;
         let tun_index = nl.index(TUN_NAME).await?.ok_or_else(|| OverlayError::NoSuchLink(TUN_NAME.into()))?;
+        // Routing mesh: replies to a client another node forwarded here go
+        // back into the tunnel (the firewall marks them); the client's
+        // packets arrive through the tunnel from an address routed
+        // elsewhere, which strict reverse-path filtering would drop.
+        nl.add_fwmark_rule(firewall::MARK_MESH_REPLY, MESH_TABLE, MESH_RULE_PRIORITY).await?;
+        nl.add_default_dev_in_table(tun_index, MESH_TABLE).await?;
+        // The kernel's loose check also fails on a device without an
+        // address: give the tunnel a link-local one of its own.
+        nl.add_address(tun_index, TUN_ADDRESS, 32).await?;
+        let rp = format!("/proc/sys/net/ipv4/conf/{TUN_NAME}/rp_filter");
+        std::fs::write(&rp, "0").map_err(|source| OverlayError::Io { what: format!("setting {rp}"), source })?;
+        if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").is_ok_and(|v| v.trim() == "1") {
+            tracing::warn!(
+                "net.ipv4.conf.all.rp_filter is 1 (strict): routing-mesh connections forwarded from other nodes are dropped here; set it to 2 (loose)"
+            );
+        }
         let overlay = Overlay {
             dp,
             nl,
@@ -193,11 +270,19 @@ impl Overlay {
         self.netns_dir.join(task)
     }
 
-    /// The peers and the routes to their slices.
-    pub async fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<(), OverlayError> {
+    /// The peers and the routes to their slices, and the cluster's
+    /// address pool (None: unchanged).
+    pub async fn set_peers(&self, peers: Vec<PeerConfig>, pool: Option<(Ipv4Addr, u8)>) -> Result<(), OverlayError> {
         let want: BTreeSet<(Ipv4Addr, u8)> = peers.iter().flat_map(|p| p.allowed.iter().copied()).collect();
         self.dp.set_peers(peers);
         let mut st = self.state.lock().await;
+        if let Some((net, len)) = pool
+            && st.pool != pool
+        {
+            self.dp.set_pool(net, len);
+            st.pool = pool;
+            self.apply_rules(&mut st)?;
+        }
         for (net, len) in st.routes.difference(&want) {
             self.nl.del_route_dev(*net, *len, self.tun_index).await?;
         }
@@ -209,29 +294,26 @@ impl Overlay {
     }
 
     fn apply_rules(&self, st: &mut State) -> Result<(), OverlayError> {
-        let rules: Vec<firewall::NetRule> = st.bridges.values().map(|(_, r)| r.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        let want = (rules, st.vips.clone());
+        let nets: Vec<firewall::NetRule> = st.bridges.values().map(|(_, r)| r.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let want = firewall::Rules {
+            nets,
+            vips: vip_rules(&st.services),
+            publish: publish_rules(&st.services, &st.local),
+            pool: st.pool.map(|(n, l)| format!("{n}/{l}")),
+        };
         if st.rules_applied.as_ref() != Some(&want) {
-            firewall::apply(&want.0, &want.1, TUN_NAME, BRIDGE_PREFIX)?;
+            firewall::apply(&want, TUN_NAME, BRIDGE_PREFIX)?;
             st.rules_applied = Some(want);
         }
         Ok(())
     }
 
-    /// The managers' service view: DNS answers and virtual IPs follow it.
+    /// The managers' service view: DNS answers, virtual IPs and published
+    /// ports follow it.
     pub async fn set_services(&self, entries: Vec<ServiceEntry>) -> Result<(), OverlayError> {
-        let mut vips: Vec<firewall::VipRule> = entries
-            .iter()
-            .filter_map(|e| {
-                let mut backends = e.addresses.clone();
-                backends.sort();
-                Some(firewall::VipRule { vip: e.vip?, backends })
-            })
-            .collect();
-        vips.sort();
-        self.dns.set_services(entries);
+        self.dns.set_services(entries.clone());
         let mut st = self.state.lock().await;
-        st.vips = vips;
+        st.services = entries;
         self.apply_rules(&mut st)
     }
 
@@ -245,6 +327,29 @@ impl Overlay {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         tokio::time::sleep(margin).await;
+    }
+
+    /// Waits (at most `max`) until task `task` has no connection still
+    /// carrying a request: a task out of rotation finishes what it serves
+    /// before it is signalled. Returns how many were still open.
+    pub async fn drain(&self, task: &str, max: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + max;
+        let path = self.netns_path(task);
+        loop {
+            let p = path.clone();
+            let open = match tokio::task::spawn_blocking(move || netns::open_connections(&p)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    tracing::debug!(task = %task, error = %e, "could not count the task's connections");
+                    return 0;
+                }
+                Err(_) => return 0,
+            };
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                return open;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// What a task's `/etc/resolv.conf` says: this node's DNS server on
@@ -269,7 +374,7 @@ impl Overlay {
             };
             // The node's address in the task's slice: the task's gateway.
             self.nl.add_address(index, a.gateway, a.prefix).await?;
-            let rule = firewall::NetRule { bridge: name.clone(), subnet: a.subnet.clone(), internal: a.internal };
+            let rule = firewall::NetRule { bridge: name.clone(), subnet: a.subnet.clone(), internal: a.internal, ingress: a.network == INGRESS_NETWORK };
             st.bridges.insert(name, (index, rule));
             bridges.push(index);
             if st.dns_listening.insert(a.gateway) {
@@ -282,6 +387,7 @@ impl Overlay {
                 }
             }
         }
+        st.local.insert(task.to_string(), atts.iter().map(|a| a.address).collect());
         self.apply_rules(&mut st)?;
         drop(st);
         self.dns.add_asker(task, atts.iter().map(|a| (a.address, a.network.clone())).collect());
@@ -335,6 +441,12 @@ impl Overlay {
     /// Removes task `task`'s interfaces (its `count` veths) and namespace.
     pub async fn detach(&self, task: &str, count: usize) -> Result<(), OverlayError> {
         self.dns.remove_asker(task);
+        {
+            let mut st = self.state.lock().await;
+            if st.local.remove(task).is_some() {
+                self.apply_rules(&mut st)?;
+            }
+        }
         let short = short_id(task);
         for i in 0..count.max(1) {
             self.nl.delete_named(&format!("shv{short}{i}")).await?;

@@ -153,6 +153,47 @@ impl Netlink {
 }
 
 impl Netlink {
+    /// `ip rule add fwmark MARK lookup TABLE priority PRIORITY` (kept if
+    /// it is there).
+    pub async fn add_fwmark_rule(&self, mark: u32, table: u32, priority: u32) -> Result<(), OverlayError> {
+        let req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .fw_mark(mark)
+            .table_id(table)
+            .priority(priority)
+            .action(rtnetlink::packet_route::rule::RuleAction::ToTable);
+        exists_ok(req.execute().await).map_err(nl(format!("adding the policy rule for mark {mark:#x}")))
+    }
+
+    /// Removes the rules that look up `table`.
+    pub async fn del_rules_for_table(&self, table: u32) -> Result<(), OverlayError> {
+        use rtnetlink::packet_route::rule::RuleAttribute;
+        let rules: Vec<_> = self
+            .handle
+            .rule()
+            .get(rtnetlink::IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing policy rules"))?;
+        for r in rules {
+            let mine = r.attributes.iter().any(|a| matches!(a, RuleAttribute::Table(t) if *t == table));
+            if mine {
+                self.handle.rule().del(r).execute().await.map_err(nl(format!("deleting the policy rule for table {table}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `default dev INDEX table TABLE`.
+    pub async fn add_default_dev_in_table(&self, index: u32, table: u32) -> Result<(), OverlayError> {
+        let r = RouteMessageBuilder::<Ipv4Addr>::new().output_interface(index).scope(RouteScope::Link).table_id(table).build();
+        exists_ok(self.handle.route().add(r).execute().await).map_err(nl(format!("adding the default route of table {table}")))
+    }
+
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), OverlayError> {
         self.handle.link().set(LinkUnspec::new_with_index(index).mtu(mtu).build()).execute().await.map_err(nl(format!("setting MTU of link {index}")))
     }

@@ -70,3 +70,63 @@ pub fn run_in<T: Send + 'static>(
     .join()
     .map_err(|_| OverlayError::Io { what: "netns thread".into(), source: std::io::Error::other("panicked") })?
 }
+
+/// TCP connections the namespace at `path` serves (on a port it listens
+/// on) that still carry a request or its answer: established, being set
+/// up, or closing with data not yet acknowledged. Connections the task
+/// opened itself, TIME_WAIT and FIN_WAIT2 don't count.
+pub fn open_connections(path: &Path) -> Result<usize, OverlayError> {
+    let path: PathBuf = path.to_path_buf();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).map_err(|source| OverlayError::Io { what: format!("opening {}", path.display()), source })?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(sys(format!("entering {}", path.display())))?;
+        let mut text = String::new();
+        for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+            match std::fs::read_to_string(table) {
+                Ok(t) => text.push_str(&t),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(OverlayError::Io { what: format!("reading {table}"), source }),
+            }
+        }
+        Ok(count_served(&text))
+    })
+    .join()
+    .map_err(|_| OverlayError::Io { what: "netns thread".into(), source: std::io::Error::other("panicked") })?
+}
+
+/// Counts the busy served sockets in `/proc/net/tcp` tables: the 2nd
+/// column is the local address (hex ip:port), the 4th the state (hex).
+fn count_served(tables: &str) -> usize {
+    // ESTABLISHED, SYN_RECV, FIN_WAIT1, CLOSE_WAIT, LAST_ACK, CLOSING
+    const BUSY: [&str; 6] = ["01", "03", "04", "08", "09", "0B"];
+    const LISTEN: &str = "0A";
+    let rows: Vec<(&str, &str)> = tables
+        .lines()
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let local = cols.nth(1)?;
+            let state = cols.nth(1)?;
+            Some((local.rsplit_once(':')?.1, state))
+        })
+        .collect();
+    let listening: Vec<&str> = rows.iter().filter(|(_, st)| *st == LISTEN).map(|(port, _)| *port).collect();
+    rows.iter().filter(|(port, st)| BUSY.contains(st) && listening.contains(port)).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_connections_are_counted_the_rest_is_not() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
+   1: 02004064:0050 0B0012C6:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n\
+   2: 02004064:0050 0B0012C6:C351 06 00000000:00000000 03:00000F9E 00000000     0        0 0 3 0\n\
+   3: 02004064:0050 0B0012C6:C352 08 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1\n\
+   4: 02004064:D431 0B0012C6:1538 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1\n";
+        // The two on port 80 (0x50) that are still busy; not TIME_WAIT, not
+        // the task's own outgoing connection.
+        assert_eq!(count_served(table), 2);
+    }
+}

@@ -77,6 +77,12 @@ pub struct UpdateArgs {
     /// Detach from a network.
     #[arg(long = "network-rm")]
     network_rm: Vec<String>,
+    /// Publish one more port (same forms as --publish).
+    #[arg(long = "publish-add")]
+    publish_add: Vec<String>,
+    /// Stop publishing a port: PUBLISHED[/tcp|udp].
+    #[arg(long = "publish-rm")]
+    publish_rm: Vec<String>,
     #[command(flatten)]
     flags: SpecFlags,
 }
@@ -90,9 +96,17 @@ pub struct SpecFlags {
     replicas: Option<String>,
     #[arg(long, value_parser = ["replicated", "global"])]
     mode: Option<String>,
-    /// PUBLISHED:TARGET[/tcp|udp]
+    /// PUBLISHED:TARGET[/tcp|udp], or published=P,target=T[,protocol=tcp|udp][,mode=ingress|host]:
+    /// every node forwards PUBLISHED to the tasks (ingress, the routing
+    /// mesh), or only nodes that run a task, to their own (host). On
+    /// update, replaces the list.
     #[arg(long, short = 'p')]
     publish: Vec<String>,
+    /// Time a stopping task gets to finish the connections it serves
+    /// (after it leaves DNS, the virtual IPs and the mesh), and then
+    /// between SIGTERM and SIGKILL (default 10s).
+    #[arg(long = "stop-grace-period")]
+    stop_grace_period: Option<String>,
     /// An overlay network to attach the tasks to (repeatable; on update,
     /// replaces the list).
     #[arg(long)]
@@ -188,19 +202,43 @@ fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// `PUBLISHED:TARGET[/tcp|udp]`, or the long form
+/// `published=P,target=T[,protocol=tcp|udp][,mode=ingress|host]`.
 fn parse_port(s: &str) -> anyhow::Result<Port> {
-    let bad = || anyhow!("invalid --publish {s:?}: expected PUBLISHED:TARGET[/tcp|udp]");
-    let (ports, protocol) = match s.split_once('/') {
-        Some((p, proto)) => (p, proto.to_string()),
-        None => (s, "tcp".to_string()),
+    let short = "expected PUBLISHED:TARGET[/tcp|udp] or published=P,target=T[,protocol=tcp|udp][,mode=ingress|host]";
+    let number = |what: &str, v: &str| -> anyhow::Result<u32> {
+        match v.parse::<u32>() {
+            Ok(n) if (1..=65535).contains(&n) => Ok(n),
+            _ => bail!("invalid --publish {s:?}: {what} port {v:?} must be 1-65535"),
+        }
     };
-    let (p, t) = ports.split_once(':').ok_or_else(bad)?;
-    let published: u16 = p.parse().map_err(|_| bad())?;
-    let target: u16 = t.parse().map_err(|_| bad())?;
-    if published == 0 || target == 0 {
-        return Err(bad());
+    let mut port = Port { protocol: "tcp".into(), mode: "ingress".into(), ..Default::default() };
+    if s.contains('=') {
+        let (mut published, mut target) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("published", v)) => published = Some(number("published", v)?),
+                Some(("target", v)) => target = Some(number("target", v)?),
+                Some(("protocol", v)) => port.protocol = v.into(),
+                Some(("mode", v)) => port.mode = v.into(),
+                _ => bail!("invalid --publish {s:?}: unknown part {part:?} ({short})"),
+            }
+        }
+        let (Some(p), Some(t)) = (published, target) else { bail!("invalid --publish {s:?}: {short}") };
+        (port.published, port.target) = (p, t);
+    } else {
+        let (ports, protocol) = s.split_once('/').unwrap_or((s, "tcp"));
+        port.protocol = protocol.into();
+        let (p, t) = ports.split_once(':').ok_or_else(|| anyhow!("invalid --publish {s:?}: {short}"))?;
+        (port.published, port.target) = (number("published", p)?, number("target", t)?);
     }
-    Ok(Port { published: published.into(), target: target.into(), protocol })
+    if port.protocol != "tcp" && port.protocol != "udp" {
+        bail!("invalid --publish {s:?}: protocol {:?} must be tcp or udp", port.protocol);
+    }
+    if port.mode != "ingress" && port.mode != "host" {
+        bail!("invalid --publish {s:?}: mode {:?} must be ingress or host", port.mode);
+    }
+    Ok(port)
 }
 
 fn parse_mount(s: &str) -> anyhow::Result<Mount> {
@@ -234,6 +272,9 @@ impl SpecFlags {
         }
         if !self.publish.is_empty() {
             spec.ports = self.publish.iter().map(|p| parse_port(p)).collect::<Result<_, _>>()?;
+        }
+        if let Some(d) = &self.stop_grace_period {
+            spec.stop_grace_period_ms = parse_duration("--stop-grace-period", d)?.as_millis() as u64;
         }
         if !self.network.is_empty() {
             spec.networks = self.network.clone();
@@ -344,7 +385,8 @@ pub fn service_json(s: &Service) -> Value {
         "image": spec.image,
         "args": spec.args,
         "env": spec.env,
-        "ports": spec.ports.iter().map(|p| json!({"published": p.published, "target": p.target, "protocol": p.protocol})).collect::<Vec<_>>(),
+        "ports": spec.ports.iter().map(|p| json!({"published": p.published, "target": p.target, "protocol": p.protocol, "mode": if p.mode.is_empty() { "ingress" } else { p.mode.as_str() }})).collect::<Vec<_>>(),
+        "stop_grace_period_ms": if spec.stop_grace_period_ms == 0 { 10_000 } else { spec.stop_grace_period_ms },
         "networks": spec.networks,
         "endpoint_mode": if spec.endpoint_mode.is_empty() { "vip" } else { spec.endpoint_mode.as_str() },
         "vips": s.vips,
@@ -518,6 +560,9 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 .map_err(rpc_err)?
                 .into_inner();
             let mut s = cur.spec.clone().unwrap_or_default();
+            // The managers put a service on the mesh's network while it
+            // publishes ports, and take it off when it stops.
+            s.networks.retain(|n| n != spec::INGRESS_NETWORK);
             if let Some(i) = a.image {
                 s.image = i;
             }
@@ -536,6 +581,21 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                     return Err(anyhow!("--network-add {n}: the service is on network {n:?} already"));
                 }
                 s.networks.push(n.clone());
+            }
+            for p in &a.publish_rm {
+                let (port, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+                let port: u32 = port.parse().map_err(|_| anyhow!("invalid --publish-rm {p:?}: expected PUBLISHED[/tcp|udp]"))?;
+                if !s.ports.iter().any(|x| x.published == port && x.protocol == proto) {
+                    return Err(anyhow!("--publish-rm {p}: the service does not publish {port}/{proto}"));
+                }
+                s.ports.retain(|x| !(x.published == port && x.protocol == proto));
+            }
+            for p in &a.publish_add {
+                let port = parse_port(p)?;
+                if s.ports.iter().any(|x| x.published == port.published && x.protocol == port.protocol) {
+                    return Err(anyhow!("--publish-add {p}: the service publishes {}/{} already", port.published, port.protocol));
+                }
+                s.ports.push(port);
             }
             let svc = c
                 .update_service(UpdateServiceRequest { service: cur.id.clone(), spec: Some(s), version: cur.version })

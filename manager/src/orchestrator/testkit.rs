@@ -42,7 +42,7 @@ pub fn with_memory(mut s: ServiceSpec, bytes: u64) -> ServiceSpec {
 }
 
 pub fn with_port(mut s: ServiceSpec, published: u32) -> ServiceSpec {
-    s.ports.push(Port { published, target: 80, protocol: "tcp".into() });
+    s.ports.push(Port { published, target: 80, protocol: "tcp".into(), mode: "host".into() });
     s
 }
 

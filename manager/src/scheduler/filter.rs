@@ -222,9 +222,11 @@ impl Rejects {
     }
 }
 
-/// The host ports a spec publishes.
+/// The ports a spec publishes in host mode: one task per node may hold
+/// each. (Ingress ports are reserved cluster-wide when the service is
+/// created, and every node forwards them: they never limit placement.)
 pub fn published_ports(spec: &ServiceSpec) -> Vec<HostPort> {
-    spec.ports.iter().filter(|p| p.published != 0).map(|p| (p.published, p.protocol == "udp")).collect()
+    spec.ports.iter().filter(|p| !crate::spec::is_ingress(p)).map(|p| (p.published, p.protocol == "udp")).collect()
 }
 
 /// What the live tasks on one node hold.
@@ -255,7 +257,7 @@ impl NodeUsage {
             self.memory_bytes = self.memory_bytes.saturating_add(r.memory_bytes);
         }
         if host_ports {
-            self.ports.extend(t.spec.ports.iter().filter(|p| p.published != 0).map(|p| (p.published, p.protocol == "udp")));
+            self.ports.extend(published_ports(&t.spec));
         }
         if t.desired_state <= TaskState::Running {
             self.tasks += 1;

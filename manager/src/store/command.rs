@@ -145,6 +145,8 @@ pub enum Refusal {
     TooLarge { kind: String, name: String, size: usize, max: usize },
     #[error("service {service:?} was named twice in one request")]
     Duplicate { service: String },
+    #[error("port {port}/{protocol} is already published by service {service:?}")]
+    PortInUse { port: u32, protocol: String, service: String },
 }
 
 /// The outcome of one command.

@@ -266,6 +266,7 @@ impl State {
                 changes.push(Change::Cluster);
             }
             Command::CreateService { mut service } => {
+                let ingress = self.settle_ports(&mut service.spec, &service.id, index, now)?;
                 self.check_references(&service.spec)?;
                 if self.services.values().any(|s| s.spec.name == service.spec.name) {
                     return Err(ApplyError::NameTaken { kind: "service".into(), name: service.spec.name });
@@ -274,6 +275,7 @@ impl State {
                     return Err(ApplyError::NameTaken { kind: "service id".into(), name: service.id });
                 }
                 service.vips = self.vips_for(&service.spec, &service.vips, &service.id)?;
+                self.add_ingress(ingress, changes);
                 service.version = index;
                 service.created_at_ms = now;
                 service.updated_at_ms = now;
@@ -281,23 +283,26 @@ impl State {
                 changes.push(Change::Service(service.id.clone()));
                 self.services.insert(service.id.clone(), *service);
             }
-            Command::UpdateService { service, spec, expected_version } => {
+            Command::UpdateService { service, mut spec, expected_version } => {
                 let id = self.resolve_service(&service)?;
+                let current = self.services.get(&id).map_or(0, |s| s.version);
+                if expected_version != 0 && current != expected_version {
+                    return Err(ApplyError::VersionMismatch {
+                        kind: "service".into(),
+                        what: service,
+                        expected: expected_version,
+                        actual: current,
+                    });
+                }
+                let ingress = self.settle_ports(&mut spec, &id, index, now)?;
                 self.check_references(&spec)?;
                 if self.services.values().any(|s| s.id != id && s.spec.name == spec.name) {
                     return Err(ApplyError::NameTaken { kind: "service".into(), name: spec.name.clone() });
                 }
                 let old_vips = self.services.get(&id).map(|s| s.vips.clone()).unwrap_or_default();
                 let vips = self.vips_for(&spec, &old_vips, &id)?;
+                self.add_ingress(ingress, changes);
                 let svc = self.services.get_mut(&id).ok_or_else(|| service_not_found(&service))?;
-                if expected_version != 0 && svc.version != expected_version {
-                    return Err(ApplyError::VersionMismatch {
-                        kind: "service".into(),
-                        what: service,
-                        expected: expected_version,
-                        actual: svc.version,
-                    });
-                }
                 svc.previous_spec = Some(std::mem::replace(&mut svc.spec, *spec));
                 svc.vips = vips;
                 svc.version = index;
@@ -383,10 +388,63 @@ impl State {
         }
     }
 
-    /// Every network, secret and config a service spec names must exist.
+    /// Puts a service that publishes ports on the routing mesh's network
+    /// (last among its networks) and takes one that no longer does off it;
+    /// refuses a port another service publishes where either is in ingress
+    /// mode (an ingress port is taken on every node). Returns the ingress
+    /// network to create when the cluster has none yet: `add_ingress` adds
+    /// it once every other check of the command has passed.
+    fn settle_ports(&self, spec: &mut shoal_proto::control::ServiceSpec, service_id: &str, index: u64, now: u64) -> Result<Option<NetworkObj>, ApplyError> {
+        use crate::spec::{is_ingress, INGRESS_NETWORK};
+        for p in &spec.ports {
+            let clash = self.services.values().filter(|s| s.id != service_id).find_map(|s| {
+                s.spec
+                    .ports
+                    .iter()
+                    .find(|q| q.published == p.published && q.protocol == p.protocol && (is_ingress(p) || is_ingress(q)))
+                    .map(|_| s.spec.name.clone())
+            });
+            if let Some(other) = clash {
+                return Err(ApplyError::Refused(Refusal::PortInUse { port: p.published, protocol: p.protocol.clone(), service: other }));
+            }
+        }
+        spec.networks.retain(|n| n != INGRESS_NETWORK);
+        if spec.ports.is_empty() {
+            return Ok(None);
+        }
+        spec.networks.push(INGRESS_NETWORK.to_string());
+        if self.networks.contains_key(INGRESS_NETWORK) {
+            return Ok(None);
+        }
+        let subnet = self.free_subnet()?;
+        let gateway = crate::spec::parse_cidr(&subnet).map(|c| crate::spec::first_host(c).to_string()).unwrap_or_default();
+        Ok(Some(NetworkObj {
+            // Deterministic (every manager applies the same entry); only one
+            // network is ever named ingress at a time.
+            id: format!("1e55{index:020x}"),
+            name: INGRESS_NETWORK.to_string(),
+            subnet,
+            gateway,
+            internal: false,
+            labels: BTreeMap::from([("shoal.network.ingress".to_string(), "true".to_string())]),
+            slices: BTreeMap::new(),
+            version: index,
+            created_at_ms: now,
+        }))
+    }
+
+    fn add_ingress(&mut self, network: Option<NetworkObj>, changes: &mut Vec<Change>) {
+        if let Some(n) = network {
+            changes.push(Change::Network(n.name.clone()));
+            self.networks.insert(n.name.clone(), n);
+        }
+    }
+
+    /// Every network, secret and config a service spec names must exist
+    /// (the ingress network is made with the first service that needs it).
     fn check_references(&self, spec: &shoal_proto::control::ServiceSpec) -> Result<(), ApplyError> {
         let missing = |kind: &str, what: &String| ApplyError::NotFound { kind: kind.into(), what: what.clone() };
-        if let Some(n) = spec.networks.iter().find(|n| !self.networks.contains_key(*n)) {
+        if let Some(n) = spec.networks.iter().find(|n| !self.networks.contains_key(*n) && *n != crate::spec::INGRESS_NETWORK) {
             return Err(missing("network", n));
         }
         if let Some(n) = spec.secrets.iter().find(|n| !self.secrets.contains_key(*n)) {
@@ -429,7 +487,9 @@ impl State {
         if spec.endpoint_mode == "dnsrr" {
             return Ok(out);
         }
-        for name in &spec.networks {
+        // The routing mesh balances published ports itself: no virtual IP
+        // on its network.
+        for name in spec.networks.iter().filter(|n| *n != crate::spec::INGRESS_NETWORK) {
             if let Some(v) = old.get(name) {
                 out.insert(name.clone(), v.clone());
                 continue;
