@@ -158,11 +158,11 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     let logs = wait_for(T, "the client's address in the tasks' logs", || {
         let out = c.cli(0, &["service", "logs", "web"]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        Ok((text.matches(&format!("{CLIENT_IP}:")).count() >= 100).then_some(text))
+        Ok((text.matches(&format!("{CLIENT_IP}]:")).count() >= 100).then_some(text))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
     for h in &c.hosts {
-        assert!(!logs.contains(&format!("{}:", h.ip)), "node {}'s address reached a task instead of the client's: {logs}", h.name);
+        assert!(!logs.contains(&format!("{}]:", h.ip)), "node {}'s address reached a task instead of the client's: {logs}", h.name);
     }
 
     // Host mode: only the node that runs the task accepts.
@@ -232,12 +232,15 @@ fn no_request_fails_while_scaling_and_updating() {
     c.cli_ok(0, &["service", "scale", "web=2"]).unwrap();
     running(&c, "web", 2);
     load.wait_more(200);
-    // A rolling update to a second image, two tasks at a time.
+    // A rolling update to a second image, two tasks at a time (stop-first:
+    // with four replicas, two keep serving while two are replaced).
+    c.cli_ok(0, &["service", "scale", "web=4"]).unwrap();
+    running(&c, "web", 4);
     c.cli_ok(0, &["service", "update", "--image", "busybox:v2", "--update-parallelism", "2", "web"]).unwrap();
     wait_for(T, "the update to finish", || {
         let ps = c.cli_ok(0, &["service", "ps", "web", "--format", "json"])?;
         let live: Vec<&Value> = ps.as_array().map(|a| a.iter().filter(|t| t["desired_state"] == "running").collect()).unwrap_or_default();
-        Ok((live.len() == 2 && live.iter().all(|t| t["state"] == "running" && t["image"].as_str().is_none_or(|i| i == "busybox:v2"))).then_some(()))
+        Ok((live.len() == 4 && live.iter().all(|t| t["state"] == "running" && t["image"] == "busybox:v2")).then_some(()))
     })
     .unwrap();
     load.wait_more(200);
