@@ -746,6 +746,41 @@ mod tests {
         st.apply(index, 1000 + index, cmd, &mut Vec::new())
     }
 
+    fn publishing(id: &str, name: &str, port: u32, mode: &str) -> Command {
+        let mut cmd = svc(id, name, "replicated");
+        if let Command::CreateService { service } = &mut cmd {
+            service.spec.ports.push(shoal_proto::control::Port { published: port, target: 80, protocol: "tcp".into(), mode: mode.into() });
+        }
+        cmd
+    }
+
+    #[test]
+    fn publishing_joins_the_ingress_network_and_reserves_the_port() {
+        let mut st = State::default();
+        apply(&mut st, 1, publishing("a1", "web", 8080, "ingress")).unwrap();
+        // The mesh's network is made with the first service that needs it.
+        let ingress = &st.networks["ingress"];
+        assert_eq!(ingress.subnet, "100.64.0.0/20");
+        assert_eq!(st.services["a1"].spec.networks, ["ingress"]);
+        assert!(st.services["a1"].vips.is_empty(), "no virtual IP on the mesh's network");
+        // An ingress port is the cluster's: any other service, any mode, is refused.
+        for (i, mode) in ["ingress", "host"].into_iter().enumerate() {
+            let err = apply(&mut st, 2 + i as u64, publishing("b2", "other", 8080, mode)).unwrap_err();
+            assert!(matches!(&err, ApplyError::Refused(Refusal::PortInUse { port: 8080, service, .. }) if service == "web"), "{err}");
+        }
+        // Host-mode ports may be shared (the scheduler keeps them apart).
+        apply(&mut st, 5, publishing("c3", "h1", 9090, "host")).unwrap();
+        apply(&mut st, 6, publishing("d4", "h2", 9090, "host")).unwrap();
+        assert_eq!(st.networks.len(), 1, "one ingress network for all");
+        // A service that stops publishing leaves it; the network stays (in
+        // use by the others) until `network rm`.
+        let mut spec = st.services["a1"].spec.clone();
+        spec.ports.clear();
+        apply(&mut st, 7, Command::UpdateService { service: "web".into(), spec: Box::new(spec), expected_version: 0 }).unwrap();
+        assert!(st.services["a1"].spec.networks.is_empty());
+        assert!(matches!(apply(&mut st, 8, Command::RemoveNetwork { name: "ingress".into() }), Err(ApplyError::Refused(Refusal::InUse { .. }))));
+    }
+
     #[test]
     fn duplicate_names_are_refused() {
         let mut st = State::default();
