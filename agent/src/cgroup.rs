@@ -61,6 +61,9 @@ pub trait Cgroup: Send {
     fn oom_killed(&self) -> Result<bool, CgroupError>;
     /// Directories that make up this group.
     fn paths(&self) -> Vec<PathBuf>;
+    /// CPU time the group's processes used, in nanoseconds (None where the
+    /// host does not account it).
+    fn cpu_usage_ns(&self) -> Result<Option<u64>, CgroupError>;
     /// Whether the group restricts which devices can be opened (v1's
     /// devices controller). Without it the runtime keeps device nodes out
     /// of every writable mount instead.
@@ -170,7 +173,13 @@ impl V1 {
         let dir = |c: &str| self.root.join(c).join(&self.parent).join(id);
         // The devices controller is optional: used when mounted.
         let devices = self.root.join("devices").is_dir().then(|| dir("devices"));
-        V1Group { memory: dir("memory"), cpu: dir("cpu"), pids: dir("pids"), devices }
+        // CPU accounting (for the autoscaler): its own hierarchy where it is
+        // not mounted together with cpu (`cpu,cpuacct`).
+        let cpuacct = match (fs::canonicalize(self.root.join("cpuacct")), fs::canonicalize(self.root.join("cpu"))) {
+            (Ok(acct), Ok(cpu)) if acct != cpu => Some(dir("cpuacct")),
+            _ => None,
+        };
+        V1Group { memory: dir("memory"), cpu: dir("cpu"), pids: dir("pids"), devices, cpuacct }
     }
 }
 
@@ -180,7 +189,7 @@ impl CgroupBackend for V1 {
             mkdir(&self.root.join(c).join(&self.parent))?;
         }
         let g = self.group(id);
-        if let Some(d) = &g.devices {
+        for d in g.devices.iter().chain(&g.cpuacct) {
             mkdir(d.parent().unwrap_or(d))?;
         }
         let made = CreatedGuard(g.paths());
@@ -238,6 +247,16 @@ struct V1Group {
     cpu: PathBuf,
     pids: PathBuf,
     devices: Option<PathBuf>,
+    cpuacct: Option<PathBuf>,
+}
+
+/// A number in a file (cpuacct.usage), None if the file is not there.
+fn number_in(path: &Path) -> Result<Option<u64>, CgroupError> {
+    match fs::read_to_string(path) {
+        Ok(t) => Ok(t.trim().parse().ok()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CgroupError::Io { path: path.to_path_buf(), source: e }),
+    }
 }
 
 /// Devices a container may use (moby's default allow list): any device
@@ -271,7 +290,12 @@ impl Cgroup for V1Group {
     fn paths(&self) -> Vec<PathBuf> {
         let mut p = vec![self.memory.clone(), self.cpu.clone(), self.pids.clone()];
         p.extend(self.devices.clone());
+        p.extend(self.cpuacct.clone());
         p
+    }
+
+    fn cpu_usage_ns(&self) -> Result<Option<u64>, CgroupError> {
+        number_in(&self.cpuacct.as_ref().unwrap_or(&self.cpu).join("cpuacct.usage"))
     }
 
     fn limits_devices(&self) -> bool {
@@ -353,6 +377,14 @@ impl Cgroup for V2Group {
 
     fn paths(&self) -> Vec<PathBuf> {
         vec![self.dir.clone()]
+    }
+
+    fn cpu_usage_ns(&self) -> Result<Option<u64>, CgroupError> {
+        let stat = self.dir.join("cpu.stat");
+        if !stat.exists() {
+            return Ok(None);
+        }
+        Ok(Some(keyed_value(&stat, "usage_usec")?.saturating_mul(1000)))
     }
 }
 

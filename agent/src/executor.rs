@@ -75,6 +75,11 @@ pub trait Executor: Send + Sync {
     fn remove(&self, id: &str) -> Result<(), ExecutorError>;
     /// Every container this node holds, e.g. to reattach after a restart.
     fn list(&self) -> Result<Vec<String>, ExecutorError>;
+    /// CPU time the container has used so far, in nanoseconds; None where
+    /// it is not accounted (or the container is gone).
+    fn cpu_usage_ns(&self, _id: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// Real containers through the runtime and per-container supervisors.
@@ -172,6 +177,10 @@ impl Executor for LinuxExecutor {
 
     fn list(&self) -> Result<Vec<String>, ExecutorError> {
         Ok(Supervised::list(&self.data_dir))
+    }
+
+    fn cpu_usage_ns(&self, id: &str) -> Option<u64> {
+        self.runtime.cpu_usage_ns(id).ok().flatten()
     }
 }
 

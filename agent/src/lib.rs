@@ -12,6 +12,7 @@ pub mod image;
 pub mod join;
 pub mod mounts;
 mod discovery;
+mod load;
 mod node;
 mod paths;
 pub mod runtime;

@@ -188,6 +188,7 @@ impl Agent {
             managers,
             shutdown: stop_rx,
             overlay,
+            load: Arc::new(crate::load::LoadMeter::new(self.executor.clone())),
         }));
         let exit = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => AgentExit::Shutdown,

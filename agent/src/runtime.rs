@@ -148,6 +148,11 @@ impl Runtime {
     }
 
     /// The directory that holds a container's state, upper dir and logs.
+    /// CPU time container `id` has used so far, in nanoseconds.
+    pub fn cpu_usage_ns(&self, id: &str) -> Result<Option<u64>, CgroupError> {
+        self.cgroups.open(id).cpu_usage_ns()
+    }
+
     pub fn container_dir(&self, id: &str) -> PathBuf {
         self.data_dir.join("containers").join(id)
     }

@@ -9,7 +9,7 @@ use shoal_security::identity::{self, Identity, Role};
 use shoal_security::tls::NodeTls;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_overlay::{Overlay, PeerConfig};
-use shoal_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, Peer, Resources};
+use shoal_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, Peer, Resources, ServiceRate, TaskUsage};
 
 pub(crate) struct Session {
     pub data_dir: PathBuf,
@@ -26,6 +26,8 @@ pub(crate) struct Session {
     /// raises `role_changed`.
     pub role: Role,
     pub role_changed: tokio::sync::watch::Sender<Option<Role>>,
+    /// This node's load, sent with each heartbeat.
+    pub load: Arc<crate::load::LoadMeter>,
     /// The node's overlay: its identity goes out with each heartbeat, and
     /// the peers come back when they change.
     pub overlay: Option<Arc<Overlay>>,
@@ -55,7 +57,8 @@ pub(crate) async fn run(mut s: Session) {
         let target = preferred.clone().or_else(|| s.managers.get(idx % s.managers.len().max(1)).cloned());
         let mut ok = false;
         if let Some(addr) = target.clone() {
-            match heartbeat(&s, &addr, &res, peers_version).await {
+            let load = s.load.sample(s.overlay.as_deref()).await;
+            match heartbeat(&s, &addr, &res, peers_version, load).await {
                 Ok(r) => {
                     ok = true;
                     period = Duration::from_millis(r.period_ms.clamp(100, 10_000));
@@ -117,7 +120,13 @@ enum HbError {
     Other(String),
 }
 
-async fn heartbeat(s: &Session, addr: &str, res: &Resources, peers_version: u64) -> Result<HeartbeatResponse, HbError> {
+async fn heartbeat(
+    s: &Session,
+    addr: &str,
+    res: &Resources,
+    peers_version: u64,
+    (usage, rates): (Vec<TaskUsage>, Vec<ServiceRate>),
+) -> Result<HeartbeatResponse, HbError> {
     let channel = s.tls.channel(addr).map_err(|e| HbError::Other(e.to_string()))?;
     let mut client = DispatcherClient::new(channel);
     let call = client.heartbeat(HeartbeatRequest {
@@ -127,6 +136,8 @@ async fn heartbeat(s: &Session, addr: &str, res: &Resources, peers_version: u64)
         overlay_key: s.overlay.as_ref().map(|o| o.public_key().to_string()).unwrap_or_default(),
         overlay_endpoint: s.overlay.as_ref().map(|o| o.endpoint().to_string()).unwrap_or_default(),
         peers_version,
+        usage,
+        rates,
     });
     match tokio::time::timeout(Duration::from_secs(2), call).await {
         Err(_) => Err(HbError::Other("timed out".into())),

@@ -60,7 +60,7 @@ fn spec_status(e: SpecError) -> Status {
 
 const CLIENTS: &[CertRole] = &[CertRole::Client, CertRole::Manager];
 
-pub fn task_proto(t: &TaskObj, state: &State) -> Task {
+pub fn task_proto(t: &TaskObj, state: &State, metrics: &crate::metrics::Metrics) -> Task {
     Task {
         id: t.id.clone(),
         service: t.service_name.clone(),
@@ -79,6 +79,7 @@ pub fn task_proto(t: &TaskObj, state: &State) -> Task {
         updated_at_ms: t.updated_at_ms,
         state_at_ms: t.state_at_ms,
         image: t.spec.image.clone(),
+        cpu_pct: if t.state == TaskState::Running { metrics.task_cpu_pct(&t.id).unwrap_or(-1.0) } else { -1.0 },
     }
 }
 
@@ -178,7 +179,7 @@ fn node_proto(n: &NodeObj, leader: Option<u64>, reachable: bool) -> Node {
     }
 }
 
-fn service_proto(s: &ServiceObj, state: &State) -> Service {
+fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metrics) -> Service {
     let live = state
         .tasks
         .values()
@@ -200,6 +201,19 @@ fn service_proto(s: &ServiceObj, state: &State) -> Service {
         // orchestrator keeps alive.
         replicas_desired: if s.spec.mode == "global" { wanted } else { s.spec.replicas },
         vips: s.vips.clone().into_iter().collect(),
+        last_autoscale: s.last_autoscale.as_ref().map(|d| shoal_proto::control::AutoscaleDecision {
+            at_ms: d.at_ms,
+            from: d.from,
+            to: d.to,
+            reason: d.reason.clone(),
+        }),
+        cpu_pct: state
+            .tasks
+            .values()
+            .filter(|t| t.service_id == s.id && t.state == TaskState::Running)
+            .filter_map(|t| metrics.task_cpu_pct(&t.id))
+            .sum(),
+        request_rate: metrics.service_rate(&s.spec.name),
     }
 }
 
@@ -229,7 +243,7 @@ impl ControlService {
     fn read_service(&self, what: &str) -> Result<Service, Status> {
         self.manager.store.read(|s| {
             let id = s.resolve_service(what).map_err(apply_status)?;
-            Ok(service_proto(&s.services[&id], s))
+            Ok(service_proto(&s.services[&id], s, &self.manager.metrics))
         })
     }
 
@@ -464,7 +478,7 @@ impl Control for ControlService {
         let services = self
             .manager
             .store
-            .read(|s| s.services.values().map(|svc| service_proto(svc, s)).collect());
+            .read(|s| s.services.values().map(|svc| service_proto(svc, s, &self.manager.metrics)).collect());
         Ok(Response::new(ServiceList { services }))
     }
 
@@ -529,7 +543,7 @@ impl Control for ControlService {
                 .values()
                 .filter(|t| service.as_ref().is_none_or(|id| &t.service_id == id))
                 .filter(|t| r.all || t.desired_state == TaskState::Running || !t.state.is_terminal())
-                .map(|t| task_proto(t, s))
+                .map(|t| task_proto(t, s, &self.manager.metrics))
                 .collect();
             tasks.sort_by(|a, b| (&a.service, a.slot, &a.node, b.created_at_ms).cmp(&(&b.service, b.slot, &b.node, a.created_at_ms)));
             Ok::<_, Status>(tasks)

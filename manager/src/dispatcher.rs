@@ -490,6 +490,7 @@ impl Dispatcher for DispatcherService {
         } else {
             String::new()
         };
+        self.manager.metrics.record(r.node_id, &r.usage, &r.rates);
         let (peers_version, peers, address_pool) = self.manager.store.read(|s| {
             let (v, p) = peers_of(s, r.node_id);
             (v, p, s.address_pool().to_string())

@@ -5,6 +5,7 @@
 //! Invariant: this crate never imports `shoal-agent`; the daemon in `cli`
 //! composes a manager and an agent on one node.
 
+pub mod autoscaler;
 pub mod blobs;
 pub mod codec;
 pub mod control;
@@ -12,6 +13,7 @@ pub mod dispatcher;
 pub mod join;
 pub mod logs;
 pub mod manager;
+pub mod metrics;
 pub mod node;
 pub mod orchestrator;
 pub mod raft;
@@ -47,6 +49,7 @@ pub async fn serve(
     tokio::spawn(dispatcher.clone().run(shutdown.clone()));
     tokio::spawn(orchestrator::Orchestrator::new(manager.clone(), Default::default()).run(shutdown.clone()));
     tokio::spawn(scheduler::Scheduler::new(manager.clone(), Default::default()).run(shutdown.clone()));
+    tokio::spawn(autoscaler::Autoscaler::new(manager.clone()).run(shutdown.clone()));
     tokio::spawn(replication::replicate(manager.clone(), shutdown.clone()));
     // Snapshots can be large; everything else is small.
     const MAX_MSG: usize = 256 << 20;

@@ -66,6 +66,8 @@ pub struct Manager {
     sm: StateMachine,
     batcher: mpsc::Sender<Pending>,
     pub blobs: BlobStore,
+    /// Load the agents report with their heartbeats (on the leader).
+    pub metrics: crate::metrics::Metrics,
 }
 
 pub fn now_ms() -> u64 {
@@ -95,7 +97,7 @@ impl Manager {
         let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(batch_loop(raft.clone(), rx));
         let blobs = BlobStore::open(data_dir)?;
-        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher, blobs }))
+        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher, blobs, metrics: Default::default() }))
     }
 
     /// Makes this node a one-member cluster (`--init`).

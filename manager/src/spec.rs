@@ -203,6 +203,23 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
         }
         published.push((p.published, &p.protocol));
     }
+    if let Some(a) = &spec.autoscale {
+        if spec.mode == "global" {
+            return Err(invalid("autoscale", spec.name.clone(), "a global service runs one task per node: it can't be autoscaled"));
+        }
+        if a.min > a.max {
+            return Err(invalid("autoscale --min", format!("{} (--max {})", a.min, a.max), "must not be more than --max"));
+        }
+        if a.max == 0 {
+            return Err(invalid("autoscale --max", "0", "must be at least 1"));
+        }
+        if a.target_cpu_pct == 0 && a.target_rps == 0 {
+            return Err(invalid("autoscale", spec.name.clone(), "needs a target: --target-cpu PCT or --target-rps N"));
+        }
+        if a.stable_window_ms != 0 && a.stable_window_ms < 2_000 {
+            return Err(invalid("autoscale stable window", format!("{}ms", a.stable_window_ms), "must be at least 2s"));
+        }
+    }
     if spec.networks.iter().any(|n| n == INGRESS_NETWORK) && spec.ports.is_empty() {
         return Err(invalid(
             "network",

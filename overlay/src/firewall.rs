@@ -30,6 +30,8 @@ pub struct NetRule {
 /// A published port on this node and the task addresses it forwards to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PublishRule {
+    /// The service that publishes it (its counter's comment).
+    pub service: String,
     pub port: u16,
     pub udp: bool,
     pub backends: Vec<(std::net::Ipv4Addr, u16)>,
@@ -88,12 +90,15 @@ pub fn ruleset(r: &Rules, tun: &str, bridge_prefix: &str) -> String {
     let publish = |s: &mut String, extra: &str| {
         for p in r.publish.iter().filter(|p| !p.backends.is_empty()) {
             let map: Vec<String> = p.backends.iter().enumerate().map(|(i, (a, port))| format!("{i} : {a} . {port}")).collect();
+            // The counter sees the first packet of each connection (a nat
+            // chain): the autoscaler's requests per second.
             s.push_str(&format!(
-                "    fib daddr type local {extra}{} dport {} ct mark set {MARK_INGRESS:#x} dnat ip to numgen random mod {} map {{ {} }}\n",
+                "    fib daddr type local {extra}{} dport {} counter ct mark set {MARK_INGRESS:#x} dnat ip to numgen random mod {} map {{ {} }} comment \"{COUNTER_PREFIX}{}\"\n",
                 if p.udp { "udp" } else { "tcp" },
                 p.port,
                 p.backends.len(),
-                map.join(", ")
+                map.join(", "),
+                p.service
             ));
         }
     };
@@ -162,6 +167,37 @@ pub fn ruleset(r: &Rules, tun: &str, bridge_prefix: &str) -> String {
     s
 }
 
+/// Marks the routing mesh's counters in rule comments.
+const COUNTER_PREFIX: &str = "mesh ";
+
+/// Connections the routing mesh forwarded per service since the table was
+/// last written, from `nft list table` output.
+pub fn parse_counters(listing: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in listing.lines() {
+        let Some(at) = line.find(&format!("comment \"{COUNTER_PREFIX}")) else { continue };
+        let service = line[at + 9 + COUNTER_PREFIX.len()..].trim_end().trim_end_matches('"').to_string();
+        let packets = line
+            .split_once("counter packets ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(n) = packets {
+            *out.entry(service).or_default() += n;
+        }
+    }
+    out
+}
+
+/// Reads the routing mesh's counters.
+pub fn counters() -> Result<std::collections::BTreeMap<String, u64>, OverlayError> {
+    let err = |source| OverlayError::Io { what: "running nft".into(), source };
+    let out = Command::new("nft").args(["list", "table", "inet", TABLE]).stderr(Stdio::piped()).output().map_err(err)?;
+    if !out.status.success() {
+        return Err(OverlayError::Nft(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(parse_counters(&String::from_utf8_lossy(&out.stdout)))
+}
+
 fn nft(input: &str) -> Result<(), OverlayError> {
     let err = |source| OverlayError::Io { what: "running nft".into(), source };
     let mut child = Command::new("nft")
@@ -224,12 +260,12 @@ mod tests {
     fn published_ports_forward_from_every_address_and_mark_their_replies() {
         let nets = vec![NetRule { bridge: "shn1e5500000000".into(), subnet: "100.64.0.0/20".into(), internal: false, ingress: true }];
         let publish = vec![
-            PublishRule { port: 8080, udp: false, backends: vec![("100.64.0.2".parse().unwrap(), 80), ("100.64.0.66".parse().unwrap(), 80)] },
-            PublishRule { port: 5353, udp: true, backends: vec![] },
+            PublishRule { service: "web".into(), port: 8080, udp: false, backends: vec![("100.64.0.2".parse().unwrap(), 80), ("100.64.0.66".parse().unwrap(), 80)] },
+            PublishRule { service: "dns".into(), port: 5353, udp: true, backends: vec![] },
         ];
         let r = ruleset(&Rules { nets, publish, pool: Some("100.64.0.0/10".into()), ..Default::default() }, "shoal0", "shn");
         assert!(
-            r.contains("fib daddr type local tcp dport 8080 ct mark set 0x53480001 dnat ip to numgen random mod 2 map { 0 : 100.64.0.2 . 80, 1 : 100.64.0.66 . 80 }"),
+            r.contains("fib daddr type local tcp dport 8080 counter ct mark set 0x53480001 dnat ip to numgen random mod 2 map { 0 : 100.64.0.2 . 80, 1 : 100.64.0.66 . 80 } comment \"mesh web\""),
             "{r}"
         );
         assert!(r.contains("fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080"));
@@ -241,5 +277,13 @@ mod tests {
         let forward = &r[r.find("chain forward").unwrap()..];
         // Mesh traffic is let in before isolation drops what is left.
         assert!(forward.find("ct mark 0x53480001 accept").unwrap() < forward.find("ip daddr { 100.64.0.0/20 } drop").unwrap());
+    }
+
+    #[test]
+    fn counters_are_read_per_service() {
+        let listing = "\t\tfib daddr type local tcp dport 8080 counter packets 12 bytes 720 ct mark set 0x53480001 dnat ip to numgen random mod 1 map { 0 : 100.64.0.2 . 80 } comment \"mesh web\"\n\
+                       \t\tfib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 counter packets 3 bytes 180 ct mark set 0x53480001 dnat ip to numgen random mod 1 map { 0 : 100.64.0.2 . 80 } comment \"mesh web\"\n\
+                       \t\tip daddr 100.64.15.193 dnat ip to 100.64.0.2\n";
+        assert_eq!(parse_counters(listing), std::collections::BTreeMap::from([("web".to_string(), 15)]));
     }
 }

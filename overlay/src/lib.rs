@@ -166,7 +166,7 @@ fn publish_rules(services: &[ServiceEntry], local: &BTreeMap<String, Vec<Ipv4Add
                     e.addresses.iter().filter(|a| !p.host_mode || here.contains(a)).map(|a| (*a, p.target)).collect();
                 backends.sort();
                 // Host mode binds only where a task runs.
-                (!p.host_mode || !backends.is_empty()).then_some(firewall::PublishRule { port: p.published, udp: p.udp, backends })
+                (!p.host_mode || !backends.is_empty()).then_some(firewall::PublishRule { service: e.service.clone(), port: p.published, udp: p.udp, backends })
             })
         })
         .collect();
@@ -350,6 +350,18 @@ impl Overlay {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+    }
+
+    /// Connections this node's routing mesh forwarded per service, counted
+    /// since the rule set was last written (a smaller number than before
+    /// means it was rewritten meanwhile).
+    pub async fn mesh_counters(&self) -> Result<BTreeMap<String, u64>, OverlayError> {
+        if !self.state.lock().await.rules_applied.as_ref().is_some_and(|r| !r.publish.is_empty()) {
+            return Ok(BTreeMap::new());
+        }
+        tokio::task::spawn_blocking(firewall::counters)
+            .await
+            .map_err(|e| OverlayError::Io { what: "reading the mesh counters".into(), source: std::io::Error::other(e.to_string()) })?
     }
 
     /// What a task's `/etc/resolv.conf` says: this node's DNS server on

@@ -29,6 +29,8 @@ pub enum ServiceCmd {
         #[arg(long, short)]
         detach: bool,
     },
+    /// Let the built-in autoscaler set the replica count (or stop it).
+    Autoscale(AutoscaleArgs),
     /// Show the output of a service's tasks, from every node.
     Logs {
         service: String,
@@ -48,6 +50,83 @@ pub enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+}
+
+#[derive(Args)]
+pub struct AutoscaleArgs {
+    service: String,
+    /// Never fewer tasks than this (needed the first time).
+    #[arg(long)]
+    min: Option<u64>,
+    /// Never more tasks than this (needed the first time).
+    #[arg(long)]
+    max: Option<u64>,
+    /// CPU per task to aim for, in percent of its --limit-cpu (of one CPU
+    /// without a limit).
+    #[arg(long = "target-cpu")]
+    target_cpu: Option<u32>,
+    /// Requests per second per task through the routing mesh to aim for.
+    #[arg(long = "target-rps")]
+    target_rps: Option<u64>,
+    /// Time after a change before scaling down (default 60s).
+    #[arg(long)]
+    cooldown: Option<String>,
+    /// The stable window (default 60s); the panic window is a tenth of it.
+    #[arg(long = "stable-window")]
+    stable_window: Option<String>,
+    /// Stop autoscaling: the replica count stays where it is.
+    #[arg(long, conflicts_with_all = ["min", "max", "target_cpu", "target_rps", "cooldown", "stable_window"])]
+    off: bool,
+}
+
+/// The autoscaler's settings from flags; None when no flag was given.
+fn autoscale_from(
+    min: Option<u64>,
+    max: Option<u64>,
+    target_cpu: Option<u32>,
+    target_rps: Option<u64>,
+    cooldown: Option<&str>,
+    stable_window: Option<&str>,
+    current: Option<&Autoscale>,
+) -> anyhow::Result<Option<Autoscale>> {
+    if min.is_none() && max.is_none() && target_cpu.is_none() && target_rps.is_none() && cooldown.is_none() && stable_window.is_none() {
+        return Ok(None);
+    }
+    let mut a = current.cloned().unwrap_or_default();
+    if let Some(n) = min {
+        a.min = n;
+    }
+    if let Some(n) = max {
+        a.max = n;
+    }
+    if let Some(p) = target_cpu {
+        if p == 0 {
+            bail!("invalid --target-cpu 0: must be a percentage above 0");
+        }
+        a.target_cpu_pct = p;
+    }
+    if let Some(r) = target_rps {
+        if r == 0 {
+            bail!("invalid --target-rps 0: must be above 0");
+        }
+        a.target_rps = r;
+    }
+    if let Some(d) = cooldown {
+        a.cooldown_ms = parse_duration("--cooldown", d)?.as_millis() as u64;
+    }
+    if let Some(d) = stable_window {
+        a.stable_window_ms = parse_duration("--stable-window", d)?.as_millis() as u64;
+    }
+    if current.is_none() && (min.is_none() || max.is_none()) {
+        bail!("autoscaling needs --min and --max");
+    }
+    if a.min > a.max {
+        bail!("invalid autoscale bounds: --min {} is more than --max {}", a.min, a.max);
+    }
+    if a.target_cpu_pct == 0 && a.target_rps == 0 {
+        bail!("autoscaling needs a target: --target-cpu PCT or --target-rps N");
+    }
+    Ok(Some(a))
 }
 
 #[derive(Args)]
@@ -178,6 +257,20 @@ pub struct SpecFlags {
     mount: Vec<String>,
     #[arg(long = "read-only")]
     read_only: bool,
+    /// Let the autoscaler keep the replica count between these (see
+    /// `shoal service autoscale`).
+    #[arg(long = "autoscale-min")]
+    autoscale_min: Option<u64>,
+    #[arg(long = "autoscale-max")]
+    autoscale_max: Option<u64>,
+    #[arg(long = "autoscale-target-cpu")]
+    autoscale_target_cpu: Option<u32>,
+    #[arg(long = "autoscale-target-rps")]
+    autoscale_target_rps: Option<u64>,
+    #[arg(long = "autoscale-cooldown")]
+    autoscale_cooldown: Option<String>,
+    #[arg(long = "autoscale-stable-window")]
+    autoscale_stable_window: Option<String>,
     /// Return once the change is committed.
     #[arg(long, short)]
     detach: bool,
@@ -272,6 +365,17 @@ impl SpecFlags {
         }
         if !self.publish.is_empty() {
             spec.ports = self.publish.iter().map(|p| parse_port(p)).collect::<Result<_, _>>()?;
+        }
+        if let Some(a) = autoscale_from(
+            self.autoscale_min,
+            self.autoscale_max,
+            self.autoscale_target_cpu,
+            self.autoscale_target_rps,
+            self.autoscale_cooldown.as_deref(),
+            self.autoscale_stable_window.as_deref(),
+            spec.autoscale.as_ref(),
+        )? {
+            spec.autoscale = Some(a);
         }
         if let Some(d) = &self.stop_grace_period {
             spec.stop_grace_period_ms = parse_duration("--stop-grace-period", d)?.as_millis() as u64;
@@ -387,6 +491,17 @@ pub fn service_json(s: &Service) -> Value {
         "env": spec.env,
         "ports": spec.ports.iter().map(|p| json!({"published": p.published, "target": p.target, "protocol": p.protocol, "mode": if p.mode.is_empty() { "ingress" } else { p.mode.as_str() }})).collect::<Vec<_>>(),
         "stop_grace_period_ms": if spec.stop_grace_period_ms == 0 { 10_000 } else { spec.stop_grace_period_ms },
+        "autoscale": spec.autoscale.as_ref().map(|a| json!({
+            "min": a.min,
+            "max": a.max,
+            "target_cpu_pct": a.target_cpu_pct,
+            "target_rps": a.target_rps,
+            "cooldown_ms": if a.cooldown_ms == 0 { 60_000 } else { a.cooldown_ms },
+            "stable_window_ms": if a.stable_window_ms == 0 { 60_000 } else { a.stable_window_ms },
+        })),
+        "last_autoscale": s.last_autoscale.as_ref().map(|d| json!({"at_ms": d.at_ms, "from": d.from, "to": d.to, "reason": d.reason})),
+        "cpu_pct": (s.cpu_pct * 10.0).round() / 10.0,
+        "request_rate": (s.request_rate * 10.0).round() / 10.0,
         "networks": spec.networks,
         "endpoint_mode": if spec.endpoint_mode.is_empty() { "vip" } else { spec.endpoint_mode.as_str() },
         "vips": s.vips,
@@ -428,6 +543,8 @@ pub fn task_json(t: &Task) -> Value {
         "created_at_ms": t.created_at_ms,
         "updated_at_ms": t.updated_at_ms,
         "state_at_ms": t.state_at_ms,
+        // Percent of one CPU over the last report; null when unknown.
+        "cpu_pct": if t.cpu_pct >= 0.0 { json!((t.cpu_pct * 10.0).round() / 10.0) } else { Value::Null },
     })
 }
 
@@ -514,6 +631,12 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 ..Default::default()
             };
             a.flags.apply(&mut s)?;
+            // An autoscaled service starts at its --min unless told.
+            if let Some(auto) = &s.autoscale
+                && a.flags.replicas.is_none()
+            {
+                s.replicas = auto.min.max(1).min(auto.max);
+            }
             if s.mode == "global" {
                 if a.flags.replicas.is_some() {
                     bail!("--replicas cannot be used with --mode global");
@@ -653,6 +776,46 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 }
             }
         }
+        ServiceCmd::Autoscale(a) => {
+            let mut c = ctx.control().await?;
+            let cur = c.inspect_service(ServiceRef { service: a.service.clone() }).await.map_err(rpc_err)?.into_inner();
+            let mut s = cur.spec.clone().unwrap_or_default();
+            s.networks.retain(|n| n != spec::INGRESS_NETWORK);
+            if a.off {
+                if s.autoscale.is_none() {
+                    bail!("service {:?} is not autoscaled", a.service);
+                }
+                s.autoscale = None;
+            } else {
+                let current = s.autoscale.clone();
+                if a.min.is_none() && a.max.is_none() && a.target_cpu.is_none() && a.target_rps.is_none() && a.cooldown.is_none() && a.stable_window.is_none() {
+                    bail!("nothing to change: give --min and --max with --target-cpu or --target-rps, or --off");
+                }
+                s.autoscale = autoscale_from(
+                    a.min,
+                    a.max,
+                    a.target_cpu,
+                    a.target_rps,
+                    a.cooldown.as_deref(),
+                    a.stable_window.as_deref(),
+                    current.as_ref(),
+                )?;
+            }
+            c.update_service(UpdateServiceRequest { service: cur.id.clone(), spec: Some(s.clone()), version: cur.version })
+                .await
+                .map_err(rpc_err)?;
+            match s.autoscale {
+                Some(x) => println!(
+                    "{}: autoscaled between {} and {} tasks{}{}",
+                    a.service,
+                    x.min,
+                    x.max,
+                    if x.target_cpu_pct > 0 { format!(", {}% CPU per task", x.target_cpu_pct) } else { String::new() },
+                    if x.target_rps > 0 { format!(", {} requests/s per task", x.target_rps) } else { String::new() }
+                ),
+                None => println!("{}: autoscaling off", a.service),
+            }
+        }
         ServiceCmd::Ps { service, all } => {
             let mut c = ctx.control().await?;
             let tasks = c.list_tasks(ListTasksRequest { service, all }).await.map_err(rpc_err)?.into_inner().tasks;
@@ -677,6 +840,7 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                     ("NODE", "node"),
                     ("DESIRED", "desired_state"),
                     ("STATE", "state"),
+                    ("CPU%", "cpu_pct"),
                     ("ERROR", "error"),
                 ],
             );

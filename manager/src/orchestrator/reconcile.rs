@@ -542,6 +542,8 @@ impl<'a> Planner<'a> {
             old.replicas = svc.spec.replicas;
             old.update = svc.spec.update.clone();
             old.labels = svc.spec.labels.clone();
+            // The autoscaler's settings change the count, not the tasks.
+            old.autoscale = svc.spec.autoscale.clone();
             old != svc.spec
         })
     }

@@ -35,6 +35,10 @@ pub enum Command {
         expected_version: u64,
     },
     ScaleServices { items: Vec<(String, u64)> },
+    /// The autoscaler's decision for one service (by id): `from` is the
+    /// replica count it decided on; a service changed meanwhile is left
+    /// alone (the next decision sees the change).
+    Autoscale { service: String, from: u64, to: u64, reason: String },
     RemoveServices { services: Vec<String> },
     /// The orchestrator's new tasks.
     CreateTasks { tasks: Vec<TaskObj> },
@@ -72,6 +76,7 @@ impl Command {
             Command::CreateService { .. } => "create-service",
             Command::UpdateService { .. } => "update-service",
             Command::ScaleServices { .. } => "scale-services",
+            Command::Autoscale { .. } => "autoscale",
             Command::RemoveServices { .. } => "remove-services",
             Command::CreateTasks { .. } => "create-tasks",
             Command::UpdateTasks { .. } => "update-tasks",
@@ -145,6 +150,8 @@ pub enum Refusal {
     TooLarge { kind: String, name: String, size: usize, max: usize },
     #[error("service {service:?} was named twice in one request")]
     Duplicate { service: String },
+    #[error("service {service:?} has {actual} replicas now, not the {expected} the autoscaler decided on")]
+    AutoscaleStale { service: String, expected: u64, actual: u64 },
     #[error("port {port}/{protocol} is already published by service {service:?}")]
     PortInUse { port: u32, protocol: String, service: String },
 }

@@ -114,12 +114,23 @@ pub struct ServiceObj {
     pub version: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// The autoscaler's last decision that changed the replica count.
+    pub last_autoscale: Option<AutoscaleDecision>,
+}
+
+/// One autoscaler decision, as recorded with the service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleDecision {
+    pub at_ms: u64,
+    pub from: u64,
+    pub to: u64,
+    pub reason: String,
 }
 
 impl ServiceObj {
     /// A new service; the store stamps version and times when it applies.
     pub fn new(id: String, spec: ServiceSpec) -> Self {
-        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0 }
+        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0, last_autoscale: None }
     }
 }
 

@@ -310,6 +310,18 @@ impl State {
                 applied.ids.push(id.clone());
                 changes.push(Change::Service(id));
             }
+            Command::Autoscale { service, from, to, reason } => {
+                let svc = self.services.get_mut(&service).ok_or_else(|| service_not_found(&service))?;
+                if svc.spec.replicas != from {
+                    return Err(ApplyError::Refused(Refusal::AutoscaleStale { service: svc.spec.name.clone(), expected: from, actual: svc.spec.replicas }));
+                }
+                svc.spec.replicas = to;
+                svc.last_autoscale = Some(super::objects::AutoscaleDecision { at_ms: now, from, to, reason });
+                svc.version = index;
+                svc.updated_at_ms = now;
+                applied.ids.push(service.clone());
+                changes.push(Change::Service(service));
+            }
             Command::ScaleServices { items } => {
                 // Resolve and check every item before touching any.
                 let mut resolved = Vec::with_capacity(items.len());
@@ -738,6 +750,7 @@ mod tests {
                 version: 0,
                 created_at_ms: 0,
                 updated_at_ms: 0,
+                last_autoscale: None,
             }),
         }
     }
