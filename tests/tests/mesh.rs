@@ -76,8 +76,11 @@ struct Load {
 #[derive(Default, Debug)]
 struct LoadResults {
     ok: u64,
-    failed: Vec<String>,
+    /// When each failed request started, and why it failed.
+    failed: Vec<(Instant, String)>,
     by_replica: BTreeMap<String, u64>,
+    /// Per client: when its last finished request started.
+    progress: BTreeMap<usize, Instant>,
 }
 
 impl Load {
@@ -91,15 +94,17 @@ impl Load {
                     let end = Instant::now() + Duration::from_secs(300);
                     let mut n = k;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                        let started = Instant::now();
                         let r = get(targets[n % targets.len()]);
                         n += 1;
                         let mut res = results.lock().unwrap();
+                        res.progress.insert(k, started);
                         match r {
                             Ok(body) => {
                                 res.ok += 1;
                                 *res.by_replica.entry(body).or_default() += 1;
                             }
-                            Err(e) => res.failed.push(e),
+                            Err(e) => res.failed.push((started, e)),
                         }
                     }
                 })
@@ -245,6 +250,147 @@ fn no_request_fails_while_scaling_and_updating() {
     .unwrap();
     load.wait_more(200);
     let res = load.finish();
-    assert!(res.failed.is_empty(), "{} of {} requests failed: {:?}\n{}", res.failed.len(), res.ok + res.failed.len() as u64, &res.failed[..res.failed.len().min(10)], c.log_tails());
+    let why: Vec<&String> = res.failed.iter().take(10).map(|(_, e)| e).collect();
+    assert!(res.failed.is_empty(), "{} of {} requests failed: {why:?}\n{}", res.failed.len(), res.ok + res.failed.len() as u64, c.log_tails());
     assert!(res.ok >= 1000, "{res:?}");
+}
+
+fn inspect(c: &Cluster, service: &str) -> Value {
+    c.cli_ok(0, &["service", "inspect", service, "--format", "json"]).unwrap()
+}
+
+/// CPU load on an autoscaled service scales it up in one decision, straight
+/// to the count the load needs; when the load stops it returns to --min
+/// after the cooldown; each decision shows in `service inspect`, and bad
+/// settings are refused.
+#[test]
+fn the_autoscaler_follows_cpu_load() {
+    let c = Cluster::start(3, 2).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    create(
+        &c,
+        &[
+            "--name", "burn", "--publish", "8080:80",
+            "--autoscale-min", "1", "--autoscale-max", "6", "--autoscale-target-cpu", "15",
+            "--autoscale-cooldown", "3s", "--autoscale-stable-window", "6s",
+        ],
+        &page_server("busybox:latest"),
+    );
+    running(&c, "burn", 1);
+    assert_eq!(inspect(&c, "burn")["replicas_desired"], 1, "starts at --min");
+    // Every task reports its CPU.
+    wait_for(T, "burn.1's CPU in service ps", || {
+        let ps = c.cli_ok(0, &["service", "ps", "burn", "--format", "json"])?;
+        Ok(ps[0]["cpu_pct"].is_number().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+
+    // One busy loop in the task (exec joins its cgroup) for 20 s.
+    let mut load = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.hosts[0].netns))
+        .arg(shoal_tests::shoal_bin())
+        .args(["--host", &c.hosts[0].addr(), "--cert-dir", c.cert_dir().to_str().unwrap()])
+        .args(["exec", "burn.1", "sh", "-c", "timeout 20 sh -c 'while :; do :; done'; true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = wait_for(T, "the autoscaler to scale burn up", || {
+        let s = inspect(&c, "burn");
+        Ok(s["last_autoscale"]["from"].as_u64().is_some_and(|f| f == 1).then_some(s))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    let (to, reason) = (up["last_autoscale"]["to"].as_u64().unwrap(), up["last_autoscale"]["reason"].as_str().unwrap().to_string());
+    // The busy loop keeps one CPU (of two, shared) well above 2 × 15%:
+    // one decision goes from 1 straight to 3 or more, not one step.
+    assert!(to >= 3, "one decision from 1 to {to}: {reason}");
+    assert!(reason.contains("CPU") && reason.contains("target 15%"), "{reason}");
+    running(&c, "burn", to as usize);
+    // The load ends: back to --min after the cooldown, by the autoscaler.
+    load.wait().unwrap();
+    let down = wait_for(T, "burn back at --min", || {
+        let s = inspect(&c, "burn");
+        Ok((s["replicas_desired"] == 1 && s["last_autoscale"]["to"] == 1).then_some(s))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    assert!(down["last_autoscale"]["reason"].as_str().unwrap().contains("since the last change"), "{down}");
+    running(&c, "burn", 1);
+    let leader_log = c.log_tails();
+    assert!(leader_log.contains("autoscaler: scaling"), "decisions are in the leader's log");
+
+    // Bad input: clear errors, nothing changes.
+    let before = inspect(&c, "burn");
+    let bad: [(&[&str], &str); 5] = [
+        (&["service", "autoscale", "burn", "--min", "5", "--max", "2"], "more than --max"),
+        (&["service", "autoscale", "burn", "--min", "1", "--max", "2", "--target-cpu", "0"], "--target-cpu 0"),
+        (&["service", "autoscale", "nope", "--min", "1", "--max", "2", "--target-cpu", "50"], "not found"),
+        (&["service", "create", "--name", "x", "--autoscale-min", "1", "--autoscale-max", "3", "busybox:latest", "sleep", "1d"], "needs a target"),
+        (&["service", "create", "--name", "y", "--mode", "global", "--autoscale-min", "1", "--autoscale-max", "3", "--autoscale-target-cpu", "50", "busybox:latest", "sleep", "1d"], "global"),
+    ];
+    for (args, want) in bad {
+        let out = c.cli(0, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{args:?}: want {want:?}, got {err}");
+    }
+    let after = inspect(&c, "burn");
+    assert_eq!((&after["autoscale"], &after["version"]), (&before["autoscale"], &before["version"]));
+    assert_eq!(c.cli_ok(0, &["service", "ls", "--format", "json"]).unwrap().as_array().unwrap().len(), 1);
+}
+
+/// A worker dies (cut off the network) under load: requests that were on
+/// it, or sent to its tasks before the cluster noticed, fail; once the
+/// managers mark it down, every new request succeeds. The counts are
+/// printed for BENCHMARKS.md.
+#[test]
+fn a_dead_worker_leaves_the_mesh_at_the_heartbeat_timeout() {
+    let c = Cluster::start(3, 2).unwrap();
+    client_address(&c);
+    c.import_busybox(0, "busybox:latest").unwrap();
+    create(&c, &["--name", "web", "--replicas", "5", "--publish", "8080:80"], &page_server("busybox:latest"));
+    let tasks = running(&c, "web", 5);
+    assert!(tasks.iter().any(|t| t["node"] == "n4"), "a task on n4: {tasks:?}");
+    // Clients use the nodes that stay up.
+    let targets: Vec<SocketAddr> = (0..4).map(|i| node_addr(&c, i, 8080)).collect();
+    for t in &targets {
+        wait_for(T, &format!("the page through {t}"), || Ok(get(*t).ok())).unwrap();
+    }
+    let load = Load::start(targets.clone(), 4);
+    load.wait_more(200);
+    let before = load.results.lock().unwrap().failed.len();
+    assert_eq!(before, 0, "{:?}", load.results.lock().unwrap().failed);
+    let killed_at = Instant::now();
+    c.set_link(4, false).unwrap();
+    // The managers notice (heartbeat timeout) and the mesh drops its tasks.
+    wait_for(T, "n4 to be down", || {
+        let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
+        Ok(nodes.as_array().and_then(|a| a.iter().find(|n| n["name"] == "n4")).is_some_and(|n| n["status"] == "down").then_some(()))
+    })
+    .unwrap();
+    let noticed = killed_at.elapsed();
+    let down_at = Instant::now();
+    // Requests already on their way to n4's tasks end by the clients'
+    // timeouts (connect 3 s, read 5 s); every one started after the mesh
+    // dropped n4's tasks (the view reaches every node well within a
+    // second of the node being marked down) succeeds.
+    // Once every client has finished a request it started after the
+    // cutoff, nothing sent before it is still in flight (each client sends
+    // one request at a time).
+    let cutoff = down_at + Duration::from_secs(1);
+    wait_for(T, "every client to be past the requests in flight at the cut", || {
+        let r = load.results.lock().unwrap();
+        Ok((r.progress.len() == 4 && r.progress.values().all(|at| *at > cutoff)).then_some(()))
+    })
+    .unwrap();
+    load.wait_more(300);
+    let res = load.finish();
+    let late: Vec<&(Instant, String)> = res.failed.iter().filter(|(at, _)| *at > cutoff).collect();
+    let during = res.failed.len() - late.len();
+    println!(
+        "worker n4 cut off: marked down after {:.1} s; {during} requests failed before the mesh dropped its tasks, {} after; {} succeeded in all",
+        noticed.as_secs_f64(),
+        late.len(),
+        res.ok
+    );
+    assert!(late.is_empty(), "requests started after the mesh dropped n4's tasks failed: {late:?}");
+    c.set_link(4, true).unwrap();
 }
