@@ -203,6 +203,16 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
         }
         published.push((p.published, &p.protocol));
     }
+    if let Some(u) = &spec.update {
+        match u.order.as_str() {
+            "" | "stop-first" => {}
+            "start-first" if spec.mode == "global" => {
+                return Err(invalid("update order", "start-first", "a global service runs one task per node: its updates are stop-first"));
+            }
+            "start-first" => {}
+            other => return Err(invalid("update order", other, "expected stop-first or start-first")),
+        }
+    }
     if let Some(a) = &spec.autoscale {
         if spec.mode == "global" {
             return Err(invalid("autoscale", spec.name.clone(), "a global service runs one task per node: it can't be autoscaled"));

@@ -138,6 +138,10 @@ fn short_id(task: &str) -> String {
     task.chars().filter(char::is_ascii_alphanumeric).take(10).collect()
 }
 
+fn mask(len: u8) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) }
+}
+
 /// One DNAT rule per service virtual IP.
 fn vip_rules(services: &[ServiceEntry]) -> Vec<firewall::VipRule> {
     let mut vips: Vec<firewall::VipRule> = services
@@ -289,16 +293,33 @@ impl Overlay {
         for (net, len) in want.difference(&st.routes) {
             self.nl.add_route_dev(*net, *len, self.tun_index).await?;
         }
-        st.routes = want;
+        if st.routes != want {
+            st.routes = want;
+            // Tasks on slices that just became reachable join the rotation.
+            self.apply_rules(&mut st)?;
+        }
         Ok(())
     }
 
     fn apply_rules(&self, st: &mut State) -> Result<(), OverlayError> {
         let nets: Vec<firewall::NetRule> = st.bridges.values().map(|(_, r)| r.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        // A task on a slice this node has no route to yet (its node's new
+        // slice reaches us with the next peer update, the service view may
+        // come first) takes no connections here until it does: they would
+        // be dropped, and the client would wait for a SYN retransmit.
+        let here: BTreeSet<Ipv4Addr> = st.local.values().flatten().copied().collect();
+        let routable = |a: &Ipv4Addr| {
+            here.contains(a) || st.routes.iter().any(|(net, len)| u32::from(*a) & mask(*len) == u32::from(*net) & mask(*len))
+        };
+        let services: Vec<ServiceEntry> = st
+            .services
+            .iter()
+            .map(|e| ServiceEntry { addresses: e.addresses.iter().copied().filter(|a| routable(a)).collect(), ..e.clone() })
+            .collect();
         let want = firewall::Rules {
             nets,
-            vips: vip_rules(&st.services),
-            publish: publish_rules(&st.services, &st.local),
+            vips: vip_rules(&services),
+            publish: publish_rules(&services, &st.local),
             pool: st.pool.map(|(n, l)| format!("{n}/{l}")),
         };
         if st.rules_applied.as_ref() != Some(&want) {

@@ -213,7 +213,8 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
 }
 
 /// The flash sale: steady load on every node's port while the service goes
-/// 2 → 10 → 2 and through a rolling update; no request fails.
+/// 2 → 10 → 2 and through rolling updates (stop-first, then start-first);
+/// no request fails.
 #[test]
 fn no_request_fails_while_scaling_and_updating() {
     let c = Cluster::start(3, 2).unwrap();
@@ -248,6 +249,19 @@ fn no_request_fails_while_scaling_and_updating() {
         Ok((live.len() == 4 && live.iter().all(|t| t["state"] == "running" && t["image"] == "busybox:v2")).then_some(()))
     })
     .unwrap();
+    load.wait_more(200);
+    // Start-first with two replicas, both at once: the successors run
+    // before the old tasks stop.
+    c.cli_ok(0, &["service", "scale", "web=2"]).unwrap();
+    running(&c, "web", 2);
+    c.cli_ok(0, &["service", "update", "--image", "busybox:latest", "--update-order", "start-first", "--update-parallelism", "2", "web"]).unwrap();
+    wait_for(T, "the start-first update to finish", || {
+        let ps = c.cli_ok(0, &["service", "ps", "web", "--format", "json"])?;
+        let live: Vec<&Value> = ps.as_array().map(|a| a.iter().filter(|t| t["desired_state"] == "running").collect()).unwrap_or_default();
+        Ok((live.len() == 2 && live.iter().all(|t| t["state"] == "running" && t["image"] == "busybox:latest")).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(inspect(&c, "web")["update"]["order"], "start-first");
     load.wait_more(200);
     let res = load.finish();
     let why: Vec<&String> = res.failed.iter().take(10).map(|(_, e)| e).collect();

@@ -23,7 +23,7 @@ pub enum ServiceCmd {
     Rollback { service: String },
     /// Set the replica count of one or more services: NAME=N...
     Scale {
-        #[arg(required = true, value_name = "SERVICE=REPLICAS", allow_hyphen_values = true)]
+        #[arg(required = true, value_name = "SERVICE=REPLICAS")]
         items: Vec<String>,
         /// Return once the change is committed.
         #[arg(long, short)]
@@ -230,6 +230,11 @@ pub struct SpecFlags {
     update_delay: Option<String>,
     #[arg(long = "update-failure-action", value_parser = ["pause", "rollback"])]
     update_failure_action: Option<String>,
+    /// stop-first (default): old task stops, then its successor starts;
+    /// start-first: the successor starts, and the old task stops once it
+    /// runs (healthy).
+    #[arg(long = "update-order", value_parser = ["stop-first", "start-first"])]
+    update_order: Option<String>,
     /// A command run by `sh -c` in the container; a task whose check fails
     /// --health-retries times in a row is failed and replaced.
     #[arg(long = "health-cmd")]
@@ -443,6 +448,9 @@ impl SpecFlags {
         if let Some(a) = &self.update_failure_action {
             update.failure_action = a.clone();
         }
+        if let Some(o) = &self.update_order {
+            update.order = o.clone();
+        }
         if let Some(h) = &self.health_cmd {
             spec.health_cmd = h.clone();
         }
@@ -512,7 +520,7 @@ pub fn service_json(s: &Service) -> Value {
         "constraints": spec.constraints,
         "placement_prefs": spec.placement_prefs,
         "restart": {"condition": restart.condition, "max_attempts": restart.max_attempts, "delay_ms": restart.delay_ms, "window_ms": restart.window_ms},
-        "update": {"parallelism": update.parallelism, "delay_ms": update.delay_ms, "failure_action": update.failure_action},
+        "update": {"parallelism": update.parallelism, "delay_ms": update.delay_ms, "failure_action": update.failure_action, "order": if update.order.is_empty() { "stop-first" } else { update.order.as_str() }},
         "health_cmd": spec.health_cmd,
         "health": {"interval_ms": spec.health_interval_ms, "timeout_ms": spec.health_timeout_ms, "retries": spec.health_retries, "start_period_ms": spec.health_start_period_ms},
         "secrets": spec.secrets,

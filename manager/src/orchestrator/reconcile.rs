@@ -412,8 +412,26 @@ impl<'a> Planner<'a> {
         }
         // slot → (current task, class)
         let mut current: BTreeMap<u64, (usize, Class)> = BTreeMap::new();
+        // Start-first updates: slots whose successor is starting while the
+        // old task still serves (the old one stays the slot's current).
+        let start_first = svc.spec.update.as_ref().is_some_and(|u| u.order == "start-first");
+        let mut successors: BTreeSet<u64> = BTreeSet::new();
+        let mut cache = HashMap::new();
         for (&slot, idxs) in &slots {
-            let Some(cur) = self.dedupe(views, idxs) else { continue };
+            let mut idxs = idxs.clone();
+            if start_first {
+                let live = |v: &View| v.current() && !v.state.is_terminal();
+                let successor = idxs
+                    .iter()
+                    .copied()
+                    .find(|&i| live(&views[i]) && views[i].state < TaskState::Running && !Self::outdated(svc, views[i].t, &mut cache));
+                let serving = idxs.iter().any(|&i| live(&views[i]) && Self::outdated(svc, views[i].t, &mut cache));
+                if let (Some(s), true) = (successor, serving) {
+                    idxs.retain(|&i| i != s);
+                    successors.insert(slot);
+                }
+            }
+            let Some(cur) = self.dedupe(views, &idxs) else { continue };
             // The slot's history only matters to the restart policy.
             let history: Vec<&TaskObj> = if views[cur].state.is_terminal() {
                 idxs.iter().filter(|&&i| i != cur).map(|&i| views[i].t).collect()
@@ -522,7 +540,7 @@ impl<'a> Planner<'a> {
         }
 
         let slots: Vec<(Option<u64>, usize, Class)> = current.iter().map(|(&s, &(cur, c))| (Some(s), cur, c)).collect();
-        let updating = self.rolling_update(svc, views, &slots);
+        let updating = self.rolling_update(svc, views, &slots, &successors);
         let converged = current.values().all(|(cur, c)| matches!(c, Class::OnNode(_)) && views[*cur].state == TaskState::Running);
         if self.config.rebalance && !updating && converged && svc.spec.placement_prefs.is_empty() && current.len() == want {
             self.rebalance(svc, views, &current, &req);
@@ -553,14 +571,20 @@ impl<'a> Planner<'a> {
     /// the previous one runs and `update.delay_ms` has passed. Returns
     /// whether an update is in progress. (Swarm stops the old task first
     /// too; the successor keeps the slot — or the node, for global.)
-    fn rolling_update(&mut self, svc: &ServiceObj, views: &mut [View], slots: &[(Option<u64>, usize, Class)]) -> bool {
+    fn rolling_update(&mut self, svc: &ServiceObj, views: &mut [View], slots: &[(Option<u64>, usize, Class)], successors: &BTreeSet<u64>) -> bool {
         let mut cache = HashMap::new();
         let live = |c: &Class| matches!(c, Class::OnNode(_) | Class::Unassigned);
+        // Slots whose successor is already starting (start-first) wait.
         let outdated: Vec<usize> = slots
             .iter()
-            .filter(|(_, cur, c)| live(c) && views[*cur].current() && Self::outdated(svc, views[*cur].t, &mut cache))
+            .filter(|(slot, cur, c)| {
+                live(c) && views[*cur].current() && Self::outdated(svc, views[*cur].t, &mut cache) && !slot.is_some_and(|s| successors.contains(&s))
+            })
             .map(|(_, cur, _)| *cur)
             .collect();
+        if outdated.is_empty() && !successors.is_empty() {
+            return true;
+        }
         if outdated.is_empty() {
             return false;
         }
@@ -572,7 +596,7 @@ impl<'a> Planner<'a> {
             .filter(|(_, cur, c)| live(c) && views[*cur].current() && !stale.contains(cur))
             .map(|(_, cur, _)| &views[*cur])
             .collect();
-        let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count();
+        let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count() + successors.len();
         let last_started = fresh
             .iter()
             .filter(|v| v.state == TaskState::Running && v.t.created_at_ms >= svc.updated_at_ms)
@@ -596,9 +620,18 @@ impl<'a> Planner<'a> {
             return true;
         }
         let allowed = parallelism.saturating_sub(in_flight);
+        let start_first = svc.spec.update.as_ref().is_some_and(|u| u.order == "start-first");
         for cur in outdated.into_iter().take(allowed) {
             let node = if views[cur].t.slot == 0 { views[cur].t.node_id } else { None };
             let (slot, v) = (views[cur].t.slot, &mut views[cur]);
+            if start_first && slot != 0 {
+                // The old task keeps serving until its successor runs; the
+                // slot's next pass then retires it.
+                let t = TaskObj::new(svc, slot, None, 0, "updating to the new spec (start-first: the old task stops once this one runs)");
+                self.plan.create.push(t);
+                self.note("update: {n} successors started before their old tasks stop".into());
+                continue;
+            }
             self.retire(v, "updating to the new spec");
             let t = TaskObj::new(svc, slot, node, 0, "updated to the new spec");
             self.plan.create.push(t);
@@ -726,7 +759,7 @@ impl<'a> Planner<'a> {
                 Restart::Never => {}
             }
         }
-        self.rolling_update(svc, views, &live);
+        self.rolling_update(svc, views, &live, &BTreeSet::new());
         self.tidy_retired(views);
     }
 

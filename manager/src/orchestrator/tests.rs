@@ -523,7 +523,7 @@ fn rolling_update_replaces_tasks_parallelism_at_a_time() {
     let mut sim = Sim::default();
     sim.nodes(&["a", "b"]);
     let mut s = spec("web", 4);
-    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 2, delay_ms: 0, failure_action: "pause".into() });
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 2, delay_ms: 0, failure_action: "pause".into(), ..Default::default() });
     sim.service(s);
     sim.settle();
     // Scaling is not an update: nothing restarts.
@@ -549,11 +549,40 @@ fn rolling_update_replaces_tasks_parallelism_at_a_time() {
 }
 
 #[test]
+fn start_first_updates_keep_the_old_task_until_its_successor_runs() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    let mut s = spec("web", 2);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, order: "start-first".into(), ..Default::default() });
+    sim.service(s);
+    sim.settle();
+    update_image(&mut sim, "web", "bb:2");
+    let plan = sim.orchestrate();
+    assert_eq!(plan.create.len(), 1, "one successor (parallelism 1)");
+    assert!(plan.update.is_empty(), "no old task stops before its successor runs: {:?}", plan.update);
+    sim.schedule();
+    // While the successor starts, both old tasks still run and nothing
+    // else happens (no duplicate retired, no second batch).
+    assert!(sim.orchestrate().is_empty());
+    assert_eq!(sim.running("web").len(), 2);
+    // The successor runs: now its predecessor stops, and the next begins.
+    sim.agents();
+    let plan = sim.orchestrate();
+    assert_eq!(plan.update.len(), 1, "the old task of the slot retires");
+    assert_eq!(plan.create.len(), 1, "the next slot's successor");
+    sim.settle();
+    let running = sim.running("web");
+    assert_eq!(running.len(), 2);
+    assert!(running.iter().all(|t| t.spec.image == "bb:2"));
+    assert_eq!(slots(&running), vec![1, 2]);
+}
+
+#[test]
 fn rolling_update_waits_the_delay_between_batches() {
     let mut sim = Sim::default();
     sim.nodes(&["a"]);
     let mut s = spec("web", 2);
-    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, delay_ms: 10_000, failure_action: String::new() });
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, delay_ms: 10_000, failure_action: String::new(), ..Default::default() });
     sim.service(s);
     sim.settle();
     sim.now += 100_000;
@@ -709,7 +738,7 @@ fn a_failing_new_spec_pauses_the_update() {
     let mut sim = Sim::default();
     sim.nodes(&["a", "b"]);
     let mut s = with_restart(spec("web", 4), "none", 0, 0, 0);
-    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, delay_ms: 0, failure_action: "pause".into() });
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, delay_ms: 0, failure_action: "pause".into(), ..Default::default() });
     sim.service(s);
     sim.settle();
     sim.now += 1_000;
