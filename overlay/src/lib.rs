@@ -438,6 +438,9 @@ impl Overlay {
 
     async fn wire(&self, task: &str, atts: &[Attachment], bridges: &[u32], path: &Path) -> Result<(), OverlayError> {
         let short = short_id(task);
+        for (a, bridge) in atts.iter().zip(bridges) {
+            self.nl.forget_neighbour(*bridge, a.address).await?;
+        }
         for (i, bridge) in bridges.iter().enumerate() {
             self.nl.veth_into(&format!("shv{short}{i}"), &format!("shp{short}{i}"), path, *bridge).await?;
             if let Some(h) = self.nl.index(&format!("shv{short}{i}")).await? {

@@ -13,6 +13,7 @@ use crate::OverlayError;
 const EEXIST: i32 = 17;
 const ENODEV: i32 = 19;
 const ESRCH: i32 = 3;
+const ENOENT: i32 = 2;
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
@@ -153,6 +154,22 @@ impl Netlink {
 }
 
 impl Netlink {
+    /// Forgets what the neighbour table of link `index` holds for `ip`: a
+    /// task address handed out again belongs to a new veth (a new MAC),
+    /// and a cached entry would send its traffic to the old one until it
+    /// timed out (seconds under load).
+    pub async fn forget_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), OverlayError> {
+        use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
+        let mut m = NeighbourMessage::default();
+        m.header.family = rtnetlink::packet_route::AddressFamily::Inet;
+        m.header.ifindex = index;
+        m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.handle.neighbours().del(m).execute().await {
+            Err(e) if errno(&e) == Some(ENOENT) => Ok(()),
+            r => r.map_err(nl(format!("forgetting the neighbour {ip}"))),
+        }
+    }
+
     /// `ip rule add fwmark MARK lookup TABLE priority PRIORITY` (kept if
     /// it is there).
     pub async fn add_fwmark_rule(&self, mark: u32, table: u32, priority: u32) -> Result<(), OverlayError> {

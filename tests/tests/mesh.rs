@@ -238,6 +238,12 @@ fn no_request_fails_while_scaling_and_updating() {
     c.cli_ok(0, &["service", "scale", "web=2"]).unwrap();
     running(&c, "web", 2);
     load.wait_more(200);
+    // And up again: the new tasks get the addresses the old ones had (new
+    // veths, new MACs), and all ten serve at once.
+    load.results.lock().unwrap().by_replica.clear();
+    c.cli_ok(0, &["service", "scale", "web=10"]).unwrap();
+    running(&c, "web", 10);
+    wait_for(T, "all ten replicas to serve again", || Ok((load.results.lock().unwrap().by_replica.len() >= 10).then_some(()))).unwrap();
     // A rolling update to a second image, two tasks at a time (stop-first:
     // with four replicas, two keep serving while two are replaced).
     c.cli_ok(0, &["service", "scale", "web=4"]).unwrap();
