@@ -18,6 +18,10 @@ use shoal_overlay::{Attachment, Overlay};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
+/// How long a task that publishes ports may take to listen on them before
+/// it is reported running anyway.
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
+
 pub(crate) struct Worker {
     pub node_id: u64,
     pub data_dir: PathBuf,
@@ -440,6 +444,19 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 // until its first check passes (the health loop reports it).
                 tracing::info!(task = %id, service = %a.service, slot = a.slot, "task started: waiting for its first health check");
             } else {
+                // A task that publishes TCP ports is running (and joins the
+                // routing mesh) once it listens on them.
+                let ports: Vec<u16> = a
+                    .spec
+                    .as_ref()
+                    .map(|s| s.ports.iter().filter(|p| p.protocol != "udp").filter_map(|p| u16::try_from(p.target).ok()).collect())
+                    .unwrap_or_default();
+                if let Some(o) = ctx.overlay.as_ref().filter(|_| !ports.is_empty() && !atts.is_empty()) {
+                    let closed = o.wait_listening(&id, &ports, LISTEN_WAIT).await;
+                    if !closed.is_empty() {
+                        tracing::warn!(task = %id, service = %a.service, ports = ?closed, "task started but does not listen on its published target ports: it takes traffic anyway");
+                    }
+                }
                 tracing::info!(task = %id, service = %a.service, slot = a.slot, "task running");
                 report(status(&id, "running", "started"));
             }

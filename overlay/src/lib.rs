@@ -350,6 +350,27 @@ impl Overlay {
         tokio::time::sleep(margin).await;
     }
 
+    /// Waits (at most `max`) until something in task `task` listens on
+    /// every TCP port of `ports`: a published port's task joins the
+    /// rotation once it can take connections, not when its process
+    /// started. Returns the ports still closed.
+    pub async fn wait_listening(&self, task: &str, ports: &[u16], max: std::time::Duration) -> Vec<u16> {
+        let deadline = tokio::time::Instant::now() + max;
+        let path = self.netns_path(task);
+        loop {
+            let p = path.clone();
+            let open = match tokio::task::spawn_blocking(move || netns::listening_ports(&p)).await {
+                Ok(Ok(o)) => o,
+                _ => return Vec::new(),
+            };
+            let closed: Vec<u16> = ports.iter().copied().filter(|p| !open.contains(p)).collect();
+            if closed.is_empty() || tokio::time::Instant::now() >= deadline {
+                return closed;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits (at most `max`) until task `task` has no connection still
     /// carrying a request: a task out of rotation finishes what it serves
     /// before it is signalled. Returns how many were still open.

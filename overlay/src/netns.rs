@@ -71,11 +71,25 @@ pub fn run_in<T: Send + 'static>(
     .map_err(|_| OverlayError::Io { what: "netns thread".into(), source: std::io::Error::other("panicked") })?
 }
 
-/// TCP connections the namespace at `path` serves (on a port it listens
-/// on) that still carry a request or its answer: established, being set
-/// up, or closing with data not yet acknowledged. Connections the task
-/// opened itself, TIME_WAIT and FIN_WAIT2 don't count.
-pub fn open_connections(path: &Path) -> Result<usize, OverlayError> {
+/// TCP ports something listens on in the namespace at `path`.
+pub fn listening_ports(path: &Path) -> Result<std::collections::BTreeSet<u16>, OverlayError> {
+    Ok(parse_listening(&read_tcp_tables(path)?))
+}
+
+fn parse_listening(tables: &str) -> std::collections::BTreeSet<u16> {
+    tables
+        .lines()
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let local = cols.nth(1)?;
+            let state = cols.nth(1)?;
+            (state == "0A").then(|| u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()).flatten()
+        })
+        .collect()
+}
+
+/// `/proc/net/tcp` and `tcp6` as seen inside the namespace at `path`.
+fn read_tcp_tables(path: &Path) -> Result<String, OverlayError> {
     let path: PathBuf = path.to_path_buf();
     std::thread::spawn(move || {
         let ns = std::fs::File::open(&path).map_err(|source| OverlayError::Io { what: format!("opening {}", path.display()), source })?;
@@ -88,10 +102,18 @@ pub fn open_connections(path: &Path) -> Result<usize, OverlayError> {
                 Err(source) => return Err(OverlayError::Io { what: format!("reading {table}"), source }),
             }
         }
-        Ok(count_served(&text))
+        Ok(text)
     })
     .join()
     .map_err(|_| OverlayError::Io { what: "netns thread".into(), source: std::io::Error::other("panicked") })?
+}
+
+/// TCP connections the namespace at `path` serves (on a port it listens
+/// on) that still carry a request or its answer: established, being set
+/// up, or closing with data not yet acknowledged. Connections the task
+/// opened itself, TIME_WAIT and FIN_WAIT2 don't count.
+pub fn open_connections(path: &Path) -> Result<usize, OverlayError> {
+    Ok(count_served(&read_tcp_tables(path)?))
 }
 
 /// Counts the busy served sockets in `/proc/net/tcp` tables: the 2nd
@@ -128,5 +150,6 @@ mod tests {
         // The two on port 80 (0x50) that are still busy; not TIME_WAIT, not
         // the task's own outgoing connection.
         assert_eq!(count_served(table), 2);
+        assert_eq!(parse_listening(table), std::collections::BTreeSet::from([80]));
     }
 }
