@@ -514,7 +514,9 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         let grace = a.spec.as_ref().map(|s| s.stop_grace_period_ms).filter(|ms| *ms > 0).map_or(ctx.stop_grace, Duration::from_millis);
         if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty() && unhealthy.is_none()) {
             let addrs: Vec<std::net::Ipv4Addr> = atts.iter().map(|a| a.address).collect();
-            o.wait_out_of_view(&addrs, Duration::from_secs(2), Duration::from_millis(200)).await;
+            // The other nodes got the same view from the same leader; a second
+            // covers their applying it (an nft transaction) on a loaded host.
+            o.wait_out_of_view(&addrs, Duration::from_secs(2), Duration::from_secs(1)).await;
             // Then the connections it still serves get up to the grace
             // period to finish before the signal.
             let open = o.drain(&id, grace).await;
