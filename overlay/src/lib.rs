@@ -350,24 +350,45 @@ impl Overlay {
         tokio::time::sleep(margin).await;
     }
 
+    /// Reads `read` in task `task`'s namespace every `every` until `done`
+    /// says so or `max` has passed; the last reading, None when it could
+    /// not be read.
+    async fn poll_netns<T: Send + 'static>(
+        &self,
+        task: &str,
+        max: std::time::Duration,
+        every: std::time::Duration,
+        read: fn(&Path) -> Result<T, OverlayError>,
+        done: impl Fn(&T) -> bool,
+    ) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + max;
+        let path = self.netns_path(task);
+        loop {
+            let p = path.clone();
+            let got = match tokio::task::spawn_blocking(move || read(&p)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::debug!(task = %task, error = %e, "could not read the task's TCP sockets");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            if done(&got) || tokio::time::Instant::now() >= deadline {
+                return Some(got);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// Waits (at most `max`) until something in task `task` listens on
     /// every TCP port of `ports`: a published port's task joins the
     /// rotation once it can take connections, not when its process
     /// started. Returns the ports still closed.
     pub async fn wait_listening(&self, task: &str, ports: &[u16], max: std::time::Duration) -> Vec<u16> {
-        let deadline = tokio::time::Instant::now() + max;
-        let path = self.netns_path(task);
-        loop {
-            let p = path.clone();
-            let open = match tokio::task::spawn_blocking(move || netns::listening_ports(&p)).await {
-                Ok(Ok(o)) => o,
-                _ => return Vec::new(),
-            };
-            let closed: Vec<u16> = ports.iter().copied().filter(|p| !open.contains(p)).collect();
-            if closed.is_empty() || tokio::time::Instant::now() >= deadline {
-                return closed;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let all_open = |open: &BTreeSet<u16>| ports.iter().all(|p| open.contains(p));
+        match self.poll_netns(task, max, std::time::Duration::from_millis(5), netns::listening_ports, all_open).await {
+            Some(open) => ports.iter().copied().filter(|p| !open.contains(p)).collect(),
+            None => Vec::new(),
         }
     }
 
@@ -375,23 +396,7 @@ impl Overlay {
     /// carrying a request: a task out of rotation finishes what it serves
     /// before it is signalled. Returns how many were still open.
     pub async fn drain(&self, task: &str, max: std::time::Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + max;
-        let path = self.netns_path(task);
-        loop {
-            let p = path.clone();
-            let open = match tokio::task::spawn_blocking(move || netns::open_connections(&p)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    tracing::debug!(task = %task, error = %e, "could not count the task's connections");
-                    return 0;
-                }
-                Err(_) => return 0,
-            };
-            if open == 0 || tokio::time::Instant::now() >= deadline {
-                return open;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        self.poll_netns(task, max, std::time::Duration::from_millis(50), netns::open_connections, |n| *n == 0).await.unwrap_or(0)
     }
 
     /// Connections this node's routing mesh forwarded per service, counted

@@ -79,54 +79,63 @@ pub struct AutoscaleArgs {
     off: bool,
 }
 
-/// The autoscaler's settings from flags; None when no flag was given.
-fn autoscale_from(
+/// The autoscaler's flags, from `service autoscale` or `--autoscale-*`.
+struct AutoscaleInput<'a> {
     min: Option<u64>,
     max: Option<u64>,
     target_cpu: Option<u32>,
     target_rps: Option<u64>,
-    cooldown: Option<&str>,
-    stable_window: Option<&str>,
-    current: Option<&Autoscale>,
-) -> anyhow::Result<Option<Autoscale>> {
-    if min.is_none() && max.is_none() && target_cpu.is_none() && target_rps.is_none() && cooldown.is_none() && stable_window.is_none() {
-        return Ok(None);
+    cooldown: Option<&'a str>,
+    stable_window: Option<&'a str>,
+}
+
+impl AutoscaleInput<'_> {
+    fn is_empty(&self) -> bool {
+        self.min.is_none() && self.max.is_none() && self.target_cpu.is_none() && self.target_rps.is_none() && self.cooldown.is_none() && self.stable_window.is_none()
     }
-    let mut a = current.cloned().unwrap_or_default();
-    if let Some(n) = min {
-        a.min = n;
-    }
-    if let Some(n) = max {
-        a.max = n;
-    }
-    if let Some(p) = target_cpu {
-        if p == 0 {
-            bail!("invalid --target-cpu 0: must be a percentage above 0");
+
+    /// The settings these flags make of `current`; None when no flag was
+    /// given.
+    fn apply(&self, current: Option<&Autoscale>) -> anyhow::Result<Option<Autoscale>> {
+        if self.is_empty() {
+            return Ok(None);
         }
-        a.target_cpu_pct = p;
-    }
-    if let Some(r) = target_rps {
-        if r == 0 {
-            bail!("invalid --target-rps 0: must be above 0");
+        let mut a = current.cloned().unwrap_or_default();
+        if let Some(n) = self.min {
+            a.min = n;
         }
-        a.target_rps = r;
+        if let Some(n) = self.max {
+            a.max = n;
+        }
+        if let Some(p) = self.target_cpu {
+            if p == 0 {
+                bail!("invalid --target-cpu 0: must be a percentage above 0");
+            }
+            a.target_cpu_pct = p;
+        }
+        if let Some(r) = self.target_rps {
+            if r == 0 {
+                bail!("invalid --target-rps 0: must be above 0");
+            }
+            a.target_rps = r;
+        }
+        if let Some(d) = self.cooldown {
+            a.cooldown_ms = parse_duration("--cooldown", d)?.as_millis() as u64;
+        }
+        if let Some(d) = self.stable_window {
+            a.stable_window_ms = parse_duration("--stable-window", d)?.as_millis() as u64;
+        }
+        if current.is_none() && (self.min.is_none() || self.max.is_none()) {
+            bail!("autoscaling needs --min and --max");
+        }
+        if a.min > a.max {
+            bail!("invalid autoscale bounds: --min {} is more than --max {}", a.min, a.max);
+        }
+        if a.target_cpu_pct == 0 && a.target_rps == 0 {
+            bail!("autoscaling needs a target: --target-cpu PCT or --target-rps N");
+        }
+        Ok(Some(a))
     }
-    if let Some(d) = cooldown {
-        a.cooldown_ms = parse_duration("--cooldown", d)?.as_millis() as u64;
-    }
-    if let Some(d) = stable_window {
-        a.stable_window_ms = parse_duration("--stable-window", d)?.as_millis() as u64;
-    }
-    if current.is_none() && (min.is_none() || max.is_none()) {
-        bail!("autoscaling needs --min and --max");
-    }
-    if a.min > a.max {
-        bail!("invalid autoscale bounds: --min {} is more than --max {}", a.min, a.max);
-    }
-    if a.target_cpu_pct == 0 && a.target_rps == 0 {
-        bail!("autoscaling needs a target: --target-cpu PCT or --target-rps N");
-    }
-    Ok(Some(a))
 }
 
 #[derive(Args)]
@@ -371,15 +380,15 @@ impl SpecFlags {
         if !self.publish.is_empty() {
             spec.ports = self.publish.iter().map(|p| parse_port(p)).collect::<Result<_, _>>()?;
         }
-        if let Some(a) = autoscale_from(
-            self.autoscale_min,
-            self.autoscale_max,
-            self.autoscale_target_cpu,
-            self.autoscale_target_rps,
-            self.autoscale_cooldown.as_deref(),
-            self.autoscale_stable_window.as_deref(),
-            spec.autoscale.as_ref(),
-        )? {
+        let auto = AutoscaleInput {
+            min: self.autoscale_min,
+            max: self.autoscale_max,
+            target_cpu: self.autoscale_target_cpu,
+            target_rps: self.autoscale_target_rps,
+            cooldown: self.autoscale_cooldown.as_deref(),
+            stable_window: self.autoscale_stable_window.as_deref(),
+        };
+        if let Some(a) = auto.apply(spec.autoscale.as_ref())? {
             spec.autoscale = Some(a);
         }
         if let Some(d) = &self.stop_grace_period {
@@ -795,19 +804,18 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 }
                 s.autoscale = None;
             } else {
-                let current = s.autoscale.clone();
-                if a.min.is_none() && a.max.is_none() && a.target_cpu.is_none() && a.target_rps.is_none() && a.cooldown.is_none() && a.stable_window.is_none() {
+                let input = AutoscaleInput {
+                    min: a.min,
+                    max: a.max,
+                    target_cpu: a.target_cpu,
+                    target_rps: a.target_rps,
+                    cooldown: a.cooldown.as_deref(),
+                    stable_window: a.stable_window.as_deref(),
+                };
+                if input.is_empty() {
                     bail!("nothing to change: give --min and --max with --target-cpu or --target-rps, or --off");
                 }
-                s.autoscale = autoscale_from(
-                    a.min,
-                    a.max,
-                    a.target_cpu,
-                    a.target_rps,
-                    a.cooldown.as_deref(),
-                    a.stable_window.as_deref(),
-                    current.as_ref(),
-                )?;
+                s.autoscale = input.apply(s.autoscale.as_ref())?;
             }
             c.update_service(UpdateServiceRequest { service: cur.id.clone(), spec: Some(s.clone()), version: cur.version })
                 .await
