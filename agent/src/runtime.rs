@@ -147,12 +147,12 @@ impl Runtime {
         self.cgroups.version()
     }
 
-    /// The directory that holds a container's state, upper dir and logs.
     /// CPU time container `id` has used so far, in nanoseconds.
     pub fn cpu_usage_ns(&self, id: &str) -> Result<Option<u64>, CgroupError> {
         self.cgroups.open(id).cpu_usage_ns()
     }
 
+    /// The directory that holds a container's state, upper dir and logs.
     pub fn container_dir(&self, id: &str) -> PathBuf {
         self.data_dir.join("containers").join(id)
     }

@@ -490,7 +490,14 @@ impl Dispatcher for DispatcherService {
         } else {
             String::new()
         };
-        self.manager.metrics.record(r.node_id, &r.usage, &r.rates);
+        // A node speaks only for its own tasks and for services that exist
+        // (a misbehaving one can't inflate another node's load).
+        let (usage, rates) = self.manager.store.read(|s| {
+            let usage: Vec<_> = r.usage.iter().filter(|u| s.tasks.get(&u.task_id).is_some_and(|t| t.node_id == Some(r.node_id))).cloned().collect();
+            let rates: Vec<_> = r.rates.iter().take(s.services.len()).filter(|x| s.services.values().any(|svc| svc.spec.name == x.service)).cloned().collect();
+            (usage, rates)
+        });
+        self.manager.metrics.record(r.node_id, &usage, &rates);
         let (peers_version, peers, address_pool) = self.manager.store.read(|s| {
             let (v, p) = peers_of(s, r.node_id);
             (v, p, s.address_pool().to_string())

@@ -287,14 +287,9 @@ impl DataPlane {
     /// The cluster's address pool: sources outside it are routing-mesh
     /// clients.
     pub fn set_pool(&self, net: Ipv4Addr, prefix: u8) {
-        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
+        let mask = crate::prefix_mask(prefix);
         let p = (u64::from(u32::from(net) & mask) << 32) | u64::from(mask);
         self.inner.pool.store(p, Ordering::Relaxed);
-    }
-
-    /// Routing-mesh flows remembered now.
-    pub fn flows(&self) -> usize {
-        self.inner.flows.lock().unwrap_or_else(|e| e.into_inner()).map.len()
     }
 
     /// Replaces the peer set. A peer whose key and endpoint are unchanged
@@ -307,7 +302,7 @@ impl DataPlane {
                 .allowed
                 .iter()
                 .map(|(net, len)| {
-                    let mask = if *len == 0 { 0 } else { u32::MAX << (32 - u32::from(*len)) };
+                    let mask = crate::prefix_mask(*len);
                     (u32::from(*net) & mask, mask)
                 })
                 .collect();

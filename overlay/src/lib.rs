@@ -138,7 +138,8 @@ fn short_id(task: &str) -> String {
     task.chars().filter(char::is_ascii_alphanumeric).take(10).collect()
 }
 
-fn mask(len: u8) -> u32 {
+/// The netmask of a prefix length, as an integer.
+pub(crate) fn prefix_mask(len: u8) -> u32 {
     if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) }
 }
 
@@ -158,9 +159,8 @@ fn vip_rules(services: &[ServiceEntry]) -> Vec<firewall::VipRule> {
 
 /// The routing mesh on this node: each published port forwards to every
 /// running task of its service (ingress mode) or to those on this node
-/// (host mode; `local` holds this node's task addresses).
-fn publish_rules(services: &[ServiceEntry], local: &BTreeMap<String, Vec<Ipv4Addr>>) -> Vec<firewall::PublishRule> {
-    let here: BTreeSet<Ipv4Addr> = local.values().flatten().copied().collect();
+/// (host mode; `here` holds this node's task addresses).
+fn publish_rules(services: &[ServiceEntry], here: &BTreeSet<Ipv4Addr>) -> Vec<firewall::PublishRule> {
     let mut out: Vec<firewall::PublishRule> = services
         .iter()
         .filter(|e| e.network == INGRESS_NETWORK)
@@ -280,12 +280,13 @@ impl Overlay {
         let want: BTreeSet<(Ipv4Addr, u8)> = peers.iter().flat_map(|p| p.allowed.iter().copied()).collect();
         self.dp.set_peers(peers);
         let mut st = self.state.lock().await;
+        let mut changed = false;
         if let Some((net, len)) = pool
             && st.pool != pool
         {
             self.dp.set_pool(net, len);
             st.pool = pool;
-            self.apply_rules(&mut st)?;
+            changed = true;
         }
         for (net, len) in st.routes.difference(&want) {
             self.nl.del_route_dev(*net, *len, self.tun_index).await?;
@@ -294,8 +295,11 @@ impl Overlay {
             self.nl.add_route_dev(*net, *len, self.tun_index).await?;
         }
         if st.routes != want {
-            st.routes = want;
             // Tasks on slices that just became reachable join the rotation.
+            st.routes = want;
+            changed = true;
+        }
+        if changed {
             self.apply_rules(&mut st)?;
         }
         Ok(())
@@ -309,7 +313,7 @@ impl Overlay {
         // be dropped, and the client would wait for a SYN retransmit.
         let here: BTreeSet<Ipv4Addr> = st.local.values().flatten().copied().collect();
         let routable = |a: &Ipv4Addr| {
-            here.contains(a) || st.routes.iter().any(|(net, len)| u32::from(*a) & mask(*len) == u32::from(*net) & mask(*len))
+            here.contains(a) || st.routes.iter().any(|(net, len)| u32::from(*a) & prefix_mask(*len) == u32::from(*net) & prefix_mask(*len))
         };
         let services: Vec<ServiceEntry> = st
             .services
@@ -319,7 +323,7 @@ impl Overlay {
         let want = firewall::Rules {
             nets,
             vips: vip_rules(&services),
-            publish: publish_rules(&services, &st.local),
+            publish: publish_rules(&services, &here),
             pool: st.pool.map(|(n, l)| format!("{n}/{l}")),
         };
         if st.rules_applied.as_ref() != Some(&want) {

@@ -209,6 +209,45 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("reserved"));
     assert_eq!(versions(), before, "a refused command changed the services");
 
+    // A stopping task finishes the connections it serves before it is
+    // signalled, up to --stop-grace-period. `slow` gets 60 s; we hold one
+    // connection open (no request yet: busybox httpd waits for it).
+    create(&c, &["--name", "slow", "--publish", "9191:80", "--stop-grace-period", "60s"], &page_server("busybox:latest"));
+    running(&c, "slow", 1);
+    wait_for(T, "slow through the mesh", || Ok(get(node_addr(&c, 0, 9191)).ok())).unwrap();
+    let held = TcpStream::connect_timeout(&node_addr(&c, 0, 9191), Duration::from_secs(3)).unwrap();
+    let scaled = Instant::now();
+    c.cli_ok(0, &["service", "scale", "--detach", "slow=0"]).unwrap();
+    // It leaves the mesh at once (no new connection gets through), yet
+    // keeps running while our connection is open: for as long as we
+    // watch (past the 1 s the node gives the others), it is not stopped.
+    wait_for(T, "slow to leave the mesh", || Ok(get(node_addr(&c, 0, 9191)).is_err().then_some(()))).unwrap();
+    wait_for(T, "slow to be watched draining for 3 s", || {
+        let ps = c.cli_ok(0, &["service", "ps", "slow", "--format", "json"])?;
+        assert_eq!(ps[0]["state"], "running", "stopped with a connection still open: {ps}");
+        Ok((scaled.elapsed() > Duration::from_secs(3)).then_some(()))
+    })
+    .unwrap();
+    // Our connection ends: the task stops well within its grace period.
+    drop(held);
+    wait_for(Duration::from_secs(30), "slow to stop once its connection closed", || {
+        let ps = c.cli_ok(0, &["service", "ps", "slow", "--format", "json"])?;
+        Ok(ps.as_array().is_some_and(|a| a.iter().all(|t| t["state"] != "running")).then_some(()))
+    })
+    .unwrap();
+    // The grace period bounds the wait: with 2 s, a connection that never
+    // closes doesn't keep the task.
+    create(&c, &["--name", "stubborn", "--publish", "9292:80", "--stop-grace-period", "2s"], &page_server("busybox:latest"));
+    running(&c, "stubborn", 1);
+    wait_for(T, "stubborn through the mesh", || Ok(get(node_addr(&c, 0, 9292)).ok())).unwrap();
+    let _held = TcpStream::connect_timeout(&node_addr(&c, 0, 9292), Duration::from_secs(3)).unwrap();
+    c.cli_ok(0, &["service", "scale", "--detach", "stubborn=0"]).unwrap();
+    wait_for(T, "stubborn to stop with our connection still open", || {
+        let ps = c.cli_ok(0, &["service", "ps", "stubborn", "--format", "json"])?;
+        Ok(ps.as_array().is_some_and(|a| a.iter().all(|t| t["state"] != "running")).then_some(()))
+    })
+    .unwrap();
+
     // --publish-rm: the port closes on every node, and the task leaves the
     // mesh's network.
     c.cli_ok(0, &["service", "update", "--publish-rm", "8080", "web"]).unwrap();
