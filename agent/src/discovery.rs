@@ -52,7 +52,7 @@ fn entries(records: Vec<ServiceRecord>) -> Vec<ServiceEntry> {
             if ports.len() != r.ports.len() {
                 tracing::warn!(service = %r.service, "service view: a published port out of range was left out");
             }
-            Some(ServiceEntry { service: r.service, network: r.network, vip, addresses, ports })
+            Some(ServiceEntry { service: r.service, network: r.network, vip, addresses, ports, aliases: r.aliases })
         })
         .collect()
 }

@@ -11,6 +11,7 @@ pub mod executor;
 pub mod image;
 pub mod join;
 pub mod mounts;
+pub mod volume;
 mod discovery;
 mod load;
 mod node;

@@ -143,6 +143,7 @@ impl Agent {
         let id = &self.cfg.identity;
         let (role_tx, mut role_rx) = watch::channel(None);
         let (current_tx, current_rx) = watch::channel(None);
+        let volumes = Arc::new(crate::volume::Volumes::new(&self.cfg.data_dir));
         let worker = tokio::spawn(
             worker::Worker {
                 node_id: id.id,
@@ -154,6 +155,7 @@ impl Agent {
                 overlay: overlay.clone(),
                 manager: current_rx.clone(),
                 shutdown: stop_rx.clone(),
+                volumes: volumes.clone(),
             }
             .run(),
         );
@@ -189,6 +191,7 @@ impl Agent {
             shutdown: stop_rx,
             overlay,
             load: Arc::new(crate::load::LoadMeter::new(self.executor.clone())),
+            volumes,
         }));
         let exit = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => AgentExit::Shutdown,

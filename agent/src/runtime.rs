@@ -681,7 +681,15 @@ impl Child<'_> {
 
     fn mount_one(&self, root: &Path, m: &Mount) -> ChildResult<()> {
         match m {
-            Mount::Bind { source, destination, read_only } => {
+            Mount::Bind { source, destination, read_only, seed } => {
+                if *seed {
+                    // The image's files at the mount point seed an empty
+                    // volume, owners and modes kept.
+                    let from = resolve_in_root(root, destination).ctx(format!("resolve {destination}"))?;
+                    if from.is_dir() && crate::volume::is_empty_dir(source).ctx(format!("read volume {}", source.display()))? {
+                        crate::volume::copy_tree(&from, source).ctx(format!("copy the image's {destination} into its volume"))?;
+                    }
+                }
                 let is_dir = fs::metadata(source).ctx(format!("bind source {}", source.display()))?.is_dir();
                 let target = if is_dir {
                     mkdir_in(root, destination)?
@@ -715,19 +723,18 @@ impl Child<'_> {
                     .ctx(format!("remount {destination}"))?;
                 }
             }
-            Mount::Tmpfs { destination, size_bytes } => {
+            Mount::Tmpfs { destination, size_bytes, mode, read_only } => {
                 let target = mkdir_in(root, destination)?;
+                let mode = mode.unwrap_or(0o1777);
                 let opts = match size_bytes {
-                    Some(s) => format!("mode=1777,size={s}"),
-                    None => "mode=1777".to_string(),
+                    Some(s) => format!("mode={mode:o},size={s}"),
+                    None => format!("mode={mode:o}"),
                 };
-                mount(
-                    Some("tmpfs"),
-                    &target,
-                    Some("tmpfs"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                    Some(opts.as_str()),
-                )
+                let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+                if *read_only {
+                    flags |= MsFlags::MS_RDONLY;
+                }
+                mount(Some("tmpfs"), &target, Some("tmpfs"), flags, Some(opts.as_str()))
                 .ctx(format!("mount tmpfs on {destination}"))?;
             }
         }

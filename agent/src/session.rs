@@ -31,7 +31,13 @@ pub(crate) struct Session {
     /// The node's overlay: its identity goes out with each heartbeat, and
     /// the peers come back when they change.
     pub overlay: Option<Arc<Overlay>>,
+    /// The node's named volumes: reported with their sizes every
+    /// VOLUME_REPORT, and deleted when the managers say they are gone.
+    pub volumes: Arc<crate::volume::Volumes>,
 }
+
+/// How often the volumes' sizes are measured and sent.
+const VOLUME_REPORT: Duration = Duration::from_secs(5);
 
 fn resources() -> Resources {
     let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
@@ -53,14 +59,31 @@ pub(crate) async fn run(mut s: Session) {
     let mut preferred: Option<String> = None;
     // The peer set applied to the overlay (0: none yet).
     let mut peers_version = 0u64;
+    let mut volumes_at: Option<std::time::Instant> = None;
     loop {
         let target = preferred.clone().or_else(|| s.managers.get(idx % s.managers.len().max(1)).cloned());
         let mut ok = false;
         if let Some(addr) = target.clone() {
             let load = s.load.sample(s.overlay.as_deref()).await;
-            match heartbeat(&s, &addr, &res, peers_version, load).await {
+            let volumes = if volumes_at.is_none_or(|t| t.elapsed() >= VOLUME_REPORT) {
+                let v = s.volumes.clone();
+                tokio::task::spawn_blocking(move || v.list()).await.ok()
+            } else {
+                None
+            };
+            let volumes_sent = volumes.is_some();
+            match heartbeat(&s, &addr, &res, peers_version, load, volumes).await {
                 Ok(r) => {
                     ok = true;
+                    if !r.remove_volumes.is_empty() {
+                        let (v, ids) = (s.volumes.clone(), r.remove_volumes.clone());
+                        if let Err(e) = tokio::task::spawn_blocking(move || v.remove_ids(&ids)).await {
+                            tracing::warn!(error = %e, "deleting removed volumes failed");
+                        }
+                    }
+                    if volumes_sent {
+                        volumes_at = Some(std::time::Instant::now());
+                    }
                     period = Duration::from_millis(r.period_ms.clamp(100, 10_000));
                     let (managers, role, cert) = (r.managers, Role::parse(&r.role), r.cert_pem);
                     if r.peers_changed
@@ -126,6 +149,7 @@ async fn heartbeat(
     res: &Resources,
     peers_version: u64,
     (usage, rates): (Vec<TaskUsage>, Vec<ServiceRate>),
+    volumes: Option<Vec<crate::volume::LocalVolume>>,
 ) -> Result<HeartbeatResponse, HbError> {
     let channel = s.tls.channel(addr).map_err(|e| HbError::Other(e.to_string()))?;
     let mut client = DispatcherClient::new(channel);
@@ -138,6 +162,12 @@ async fn heartbeat(
         peers_version,
         usage,
         rates,
+        volumes_sent: volumes.is_some(),
+        volumes: volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| shoal_proto::dispatcher::LocalVolume { name: v.name, id: v.id, size: v.size })
+            .collect(),
     });
     match tokio::time::timeout(Duration::from_secs(2), call).await {
         Err(_) => Err(HbError::Other("timed out".into())),

@@ -35,8 +35,24 @@ pub struct ContainerSpec {
 /// A mount on top of the rootfs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Mount {
-    Bind { source: PathBuf, destination: String, read_only: bool },
-    Tmpfs { destination: String, size_bytes: Option<u64> },
+    Bind {
+        source: PathBuf,
+        destination: String,
+        read_only: bool,
+        /// A volume: when `source` is empty, copy the image's files at
+        /// `destination` into it first (Docker's copy-up).
+        #[serde(default)]
+        seed: bool,
+    },
+    Tmpfs {
+        destination: String,
+        size_bytes: Option<u64>,
+        /// Permission bits of its root; `None`: 01777.
+        #[serde(default)]
+        mode: Option<u32>,
+        #[serde(default)]
+        read_only: bool,
+    },
 }
 
 impl Mount {

@@ -35,6 +35,9 @@ pub(crate) struct Worker {
     /// The manager the session currently talks to.
     pub manager: watch::Receiver<Option<String>>,
     pub shutdown: watch::Receiver<bool>,
+    /// The node's named volumes (shared with the session, which reports
+    /// them and deletes removed ones).
+    pub volumes: Arc<crate::volume::Volumes>,
 }
 
 /// One task this node runs: the controller's handle.
@@ -57,6 +60,7 @@ struct Ctx {
     fetching: Arc<tokio::sync::Mutex<()>>,
     /// `DATA/taskdata` is a tmpfs: secrets may be written there.
     secrets_on_tmpfs: bool,
+    volumes: Arc<crate::volume::Volumes>,
 }
 
 fn status(task: &str, state: &str, message: &str) -> TaskStatus {
@@ -92,6 +96,7 @@ impl Worker {
             reports,
             fetching: Default::default(),
             secrets_on_tmpfs,
+            volumes: self.volumes.clone(),
         };
         tokio::spawn(report_loop(ctx.clone(), rx, self.shutdown.clone()));
         let mut tasks: HashMap<String, Local> = HashMap::new();
@@ -223,11 +228,17 @@ fn write_task_data(dir: &std::path::Path, data: &[TaskData]) -> Result<Vec<Mount
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for d in data {
         // The managers check names; a name must still never leave `dir`.
-        let safe = !d.name.is_empty() && d.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let safe = !d.name.is_empty() && d.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let clean_target = d.target.is_empty()
+            || !d.target.contains('\0') && d.target.split('/').skip(usize::from(d.target.starts_with('/'))).all(|c| !c.is_empty() && c != "." && c != "..");
         let destination = match d.kind.as_str() {
-            "secret" if safe => format!("/run/secrets/{}", d.name),
-            "config" if safe => format!("/{}", d.name),
-            _ => return Err(format!("invalid {} {:?} in the assignment", d.kind, d.name)),
+            _ if !safe || !clean_target => return Err(format!("invalid {} {:?} (target {:?}) in the assignment", d.kind, d.name, d.target)),
+            "secret" if d.target.is_empty() => format!("/run/secrets/{}", d.name),
+            "secret" if d.target.starts_with('/') => d.target.clone(),
+            "secret" => format!("/run/secrets/{}", d.target),
+            "config" if d.target.is_empty() => format!("/{}", d.name),
+            "config" if d.target.starts_with('/') => d.target.clone(),
+            _ => return Err(format!("invalid {} {:?} (target {:?}) in the assignment", d.kind, d.name, d.target)),
         };
         let path = dir.join(format!("{}-{}", d.kind, d.name));
         let mut f = std::fs::OpenOptions::new()
@@ -238,7 +249,7 @@ fn write_task_data(dir: &std::path::Path, data: &[TaskData]) -> Result<Vec<Mount
             .open(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         std::io::Write::write_all(&mut f, &d.data).map_err(|e| format!("{}: {e}", path.display()))?;
-        mounts.push(Mount::Bind { source: path, destination, read_only: true });
+        mounts.push(Mount::Bind { source: path, destination, read_only: true, seed: false });
     }
     Ok(mounts)
 }
@@ -296,15 +307,7 @@ fn run_request(a: &Assignment) -> RunRequest {
         workdir: (!spec.workdir.is_empty()).then(|| spec.workdir.clone()),
         hostname: Some(format!("{}-{}", a.service, a.slot)),
         read_only: spec.read_only,
-        mounts: spec
-            .mounts
-            .iter()
-            .filter_map(|m| match m.r#type.as_str() {
-                "bind" => Some(Mount::Bind { source: m.source.clone().into(), destination: m.target.clone(), read_only: m.read_only }),
-                "tmpfs" => Some(Mount::Tmpfs { destination: m.target.clone(), size_bytes: None }),
-                _ => None,
-            })
-            .collect(),
+        entrypoint: (!spec.entrypoint.is_empty()).then(|| spec.entrypoint.clone()),
         limits: crate::cgroup::Limits {
             memory_bytes: (limits.memory_bytes > 0).then_some(limits.memory_bytes),
             cpu_micros: (limits.nano_cpus > 0).then_some(limits.nano_cpus / 1000),
@@ -330,6 +333,10 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
         return;
     }
 
+    // The task's volumes stay on this node while it lives.
+    let _volumes_held = ctx.volumes.hold(
+        a.spec.iter().flat_map(|s| &s.mounts).filter(|m| m.r#type == "volume").map(|m| m.source.clone()).collect(),
+    );
     let atts = match attachments(&a) {
         Ok(atts) if !atts.is_empty() && ctx.overlay.is_none() => {
             report(TaskStatus { error: "this node runs no overlay: tasks on networks can't run here".into(), ..status(&id, "rejected", "no overlay") });
@@ -375,6 +382,15 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
             }
             report(status(&id, "preparing", "preparing container"));
             let mut req = run_request(&a);
+            let mounts = a.spec.as_ref().map_or(&[][..], |s| &s.mounts[..]);
+            match crate::volume::resolve_mounts(&ctx.volumes, &ctx.data_dir, mounts, &a.volumes, true) {
+                Ok((m, _)) => req.mounts = m,
+                Err(e) => {
+                    tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected: its mounts can't be made");
+                    report(TaskStatus { error: e, ..status(&id, "rejected", "mounts") });
+                    return;
+                }
+            }
             let data_dir = task_data_dir(&ctx.data_dir, &id);
             let written = if a.data.is_empty() || ctx.secrets_on_tmpfs {
                 write_task_data(&data_dir, &a.data)
@@ -393,7 +409,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 match o.attach(&id, &atts).await.and_then(|path| Ok((path, write_resolv_conf(&ctx.data_dir, &id, &atts)?))) {
                     Ok((path, resolv)) => {
                         req.netns = Some(path);
-                        req.mounts.push(Mount::Bind { source: resolv, destination: "/etc/resolv.conf".into(), read_only: true });
+                        req.mounts.push(Mount::Bind { source: resolv, destination: "/etc/resolv.conf".into(), read_only: true, seed: false });
                     }
                     Err(e) => {
                         tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected: its networks could not be wired");
@@ -404,6 +420,8 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                     }
                 }
             }
+            // Outer mounts before the ones inside them.
+            req.mounts.sort_by_key(|m| m.destination().matches('/').count());
             let prep = {
                 let exec = exec.clone();
                 tokio::task::spawn_blocking(move || exec.prepare(&req)).await

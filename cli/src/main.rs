@@ -44,12 +44,18 @@ enum Command {
     /// Manage networks.
     #[command(subcommand)]
     Network(cmd::network::NetworkCmd),
+    /// Manage named volumes (local driver; data on each node that uses them).
+    #[command(subcommand)]
+    Volume(cmd::volume::VolumeCmd),
     /// Manage secrets (mounted at /run/secrets/NAME in tasks that use them).
     #[command(subcommand)]
     Secret(cmd::data::DataCmd),
     /// Manage configs (mounted at /NAME in tasks that use them).
     #[command(subcommand)]
     Config(cmd::data::DataCmd),
+    /// Deploy and manage stacks from compose files.
+    #[command(subcommand)]
+    Stack(cmd::stack::StackCmd),
     /// Run a command in a task's container, on whichever node runs it.
     Exec {
         /// Task id, id prefix, or SERVICE.SLOT
@@ -141,8 +147,10 @@ async fn dispatch(ctx: client::Ctx, command: Command) -> anyhow::Result<ExitCode
         Command::Node(c) => cmd::node::run(&ctx, c).await,
         Command::Service(c) => cmd::service::run(&ctx, c).await,
         Command::Network(c) => cmd::network::run(&ctx, c).await,
+        Command::Volume(c) => cmd::volume::run(&ctx, c).await,
         Command::Secret(c) => cmd::data::run(&ctx, "secret", c).await,
         Command::Config(c) => cmd::data::run(&ctx, "config", c).await,
+        Command::Stack(c) => cmd::stack::run(&ctx, c).await,
     }?;
     Ok(ExitCode::SUCCESS)
 }

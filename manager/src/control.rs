@@ -15,7 +15,7 @@ use shoal_security::pki::{self, CertRole};
 use crate::spec::{self, SpecError};
 use crate::store::objects::{Availability, NodeObj, Role, ServiceObj};
 use crate::store::state::format_node_id;
-use crate::store::objects::{DataKind, DataObj, ImageObj, NetworkObj};
+use crate::store::objects::{DataKind, DataObj, ImageObj, NetworkObj, VolumeObj};
 use crate::store::task::{TaskObj, TaskState};
 use crate::store::{ApplyError, Command, NodePatch, State};
 use shoal_security::tls::authorize;
@@ -129,6 +129,50 @@ fn network_proto(n: &NetworkObj, state: &State) -> Network {
     }
 }
 
+fn volume_proto(v: &VolumeObj, state: &State) -> Volume {
+    Volume {
+        id: v.id.clone(),
+        name: v.name.clone(),
+        driver: v.driver.clone(),
+        labels: v.labels.clone().into_iter().collect(),
+        options: v.options.clone().into_iter().collect(),
+        version: v.version,
+        created_at_ms: v.created_at_ms,
+        nodes: v
+            .nodes
+            .iter()
+            .map(|(id, r)| VolumeNode {
+                node: state.nodes.get(id).map(|x| x.name.clone()).unwrap_or_else(|| format_node_id(*id)),
+                node_id: format_node_id(*id),
+                size: r.size,
+                updated_at_ms: r.updated_at_ms,
+            })
+            .collect(),
+        services: state
+            .services
+            .values()
+            .filter(|s| crate::store::state::mounts_volume(&s.spec, &v.name))
+            .map(|s| s.spec.name.clone())
+            .collect(),
+        size: v.nodes.values().map(|r| r.size).sum(),
+    }
+}
+
+/// Docker's local driver options: `type`, `device` and `o`, handed to
+/// mount(2) on each node; `type` and `device` go together.
+fn validate_volume_options(options: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    if let Some(k) = options.keys().find(|k| !["type", "device", "o"].contains(&k.as_str())) {
+        return Err(Status::invalid_argument(format!("volume option {k:?} is not one of the local driver's: type, device, o")));
+    }
+    if options.contains_key("type") != options.contains_key("device") {
+        return Err(Status::invalid_argument("volume options type and device go together (e.g. --opt type=tmpfs --opt device=tmpfs)"));
+    }
+    if options.values().any(|v| v.is_empty() || v.contains('\0')) {
+        return Err(Status::invalid_argument("volume option values must be non-empty and free of NUL bytes"));
+    }
+    Ok(())
+}
+
 /// A secret's or config's metadata; `with_data` only for a config's inspect.
 fn data_proto(kind: DataKind, d: &DataObj, state: &State, with_data: bool) -> DataObject {
     let uses = |s: &&ServiceObj| match kind {
@@ -201,6 +245,7 @@ fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metric
         // orchestrator keeps alive.
         replicas_desired: if s.spec.mode == "global" { wanted } else { s.spec.replicas },
         vips: s.vips.clone().into_iter().collect(),
+        rolling_back: s.rolling_back,
         last_autoscale: s.last_autoscale.as_ref().map(|d| shoal_proto::control::AutoscaleDecision {
             at_ms: d.at_ms,
             from: d.from,
@@ -231,6 +276,13 @@ impl ControlService {
             .store
             .read(|s| s.networks.get(name).map(|n| network_proto(n, s)))
             .ok_or_else(|| Status::not_found(format!("network {name:?} not found")))
+    }
+
+    fn read_volume(&self, name: &str) -> Result<Volume, Status> {
+        self.manager
+            .store
+            .read(|s| s.volumes.get(name).map(|v| volume_proto(v, s)))
+            .ok_or_else(|| Status::not_found(format!("volume {name:?} not found")))
     }
 
     fn read_data(&self, kind: DataKind, name: &str, with_data: bool) -> Result<DataObject, Status> {
@@ -505,6 +557,16 @@ impl Control for ControlService {
         Ok(Response::new(self.read_service(&id)?))
     }
 
+    async fn rollback_service(&self, req: Request<ServiceRef>) -> Result<Response<Service>, Status> {
+        authorize(&req, CLIENTS)?;
+        let what = req.into_inner().service;
+        let id = self.manager.store.read(|s| s.resolve_service(&what)).map_err(apply_status)?;
+        self.manager.propose(Command::RollbackService { service: id.clone() }).await.map_err(status)?;
+        let svc = self.read_service(&id)?;
+        tracing::info!(service = %what, "service rolled back to its previous spec");
+        Ok(Response::new(svc))
+    }
+
     async fn scale_services(&self, req: Request<ScaleRequest>) -> Result<Response<ServiceList>, Status> {
         authorize(&req, CLIENTS)?;
         let items: Vec<(String, u64)> = req.into_inner().items.into_iter().map(|i| (i.service, i.replicas)).collect();
@@ -668,6 +730,75 @@ impl Control for ControlService {
         self.manager.propose(Command::RemoveNetwork { name: name.clone() }).await.map_err(status)?;
         tracing::info!(network = %name, "network removed");
         Ok(Response::new(Empty {}))
+    }
+
+    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<Volume>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        spec::validate_name("volume name", &r.name).map_err(spec_status)?;
+        if !["", "local"].contains(&r.driver.as_str()) {
+            return Err(Status::invalid_argument(format!("volume driver {:?} is not supported: shoal has the local driver only", r.driver)));
+        }
+        validate_label_keys(r.labels.keys())?;
+        validate_volume_options(&r.options)?;
+        let volume = VolumeObj {
+            id: pki::random_hex(12).map_err(|e| Status::internal(e.to_string()))?,
+            name: r.name.clone(),
+            driver: "local".into(),
+            labels: r.labels.into_iter().collect(),
+            options: r.options.into_iter().collect(),
+            nodes: Default::default(),
+            version: 0,
+            created_at_ms: 0,
+        };
+        self.manager.propose(Command::CreateVolume { volume }).await.map_err(status)?;
+        let v = self.read_volume(&r.name)?;
+        tracing::info!(volume = %v.name, id = %v.id, "volume created");
+        Ok(Response::new(v))
+    }
+
+    async fn list_volumes(&self, req: Request<Empty>) -> Result<Response<VolumeList>, Status> {
+        authorize(&req, CLIENTS)?;
+        let volumes = self.manager.store.read(|s| s.volumes.values().map(|v| volume_proto(v, s)).collect());
+        Ok(Response::new(VolumeList { volumes }))
+    }
+
+    async fn inspect_volume(&self, req: Request<VolumeRef>) -> Result<Response<Volume>, Status> {
+        authorize(&req, CLIENTS)?;
+        Ok(Response::new(self.read_volume(&req.into_inner().name)?))
+    }
+
+    async fn remove_volume(&self, req: Request<RemoveVolumeRequest>) -> Result<Response<Empty>, Status> {
+        authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        self.manager.propose(Command::RemoveVolume { name: r.name.clone(), force: r.force }).await.map_err(status)?;
+        tracing::info!(volume = %r.name, force = r.force, "volume removed: the nodes holding its data delete it");
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn prune_volumes(&self, req: Request<Empty>) -> Result<Response<VolumeList>, Status> {
+        authorize(&req, CLIENTS)?;
+        // Volumes no service mounts; each removal is checked again when it
+        // applies (a service may have taken one meanwhile).
+        let candidates: Vec<Volume> = self.manager.store.read(|s| {
+            s.volumes
+                .values()
+                .filter(|v| !s.services.values().any(|x| crate::store::state::mounts_volume(&x.spec, &v.name)))
+                .map(|v| volume_proto(v, s))
+                .collect()
+        });
+        let mut removed = Vec::new();
+        for v in candidates {
+            match self.manager.propose(Command::RemoveVolume { name: v.name.clone(), force: false }).await {
+                Ok(_) => {
+                    tracing::info!(volume = %v.name, "volume pruned");
+                    removed.push(v);
+                }
+                Err(ProposeError::Refused(e)) => tracing::info!(volume = %v.name, reason = %e, "volume kept by prune"),
+                Err(e) => return Err(status(e)),
+            }
+        }
+        Ok(Response::new(VolumeList { volumes: removed }))
     }
 
     async fn create_data(&self, req: Request<CreateDataRequest>) -> Result<Response<DataObject>, Status> {

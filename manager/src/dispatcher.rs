@@ -12,7 +12,7 @@ use std::pin::Pin;
 
 use shoal_proto::dispatcher::{
     Assignment, AssignmentsMessage, NetworkAttachment, Peer, ServiceRecord, ServiceView, ServicesRequest, TaskData, AssignmentsRequest, BlobChunk, BlobRef, HeartbeatRequest, HeartbeatResponse,
-    TaskStatusAck, TaskStatusBatch,
+    LocalVolume, TaskStatusAck, TaskStatusBatch, VolumeAttachment,
 };
 use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -132,15 +132,20 @@ fn assigned_to(t: &TaskObj, node: u64) -> bool {
 
 /// The secrets and configs a task's spec names, for its node only.
 fn task_data(t: &TaskObj, s: &State) -> Vec<TaskData> {
-    let pick = |kind: DataKind, names: &[String]| {
+    let pick = |kind: DataKind, names: &[String], targets: &std::collections::HashMap<String, String>| {
         names
             .iter()
             .filter_map(|n| s.data(kind).get(n))
-            .map(|d| TaskData { kind: kind.as_str().into(), name: d.name.clone(), data: d.data.clone() })
+            .map(|d| TaskData {
+                kind: kind.as_str().into(),
+                name: d.name.clone(),
+                data: d.data.clone(),
+                target: targets.get(&d.name).cloned().unwrap_or_default(),
+            })
             .collect::<Vec<_>>()
     };
-    let mut out = pick(DataKind::Secret, &t.spec.secrets);
-    out.extend(pick(DataKind::Config, &t.spec.configs));
+    let mut out = pick(DataKind::Secret, &t.spec.secrets, &t.spec.secret_targets);
+    out.extend(pick(DataKind::Config, &t.spec.configs, &t.spec.config_targets));
     out
 }
 
@@ -156,6 +161,14 @@ fn assignment(t: &TaskObj, s: &State, with_data: bool) -> Assignment {
         image_digest: image.map(|i| i.digest.clone()).unwrap_or_default(),
         data: if with_data { task_data(t, s) } else { Vec::new() },
         networks: attachments(t, s),
+        volumes: t
+            .spec
+            .mounts
+            .iter()
+            .filter(|m| m.r#type == "volume")
+            .filter_map(|m| s.volumes.get(&m.source))
+            .map(|v| VolumeAttachment { name: v.name.clone(), id: v.id.clone(), options: v.options.clone().into_iter().collect() })
+            .collect(),
     }
 }
 
@@ -234,6 +247,7 @@ fn service_view(s: &State) -> ServiceView {
                 // The routing mesh forwards published ports to the tasks'
                 // addresses on its network.
                 ports: if network == crate::spec::INGRESS_NETWORK { svc.spec.ports.clone() } else { Vec::new() },
+                aliases: if network == crate::spec::INGRESS_NETWORK { Vec::new() } else { svc.spec.aliases.clone() },
             });
         }
     }
@@ -498,6 +512,7 @@ impl Dispatcher for DispatcherService {
             (usage, rates)
         });
         self.manager.metrics.record(r.node_id, &usage, &rates);
+        let remove_volumes = if r.volumes_sent { self.record_volumes(&node.name, r.node_id, &r.volumes).await? } else { Vec::new() };
         let (peers_version, peers, address_pool) = self.manager.store.read(|s| {
             let (v, p) = peers_of(s, r.node_id);
             (v, p, s.address_pool().to_string())
@@ -512,6 +527,44 @@ impl Dispatcher for DispatcherService {
             peers_changed,
             peers: if peers_changed { peers } else { Vec::new() },
             address_pool: if peers_changed { address_pool } else { String::new() },
+            remove_volumes,
         }))
+    }
+}
+
+impl DispatcherService {
+    /// Records a node's volume sizes when they changed (by more than a
+    /// little: a database's volume grows all the time); answers with the
+    /// ids of the volumes it holds that the cluster no longer has.
+    async fn record_volumes(&self, node_name: &str, node: u64, local: &[LocalVolume]) -> Result<Vec<String>, Status> {
+        const MAX_VOLUMES: usize = 10_000;
+        if local.len() > MAX_VOLUMES {
+            return Err(Status::invalid_argument(format!("{} volumes reported: at most {MAX_VOLUMES}", local.len())));
+        }
+        let (report, gone) = self.manager.store.read(|s| {
+            let mut report = Vec::new();
+            let mut gone = Vec::new();
+            for l in local {
+                match s.volumes.get(&l.name).filter(|v| v.id == l.id) {
+                    None => gone.push(l.id.clone()),
+                    Some(v) => {
+                        let known = v.nodes.get(&node);
+                        let moved = known.is_none_or(|r| {
+                            let diff = r.size.abs_diff(l.size);
+                            r.updated_at_ms == 0 || diff > (64 << 10).max(r.size / 100)
+                        });
+                        if moved {
+                            report.push((l.name.clone(), l.id.clone(), l.size));
+                        }
+                    }
+                }
+            }
+            (report, gone)
+        });
+        if !report.is_empty() {
+            tracing::debug!(node = %node_name, volumes = report.len(), "volume sizes recorded");
+            self.manager.propose(Command::VolumeReport { node, volumes: report }).await.map_err(status)?;
+        }
+        Ok(gone)
     }
 }

@@ -16,12 +16,12 @@ fn invalid(what: &'static str, value: impl Into<String>, reason: &'static str) -
 
 /// DNS-label rules: 1–63 of `a-z 0-9 -`, starting and ending alphanumeric.
 pub fn validate_name(what: &'static str, name: &str) -> Result<(), SpecError> {
-    const REASON: &str = "must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit";
+    const REASON: &str = "must be 1-63 lowercase letters, digits, '-' or '_', starting and ending with a letter or digit";
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !name.starts_with(['-', '_'])
+        && !name.ends_with(['-', '_']);
     if ok { Ok(()) } else { Err(invalid(what, name, REASON)) }
 }
 
@@ -165,6 +165,51 @@ pub fn is_ingress(p: &shoal_proto::control::Port) -> bool {
     p.mode != "host"
 }
 
+/// An absolute path without `.`/`..` components, empty components or NULs.
+pub fn clean_absolute(p: &str) -> bool {
+    p.starts_with('/') && !p.contains('\0') && (p == "/" || p[1..].split('/').all(|c| !c.is_empty() && c != "." && c != ".."))
+}
+
+/// One `--mount`: a named volume, a bind of an absolute host path, or a
+/// tmpfs; every option belongs to its type.
+pub fn validate_mount(m: &shoal_proto::control::Mount) -> Result<(), SpecError> {
+    if !clean_absolute(&m.target) || m.target == "/" {
+        return Err(invalid("mount target", &m.target, "must be a clean absolute path other than /"));
+    }
+    match m.r#type.as_str() {
+        "volume" => {
+            if m.source.is_empty() {
+                return Err(invalid("mount source", "", "a volume mount needs src=NAME (anonymous volumes are not supported)"));
+            }
+            validate_name("volume name", &m.source)?;
+        }
+        "bind" => {
+            if !m.source.starts_with('/') {
+                return Err(invalid("bind source", &m.source, "must be an absolute host path"));
+            }
+            if !clean_absolute(&m.source) {
+                return Err(invalid("bind source", &m.source, "must be a clean absolute path (no '.', '..' or empty components)"));
+            }
+        }
+        "tmpfs" => {
+            if !m.source.is_empty() {
+                return Err(invalid("mount source", &m.source, "a tmpfs mount takes no source"));
+            }
+            if m.tmpfs_mode > 0o7777 {
+                return Err(invalid("tmpfs mode", format!("{:o}", m.tmpfs_mode), "must be octal permission bits (at most 7777)"));
+            }
+        }
+        other => return Err(invalid("mount type", other, "expected volume, bind or tmpfs")),
+    }
+    if m.r#type != "volume" && (m.volume_nocopy || !m.volume_labels.is_empty()) {
+        return Err(invalid("mount option", "volume-nocopy/volume-label", "applies to volume mounts only"));
+    }
+    if m.r#type != "tmpfs" && (m.tmpfs_size != 0 || m.tmpfs_mode != 0) {
+        return Err(invalid("mount option", "tmpfs-size/tmpfs-mode", "applies to tmpfs mounts only"));
+    }
+    Ok(())
+}
+
 /// Checks a whole service spec as the managers receive it.
 pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
     validate_name("service name", &spec.name)?;
@@ -282,15 +327,18 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
             return Err(invalid("update failure action", &u.failure_action, "expected pause or rollback"));
         }
     }
-    for m in &spec.mounts {
-        if !["volume", "bind", "tmpfs"].contains(&m.r#type.as_str()) {
-            return Err(invalid("mount type", &m.r#type, "expected volume, bind or tmpfs"));
+    if let Some(u) = &spec.rollback {
+        if !["", "pause", "continue"].contains(&u.failure_action.as_str()) {
+            return Err(invalid("rollback failure action", &u.failure_action, "expected pause or continue"));
         }
-        if !m.target.starts_with('/') {
-            return Err(invalid("mount target", &m.target, "must be an absolute path"));
+        if !["", "stop-first", "start-first"].contains(&u.order.as_str()) {
+            return Err(invalid("rollback order", &u.order, "expected stop-first or start-first"));
         }
-        if m.r#type != "tmpfs" && m.source.is_empty() {
-            return Err(invalid("mount source", &m.source, "is required for volume and bind mounts"));
+    }
+    for (i, m) in spec.mounts.iter().enumerate() {
+        validate_mount(m)?;
+        if spec.mounts[..i].iter().any(|o| o.target == m.target) {
+            return Err(invalid("mount target", &m.target, "is mounted twice"));
         }
     }
     for c in &spec.configs {
@@ -298,6 +346,30 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
     }
     for s in &spec.secrets {
         validate_name("secret name", s)?;
+    }
+    for (name, target) in &spec.secret_targets {
+        if !spec.secrets.contains(name) {
+            return Err(invalid("secret target", name.clone(), "names a secret the service does not use"));
+        }
+        let ok = if target.starts_with('/') {
+            clean_absolute(target)
+        } else {
+            !target.is_empty() && !target.contains('/') && target != "." && target != ".."
+        };
+        if !ok {
+            return Err(invalid("secret target", target.clone(), "expected a file name (under /run/secrets) or a clean absolute path"));
+        }
+    }
+    for (name, target) in &spec.config_targets {
+        if !spec.configs.contains(name) {
+            return Err(invalid("config target", name.clone(), "names a config the service does not use"));
+        }
+        if !clean_absolute(target) || target == "/" {
+            return Err(invalid("config target", target.clone(), "expected a clean absolute path"));
+        }
+    }
+    for a in &spec.aliases {
+        validate_name("alias", a)?;
     }
     if !spec.user.is_empty() && !valid_user(&spec.user) {
         return Err(invalid("user", &spec.user, "expected UID[:GID] or a user name"));
@@ -324,9 +396,48 @@ mod tests {
     fn names() {
         assert!(validate_name("n", "web").is_ok());
         assert!(validate_name("n", "web-1").is_ok());
-        for bad in ["", "-web", "web-", "Web", "web_1", "a.b", &"x".repeat(64)] {
+        assert!(validate_name("n", "shop_web").is_ok(), "stacks name their objects STACK_NAME");
+        for bad in ["", "-web", "web-", "_web", "web_", "Web", "a.b", &"x".repeat(64)] {
             assert!(validate_name("n", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mounts() {
+        use shoal_proto::control::Mount;
+        let m = |t: &str, src: &str, dst: &str| Mount { r#type: t.into(), source: src.into(), target: dst.into(), ..Default::default() };
+        assert!(validate_mount(&m("volume", "db", "/data")).is_ok());
+        assert!(validate_mount(&m("bind", "/srv/x", "/x")).is_ok());
+        assert!(validate_mount(&m("tmpfs", "", "/t")).is_ok());
+        for bad in [
+            m("volume", "", "/data"),
+            m("volume", "Db", "/data"),
+            m("volume", "db", "data"),
+            m("volume", "db", "/"),
+            m("volume", "db", "/a/../b"),
+            m("bind", "rel", "/x"),
+            m("bind", "/a/../etc", "/x"),
+            m("bind", "/a//b", "/x"),
+            m("tmpfs", "src", "/x"),
+            m("nfs", "x", "/x"),
+            Mount { volume_nocopy: true, ..m("bind", "/a", "/x") },
+            Mount { tmpfs_size: 1, ..m("volume", "v", "/x") },
+            Mount { tmpfs_mode: 0o17777, ..m("tmpfs", "", "/x") },
+        ] {
+            assert!(validate_mount(&bad).is_err(), "{bad:?}");
+        }
+        let mut spec = ServiceSpec { name: "s".into(), image: "bb".into(), mode: "replicated".into(), ..Default::default() };
+        spec.mounts = vec![m("volume", "a", "/x"), m("tmpfs", "", "/x")];
+        assert!(validate_service_spec(&spec).is_err(), "one target mounted twice");
+        spec.mounts.clear();
+        spec.secrets = vec!["pw".into()];
+        spec.secret_targets.insert("pw".into(), "db_password".into());
+        assert!(validate_service_spec(&spec).is_ok());
+        spec.secret_targets.insert("pw".into(), "../x".into());
+        assert!(validate_service_spec(&spec).is_err());
+        spec.secret_targets.clear();
+        spec.secret_targets.insert("other".into(), "x".into());
+        assert!(validate_service_spec(&spec).is_err(), "a target for a secret the service doesn't use");
     }
 
     #[test]

@@ -53,6 +53,12 @@ impl DnsView {
     pub fn set_services(&self, entries: Vec<ServiceEntry>) {
         let mut services: HashMap<String, Vec<ServiceEntry>> = HashMap::new();
         for e in entries {
+            for a in &e.aliases {
+                let a = a.to_ascii_lowercase();
+                if a != e.service.to_ascii_lowercase() {
+                    services.entry(a).or_default().push(e.clone());
+                }
+            }
             services.entry(e.service.to_ascii_lowercase()).or_default().push(e);
         }
         self.inner.write().unwrap_or_else(|e| e.into_inner()).services = services;
@@ -207,7 +213,22 @@ mod tests {
             vip: vip.map(|v| v.parse().unwrap()),
             addresses: tasks.iter().map(|t| t.parse().unwrap()).collect(),
             ports: vec![],
+            aliases: vec![],
         }
+    }
+
+    #[test]
+    fn aliases_resolve_like_the_name() {
+        let v = DnsView::new(None);
+        let mut e = entry("shop_db", "shop_back", Some("100.64.31.193"), &["100.64.16.2"]);
+        e.aliases = vec!["db".into()];
+        v.set_services(vec![e]);
+        let asker: Ipv4Addr = "100.64.16.9".parse().unwrap();
+        v.add_asker("t", vec![(asker, "shop_back".into())]);
+        let vip = Lookup::Found(vec!["100.64.31.193".parse().unwrap()]);
+        assert_eq!(v.lookup(asker, "db"), vip);
+        assert_eq!(v.lookup(asker, "shop_db"), vip);
+        assert_eq!(v.lookup(asker, "tasks.db"), Lookup::Found(vec!["100.64.16.2".parse().unwrap()]));
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub struct ServiceEntry {
     pub addresses: Vec<Ipv4Addr>,
     /// On the ingress network: the ports the service publishes.
     pub ports: Vec<PublishedPort>,
+    /// More names the service answers to (a stack service's short name).
+    pub aliases: Vec<String>,
 }
 
 /// A port a service publishes, forwarded to `target` on its tasks.

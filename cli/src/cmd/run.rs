@@ -3,14 +3,14 @@
 //! re-executes the binary for (`internal-supervise`, `internal-attach`).
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use shoal_agent::cgroup::Limits;
 use shoal_agent::image::{Image, ImageStore, random_hex};
 use shoal_agent::runtime::{Runtime, RuntimeError, StartOptions, Stdio};
-use shoal_agent::spec::{ContainerSpec, DEFAULT_PIDS_LIMIT, Mount, RunRequest, parse_bytes};
+use shoal_agent::spec::{ContainerSpec, DEFAULT_PIDS_LIMIT, RunRequest, parse_bytes};
 use shoal_agent::supervisor::{self, State, Supervised};
 
 /// Default data dir of a node and of `shoal run`.
@@ -42,9 +42,14 @@ pub struct RunArgs {
     /// Mount the container's root filesystem read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// Bind mount (/host/path:/dst[:ro]) or named volume (name:/dst[:ro]).
+    /// Bind mount (/host/path:/dst[:ro]) or named volume (name:/dst[:ro]),
+    /// kept under DATA/volumes on this host.
     #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
     pub volumes: Vec<String>,
+    /// A mount, as `service create --mount` takes it:
+    /// type=volume|bind|tmpfs,src=..,dst=..[,readonly][,volume-nocopy][,tmpfs-size=..][,tmpfs-mode=..]
+    #[arg(long)]
+    pub mount: Vec<String>,
     /// Mount a tmpfs (DST[:size=64m]).
     #[arg(long, value_name = "DST[:size=N]")]
     pub tmpfs: Vec<String>,
@@ -202,22 +207,32 @@ fn build_spec(args: &RunArgs, image: &Image) -> anyhow::Result<ContainerSpec> {
             }
         }
     }
-    let mut mounts = Vec::new();
+    let mut wanted = Vec::new();
     for v in &args.volumes {
-        mounts.push(parse_volume(v, &args.data_dir)?);
+        wanted.push(super::mount::parse_volume(v)?);
+    }
+    for m in &args.mount {
+        wanted.push(super::mount::parse_mount(m)?);
     }
     for t in &args.tmpfs {
         let (dst, opts) = t.split_once(':').unwrap_or((t.as_str(), ""));
-        if !dst.starts_with('/') {
-            bail!("--tmpfs {t}: the destination must be an absolute path");
-        }
-        let size_bytes = match opts.strip_prefix("size=") {
-            Some(s) => Some(parse_bytes(s).map_err(anyhow::Error::msg)?),
-            None if opts.is_empty() => None,
+        let mut m = shoal_proto::control::Mount { r#type: "tmpfs".into(), target: dst.to_string(), ..Default::default() };
+        match opts.strip_prefix("size=") {
+            Some(s) => m.tmpfs_size = parse_bytes(s).map_err(anyhow::Error::msg)?,
+            None if opts.is_empty() => {}
             None => bail!("--tmpfs {t}: only the size=N option is supported"),
-        };
-        mounts.push(Mount::Tmpfs { destination: dst.to_string(), size_bytes });
+        }
+        wanted.push(m);
     }
+    for (i, m) in wanted.iter().enumerate() {
+        shoal_manager::spec::validate_mount(m).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if wanted[..i].iter().any(|o| o.target == m.target) {
+            bail!("{} is mounted twice", m.target);
+        }
+    }
+    let volumes = shoal_agent::volume::Volumes::new(&args.data_dir);
+    let (mut mounts, _) = shoal_agent::volume::resolve_mounts(&volumes, &args.data_dir, &wanted, &[], false).map_err(anyhow::Error::msg)?;
+    mounts.sort_by_key(|m| m.destination().matches('/').count());
     let cpu_micros = match args.cpus {
         Some(c) if c > 0.0 && c.is_finite() => Some((c * 1_000_000.0) as u64),
         Some(c) => bail!("--cpus {c}: want a positive number of CPUs"),
@@ -243,43 +258,6 @@ fn build_spec(args: &RunArgs, image: &Image) -> anyhow::Result<ContainerSpec> {
         netns: None,
     };
     Ok(req.to_spec(image)?)
-}
-
-/// `-v SRC:DST[:ro|rw]`: an absolute SRC is a bind mount, anything else a
-/// named volume kept under DATA/volumes/NAME/_data.
-fn parse_volume(v: &str, data_dir: &Path) -> anyhow::Result<Mount> {
-    let parts: Vec<&str> = v.split(':').collect();
-    let (src, dst, mode) = match parts.as_slice() {
-        [s, d] => (*s, *d, ""),
-        [s, d, m] => (*s, *d, *m),
-        _ => bail!("-v {v}: want SRC:DST[:ro]"),
-    };
-    let read_only = match mode {
-        "" | "rw" => false,
-        "ro" => true,
-        m => bail!("-v {v}: unknown mode {m:?} (want ro or rw)"),
-    };
-    if !dst.starts_with('/') {
-        bail!("-v {v}: the destination must be an absolute path");
-    }
-    let source = if src.starts_with('/') {
-        let p = PathBuf::from(src);
-        if !p.exists() {
-            bail!("-v {v}: bind source path {src} does not exist");
-        }
-        p
-    } else {
-        let ok = !src.is_empty()
-            && src.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-            && src.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if !ok {
-            bail!("-v {v}: invalid volume name {src:?} (use [A-Za-z0-9][A-Za-z0-9_.-]*, or an absolute path to bind)");
-        }
-        let p = data_dir.join("volumes").join(src).join("_data");
-        std::fs::create_dir_all(&p).with_context(|| format!("creating volume {src}"))?;
-        p
-    };
-    Ok(Mount::Bind { source, destination: dst.to_string(), read_only })
 }
 
 /// Hidden subcommands the runtime re-executes `shoal` for.

@@ -19,8 +19,14 @@ pub enum ServiceCmd {
     Inspect { service: String },
     /// Change a service.
     Update(UpdateArgs),
-    /// Go back to the service's previous spec.
-    Rollback { service: String },
+    /// Go back to the service's previous spec, rolled out with its
+    /// rollback config (--rollback-*; else its update config).
+    Rollback {
+        service: String,
+        /// Return once the change is committed.
+        #[arg(long, short)]
+        detach: bool,
+    },
     /// Set the replica count of one or more services: NAME=N...
     Scale {
         #[arg(required = true, value_name = "SERVICE=REPLICAS")]
@@ -171,6 +177,18 @@ pub struct UpdateArgs {
     /// Stop publishing a port: PUBLISHED[/tcp|udp].
     #[arg(long = "publish-rm")]
     publish_rm: Vec<String>,
+    /// Add a mount (same forms as --mount).
+    #[arg(long = "mount-add")]
+    mount_add: Vec<String>,
+    /// Remove the mount at this target path.
+    #[arg(long = "mount-rm")]
+    mount_rm: Vec<String>,
+    /// Replace every task even if nothing else changed.
+    #[arg(long)]
+    force: bool,
+    /// Go back to the previous spec (as `service rollback`).
+    #[arg(long)]
+    rollback: bool,
     #[command(flatten)]
     flags: SpecFlags,
 }
@@ -260,15 +278,31 @@ pub struct SpecFlags {
     /// Time after start during which failures don't count (default 0s).
     #[arg(long = "health-start-period")]
     health_start_period: Option<String>,
-    /// A secret to mount at /run/secrets/NAME.
+    /// A secret: NAME (at /run/secrets/NAME) or source=NAME,target=FILE|/PATH.
     #[arg(long)]
     secret: Vec<String>,
-    /// A config to mount at /NAME.
+    /// A config: NAME (at /NAME) or source=NAME,target=/PATH.
     #[arg(long)]
     config: Vec<String>,
-    /// type=volume|bind|tmpfs,src=..,dst=..[,readonly]
+    /// type=volume|bind|tmpfs,src=..,dst=..[,readonly][,volume-nocopy]
+    /// [,volume-label=K=V][,tmpfs-size=64M][,tmpfs-mode=1777]. A named
+    /// volume is created on first use; a replaced task goes back to the
+    /// node that holds its volume's data (see `shoal volume`). On update,
+    /// replaces the list.
     #[arg(long)]
     mount: Vec<String>,
+    /// Replace the image's entrypoint (as a single program; arguments go
+    /// after the image).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    #[arg(long = "rollback-parallelism")]
+    rollback_parallelism: Option<u64>,
+    #[arg(long = "rollback-delay")]
+    rollback_delay: Option<String>,
+    #[arg(long = "rollback-failure-action", value_parser = ["pause", "continue"])]
+    rollback_failure_action: Option<String>,
+    #[arg(long = "rollback-order", value_parser = ["stop-first", "start-first"])]
+    rollback_order: Option<String>,
     #[arg(long = "read-only")]
     read_only: bool,
     /// Let the autoscaler keep the replica count between these (see
@@ -348,22 +382,38 @@ fn parse_port(s: &str) -> anyhow::Result<Port> {
     Ok(port)
 }
 
-fn parse_mount(s: &str) -> anyhow::Result<Mount> {
-    let mut m = Mount::default();
+/// `--secret`/`--config`: `NAME` or `source=NAME[,target=T]`; returns
+/// the name and the target (empty: the default path).
+fn parse_data_ref(flag: &str, s: &str) -> anyhow::Result<(String, String)> {
+    if !s.contains('=') {
+        return Ok((s.to_string(), String::new()));
+    }
+    let (mut name, mut target) = (String::new(), String::new());
     for part in s.split(',') {
         match part.split_once('=') {
-            Some(("type", v)) => m.r#type = v.into(),
-            Some(("src" | "source", v)) => m.source = v.into(),
-            Some(("dst" | "target" | "destination", v)) => m.target = v.into(),
-            Some(("readonly" | "ro", v)) => m.read_only = v == "true" || v == "1",
-            None if part == "readonly" || part == "ro" => m.read_only = true,
-            _ => bail!("invalid --mount {s:?}: unknown part {part:?} (expected type=, src=, dst=, readonly)"),
+            Some(("source" | "src", v)) => name = v.to_string(),
+            Some(("target", v)) => target = v.to_string(),
+            _ => bail!("invalid --{flag} {s:?}: unknown option {part:?} (expected source=NAME[,target=PATH]; uid, gid and mode are not supported)"),
         }
     }
-    if m.r#type.is_empty() {
-        m.r#type = "volume".into();
+    if name.is_empty() {
+        bail!("invalid --{flag} {s:?}: source=NAME is required");
     }
-    Ok(m)
+    Ok((name, target))
+}
+
+/// Applies `--secret`/`--config` values: the names, and their targets.
+fn apply_data_refs(flag: &str, values: &[String], names: &mut Vec<String>, targets: &mut std::collections::HashMap<String, String>) -> anyhow::Result<()> {
+    names.clear();
+    targets.clear();
+    for v in values {
+        let (name, target) = parse_data_ref(flag, v)?;
+        if !target.is_empty() {
+            targets.insert(name.clone(), target);
+        }
+        names.push(name);
+    }
+    Ok(())
 }
 
 impl SpecFlags {
@@ -476,13 +526,37 @@ impl SpecFlags {
             spec.health_start_period_ms = parse_duration("--health-start-period", d)?.as_millis() as u64;
         }
         if !self.secret.is_empty() {
-            spec.secrets = self.secret.clone();
+            apply_data_refs("secret", &self.secret, &mut spec.secrets, &mut spec.secret_targets)?;
         }
         if !self.config.is_empty() {
-            spec.configs = self.config.clone();
+            apply_data_refs("config", &self.config, &mut spec.configs, &mut spec.config_targets)?;
         }
         if !self.mount.is_empty() {
-            spec.mounts = self.mount.iter().map(|m| parse_mount(m)).collect::<Result<_, _>>()?;
+            spec.mounts = self.mount.iter().map(|m| super::mount::parse_mount(m)).collect::<Result<_, _>>()?;
+        }
+        if let Some(e) = &self.entrypoint {
+            spec.entrypoint = if e.is_empty() { Vec::new() } else { vec![e.clone()] };
+        }
+        let rollback_given = self.rollback_parallelism.is_some()
+            || self.rollback_delay.is_some()
+            || self.rollback_failure_action.is_some()
+            || self.rollback_order.is_some();
+        if rollback_given {
+            let r = spec
+                .rollback
+                .get_or_insert_with(|| UpdateConfig { parallelism: 1, failure_action: "pause".into(), ..Default::default() });
+            if let Some(p) = self.rollback_parallelism {
+                r.parallelism = p;
+            }
+            if let Some(d) = &self.rollback_delay {
+                r.delay_ms = parse_duration("--rollback-delay", d)?.as_millis() as u64;
+            }
+            if let Some(a) = &self.rollback_failure_action {
+                r.failure_action = a.clone();
+            }
+            if let Some(o) = &self.rollback_order {
+                r.order = o.clone();
+            }
         }
         if self.read_only {
             spec.read_only = true;
@@ -497,7 +571,7 @@ pub fn service_json(s: &Service) -> Value {
     let res = spec.reservations.clone().unwrap_or_default();
     let restart = spec.restart.clone().unwrap_or_default();
     let update = spec.update.clone().unwrap_or_default();
-    json!({
+    let mut v = json!({
         "id": s.id,
         "name": spec.name,
         "mode": spec.mode,
@@ -534,12 +608,36 @@ pub fn service_json(s: &Service) -> Value {
         "health": {"interval_ms": spec.health_interval_ms, "timeout_ms": spec.health_timeout_ms, "retries": spec.health_retries, "start_period_ms": spec.health_start_period_ms},
         "secrets": spec.secrets,
         "configs": spec.configs,
-        "mounts": spec.mounts.iter().map(|m| json!({"type": m.r#type, "source": m.source, "target": m.target, "read_only": m.read_only})).collect::<Vec<_>>(),
         "read_only": spec.read_only,
         "version": s.version,
         "created_at_ms": s.created_at_ms,
         "updated_at_ms": s.updated_at_ms,
-    })
+    });
+    // (Two literals: one would pass serde_json's macro recursion limit.)
+    let extra = json!({
+        "mounts": spec.mounts.iter().map(|m| json!({
+            "type": m.r#type,
+            "source": m.source,
+            "target": m.target,
+            "read_only": m.read_only,
+            "volume_nocopy": m.volume_nocopy,
+            "volume_labels": m.volume_labels,
+            "tmpfs_size": m.tmpfs_size,
+            "tmpfs_mode": format!("{:o}", if m.tmpfs_mode == 0 && m.r#type == "tmpfs" { 0o1777 } else { m.tmpfs_mode }),
+        })).collect::<Vec<_>>(),
+        "entrypoint": spec.entrypoint,
+        "aliases": spec.aliases,
+        "secret_targets": spec.secret_targets,
+        "config_targets": spec.config_targets,
+        "force_update": spec.force_update,
+        "rolling_back": s.rolling_back,
+        "labels": spec.labels,
+        "rollback": spec.rollback.as_ref().map(|r| json!({"parallelism": r.parallelism, "delay_ms": r.delay_ms, "failure_action": r.failure_action, "order": if r.order.is_empty() { "stop-first" } else { r.order.as_str() }})),
+    });
+    if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
+        v.extend(extra);
+    }
+    v
 }
 
 pub fn task_json(t: &Task) -> Value {
@@ -737,6 +835,30 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 }
                 s.ports.push(port);
             }
+            for t in &a.mount_rm {
+                if !s.mounts.iter().any(|m| m.target == *t) {
+                    return Err(anyhow!("--mount-rm {t}: the service mounts nothing at {t:?}"));
+                }
+                s.mounts.retain(|m| m.target != *t);
+            }
+            for m in &a.mount_add {
+                let m = super::mount::parse_mount(m)?;
+                if s.mounts.iter().any(|x| x.target == m.target) {
+                    return Err(anyhow!("--mount-add: the service mounts something at {:?} already", m.target));
+                }
+                s.mounts.push(m);
+            }
+            if a.force {
+                s.force_update += 1;
+            }
+            if a.rollback {
+                let svc = c.rollback_service(ServiceRef { service: cur.id.clone() }).await.map_err(rpc_err)?.into_inner();
+                println!("{}: rolled back to its previous spec", a.service);
+                if !a.flags.detach {
+                    converge(ctx, &[svc.id]).await?;
+                }
+                return Ok(());
+            }
             let svc = c
                 .update_service(UpdateServiceRequest { service: cur.id.clone(), spec: Some(s), version: cur.version })
                 .await
@@ -747,14 +869,13 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 converge(ctx, &[svc.id]).await?;
             }
         }
-        ServiceCmd::Rollback { service } => {
+        ServiceCmd::Rollback { service, detach } => {
             let mut c = ctx.control().await?;
-            let cur = c.inspect_service(ServiceRef { service: service.clone() }).await.map_err(rpc_err)?.into_inner();
-            let prev = cur.previous_spec.ok_or_else(|| anyhow!("service {service:?} has no previous spec to roll back to"))?;
-            c.update_service(UpdateServiceRequest { service: cur.id, spec: Some(prev), version: cur.version })
-                .await
-                .map_err(rpc_err)?;
+            let svc = c.rollback_service(ServiceRef { service: service.clone() }).await.map_err(rpc_err)?.into_inner();
             println!("{service}: rolled back to its previous spec");
+            if !detach {
+                converge(ctx, &[svc.id]).await?;
+            }
         }
         ServiceCmd::Scale { items, detach } => {
             let mut parsed = Vec::with_capacity(items.len());

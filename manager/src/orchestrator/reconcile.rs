@@ -414,7 +414,7 @@ impl<'a> Planner<'a> {
         let mut current: BTreeMap<u64, (usize, Class)> = BTreeMap::new();
         // Start-first updates: slots whose successor is starting while the
         // old task still serves (the old one stays the slot's current).
-        let start_first = svc.spec.update.as_ref().is_some_and(|u| u.order == "start-first");
+        let start_first = rollout_config(svc).is_some_and(|u| u.order == "start-first");
         let mut successors: BTreeSet<u64> = BTreeSet::new();
         let mut cache = HashMap::new();
         for (&slot, idxs) in &slots {
@@ -559,6 +559,8 @@ impl<'a> Planner<'a> {
             let mut old = t.spec.clone();
             old.replicas = svc.spec.replicas;
             old.update = svc.spec.update.clone();
+            old.rollback = svc.spec.rollback.clone();
+            old.aliases = svc.spec.aliases.clone();
             old.labels = svc.spec.labels.clone();
             // The autoscaler's settings change the count, not the tasks.
             old.autoscale = svc.spec.autoscale.clone();
@@ -588,7 +590,7 @@ impl<'a> Planner<'a> {
         if outdated.is_empty() {
             return false;
         }
-        let cfg = svc.spec.update.clone().unwrap_or_default();
+        let cfg = rollout_config(svc).cloned().unwrap_or_default();
         let parallelism = if cfg.parallelism == 0 { usize::MAX } else { cfg.parallelism as usize };
         let stale: std::collections::HashSet<usize> = outdated.iter().copied().collect();
         let fresh: Vec<&View> = slots
@@ -614,13 +616,15 @@ impl<'a> Planner<'a> {
                 && v.t.created_at_ms >= svc.updated_at_ms
                 && !Self::outdated(svc, v.t, &mut cache)
         });
-        if let Some(v) = failed {
+        // A rollback whose failure action is `continue` goes on regardless.
+        let keep_going = svc.rolling_back && rollout_config(svc).is_some_and(|c| c.failure_action == "continue");
+        if let Some(v) = failed.filter(|_| !keep_going) {
             let phrase = format!("update paused after task {} of the new spec {}: {{n}} still on the old spec", v.t.id, v.t.state.as_str());
             *self.tally.entry(phrase).or_default() += outdated.len();
             return true;
         }
         let allowed = parallelism.saturating_sub(in_flight);
-        let start_first = svc.spec.update.as_ref().is_some_and(|u| u.order == "start-first");
+        let start_first = rollout_config(svc).is_some_and(|u| u.order == "start-first");
         for cur in outdated.into_iter().take(allowed) {
             let node = if views[cur].t.slot == 0 { views[cur].t.node_id } else { None };
             let (slot, v) = (views[cur].t.slot, &mut views[cur]);
@@ -784,5 +788,14 @@ impl<'a> Planner<'a> {
             old.sort_by_key(|v| Reverse((v.t.created_at_ms, v.t.version)));
             self.plan.remove.extend(old[keep..].iter().map(|v| v.t.id.clone()));
         }
+    }
+}
+
+/// How the service's tasks roll out now: its rollback config while it
+/// rolls back (when it has one), else its update config.
+fn rollout_config(svc: &ServiceObj) -> Option<&shoal_proto::control::UpdateConfig> {
+    match (&svc.spec.rollback, svc.rolling_back) {
+        (Some(r), true) => Some(r),
+        _ => svc.spec.update.as_ref(),
     }
 }

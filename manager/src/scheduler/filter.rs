@@ -168,7 +168,7 @@ impl Requirements {
     }
 
     /// One filter's account of the nodes it turned away.
-    fn explain_one(&self, r: Reject, n: usize) -> String {
+    pub fn explain_one(&self, r: Reject, n: usize) -> String {
         let nodes = plural(n, "node");
         match r {
             Reject::Down => format!("{nodes} down"),

@@ -121,7 +121,19 @@ pub fn schedule(state: &State, config: &SchedulerConfig) -> Decisions {
     // same static filters.
     let mut groups: BTreeMap<(&str, u64), Vec<&TaskObj>> = BTreeMap::new();
     let mut preset: Vec<&TaskObj> = Vec::new();
+    // (service, slot) → (created, node) of the slot's latest task that had a
+    // node, for services that mount named volumes: data follows the task.
+    let mut slot_nodes: HashMap<(&str, u64), (u64, u64)> = HashMap::new();
     for t in state.tasks.values() {
+        if let Some(node) = t.node_id
+            && t.slot > 0
+            && t.spec.mounts.iter().any(|m| m.r#type == "volume")
+        {
+            let e = slot_nodes.entry((t.service_id.as_str(), t.slot)).or_insert((t.created_at_ms, node));
+            if t.created_at_ms >= e.0 {
+                *e = (t.created_at_ms, node);
+            }
+        }
         if holds_resources(t) {
             let Some(&i) = t.node_id.and_then(|id| index.get(&id)) else { continue };
             usage[i].add(t, config.host_ports);
@@ -178,6 +190,64 @@ pub fn schedule(state: &State, config: &SchedulerConfig) -> Decisions {
         let req = Requirements::new(&tasks[0].spec, config.host_ports);
         let counts = svc_counts.entry(service_id).or_insert_with(|| vec![0; n]);
         let mut rejects = Rejects::default();
+
+        // Tasks whose slot's data is on a node go back there first.
+        let mut notes: HashMap<&str, String> = HashMap::new();
+        let mut free = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            let Some((node_id, volumes)) = data_node(state, &slot_nodes, t) else {
+                free.push(t);
+                continue;
+            };
+            let held = format!("the data of volume {volumes}");
+            let Some(&i) = index.get(&node_id) else {
+                notes.insert(&t.id, format!("; the node that held {held} left the cluster: it starts empty"));
+                free.push(t);
+                continue;
+            };
+            let node = nodes[i];
+            if let Err(r) = req.check_constraints(node) {
+                notes.insert(&t.id, format!("; node {} holds {held} but {}: it starts empty", node.name, req.explain_one(r, 1)));
+                free.push(t);
+                continue;
+            }
+            match req.check(node, &usage[i]) {
+                Ok(()) => {
+                    usage[i].book(&req);
+                    counts[i] += 1;
+                    out.assigned.push(Placement {
+                        task_id: t.id.clone(),
+                        node_id: node.id,
+                        message: format!("assigned to node {}, which holds {held}", node.name),
+                    });
+                }
+                Err(r) => {
+                    let why = match r {
+                        filter::Reject::Down => "it is down".to_string(),
+                        filter::Reject::Paused => "it is paused".to_string(),
+                        filter::Reject::Drained => "it is drained".to_string(),
+                        r => req.explain_one(r, 1),
+                    };
+                    if t.spec.mounts.iter().filter(|m| m.r#type == "volume").all(|m| m.volume_nocopy) {
+                        notes.insert(&t.id, format!("; node {} holds {held} but {why}: it starts empty (volume-nocopy)", node.name));
+                        free.push(t);
+                    } else {
+                        pending(
+                            &mut out,
+                            t,
+                            format!(
+                                "waiting for node {}, which holds {held}: {why} (a mount with volume-nocopy, or a constraint that excludes the node, lets it start elsewhere with an empty volume)",
+                                node.name
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let tasks = free;
+        if tasks.is_empty() {
+            continue;
+        }
 
         // Static filters once per node; eligible nodes go into the heap of
         // their label-value combination.
@@ -247,10 +317,11 @@ pub fn schedule(state: &State, config: &SchedulerConfig) -> Decisions {
                             level_counts[l] += 1;
                         }
                         leaf.heap.push(Reverse((counts[i], usage[i].tasks, i)));
+                        let note = notes.get(t.id.as_str()).map_or("", String::as_str);
                         out.assigned.push(Placement {
                             task_id: t.id.clone(),
                             node_id: nodes[i].id,
-                            message: format!("assigned to node {}", nodes[i].name),
+                            message: format!("assigned to node {}{note}", nodes[i].name),
                         });
                         continue 'tasks;
                     }
@@ -266,6 +337,25 @@ pub fn schedule(state: &State, config: &SchedulerConfig) -> Decisions {
         }
     }
     out
+}
+
+/// Where a replicated task's data is: the node of its slot's latest task,
+/// when a named volume the task mounts holds data there; with those
+/// volumes' names.
+fn data_node(state: &State, slot_nodes: &HashMap<(&str, u64), (u64, u64)>, t: &TaskObj) -> Option<(u64, String)> {
+    if t.slot == 0 {
+        return None;
+    }
+    let &(_, node) = slot_nodes.get(&(t.service_id.as_str(), t.slot))?;
+    let names: Vec<&str> = t
+        .spec
+        .mounts
+        .iter()
+        .filter(|m| m.r#type == "volume")
+        .filter(|m| state.volumes.get(&m.source).is_some_and(|v| v.nodes.contains_key(&node)))
+        .map(|m| m.source.as_str())
+        .collect();
+    (!names.is_empty()).then(|| (node, names.join(", ")))
 }
 
 /// Runs [`schedule`] on the leader whenever nodes change or tasks appear,

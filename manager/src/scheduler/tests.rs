@@ -264,3 +264,73 @@ fn constraint_parsing() {
     assert!(Constraint::parse("zone==a").is_none());
     assert!(Constraint::parse("node.labels.zone==").is_none());
 }
+
+fn with_volume(mut s: shoal_proto::control::ServiceSpec, nocopy: bool) -> shoal_proto::control::ServiceSpec {
+    s.mounts.push(shoal_proto::control::Mount {
+        r#type: "volume".into(),
+        source: format!("{}-data", s.name),
+        target: "/data".into(),
+        volume_nocopy: nocopy,
+        ..Default::default()
+    });
+    s
+}
+
+#[test]
+fn a_replaced_task_goes_back_to_the_node_holding_its_volume() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b", "c"]);
+    sim.service(with_volume(spec("db", 1), false));
+    sim.settle();
+    let home = sim.node_name(sim.running("db")[0]);
+    // Other work elsewhere would draw a free-placed task to the emptiest
+    // node; the slot's data wins.
+    sim.service(spec("other", 2));
+    sim.settle();
+    let id = sim.running("db")[0].id.clone();
+    sim.report(&id, TaskState::Failed, Some(1));
+    sim.settle();
+    let t = sim.running("db")[0];
+    assert_ne!(t.id, id);
+    assert_eq!(sim.node_name(t), home);
+
+    // Its node drained: the slot waits for it, and says why.
+    sim.set_availability(&home, Availability::Drain);
+    sim.settle();
+    assert!(sim.running("db").is_empty());
+    let m = messages(&sim, "db");
+    assert_eq!(m.len(), 1);
+    assert!(m[0].starts_with(&format!("waiting for node {home}, which holds the data of volume db-data: it is drained")), "{m:?}");
+    // Active again: back home.
+    sim.set_availability(&home, Availability::Active);
+    sim.settle();
+    assert_eq!(sim.node_name(sim.running("db")[0]), home);
+}
+
+#[test]
+fn volume_nocopy_or_an_excluding_constraint_lets_the_task_move() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    sim.service(with_volume(spec("db", 1), true));
+    sim.settle();
+    let home = sim.node_name(sim.running("db")[0]);
+    sim.set_status(&home, NodeStatus::Down);
+    sim.settle();
+    let t = sim.running("db")[0];
+    assert_ne!(sim.node_name(t), home, "volume-nocopy: it starts elsewhere");
+
+    // Without nocopy, a constraint that rules the data's node out moves it.
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    let mut s = with_volume(spec("db", 1), false);
+    sim.service(s.clone());
+    sim.settle();
+    let home = sim.node_name(sim.running("db")[0]);
+    s.constraints = vec![format!("node.name!={home}")];
+    let id = sim.state.services.values().find(|x| x.spec.name == "db").unwrap().id.clone();
+    sim.apply(crate::store::Command::UpdateService { service: id, spec: Box::new(s), expected_version: 0 });
+    sim.settle();
+    let running = sim.running("db");
+    assert_eq!(running.len(), 1);
+    assert_ne!(sim.node_name(running[0]), home);
+}

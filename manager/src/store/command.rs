@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use shoal_proto::control::ServiceSpec;
 
-use super::objects::{Availability, ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj};
+use super::objects::{Availability, ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, VolumeObj};
 use super::task::{TaskObj, TaskUpdate};
 
 /// One Raft entry's application data: the commands that arrived together
@@ -35,6 +35,8 @@ pub enum Command {
         expected_version: u64,
     },
     ScaleServices { items: Vec<(String, u64)> },
+    /// Back to the service's previous spec (which becomes the previous).
+    RollbackService { service: String },
     /// The autoscaler's decision for one service (by id): `from` is the
     /// replica count it decided on; a service changed meanwhile is left
     /// alone (the next decision sees the change).
@@ -58,6 +60,13 @@ pub enum Command {
     /// A secret or a config.
     CreateData { kind: DataKind, obj: DataObj },
     RemoveData { kind: DataKind, name: String },
+    CreateVolume { volume: VolumeObj },
+    /// `force`: also while a node holding its data is down (it deletes the
+    /// data when it returns).
+    RemoveVolume { name: String, force: bool },
+    /// A node's volumes with their sizes: (name, id, bytes). Entries for
+    /// volumes the cluster no longer has (other ids) are skipped.
+    VolumeReport { node: u64, volumes: Vec<(String, String, u64)> },
     /// Changes nothing; a new leader's read barrier and the benchmarks'
     /// smallest write.
     Noop,
@@ -76,6 +85,7 @@ impl Command {
             Command::CreateService { .. } => "create-service",
             Command::UpdateService { .. } => "update-service",
             Command::ScaleServices { .. } => "scale-services",
+            Command::RollbackService { .. } => "rollback-service",
             Command::Autoscale { .. } => "autoscale",
             Command::RemoveServices { .. } => "remove-services",
             Command::CreateTasks { .. } => "create-tasks",
@@ -87,6 +97,9 @@ impl Command {
             Command::RemoveNetwork { .. } => "remove-network",
             Command::CreateData { .. } => "create-data",
             Command::RemoveData { .. } => "remove-data",
+            Command::CreateVolume { .. } => "create-volume",
+            Command::RemoveVolume { .. } => "remove-volume",
+            Command::VolumeReport { .. } => "volume-report",
             Command::Noop => "noop",
         }
     }
@@ -148,10 +161,14 @@ pub enum Refusal {
     PoolExhausted { pool: String, prefix: u8 },
     #[error("{kind} {name:?} is {size} bytes: at most {max}")]
     TooLarge { kind: String, name: String, size: usize, max: usize },
+    #[error("service {service:?} has no previous spec to roll back to")]
+    NoPreviousSpec { service: String },
     #[error("service {service:?} was named twice in one request")]
     Duplicate { service: String },
     #[error("service {service:?} has {actual} replicas now, not the {expected} the autoscaler decided on")]
     AutoscaleStale { service: String, expected: u64, actual: u64 },
+    #[error("volume {name:?} holds data on node {node:?}, which is down: its data there could not be deleted now (use --force to delete it when the node returns)")]
+    VolumeNodeDown { name: String, node: String },
     #[error("port {port}/{protocol} is already published by service {service:?}")]
     PortInUse { port: u32, protocol: String, service: String },
 }

@@ -116,6 +116,10 @@ pub struct ServiceObj {
     pub updated_at_ms: u64,
     /// The autoscaler's last decision that changed the replica count.
     pub last_autoscale: Option<AutoscaleDecision>,
+    /// The spec came from `service rollback`: it rolls out with its
+    /// rollback config. Any other update clears it.
+    #[serde(default)]
+    pub rolling_back: bool,
 }
 
 /// One autoscaler decision, as recorded with the service.
@@ -130,7 +134,7 @@ pub struct AutoscaleDecision {
 impl ServiceObj {
     /// A new service; the store stamps version and times when it applies.
     pub fn new(id: String, spec: ServiceSpec) -> Self {
-        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0, last_autoscale: None }
+        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0, last_autoscale: None, rolling_back: false }
     }
 }
 
@@ -177,6 +181,31 @@ pub struct NetworkObj {
     pub slices: BTreeMap<u64, Vec<String>>,
     pub version: u64,
     pub created_at_ms: u64,
+}
+
+/// A named volume (local driver). Its data lives on each node that ran a
+/// task mounting it, under the node's data dir; `nodes` says which, and
+/// the scheduler uses it to put a replaced task back where its data is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeObj {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+    pub labels: BTreeMap<String, String>,
+    /// Docker's local driver options (type, device, o).
+    pub options: BTreeMap<String, String>,
+    /// Node id → what that node holds.
+    pub nodes: BTreeMap<u64, VolumeReplica>,
+    pub version: u64,
+    pub created_at_ms: u64,
+}
+
+/// A volume's data on one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeReplica {
+    /// Bytes on disk, as the node last reported (0 until it does).
+    pub size: u64,
+    pub updated_at_ms: u64,
 }
 
 /// Secrets and configs: named, immutable data that services reference.

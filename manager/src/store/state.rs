@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, ApplyError, Command, NodePatch, Refusal};
-use super::objects::{ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, MAX_DATA};
+use super::objects::{ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, VolumeObj, VolumeReplica, MAX_DATA};
 use super::task::{TaskObj, TaskState, TaskUpdate};
 
 /// Everything the managers agree on. Cloned only to build snapshots.
@@ -24,6 +24,9 @@ pub struct State {
     pub secrets: BTreeMap<String, DataObj>,
     /// By name.
     pub configs: BTreeMap<String, DataObj>,
+    /// By name.
+    #[serde(default)]
+    pub volumes: BTreeMap<String, VolumeObj>,
 }
 
 /// Where networks created without `--subnet` get theirs, unless the
@@ -52,6 +55,8 @@ pub enum Change {
     NetworkRemoved(String),
     Data(DataKind, String),
     DataRemoved(DataKind, String),
+    Volume(String),
+    VolumeRemoved(String),
 }
 
 impl State {
@@ -76,6 +81,7 @@ impl State {
                     self.tasks.insert(id.clone(), t);
                     // Global tasks are created on their node.
                     self.address_task(&id, index, now, changes);
+                    self.volume_task(&id, index, changes);
                 }
             }
             Command::UpdateTasks { from_node, updates } => {
@@ -90,8 +96,10 @@ impl State {
                         }
                     }
                     // A task placed on a node gets its overlay addresses
-                    // there, in the same entry.
+                    // there, in the same entry, and its volumes count the
+                    // node as one holding their data.
                     self.address_task(&id, index, now, changes);
+                    self.volume_task(&id, index, changes);
                 }
             }
             Command::PutImage { mut image } => {
@@ -183,6 +191,50 @@ impl State {
                 self.data_mut(kind).remove(&name);
                 changes.push(Change::DataRemoved(kind, name));
             }
+            Command::CreateVolume { mut volume } => {
+                if self.volumes.contains_key(&volume.name) {
+                    return Err(ApplyError::NameTaken { kind: "volume".into(), name: volume.name });
+                }
+                volume.nodes.clear();
+                volume.version = index;
+                volume.created_at_ms = now;
+                applied.ids.push(volume.id.clone());
+                changes.push(Change::Volume(volume.name.clone()));
+                self.volumes.insert(volume.name.clone(), volume);
+            }
+            Command::RemoveVolume { name, force } => {
+                let Some(v) = self.volumes.get(&name) else {
+                    return Err(ApplyError::NotFound { kind: "volume".into(), what: name });
+                };
+                if !force {
+                    let down = v.nodes.keys().find_map(|id| match self.nodes.get(id) {
+                        Some(n) if n.status == NodeStatus::Down => Some(n.name.clone()),
+                        _ => None,
+                    });
+                    if let Some(node) = down {
+                        return Err(ApplyError::Refused(Refusal::VolumeNodeDown { name, node }));
+                    }
+                }
+                let name = self.unused("volume", name, |spec, n| mounts_volume(spec, n))?;
+                if let Some(v) = self.volumes.remove(&name) {
+                    applied.ids.push(v.id);
+                }
+                changes.push(Change::VolumeRemoved(name));
+            }
+            Command::VolumeReport { node, volumes } => {
+                if !self.nodes.contains_key(&node) {
+                    return Err(node_not_found(node));
+                }
+                for (name, id, size) in volumes {
+                    let Some(v) = self.volumes.get_mut(&name).filter(|v| v.id == id) else { continue };
+                    let r = v.nodes.entry(node).or_default();
+                    if r.size != size || r.updated_at_ms == 0 {
+                        *r = VolumeReplica { size, updated_at_ms: now };
+                        v.version = index;
+                        changes.push(Change::Volume(name));
+                    }
+                }
+            }
             Command::RemoveTasks { ids } => {
                 for id in ids {
                     if self.tasks.remove(&id).is_some() {
@@ -238,6 +290,13 @@ impl State {
                         changes.push(Change::Network(n.name.clone()));
                     }
                 }
+                // The node's copies of volumes are gone with it.
+                for v in self.volumes.values_mut() {
+                    if v.nodes.remove(&id).is_some() {
+                        v.version = index;
+                        changes.push(Change::Volume(v.name.clone()));
+                    }
+                }
             }
             Command::SetNodeStatus { changes: status } => {
                 // Nodes removed meanwhile are skipped: the status report raced
@@ -276,6 +335,7 @@ impl State {
                 }
                 service.vips = self.vips_for(&service.spec, &service.vips, &service.id)?;
                 self.add_ingress(ingress, changes);
+                self.add_volumes(&service.spec, index, now, changes);
                 service.version = index;
                 service.created_at_ms = now;
                 service.updated_at_ms = now;
@@ -283,32 +343,20 @@ impl State {
                 changes.push(Change::Service(service.id.clone()));
                 self.services.insert(service.id.clone(), *service);
             }
-            Command::UpdateService { service, mut spec, expected_version } => {
+            Command::UpdateService { service, spec, expected_version } => {
+                self.update_service(&service, *spec, expected_version, false, index, now, changes, &mut applied)?;
+            }
+            Command::RollbackService { service } => {
                 let id = self.resolve_service(&service)?;
-                let current = self.services.get(&id).map_or(0, |s| s.version);
-                if expected_version != 0 && current != expected_version {
-                    return Err(ApplyError::VersionMismatch {
-                        kind: "service".into(),
-                        what: service,
-                        expected: expected_version,
-                        actual: current,
-                    });
+                let previous = self.services.get(&id).and_then(|s| s.previous_spec.clone());
+                let Some(mut spec) = previous else {
+                    return Err(ApplyError::Refused(Refusal::NoPreviousSpec { service }));
+                };
+                // The replica count is today's (Swarm keeps it too).
+                if let Some(s) = self.services.get(&id) {
+                    spec.replicas = s.spec.replicas;
                 }
-                let ingress = self.settle_ports(&mut spec, &id, index, now)?;
-                self.check_references(&spec)?;
-                if self.services.values().any(|s| s.id != id && s.spec.name == spec.name) {
-                    return Err(ApplyError::NameTaken { kind: "service".into(), name: spec.name.clone() });
-                }
-                let old_vips = self.services.get(&id).map(|s| s.vips.clone()).unwrap_or_default();
-                let vips = self.vips_for(&spec, &old_vips, &id)?;
-                self.add_ingress(ingress, changes);
-                let svc = self.services.get_mut(&id).ok_or_else(|| service_not_found(&service))?;
-                svc.previous_spec = Some(std::mem::replace(&mut svc.spec, *spec));
-                svc.vips = vips;
-                svc.version = index;
-                svc.updated_at_ms = now;
-                applied.ids.push(id.clone());
-                changes.push(Change::Service(id));
+                self.update_service(&id, spec, 0, true, index, now, changes, &mut applied)?;
             }
             Command::Autoscale { service, from, to, reason } => {
                 let svc = self.services.get_mut(&service).ok_or_else(|| service_not_found(&service))?;
@@ -363,6 +411,49 @@ impl State {
             }
         }
         Ok(applied)
+    }
+
+    /// Replaces a service's spec (the old one becomes its previous).
+    #[allow(clippy::too_many_arguments)]
+    fn update_service(
+        &mut self,
+        service: &str,
+        mut spec: shoal_proto::control::ServiceSpec,
+        expected_version: u64,
+        rolling_back: bool,
+        index: u64,
+        now: u64,
+        changes: &mut Vec<Change>,
+        applied: &mut Applied,
+    ) -> Result<(), ApplyError> {
+        let id = self.resolve_service(service)?;
+        let current = self.services.get(&id).map_or(0, |s| s.version);
+        if expected_version != 0 && current != expected_version {
+            return Err(ApplyError::VersionMismatch {
+                kind: "service".into(),
+                what: service.to_string(),
+                expected: expected_version,
+                actual: current,
+            });
+        }
+        let ingress = self.settle_ports(&mut spec, &id, index, now)?;
+        self.check_references(&spec)?;
+        if self.services.values().any(|s| s.id != id && s.spec.name == spec.name) {
+            return Err(ApplyError::NameTaken { kind: "service".into(), name: spec.name.clone() });
+        }
+        let old_vips = self.services.get(&id).map(|s| s.vips.clone()).unwrap_or_default();
+        let vips = self.vips_for(&spec, &old_vips, &id)?;
+        self.add_ingress(ingress, changes);
+        self.add_volumes(&spec, index, now, changes);
+        let svc = self.services.get_mut(&id).ok_or_else(|| service_not_found(service))?;
+        svc.previous_spec = Some(std::mem::replace(&mut svc.spec, spec));
+        svc.vips = vips;
+        svc.rolling_back = rolling_back;
+        svc.version = index;
+        svc.updated_at_ms = now;
+        applied.ids.push(id.clone());
+        changes.push(Change::Service(id));
+        Ok(())
     }
 
     pub fn data(&self, kind: DataKind) -> &BTreeMap<String, DataObj> {
@@ -449,6 +540,51 @@ impl State {
         if let Some(n) = network {
             changes.push(Change::Network(n.name.clone()));
             self.networks.insert(n.name.clone(), n);
+        }
+    }
+
+    /// Creates the named volumes a spec mounts that the cluster doesn't
+    /// have yet, as Docker creates a volume on first use. The id comes
+    /// from the log index and the name, so every replica makes the same.
+    fn add_volumes(&mut self, spec: &shoal_proto::control::ServiceSpec, index: u64, now: u64, changes: &mut Vec<Change>) {
+        for m in spec.mounts.iter().filter(|m| m.r#type == "volume") {
+            if self.volumes.contains_key(&m.source) {
+                continue;
+            }
+            let seed = format!("{index}/{}", m.source);
+            let digest = ring::digest::digest(&ring::digest::SHA256, seed.as_bytes());
+            let id = hex::encode(&digest.as_ref()[..12]);
+            let v = VolumeObj {
+                id,
+                name: m.source.clone(),
+                driver: "local".into(),
+                labels: m.volume_labels.clone().into_iter().collect(),
+                options: BTreeMap::new(),
+                nodes: BTreeMap::new(),
+                version: index,
+                created_at_ms: now,
+            };
+            changes.push(Change::Volume(v.name.clone()));
+            self.volumes.insert(v.name.clone(), v);
+        }
+    }
+
+    /// A task placed on a node: each named volume it mounts now holds (or
+    /// will hold) data there.
+    fn volume_task(&mut self, id: &str, index: u64, changes: &mut Vec<Change>) {
+        let Some(t) = self.tasks.get(id) else { return };
+        let Some(node) = t.node_id else { return };
+        if t.state.is_terminal() {
+            return;
+        }
+        for m in t.spec.mounts.iter().filter(|m| m.r#type == "volume") {
+            if let Some(v) = self.volumes.get_mut(&m.source)
+                && !v.nodes.contains_key(&node)
+            {
+                v.nodes.insert(node, VolumeReplica::default());
+                v.version = index;
+                changes.push(Change::Volume(v.name.clone()));
+            }
         }
     }
 
@@ -726,6 +862,11 @@ fn apply_task_update(t: &mut TaskObj, from_node: Option<u64>, u: TaskUpdate, now
     changed
 }
 
+/// Whether `spec` mounts the named volume `name`.
+pub fn mounts_volume(spec: &shoal_proto::control::ServiceSpec, name: &str) -> bool {
+    spec.mounts.iter().any(|m| m.r#type == "volume" && m.source == name)
+}
+
 fn node_not_found(id: u64) -> ApplyError {
     ApplyError::NotFound { kind: "node".into(), what: format_node_id(id) }
 }
@@ -742,21 +883,80 @@ mod tests {
 
     fn svc(id: &str, name: &str, mode: &str) -> Command {
         Command::CreateService {
-            service: Box::new(ServiceObj {
-                id: id.into(),
-                spec: ServiceSpec { name: name.into(), image: "bb:1".into(), mode: mode.into(), replicas: 1, ..Default::default() },
-                previous_spec: None,
-                vips: Default::default(),
-                version: 0,
-                created_at_ms: 0,
-                updated_at_ms: 0,
-                last_autoscale: None,
-            }),
+            service: Box::new(ServiceObj::new(
+                id.into(),
+                ServiceSpec { name: name.into(), image: "bb:1".into(), mode: mode.into(), replicas: 1, ..Default::default() },
+            )),
         }
     }
 
     fn apply(st: &mut State, index: u64, cmd: Command) -> Result<Applied, ApplyError> {
         st.apply(index, 1000 + index, cmd, &mut Vec::new())
+    }
+
+    #[test]
+    fn volumes_are_made_by_first_use_follow_their_tasks_and_are_removed_only_when_unused() {
+        use crate::store::objects::{NodeObj, Role};
+        use shoal_proto::control::Mount;
+        let mut st = State::default();
+        for id in [1, 2] {
+            apply(&mut st, id, Command::AddNode { node: NodeObj::new(id, &format!("n{id}"), Role::Worker, "198.18.0.1:7700") }).unwrap();
+        }
+        let mut spec = ServiceSpec { name: "db".into(), image: "bb:1".into(), mode: "replicated".into(), replicas: 1, ..Default::default() };
+        spec.mounts = vec![Mount { r#type: "volume".into(), source: "data".into(), target: "/data".into(), ..Default::default() }];
+        apply(&mut st, 10, Command::CreateService { service: Box::new(ServiceObj::new("s1".into(), spec.clone())) }).unwrap();
+        let v = st.volumes.get("data").cloned().unwrap();
+        assert_eq!((v.driver.as_str(), v.nodes.len()), ("local", 0));
+        // Every replica derives the same id for a volume made by first use.
+        let mut other = State::default();
+        for id in [1, 2] {
+            apply(&mut other, id, Command::AddNode { node: NodeObj::new(id, &format!("n{id}"), Role::Worker, "198.18.0.1:7700") }).unwrap();
+        }
+        apply(&mut other, 10, Command::CreateService { service: Box::new(ServiceObj::new("s1".into(), spec.clone())) }).unwrap();
+        assert_eq!(other.volumes["data"].id, v.id);
+        // A task placed on node 2: the volume holds data there.
+        let mut t = TaskObj::new(&st.services["s1"], 1, None, 0, "created");
+        t.id = "t1".into();
+        apply(&mut st, 11, Command::CreateTasks { tasks: vec![t] }).unwrap();
+        let place = TaskUpdate { id: "t1".into(), state: Some(TaskState::Assigned), node_id: Some(2), ..Default::default() };
+        apply(&mut st, 12, Command::UpdateTasks { from_node: None, updates: vec![place] }).unwrap();
+        assert_eq!(st.volumes["data"].nodes.keys().copied().collect::<Vec<_>>(), [2]);
+        // Reports: sizes recorded; another id's report ignored.
+        apply(&mut st, 13, Command::VolumeReport { node: 2, volumes: vec![("data".into(), v.id.clone(), 4096), ("data".into(), "old".into(), 1)] }).unwrap();
+        assert_eq!(st.volumes["data"].nodes[&2].size, 4096);
+        // In use: refused.
+        let e = apply(&mut st, 14, Command::RemoveVolume { name: "data".into(), force: true }).unwrap_err();
+        assert!(e.to_string().contains("used by service \"db\""), "{e}");
+        apply(&mut st, 15, Command::RemoveServices { services: vec!["db".into()] }).unwrap();
+        apply(&mut st, 16, Command::UpdateTasks { from_node: None, updates: vec![TaskUpdate { id: "t1".into(), state: Some(TaskState::Shutdown), ..Default::default() }] }).unwrap();
+        // A node holding data is down: refused unless forced.
+        apply(&mut st, 17, Command::SetNodeStatus { changes: vec![(2, NodeStatus::Down)] }).unwrap();
+        let e = apply(&mut st, 18, Command::RemoveVolume { name: "data".into(), force: false }).unwrap_err();
+        assert!(e.to_string().contains("node \"n2\", which is down"), "{e}");
+        apply(&mut st, 19, Command::RemoveVolume { name: "data".into(), force: true }).unwrap();
+        assert!(st.volumes.is_empty());
+        // Explicit create: name taken is refused.
+        let vol = VolumeObj { id: "v".into(), name: "x".into(), driver: "local".into(), labels: Default::default(), options: Default::default(), nodes: Default::default(), version: 0, created_at_ms: 0 };
+        apply(&mut st, 20, Command::CreateVolume { volume: vol.clone() }).unwrap();
+        assert!(matches!(apply(&mut st, 21, Command::CreateVolume { volume: vol }), Err(ApplyError::NameTaken { .. })));
+    }
+
+    #[test]
+    fn rollback_swaps_specs_and_marks_the_rollout() {
+        let mut st = State::default();
+        apply(&mut st, 1, svc("s1", "web", "replicated")).unwrap();
+        assert!(matches!(apply(&mut st, 2, Command::RollbackService { service: "web".into() }), Err(ApplyError::Refused(Refusal::NoPreviousSpec { .. }))));
+        let mut spec = st.services["s1"].spec.clone();
+        spec.image = "bb:2".into();
+        apply(&mut st, 3, Command::UpdateService { service: "web".into(), spec: Box::new(spec), expected_version: 0 }).unwrap();
+        apply(&mut st, 4, Command::ScaleServices { items: vec![("web".into(), 5)] }).unwrap();
+        apply(&mut st, 5, Command::RollbackService { service: "web".into() }).unwrap();
+        let s = &st.services["s1"];
+        assert_eq!((s.spec.image.as_str(), s.spec.replicas, s.rolling_back), ("bb:1", 5, true));
+        assert_eq!(s.previous_spec.as_ref().map(|p| p.image.as_str()), Some("bb:2"));
+        let spec = s.spec.clone();
+        apply(&mut st, 6, Command::UpdateService { service: "web".into(), spec: Box::new(spec), expected_version: 0 }).unwrap();
+        assert!(!st.services["s1"].rolling_back);
     }
 
     fn publishing(id: &str, name: &str, port: u32, mode: &str) -> Command {
