@@ -195,18 +195,35 @@ fn named_volume_persists_and_bind_mounts_work() {
     ok(&o);
     assert_eq!(stdout(&o), "kept\nro\n");
     assert!(h.data_dir.join("volumes").join(&vol).join("_data/f").exists());
-    let host_dir = h.data_dir.join("bind");
+    // Binds: outside shoal's data dir only; --mount takes the services'
+    // syntax; a tmpfs gets its size and mode.
+    let host_dir = std::env::temp_dir().join(format!("{}-bind", h.prefix));
     fs::create_dir_all(&host_dir).unwrap();
     fs::write(host_dir.join("in"), "from host").unwrap();
     let o = h
         .run(&["--rm", "-v", &format!("{}:/b", host_dir.display()), "bb", "sh", "-c", "cat /b/in; echo back > /b/out"])
         .unwrap();
+    let out = fs::read_to_string(host_dir.join("out"));
+    let _ = fs::remove_dir_all(&host_dir);
     ok(&o);
     assert_eq!(stdout(&o), "from host");
-    assert_eq!(fs::read_to_string(host_dir.join("out")).unwrap(), "back\n");
-    let o = h.run(&["--rm", "-v", "bad/name:/x", "bb", "true"]).unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("invalid volume name"), "{}", stderr(&o));
+    assert_eq!(out.unwrap(), "back\n");
+    let o = h
+        .run(&["--rm", "--mount", "type=tmpfs,dst=/t,tmpfs-size=1M,tmpfs-mode=750", "--mount", &format!("type=volume,src={vol},dst=/v,readonly"), "bb", "sh", "-c", "grep ' /t ' /proc/mounts; cat /v/f; touch /v/x || echo ro"])
+        .unwrap();
+    ok(&o);
+    assert!(stdout(&o).starts_with("tmpfs /t tmpfs") && stdout(&o).contains("size=1024k") && stdout(&o).contains("mode=750"), "{}", stdout(&o));
+    assert!(stdout(&o).ends_with("kept\nro\n"), "{}", stdout(&o));
+    for (bad, want) in [
+        (format!("{}:/x", h.data_dir.join("volumes").display()), "shoal's data dir"),
+        ("Bad:/x".to_string(), "invalid volume name"),
+        ("rel/dir:/x".to_string(), "absolute path"),
+        (format!("/no-such-{}:/x", h.prefix), "does not exist"),
+    ] {
+        let o = h.run(&["--rm", "-v", &bad, "bb", "true"]).unwrap();
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(want), "-v {bad}: {}", stderr(&o));
+    }
 }
 
 #[test]
