@@ -445,6 +445,37 @@ pub async fn control_client(
     Ok(shoal_proto::control::control_client::ControlClient::new(channel))
 }
 
+/// The test's own address on a cluster's bridge: the routing mesh's client
+/// (tests that use it run one at a time, in nextest's `cluster` group).
+pub const CLIENT_IP: &str = "198.18.0.1";
+
+/// Gives the test's namespace [`CLIENT_IP`] on the cluster's bridge.
+pub fn client_address(c: &Cluster) {
+    if let Err(e) = sh("ip", &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", &c.bridge]) {
+        panic!("adding the client address: {e:#}");
+    }
+}
+
+/// Host `i`'s underlay address with `port`.
+pub fn node_addr(c: &Cluster, i: usize, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(c.hosts[i].ip.into(), port)
+}
+
+/// One HTTP/1.0 GET of `path`; the body of a 200 answer, or why there was
+/// none.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| format!("read from {addr}: {e}"))?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+        _ => Err(format!("{addr}{path} answered {:?}", text.lines().next().unwrap_or(""))),
+    }
+}
+
 pub mod inprocess;
 pub mod runtime_support;
 

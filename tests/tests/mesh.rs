@@ -11,11 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_tests::{sh, wait_for, Cluster};
+use shoal_tests::{client_address, http_get, node_addr, wait_for, Cluster, CLIENT_IP};
 
 const T: Duration = Duration::from_secs(90);
-/// The test's own address on the cluster's bridge: the mesh's client.
-const CLIENT_IP: &str = "198.18.0.1";
 
 fn running(c: &Cluster, service: &str, n: usize) -> Vec<Value> {
     wait_for(T, &format!("{n} running tasks of {service}"), || {
@@ -40,28 +38,6 @@ fn create(c: &Cluster, args: &[&str], cmd: &[String]) {
     all.extend_from_slice(args);
     all.extend(cmd.iter().map(String::as_str));
     c.cli_ok(0, &all).unwrap();
-}
-
-/// One HTTP/1.0 GET; the body of a 200 answer, or why there was none.
-fn get(addr: SocketAddr) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| format!("read from {addr}: {e}"))?;
-    match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
-        _ => Err(format!("{addr} answered {:?}", text.lines().next().unwrap_or(""))),
-    }
-}
-
-fn node_addr(c: &Cluster, i: usize, port: u16) -> SocketAddr {
-    SocketAddr::new(c.hosts[i].ip.into(), port)
-}
-
-/// The client's side: the test's address on the cluster's bridge.
-fn client_address(c: &Cluster) {
-    sh("ip", &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", &c.bridge]).unwrap();
 }
 
 /// Steady HTTP load on every node's published port from a few client
@@ -95,7 +71,7 @@ impl Load {
                     let mut n = k;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < end {
                         let started = Instant::now();
-                        let r = get(targets[n % targets.len()]);
+                        let r = http_get(targets[n % targets.len()], "/");
                         n += 1;
                         let mut res = results.lock().unwrap();
                         res.progress.insert(k, started);
@@ -150,12 +126,12 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
 
     // A node that runs no replica (n0, a manager) serves the page; the first
     // packets may wait for a WireGuard handshake.
-    let first = wait_for(T, "the page through n0:8080", || Ok(get(node_addr(&c, 0, 8080)).ok())).unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    let first = wait_for(T, "the page through n0:8080", || Ok(http_get(node_addr(&c, 0, 8080), "/").ok())).unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
     assert!(first.starts_with("served by web-"), "{first}");
     // 100 requests over every node reach every replica.
     let mut seen = BTreeMap::<String, u32>::new();
     for i in 0..100 {
-        let body = get(node_addr(&c, i % 5, 8080)).unwrap_or_else(|e| panic!("request {i}: {e}\n{}", c.log_tails()));
+        let body = http_get(node_addr(&c, i % 5, 8080), "/").unwrap_or_else(|e| panic!("request {i}: {e}\n{}", c.log_tails()));
         *seen.entry(body).or_default() += 1;
     }
     assert_eq!(seen.len(), 2, "both replicas answer: {seen:?}");
@@ -177,9 +153,9 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
         &page_server("busybox:latest"),
     );
     running(&c, "local", 1);
-    let body = wait_for(T, "n3:9090", || Ok(get(node_addr(&c, 3, 9090)).ok())).unwrap();
+    let body = wait_for(T, "n3:9090", || Ok(http_get(node_addr(&c, 3, 9090), "/").ok())).unwrap();
     assert_eq!(body, "served by local-1");
-    let refused = get(node_addr(&c, 4, 9090));
+    let refused = http_get(node_addr(&c, 4, 9090), "/");
     assert!(refused.is_err(), "n4 runs no task of a host-mode service but answered: {refused:?}");
 
     // Bad input: clear errors, nothing changes.
@@ -214,14 +190,14 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     // connection open (no request yet: busybox httpd waits for it).
     create(&c, &["--name", "slow", "--publish", "9191:80", "--stop-grace-period", "60s"], &page_server("busybox:latest"));
     running(&c, "slow", 1);
-    wait_for(T, "slow through the mesh", || Ok(get(node_addr(&c, 0, 9191)).ok())).unwrap();
+    wait_for(T, "slow through the mesh", || Ok(http_get(node_addr(&c, 0, 9191), "/").ok())).unwrap();
     let held = TcpStream::connect_timeout(&node_addr(&c, 0, 9191), Duration::from_secs(3)).unwrap();
     let scaled = Instant::now();
     c.cli_ok(0, &["service", "scale", "--detach", "slow=0"]).unwrap();
     // It leaves the mesh at once (no new connection gets through), yet
     // keeps running while our connection is open: for as long as we
     // watch (past the 1 s the node gives the others), it is not stopped.
-    wait_for(T, "slow to leave the mesh", || Ok(get(node_addr(&c, 0, 9191)).is_err().then_some(()))).unwrap();
+    wait_for(T, "slow to leave the mesh", || Ok(http_get(node_addr(&c, 0, 9191), "/").is_err().then_some(()))).unwrap();
     wait_for(T, "slow to be watched draining for 3 s", || {
         let ps = c.cli_ok(0, &["service", "ps", "slow", "--format", "json"])?;
         assert_eq!(ps[0]["state"], "running", "stopped with a connection still open: {ps}");
@@ -239,7 +215,7 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     // closes doesn't keep the task.
     create(&c, &["--name", "stubborn", "--publish", "9292:80", "--stop-grace-period", "2s"], &page_server("busybox:latest"));
     running(&c, "stubborn", 1);
-    wait_for(T, "stubborn through the mesh", || Ok(get(node_addr(&c, 0, 9292)).ok())).unwrap();
+    wait_for(T, "stubborn through the mesh", || Ok(http_get(node_addr(&c, 0, 9292), "/").ok())).unwrap();
     let _held = TcpStream::connect_timeout(&node_addr(&c, 0, 9292), Duration::from_secs(3)).unwrap();
     c.cli_ok(0, &["service", "scale", "--detach", "stubborn=0"]).unwrap();
     wait_for(T, "stubborn to stop with our connection still open", || {
@@ -251,7 +227,7 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     // --publish-rm: the port closes on every node, and the task leaves the
     // mesh's network.
     c.cli_ok(0, &["service", "update", "--publish-rm", "8080", "web"]).unwrap();
-    wait_for(T, "n0:8080 to close", || Ok(get(node_addr(&c, 0, 8080)).is_err().then_some(()))).unwrap();
+    wait_for(T, "n0:8080 to close", || Ok(http_get(node_addr(&c, 0, 8080), "/").is_err().then_some(()))).unwrap();
     let svc = c.cli_ok(0, &["service", "inspect", "web", "--format", "json"]).unwrap();
     assert_eq!(svc["networks"], serde_json::json!([]), "{svc}");
 }
@@ -269,7 +245,7 @@ fn no_request_fails_while_scaling_and_updating() {
     running(&c, "web", 2);
     let targets: Vec<SocketAddr> = (0..5).map(|i| node_addr(&c, i, 8080)).collect();
     for t in &targets {
-        wait_for(T, &format!("the page through {t}"), || Ok(get(*t).ok())).unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+        wait_for(T, &format!("the page through {t}"), || Ok(http_get(*t, "/").ok())).unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
     }
 
     let load = Load::start(targets, 4);
@@ -416,7 +392,7 @@ fn a_dead_worker_leaves_the_mesh_at_the_heartbeat_timeout() {
     // Clients use the nodes that stay up.
     let targets: Vec<SocketAddr> = (0..4).map(|i| node_addr(&c, i, 8080)).collect();
     for t in &targets {
-        wait_for(T, &format!("the page through {t}"), || Ok(get(*t).ok())).unwrap();
+        wait_for(T, &format!("the page through {t}"), || Ok(http_get(*t, "/").ok())).unwrap();
     }
     let load = Load::start(targets.clone(), 4);
     load.wait_more(200);
