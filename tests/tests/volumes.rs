@@ -136,6 +136,8 @@ fn image_content_bind_tmpfs_readonly_and_refusals() {
     std::fs::write(host_dir.join("f"), "from the host\n").unwrap();
     let bind = format!("type=bind,src={},dst=/host,readonly", host_dir.display());
     c.cli_ok(0, &["volume", "create", "--label", "tier=web", "www"]).unwrap();
+    // Local-driver options: mount(2) arguments used on the node.
+    c.cli_ok(0, &["volume", "create", "--opt", "type=tmpfs", "--opt", "device=tmpfs", "--opt", "o=size=4m", "mem"]).unwrap();
     c.cli_ok(
         0,
         &[
@@ -145,6 +147,7 @@ fn image_content_bind_tmpfs_readonly_and_refusals() {
             "--mount", "type=tmpfs,dst=/scratch,tmpfs-size=8M,tmpfs-mode=700",
             "--mount", "type=volume,src=ro,dst=/ro,readonly",
             "--mount", "type=volume,src=bare,dst=/www2,volume-nocopy",
+            "--mount", "type=volume,src=mem,dst=/mem",
             "busybox:latest", "sleep", "1d",
         ],
     )
@@ -166,6 +169,8 @@ fn image_content_bind_tmpfs_readonly_and_refusals() {
     let (_, mounts, _) = exec(&c, "m.1", "grep ' /scratch ' /proc/mounts");
     assert!(mounts.starts_with("tmpfs /scratch tmpfs") && mounts.contains("size=8192k") && mounts.contains("mode=700"), "{mounts}");
     assert_eq!(exec(&c, "m.1", "touch /scratch/x && echo ok").1, "ok");
+    let (_, mounts, _) = exec(&c, "m.1", "grep ' /mem ' /proc/mounts");
+    assert!(mounts.starts_with("tmpfs /mem tmpfs") && mounts.contains("size=4096k"), "the volume's options: {mounts}");
     // volume ls shows the labels and the node; inspect the services.
     let v = volume(&c, "www");
     assert_eq!(v["labels"]["tier"], "web");
@@ -213,12 +218,12 @@ fn image_content_bind_tmpfs_readonly_and_refusals() {
     let out = c.cli(0, &["volume", "create", "--driver", "nfs", "v2"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("local driver only"));
     let names: Vec<String> = c.cli_ok(0, &["volume", "ls", "--format", "json"]).unwrap().as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
-    assert_eq!(names, ["bare", "ro", "www"], "only the mounted volumes exist");
+    assert_eq!(names, ["bare", "mem", "ro", "www"], "only the mounted volumes exist");
 
     // prune removes the volumes nobody mounts, and their data.
     c.cli_ok(0, &["service", "rm", "m", "nobind", "sneaky"]).unwrap();
     let www_dir = c.hosts[1].data_dir.join("volumes/www");
-    wait_for(T, "prune to remove all three volumes", || {
+    wait_for(T, "prune to remove all four volumes", || {
         let _ = c.cli(0, &["volume", "prune", "--force"]);
         Ok(c.cli_ok(0, &["volume", "ls", "--format", "json"])?.as_array().is_some_and(|a| a.is_empty()).then_some(()))
     })
