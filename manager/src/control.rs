@@ -228,10 +228,11 @@ fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metric
         .tasks
         .values()
         .filter(|t| t.service_id == s.id && t.desired_state == TaskState::Running);
-    let (mut wanted, mut running) = (0u64, 0u64);
+    let (mut wanted, mut running, mut outdated) = (0u64, 0u64, 0u64);
     for t in live {
         wanted += 1;
         running += u64::from(t.state == TaskState::Running);
+        outdated += u64::from(!t.state.is_terminal() && crate::orchestrator::reconcile::outdated_spec(s, t));
     }
     Service {
         id: s.id.clone(),
@@ -246,6 +247,7 @@ fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metric
         replicas_desired: if s.spec.mode == "global" { wanted } else { s.spec.replicas },
         vips: s.vips.clone().into_iter().collect(),
         rolling_back: s.rolling_back,
+        replicas_outdated: outdated,
         last_autoscale: s.last_autoscale.as_ref().map(|d| shoal_proto::control::AutoscaleDecision {
             at_ms: d.at_ms,
             from: d.from,

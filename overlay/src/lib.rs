@@ -184,6 +184,10 @@ fn publish_rules(services: &[ServiceEntry], here: &BTreeSet<Ipv4Addr>) -> Vec<fi
 struct State {
     /// Networks with a bridge on this node, by bridge name.
     bridges: BTreeMap<String, (u32, firewall::NetRule)>,
+    /// Bridge name → the local tasks attached to it; a bridge goes with
+    /// its last task (a network made again later may get the same
+    /// subnet, and two bridges must never hold one gateway address).
+    members: BTreeMap<String, BTreeSet<String>>,
     /// Routes to peers' slices through the TUN.
     routes: BTreeSet<(Ipv4Addr, u8)>,
     /// The managers' service view, last received.
@@ -440,6 +444,7 @@ impl Overlay {
             // The node's address in the task's slice: the task's gateway.
             self.nl.add_address(index, a.gateway, a.prefix).await?;
             let rule = firewall::NetRule { bridge: name.clone(), subnet: a.subnet.clone(), internal: a.internal, ingress: a.network == INGRESS_NETWORK };
+            st.members.entry(name.clone()).or_default().insert(task.to_string());
             st.bridges.insert(name, (index, rule));
             bridges.push(index);
             if st.dns_listening.insert(a.gateway) {
@@ -509,17 +514,45 @@ impl Overlay {
     /// Removes task `task`'s interfaces (its `count` veths) and namespace.
     pub async fn detach(&self, task: &str, count: usize) -> Result<(), OverlayError> {
         self.dns.remove_asker(task);
-        {
-            let mut st = self.state.lock().await;
-            if st.local.remove(task).is_some() {
-                self.apply_rules(&mut st)?;
-            }
-        }
         let short = short_id(task);
+        let mut st = self.state.lock().await;
         for i in 0..count.max(1) {
             self.nl.delete_named(&format!("shv{short}{i}")).await?;
         }
+        let mut changed = st.local.remove(task).is_some();
+        let mut emptied = Vec::new();
+        for (bridge, tasks) in st.members.iter_mut() {
+            if tasks.remove(task) && tasks.is_empty() {
+                emptied.push(bridge.clone());
+            }
+        }
+        for bridge in emptied {
+            st.members.remove(&bridge);
+            if let Some((index, rule)) = st.bridges.remove(&bridge) {
+                self.nl.delete(index).await?;
+                tracing::info!(bridge = %bridge, subnet = %rule.subnet, "network bridge removed: no task on this node uses it");
+                changed = true;
+            }
+        }
+        if changed {
+            self.apply_rules(&mut st)?;
+        }
+        drop(st);
         netns::remove(&self.netns_path(task))
+    }
+
+    /// Bridges of networks no task here uses any more, left from before a
+    /// restart: no port on them and not wired since.
+    async fn remove_stray_bridges(&self) -> Result<(), OverlayError> {
+        let st = self.state.lock().await;
+        for (name, index, has_ports) in self.nl.links_with_prefix(BRIDGE_PREFIX).await? {
+            if has_ports || st.bridges.contains_key(&name) {
+                continue;
+            }
+            self.nl.delete(index).await?;
+            tracing::info!(bridge = %name, "stray network bridge removed");
+        }
+        Ok(())
     }
 
     /// Namespaces of tasks this node no longer runs (`keep` are the ones
@@ -534,6 +567,9 @@ impl Overlay {
             if let Err(e) = self.detach(&name, 4).await {
                 tracing::warn!(task = %name, error = %e, "could not remove a stray task namespace");
             }
+        }
+        if let Err(e) = self.remove_stray_bridges().await {
+            tracing::warn!(error = %e, "could not remove stray network bridges");
         }
     }
 }

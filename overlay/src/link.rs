@@ -127,6 +127,27 @@ impl Netlink {
         }
     }
 
+    /// Every link whose name starts with `prefix`: (name, index, whether
+    /// any other link has it as its master, i.e. a bridge with ports).
+    pub async fn links_with_prefix(&self, prefix: &str) -> Result<Vec<(String, u32, bool)>, OverlayError> {
+        use rtnetlink::packet_route::link::LinkAttribute;
+        let mut s = self.handle.link().get().execute();
+        let mut named = Vec::new();
+        let mut masters = std::collections::BTreeSet::new();
+        while let Some(m) = s.try_next().await.map_err(nl("listing links"))? {
+            for a in &m.attributes {
+                match a {
+                    LinkAttribute::IfName(n) if n.starts_with(prefix) => named.push((n.clone(), m.header.index)),
+                    LinkAttribute::Controller(master) => {
+                        masters.insert(*master);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(named.into_iter().map(|(n, i)| (n, i, masters.contains(&i))).collect())
+    }
+
     /// `dst/prefix dev index`, scope link.
     pub async fn add_route_dev(&self, dst: Ipv4Addr, prefix: u8, index: u32) -> Result<(), OverlayError> {
         let r = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, prefix).output_interface(index).scope(RouteScope::Link).build();

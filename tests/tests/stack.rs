@@ -142,4 +142,14 @@ fn the_shop_deploys_updates_refuses_bad_files_and_is_removed() {
     wait_for(T, "the db's data to be deleted on its node", || Ok((!data.exists()).then_some(()))).unwrap();
     let out = c.cli(0, &["stack", "ps", "shop"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nothing found in stack: shop"));
+
+    // Deployed again (its networks get the same subnets back): the tiers
+    // find each other as before, and the db starts from an empty volume.
+    let out = c.cli(0, &["stack", "deploy", "-c", shop, "shop"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let api = wait_for(T, "the API after a redeploy", || Ok(http_get(node_addr(&c, 2, 8080), "/cgi-bin/api").ok().filter(|b| b.contains("visit number"))))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    assert!(api.ends_with("visit number 1"), "{api}");
+    c.cli_ok(0, &["stack", "rm", "shop"]).unwrap();
+    assert!(list(&c, &["service", "ls"]).is_empty());
 }

@@ -663,6 +663,28 @@ pub fn task_json(t: &Task) -> Value {
     })
 }
 
+/// Task states after which a task runs no more.
+pub const TERMINAL: [&str; 5] = ["complete", "shutdown", "failed", "rejected", "orphaned"];
+
+/// One service's way to convergence, from it and its tasks: whether it has
+/// converged (its desired count runs, none on an older spec, none it told
+/// to stop still running), its part of the progress line, and a pending
+/// task's reason.
+pub fn progress<'a>(svc: &Service, tasks: impl Iterator<Item = &'a Task> + Clone) -> (bool, String, Option<String>) {
+    let name = svc.spec.as_ref().map(|s| s.name.as_str()).unwrap_or(svc.id.as_str());
+    let stopping = tasks.clone().filter(|t| t.desired_state != "running" && !TERMINAL.contains(&t.state.as_str())).count();
+    let pending = tasks.clone().find(|t| t.state == "pending" && !t.message.is_empty()).map(|t| format!("{name}: {}", t.message));
+    let done = svc.replicas_running == svc.replicas_desired && svc.replicas_outdated == 0 && stopping == 0;
+    let mut part = format!("{name}: {}/{} running", svc.replicas_running, svc.replicas_desired);
+    if svc.replicas_outdated > 0 {
+        part.push_str(&format!(", {} to update", svc.replicas_outdated));
+    }
+    if stopping > 0 {
+        part.push_str(&format!(", {stopping} stopping"));
+    }
+    (done, part, pending)
+}
+
 /// How long `create`, `update` and `scale` wait for convergence.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -687,19 +709,10 @@ async fn converge(ctx: &Ctx, names: &[String]) -> anyhow::Result<()> {
                 .map_err(rpc_err)?
                 .into_inner()
                 .tasks;
-            let stopping = tasks
-                .iter()
-                .filter(|t| t.desired_state != "running" && !["complete", "shutdown", "failed", "rejected", "orphaned"].contains(&t.state.as_str()))
-                .count();
-            if let Some(t) = tasks.iter().find(|t| t.state == "pending" && !t.message.is_empty()) {
-                pending_reason = Some(format!("{}: {}", name, t.message));
-            }
-            let ok = svc.replicas_running == svc.replicas_desired && stopping == 0;
+            let (ok, part, pending) = progress(&svc, tasks.iter());
             done &= ok;
-            let label = svc.spec.as_ref().map(|s| s.name.clone()).unwrap_or_else(|| name.clone());
-            let mut part = format!("{label}: {}/{} running", svc.replicas_running, svc.replicas_desired);
-            if stopping > 0 {
-                part.push_str(&format!(", {stopping} stopping"));
+            if pending.is_some() {
+                pending_reason = pending;
             }
             line.push(part);
         }

@@ -9,6 +9,7 @@
 //! (they are immutable). Then it creates what is missing and updates only
 //! the services whose spec differs, as `docker stack deploy` does.
 
+use super::service::TERMINAL;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -70,7 +71,6 @@ pub enum StackCmd {
 const WAIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Between two looks at the cluster while waiting.
 const POLL_EVERY: Duration = Duration::from_millis(100);
-const TERMINAL: [&str; 5] = ["complete", "shutdown", "failed", "rejected", "orphaned"];
 
 fn in_stack(labels: &HashMap<String, String>, stack: &str) -> bool {
     labels.get(NAMESPACE_LABEL).is_some_and(|s| s == stack)
@@ -327,15 +327,10 @@ async fn wait_converged(c: &mut ControlClient<Channel>, ids: &[String], stack: &
                 bail!("service {id} was removed while the stack was being deployed");
             };
             let name = &spec_of(svc).name;
-            let mine = tasks.iter().filter(|t| &t.service == name);
-            let stopping = mine.clone().filter(|t| t.desired_state != "running" && !TERMINAL.contains(&t.state.as_str())).count();
+            let (ok, part, why) = super::service::progress(svc, tasks.iter().filter(|t| &t.service == name));
+            done &= ok;
             if pending.is_none() {
-                pending = mine.clone().find(|t| t.state == "pending" && !t.message.is_empty()).map(|t| format!("{name}: {}", t.message));
-            }
-            done &= svc.replicas_running == svc.replicas_desired && stopping == 0;
-            let mut part = format!("{name}: {}/{} running", svc.replicas_running, svc.replicas_desired);
-            if stopping > 0 {
-                part.push_str(&format!(", {stopping} stopping"));
+                pending = why;
             }
             parts.push(part);
         }

@@ -555,17 +555,7 @@ impl<'a> Planner<'a> {
         if t.spec_version == svc.version {
             return false;
         }
-        *cache.entry(t.spec_version).or_insert_with(|| {
-            let mut old = t.spec.clone();
-            old.replicas = svc.spec.replicas;
-            old.update = svc.spec.update.clone();
-            old.rollback = svc.spec.rollback.clone();
-            old.aliases = svc.spec.aliases.clone();
-            old.labels = svc.spec.labels.clone();
-            // The autoscaler's settings change the count, not the tasks.
-            old.autoscale = svc.spec.autoscale.clone();
-            old != svc.spec
-        })
+        *cache.entry(t.spec_version).or_insert_with(|| outdated_spec(svc, t))
     }
 
     /// Rolling update: replaces current tasks that run an older spec,
@@ -798,4 +788,21 @@ fn rollout_config(svc: &ServiceObj) -> Option<&shoal_proto::control::UpdateConfi
         (Some(r), true) => Some(r),
         _ => svc.spec.update.as_ref(),
     }
+}
+
+/// Whether task `t` runs a spec that differs from its service's in what
+/// makes a task (not the count, the rollout settings, labels or aliases).
+pub fn outdated_spec(svc: &ServiceObj, t: &TaskObj) -> bool {
+    if t.spec_version == svc.version {
+        return false;
+    }
+    let mut old = t.spec.clone();
+    old.replicas = svc.spec.replicas;
+    old.update = svc.spec.update.clone();
+    old.rollback = svc.spec.rollback.clone();
+    old.aliases = svc.spec.aliases.clone();
+    old.labels = svc.spec.labels.clone();
+    // The autoscaler's settings change the count, not the tasks.
+    old.autoscale = svc.spec.autoscale.clone();
+    old != svc.spec
 }
