@@ -77,7 +77,7 @@ fn build(nodes: u64, services: u64, tasks: u64, mixed: bool) -> anyhow::Result<S
                 spec.placement_prefs.push("spread=node.labels.zone".into());
             }
         }
-        let svc = ServiceObj { id: format!("id{s:03}"), spec, previous_spec: None, vips: Default::default(), version: 1, created_at_ms: 0, updated_at_ms: 0, last_autoscale: None };
+        let svc = ServiceObj { version: 1, ..ServiceObj::new(format!("id{s:03}"), spec) };
         b.apply(Command::CreateService { service: Box::new(svc.clone()) })?;
         let new: Vec<TaskObj> = (1..=per).map(|slot| task(&svc, slot, 0)).collect();
         b.apply(Command::CreateTasks { tasks: new })?;
@@ -85,14 +85,11 @@ fn build(nodes: u64, services: u64, tasks: u64, mixed: bool) -> anyhow::Result<S
     if mixed {
         // Work already running, unevenly: the first tenth of the nodes.
         let svc = ServiceObj {
-            id: "existing".into(),
-            spec: ServiceSpec { name: "existing".into(), image: "bb:1".into(), mode: "replicated".into(), replicas: nodes, ..Default::default() },
-            previous_spec: None,
-            vips: Default::default(),
             version: 1,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            last_autoscale: None,
+            ..ServiceObj::new(
+                "existing".into(),
+                ServiceSpec { name: "existing".into(), image: "bb:1".into(), mode: "replicated".into(), replicas: nodes, ..Default::default() },
+            )
         };
         b.apply(Command::CreateService { service: Box::new(svc.clone()) })?;
         let running: Vec<TaskObj> = (1..=nodes)
