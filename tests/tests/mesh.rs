@@ -123,10 +123,14 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     assert_eq!(svc["networks"], serde_json::json!(["ingress"]), "{svc}");
     assert_eq!(svc["ports"][0]["mode"], "ingress");
 
-    // A node that runs no replica (n0, a manager) serves the page; the first
-    // packets may wait for a WireGuard handshake.
-    let first = wait_for(T, "the page through n0:8080", || Ok(http_get(node_addr(&c, 0, 8080), "/").ok())).unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
-    assert!(first.starts_with("served by web-"), "{first}");
+    // Every node serves the page once the service view and the peers'
+    // routes have reached it (nodes that run no replica too: n0-n2 are
+    // managers); the first packets may wait for a WireGuard handshake.
+    for i in 0..5 {
+        let first = wait_for(T, &format!("the page through n{i}:8080"), || Ok(http_get(node_addr(&c, i, 8080), "/").ok()))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+        assert!(first.starts_with("served by web-"), "{first}");
+    }
     // 100 requests over every node reach every replica.
     let mut seen = BTreeMap::<String, u32>::new();
     for i in 0..100 {
