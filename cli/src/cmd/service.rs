@@ -4,7 +4,9 @@ use anyhow::{anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use shoal_manager::spec;
+use shoal_proto::control::control_client::ControlClient;
 use shoal_proto::control::*;
+use tonic::transport::Channel;
 
 use crate::client::{rpc_err, Ctx};
 use crate::output;
@@ -685,40 +687,45 @@ pub fn progress<'a>(svc: &Service, tasks: impl Iterator<Item = &'a Task> + Clone
     (done, part, pending)
 }
 
-/// How long `create`, `update` and `scale` wait for convergence.
-const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `create`, `update`, `scale` and `stack deploy` wait for
+/// convergence.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Waits until every service in `names` runs exactly its desired tasks and
-/// no task it shut down still runs, showing progress: a live line on a
-/// terminal, a plain line per change otherwise.
-async fn converge(ctx: &Ctx, names: &[String]) -> anyhow::Result<()> {
+async fn converge(ctx: &Ctx, ids: &[String]) -> anyhow::Result<()> {
+    let mut c = ctx.control().await?;
+    wait_converged(&mut c, ids, "the change is committed and the cluster keeps working on it (see `shoal service ps`)").await
+}
+
+/// Waits until every service in `ids` has converged (see [`progress`]),
+/// showing progress: a live line on a terminal, a plain line per change
+/// otherwise. One ListServices and one ListTasks per look, however many
+/// services; `gave_up` ends the error after the timeout.
+pub async fn wait_converged(c: &mut ControlClient<Channel>, ids: &[String], gave_up: &str) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write};
     let tty = std::io::stdout().is_terminal();
-    let mut c = ctx.control().await?;
     let deadline = tokio::time::Instant::now() + CONVERGE_TIMEOUT;
     let mut last = String::new();
     loop {
+        let services = c.list_services(Empty {}).await.map_err(rpc_err)?.into_inner().services;
+        let tasks = c.list_tasks(ListTasksRequest { service: String::new(), all: false }).await.map_err(rpc_err)?.into_inner().tasks;
         let mut done = true;
-        let mut line = Vec::new();
-        let mut pending_reason = None;
-        for name in names {
-            let svc = c.inspect_service(ServiceRef { service: name.clone() }).await.map_err(rpc_err)?.into_inner();
-            let tasks = c
-                .list_tasks(ListTasksRequest { service: svc.id.clone(), all: false })
-                .await
-                .map_err(rpc_err)?
-                .into_inner()
-                .tasks;
-            let (ok, part, pending) = progress(&svc, tasks.iter());
+        let mut parts = Vec::new();
+        let mut pending = None;
+        for id in ids {
+            let Some(svc) = services.iter().find(|s| &s.id == id) else {
+                bail!("service {id} was removed while waiting for it to converge");
+            };
+            let name = svc.spec.as_ref().map(|s| s.name.as_str()).unwrap_or_default();
+            let (ok, part, why) = progress(svc, tasks.iter().filter(|t| t.service == name));
             done &= ok;
-            if pending.is_some() {
-                pending_reason = pending;
+            if pending.is_none() {
+                pending = why;
             }
-            line.push(part);
+            parts.push(part);
         }
-        let mut text = line.join("  ");
-        if let Some(r) = &pending_reason {
-            text.push_str(&format!("  (pending: {r})"));
+        let mut text = parts.join("  ");
+        if let Some(p) = pending {
+            text.push_str(&format!("  (pending: {p})"));
         }
         if text != last {
             if tty {
@@ -740,7 +747,7 @@ async fn converge(ctx: &Ctx, names: &[String]) -> anyhow::Result<()> {
             if tty {
                 println!();
             }
-            bail!("not converged after {CONVERGE_TIMEOUT:?}; the change is committed and the cluster keeps working on it (see `shoal service ps`)");
+            bail!("not converged after {CONVERGE_TIMEOUT:?}; {gave_up}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -9,7 +9,6 @@
 //! (they are immutable). Then it creates what is missing and updates only
 //! the services whose spec differs, as `docker stack deploy` does.
 
-use super::service::TERMINAL;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +23,7 @@ use shoal_proto::control::*;
 use tonic::transport::Channel;
 
 use crate::client::{rpc_err, Ctx};
-use crate::cmd::service::{service_json, task_json};
+use crate::cmd::service::{service_json, task_json, TERMINAL};
 use crate::output;
 
 #[derive(Subcommand)]
@@ -302,66 +301,10 @@ async fn deploy(ctx: &Ctx, files: &[PathBuf], prune: bool, detach: bool, name: &
         c.remove_services(RemoveServicesRequest { services: ids }).await.map_err(rpc_err)?;
     }
     if !detach && !changed.is_empty() {
-        wait_converged(&mut c, &changed, name).await?;
+        let gave_up = format!("the stack is deployed and the cluster keeps working on it (see `shoal stack ps {name}`)");
+        super::service::wait_converged(&mut c, &changed, &gave_up).await?;
     }
     Ok(())
-}
-
-/// Waits until each service in `ids` runs its desired tasks and none it
-/// told to stop still runs. One ListServices and one ListTasks per look,
-/// however many services the stack has. Progress: a live line on a
-/// terminal, a line per change otherwise.
-async fn wait_converged(c: &mut ControlClient<Channel>, ids: &[String], stack: &str) -> anyhow::Result<()> {
-    use std::io::{IsTerminal, Write};
-    let tty = std::io::stdout().is_terminal();
-    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
-    let mut last = String::new();
-    loop {
-        let services = c.list_services(Empty {}).await.map_err(rpc_err)?.into_inner().services;
-        let tasks = c.list_tasks(ListTasksRequest { service: String::new(), all: false }).await.map_err(rpc_err)?.into_inner().tasks;
-        let mut done = true;
-        let mut parts = Vec::new();
-        let mut pending = None;
-        for id in ids {
-            let Some(svc) = services.iter().find(|s| &s.id == id) else {
-                bail!("service {id} was removed while the stack was being deployed");
-            };
-            let name = &spec_of(svc).name;
-            let (ok, part, why) = super::service::progress(svc, tasks.iter().filter(|t| &t.service == name));
-            done &= ok;
-            if pending.is_none() {
-                pending = why;
-            }
-            parts.push(part);
-        }
-        let mut text = parts.join("  ");
-        if let Some(p) = pending {
-            text.push_str(&format!("  (pending: {p})"));
-        }
-        if text != last {
-            if tty {
-                print!("\r\x1b[2K{text}");
-                let _ = std::io::stdout().flush();
-            } else {
-                println!("{text}");
-            }
-            last = text;
-        }
-        if done {
-            if tty {
-                println!();
-            }
-            println!("converged");
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            if tty {
-                println!();
-            }
-            bail!("not converged after {WAIT_TIMEOUT:?}; the stack is deployed and the cluster keeps working on it (see `shoal stack ps {stack}`)");
-        }
-        tokio::time::sleep(POLL_EVERY).await;
-    }
 }
 
 async fn stack_services(c: &mut ControlClient<Channel>, name: &str) -> anyhow::Result<Vec<Service>> {
