@@ -45,7 +45,8 @@ impl Ctx {
             .connect()
             .await
             .with_context(|| format!("cannot reach manager at {}", self.host))?;
-        Ok(ControlClient::new(channel))
+        // Listings of big services (100,000 tasks) are tens of MB.
+        Ok(ControlClient::new(channel).max_decoding_message_size(256 << 20))
     }
 }
 

@@ -40,6 +40,7 @@ pub fn status(e: ProposeError) -> Status {
         ProposeError::NoLeader | ProposeError::LeaderUnreachable { .. } => Status::unavailable(e.to_string()),
         ProposeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         ProposeError::Raft(_) => Status::internal(e.to_string()),
+        ProposeError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
     }
 }
 
@@ -574,6 +575,9 @@ impl Control for ControlService {
         let items: Vec<(String, u64)> = req.into_inner().items.into_iter().map(|i| (i.service, i.replicas)).collect();
         if items.is_empty() {
             return Err(Status::invalid_argument("nothing to scale: expected SERVICE=REPLICAS"));
+        }
+        for (_, n) in &items {
+            spec::validate_replicas(*n).map_err(spec_status)?;
         }
         let applied = self
             .manager

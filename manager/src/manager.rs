@@ -16,6 +16,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, PeerHealth};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{self, NodeId, Raft};
+use crate::store::command::{MAX_ENTRY_BYTES, encoded_len};
 use crate::store::{Applied, ApplyError, Command, Outcome, Request, Store};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use shoal_security::tls::NodeTls;
@@ -54,6 +55,8 @@ pub enum ProposeError {
     Timeout(Duration),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("the change is {size} bytes encoded: one write may be at most {max} bytes")]
+    TooLarge { size: usize, max: usize },
 }
 
 pub struct Manager {
@@ -171,6 +174,7 @@ impl Manager {
                 Err(LocalError::NotLeader(_)) => ProposeError::NoLeader,
                 Err(LocalError::Timeout) => return Err(ProposeError::Timeout(WRITE_TIMEOUT)),
                 Err(LocalError::Raft(e)) => return Err(ProposeError::Raft(e)),
+                Err(LocalError::TooLarge(size)) => return Err(ProposeError::TooLarge { size, max: MAX_ENTRY_BYTES }),
             };
             if tokio::time::Instant::now() + Duration::from_millis(100) > deadline {
                 return Err(retry);
@@ -194,9 +198,13 @@ impl Manager {
     /// Proposes through this node's batcher only; the leader's `Propose` RPC
     /// calls this for forwarded writes.
     pub(crate) async fn propose_local(&self, cmd: Command) -> Result<Outcome, LocalError> {
+        let size = encoded_len(&cmd);
+        if size > MAX_ENTRY_BYTES {
+            return Err(LocalError::TooLarge(size));
+        }
         let (reply, rx) = oneshot::channel();
         self.batcher
-            .send(Pending { cmd, reply })
+            .send(Pending { cmd, size, reply })
             .await
             .map_err(|_| LocalError::Raft("manager is shutting down".into()))?;
         rx.await.map_err(|_| LocalError::Raft("manager is shutting down".into()))?
@@ -320,11 +328,15 @@ pub(crate) enum LocalError {
     NotLeader(Option<(NodeId, String)>),
     Timeout,
     Raft(String),
+    /// The command alone is bigger than a Raft entry may be.
+    TooLarge(usize),
 }
 
 /// A command waiting for the next batch.
 struct Pending {
     cmd: Command,
+    /// Its encoded size.
+    size: usize,
     reply: oneshot::Sender<Result<Outcome, LocalError>>,
 }
 
@@ -338,12 +350,29 @@ const MAX_IN_FLIGHT: usize = 4;
 
 async fn batch_loop(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    // A command that would have made the last batch too big starts the next.
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let mut bytes = first.size;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) if bytes + p.size > MAX_ENTRY_BYTES => {
+                    carry = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.size;
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }

@@ -100,6 +100,21 @@ pub fn parse_cpus(s: &str) -> Result<u64, SpecError> {
 }
 
 /// `"web=10"` → ("web", 10), with errors that name the bad part.
+/// The most replicas one service may ask for. Swarm has no limit; here each
+/// task is an object in the replicated state (and a copy of its spec), and
+/// a service this size is created in runs of Raft entries while the
+/// cluster keeps answering. Past it, an operator wants a clear error, not
+/// a cluster busy for minutes.
+pub const MAX_REPLICAS: u64 = 100_000;
+
+/// Checks a replica count against [`MAX_REPLICAS`].
+pub fn validate_replicas(n: u64) -> Result<(), SpecError> {
+    if n > MAX_REPLICAS {
+        return Err(invalid("replicas", n.to_string(), "at most 100000 per service"));
+    }
+    Ok(())
+}
+
 pub fn parse_scale(s: &str) -> Result<(String, u64), SpecError> {
     let Some((name, n)) = s.split_once('=') else {
         return Err(invalid("scale", s, "expected SERVICE=REPLICAS"));
@@ -110,6 +125,7 @@ pub fn parse_scale(s: &str) -> Result<(String, u64), SpecError> {
     let replicas = n
         .parse::<u64>()
         .map_err(|_| invalid("replicas", n, "must be a whole number >= 0"))?;
+    validate_replicas(replicas)?;
     Ok((name.to_string(), replicas))
 }
 
@@ -216,6 +232,10 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
     validate_image(&spec.image)?;
     if (1..100).contains(&spec.health_interval_ms) {
         return Err(invalid("health interval", format!("{}ms", spec.health_interval_ms), "must be at least 100ms"));
+    }
+    validate_replicas(spec.replicas)?;
+    if let Some(a) = &spec.autoscale {
+        validate_replicas(a.max)?;
     }
     match spec.mode.as_str() {
         "replicated" => {}

@@ -423,3 +423,49 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() -> anyhow::Result<()>
     c.wait_converged(0, 1, 2)?;
     Ok(())
 }
+
+/// A service too big for one Raft entry is created in runs of entries:
+/// the cluster keeps committing other writes (through any manager) and
+/// keeps its leader; past the replica limit, a clear error and nothing.
+#[test]
+fn a_huge_service_neither_wedges_the_cluster_nor_loses_its_leader() -> anyhow::Result<()> {
+    let c = Cluster::start(3, 0)?;
+    c.import_busybox(0, "busybox:latest")?;
+    let out = c.cli(0, &["service", "create", "--detach", "--name", "toobig", "--replicas", "200000", "busybox:latest", "sleep", "1"]);
+    assert!(!out.status.success() && stderr(&out).contains("at most 100000"), "{}", stderr(&out));
+    let out = c.cli(0, &["service", "scale", "--detach", "toobig=200000"]);
+    assert!(!out.status.success() && stderr(&out).contains("at most 100000"), "{}", stderr(&out));
+    let before = c.cli_ok(0, &["cluster", "status", "--format", "json"])?;
+
+    // 12,000 tasks that can go nowhere: several MB of tasks, more than one
+    // Raft entry may carry, created over a few orchestrator passes.
+    const N: usize = 12_000;
+    let n = N.to_string();
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "big", "--replicas", &n, "--constraint", "node.labels.nope==x", "busybox:latest", "sleep", "1"])?;
+    // Meanwhile other writes commit, through the leader and a follower.
+    c.cli_ok(1, &["service", "create", "--detach", "--name", "small", "busybox:latest", "sleep", "1d"])?;
+    c.cli_ok(2, &["network", "create", "side"])?;
+    let ps = wait_for(Duration::from_secs(120), "every task of big to exist, pending with the reason", || {
+        let ps = c.cli_ok(0, &["service", "ps", "big", "--format", "json"])?;
+        let tasks = ps.as_array().cloned().unwrap_or_default();
+        let pending = tasks.iter().filter(|t| t["state"] == "pending").count();
+        Ok((tasks.len() == N && pending == N).then_some(tasks))
+    })
+    .with_context(|| c.log_tails())?;
+    let msg = ps[0]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("node.labels.nope==x"), "{msg}");
+    wait_for(T, "small to run", || {
+        let s = c.cli_ok(0, &["service", "inspect", "small", "--format", "json"])?;
+        Ok((s["replicas_running"] == 1).then_some(()))
+    })?;
+    // Still the same leader, in the same term.
+    let after = c.cli_ok(0, &["cluster", "status", "--format", "json"])?;
+    assert_eq!((&before["leader"], &before["term"]), (&after["leader"], &after["term"]), "{after:#}");
+    // And it goes away as it came.
+    c.cli_ok(0, &["service", "rm", "big"])?;
+    wait_for(Duration::from_secs(120), "big's tasks to be forgotten", || {
+        let ps = c.cli(0, &["service", "ps", "big", "--format", "json"]);
+        Ok((!ps.status.success()).then_some(()))
+    })?;
+    Ok(())
+}

@@ -26,6 +26,7 @@ fn from_local(e: LocalError) -> LeadError {
         LocalError::NotLeader(_) => LeadError::NotLeader,
         LocalError::Timeout => LeadError::Timeout,
         LocalError::Raft(r) => LeadError::Raft(r),
+        LocalError::TooLarge(n) => LeadError::Raft(format!("a command of {n} bytes is too large for a raft entry")),
     }
 }
 
@@ -57,6 +58,8 @@ pub(crate) async fn barrier(manager: &Manager) -> Result<(), LeadError> {
 /// on this node only: a leader-only loop that lost leadership must not
 /// forward its stale decisions to the new leader.
 pub(crate) async fn propose_all(manager: &Manager, cmds: Vec<Command>) -> Result<(), LeadError> {
+    // Many-task commands go as runs that each fit in a Raft entry.
+    let cmds: Vec<Command> = cmds.into_iter().flat_map(Command::split).collect();
     let kinds: Vec<&'static str> = cmds.iter().map(Command::kind).collect();
     let results = futures::future::join_all(cmds.into_iter().map(|c| manager.propose_local(c))).await;
     for (kind, r) in kinds.into_iter().zip(results) {

@@ -165,6 +165,17 @@ impl Orchestrator {
         if plan.is_empty() {
             return Ok(wake);
         }
+        // A big scale is created in steps: each pass's tasks go as a few
+        // Raft entries, and other writes get in between passes. The next
+        // pass (woken by these tasks' changes) creates the rest.
+        if plan.create.len() > MAX_CREATE_PER_PASS {
+            tracing::info!(
+                created = MAX_CREATE_PER_PASS,
+                left = plan.create.len() - MAX_CREATE_PER_PASS,
+                "orchestrator: creating tasks in steps"
+            );
+            plan.create.truncate(MAX_CREATE_PER_PASS);
+        }
         name_tasks(&mut plan)?;
         let (created, updated, removed) = (plan.create.len(), plan.update.len(), plan.remove.len());
         let mut cmds = Vec::new();
@@ -185,6 +196,9 @@ impl Orchestrator {
         Ok(wake)
     }
 }
+
+/// The most tasks one orchestrator pass creates.
+const MAX_CREATE_PER_PASS: usize = 5_000;
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {

@@ -49,10 +49,16 @@ pub fn config() -> openraft::Config {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
         max_in_snapshot_log_to_keep: 200,
         purge_batch_size: 256,
-        // openraft gives an AppendEntries one heartbeat interval to finish;
-        // entries carry up to 1024 commands each (group commit), so keep
-        // each request small enough to land well within 100 ms.
-        max_payload_entries: 32,
+        // openraft gives an AppendEntries one heartbeat interval to finish,
+        // and retries one that doesn't forever. Entries carry up to 1024
+        // commands and at most MAX_ENTRY_BYTES (1 MiB) each (group commit),
+        // so a request carries at most 4 MiB: written on a follower well
+        // within 100 ms.
+        max_payload_entries: 4,
+        // Snapshots go in 1 MiB chunks, each with its own deadline, so a
+        // big state streams to a lagging follower instead of timing out.
+        snapshot_max_chunk_size: 1 << 20,
+        install_snapshot_timeout: 2_000,
         ..Default::default()
     }
 }

@@ -63,6 +63,7 @@ impl RaftRpc for RaftService {
                 Err(Status::deadline_exceeded(format!("write not committed within {WRITE_TIMEOUT:?}")))
             }
             Err(LocalError::Raft(e)) => Err(Status::internal(e)),
+            Err(LocalError::TooLarge(n)) => Err(Status::invalid_argument(format!("a write of {n} bytes is too large for a raft entry"))),
         }
     }
 

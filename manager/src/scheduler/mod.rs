@@ -46,6 +46,9 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The most task changes one scheduler pass writes.
+const MAX_DECISIONS_PER_PASS: usize = 10_000;
+
 /// A task and the node it goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -443,10 +446,14 @@ impl Scheduler {
 
     async fn pass(&self) -> Result<(), leader::LeadError> {
         let started = std::time::Instant::now();
-        let decisions = self.manager.store.read(|s| schedule(s, &self.config));
+        let mut decisions = self.manager.store.read(|s| schedule(s, &self.config));
         if decisions.is_empty() {
             return Ok(());
         }
+        // A huge backlog is written in steps (placements first); the tasks'
+        // changes wake the next pass for the rest.
+        decisions.assigned.truncate(MAX_DECISIONS_PER_PASS);
+        decisions.pending.truncate(MAX_DECISIONS_PER_PASS - decisions.assigned.len());
         let (placed, pending) = (decisions.assigned.len(), decisions.pending.len());
         self.log(&decisions);
         let took = started.elapsed();

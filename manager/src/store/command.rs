@@ -72,7 +72,59 @@ pub enum Command {
     Noop,
 }
 
+/// The most bytes of commands one Raft entry carries. openraft gives an
+/// AppendEntries one heartbeat interval (100 ms) to reach a follower and be
+/// written there, and retries a request that doesn't make it forever: an
+/// entry too big for that wedges every later commit. With
+/// `max_payload_entries` entries per request, this bounds a request.
+pub const MAX_ENTRY_BYTES: usize = 1 << 20;
+
+/// A command's encoded size (what it adds to its Raft entry).
+pub fn encoded_len(cmd: &Command) -> usize {
+    postcard::experimental::serialized_size(cmd).unwrap_or(usize::MAX)
+}
+
+/// Cuts `items` into runs whose encoding stays under `budget` bytes (an
+/// item bigger than that alone makes one run).
+fn runs<T: Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    let mut run = Vec::new();
+    let mut size = 0usize;
+    for item in items {
+        let n = postcard::experimental::serialized_size(&item).unwrap_or(budget);
+        if !run.is_empty() && size + n > budget {
+            out.push(std::mem::take(&mut run));
+            size = 0;
+        }
+        size += n;
+        run.push(item);
+    }
+    if !run.is_empty() {
+        out.push(run);
+    }
+    out
+}
+
 impl Command {
+    /// This command as commands that each fit in a Raft entry with room
+    /// to spare: the leader loops' many-task commands are cut into runs
+    /// (each applies whole; the loops' next passes see the sum). Other
+    /// commands come back as they are.
+    pub fn split(self) -> Vec<Command> {
+        const BUDGET: usize = MAX_ENTRY_BYTES / 2;
+        if encoded_len(&self) <= BUDGET {
+            return vec![self];
+        }
+        match self {
+            Command::CreateTasks { tasks } => runs(tasks, BUDGET).into_iter().map(|tasks| Command::CreateTasks { tasks }).collect(),
+            Command::UpdateTasks { from_node, updates } => {
+                runs(updates, BUDGET).into_iter().map(|updates| Command::UpdateTasks { from_node, updates }).collect()
+            }
+            Command::RemoveTasks { ids } => runs(ids, BUDGET).into_iter().map(|ids| Command::RemoveTasks { ids }).collect(),
+            other => vec![other],
+        }
+    }
+
     /// A short name for logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -942,6 +942,38 @@ mod tests {
     }
 
     #[test]
+    fn many_task_commands_split_into_entries_that_fit() {
+        use crate::store::command::{MAX_ENTRY_BYTES, encoded_len};
+        let mut st = State::default();
+        apply(&mut st, 1, svc("s1", "big", "replicated")).unwrap();
+        let tasks: Vec<TaskObj> = (1..=20_000u64)
+            .map(|slot| {
+                let mut t = TaskObj::new(&st.services["s1"], slot, None, 0, "created");
+                t.id = format!("{slot:024x}");
+                t
+            })
+            .collect();
+        let whole = Command::CreateTasks { tasks };
+        assert!(encoded_len(&whole) > MAX_ENTRY_BYTES, "the test needs a command too big for one entry");
+        let parts = whole.split();
+        assert!(parts.len() > 2);
+        let mut n = 0;
+        for p in &parts {
+            assert!(encoded_len(p) <= MAX_ENTRY_BYTES / 2, "{} bytes", encoded_len(p));
+            if let Command::CreateTasks { tasks } = p {
+                n += tasks.len();
+            }
+        }
+        assert_eq!(n, 20_000);
+        for (i, p) in parts.into_iter().enumerate() {
+            apply(&mut st, 2 + i as u64, p).unwrap();
+        }
+        assert_eq!(st.tasks.len(), 20_000);
+        // Small commands stay whole.
+        assert_eq!(Command::Noop.split().len(), 1);
+    }
+
+    #[test]
     fn rollback_swaps_specs_and_marks_the_rollout() {
         let mut st = State::default();
         apply(&mut st, 1, svc("s1", "web", "replicated")).unwrap();
