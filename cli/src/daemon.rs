@@ -112,6 +112,11 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let dir = args.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Keys, the Raft log (the cluster CA among it), secrets: root only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("making {} private", dir.display()))?;
+    }
 
     let (mut identity, mut init) = if Identity::exists(&dir) {
         if args.init || args.join.is_some() {

@@ -29,6 +29,8 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ManagerError {
     #[error("opening raft database {path}: {source}")]
     Db { path: String, source: redb::DatabaseError },
+    #[error("making {path} private: {source}")]
+    Mode { path: String, source: std::io::Error },
     #[error("raft storage: {0}")]
     Storage(#[from] openraft::StorageError<NodeId>),
     #[error("raft storage: {0}")]
@@ -89,6 +91,13 @@ impl Manager {
         .await
         .map_err(|e| ManagerError::Redb(redb::Error::Io(std::io::Error::other(e))))?
         .map_err(|source| ManagerError::Db { path: path.display().to_string(), source })?;
+        // The log holds the cluster's secrets: for root's eyes only, also
+        // when the file was made by an older version.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|source| ManagerError::Mode { path: path.display().to_string(), source })?;
+        }
         let db = Arc::new(db);
         let store = Store::new();
         let log = LogStore::new(db.clone())?;

@@ -50,6 +50,13 @@ fn three_managers_form_a_cluster() -> anyhow::Result<()> {
     for key in ["id", "name", "address", "labels"] {
         assert!(nodes[0].get(key).is_some(), "node ls lacks {key}");
     }
+    // At rest: no other user may read a manager's data dir or its log.
+    use std::os::unix::fs::PermissionsExt;
+    for h in &c.hosts {
+        let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode(&h.data_dir)?, 0o700, "{}", h.data_dir.display());
+        assert_eq!(mode(&h.data_dir.join("raft.redb"))?, 0o600);
+    }
     Ok(())
 }
 
