@@ -5,30 +5,59 @@ use std::path::PathBuf;
 use anyhow::Context;
 use shoal_security::tls::NodeTls;
 use shoal_proto::control::control_client::ControlClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::output::Format;
+
+/// Reads: `linearizable` (default) sees every write committed before it,
+/// or fails when the manager can't confirm that; `local` answers from the
+/// asked manager's state, which may be behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Consistency {
+    Linearizable,
+    Local,
+}
+
+/// Puts the read consistency on every call.
+#[derive(Clone, Copy)]
+pub struct WithConsistency(Consistency);
+
+impl tonic::service::Interceptor for WithConsistency {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let v = match self.0 {
+            Consistency::Linearizable => "linearizable",
+            Consistency::Local => "local",
+        };
+        req.metadata_mut().insert("shoal-consistency", tonic::metadata::MetadataValue::from_static(v));
+        Ok(req)
+    }
+}
+
+/// The Control API client the commands use.
+pub type Client = ControlClient<InterceptedService<Channel, WithConsistency>>;
 
 pub struct Ctx {
     pub host: String,
     pub cert_dir: PathBuf,
     pub format: Format,
+    pub consistency: Consistency,
 }
 
 impl Ctx {
     /// A client whose calls fail after 30 s instead of hanging on a manager
     /// that stopped answering.
-    pub async fn control(&self) -> anyhow::Result<ControlClient<Channel>> {
+    pub async fn control(&self) -> anyhow::Result<Client> {
         self.connect(Some(std::time::Duration::from_secs(30))).await
     }
 
     /// A client without a per-call deadline, for streams that last
     /// (`service logs -f`, image uploads).
-    pub async fn control_streaming(&self) -> anyhow::Result<ControlClient<Channel>> {
+    pub async fn control_streaming(&self) -> anyhow::Result<Client> {
         self.connect(None).await
     }
 
-    async fn connect(&self, timeout: Option<std::time::Duration>) -> anyhow::Result<ControlClient<Channel>> {
+    async fn connect(&self, timeout: Option<std::time::Duration>) -> anyhow::Result<Client> {
         let read = |f: &str| {
             let p = self.cert_dir.join(f);
             std::fs::read_to_string(&p).with_context(|| format!("reading client credentials {}", p.display()))
@@ -46,7 +75,7 @@ impl Ctx {
             .await
             .with_context(|| format!("cannot reach manager at {}", self.host))?;
         // Listings of big services (100,000 tasks) are tens of MB.
-        Ok(ControlClient::new(channel).max_decoding_message_size(256 << 20))
+        Ok(ControlClient::with_interceptor(channel, WithConsistency(self.consistency)).max_decoding_message_size(256 << 20))
     }
 }
 

@@ -22,6 +22,10 @@ struct Cli {
     /// Output format for listings and inspect.
     #[arg(long, global = true, value_enum, default_value_t = output::Format::Table)]
     format: output::Format,
+    /// Reads: linearizable (see every committed write, or fail) or local
+    /// (this manager's state, maybe behind; answers while partitioned).
+    #[arg(long, global = true, value_enum, env = "SHOAL_CONSISTENCY", default_value_t = client::Consistency::Linearizable)]
+    consistency: client::Consistency,
     #[command(subcommand)]
     command: Command,
 }
@@ -109,7 +113,7 @@ fn main() -> ExitCode {
             }
         }
         other => {
-            let ctx = client::Ctx { host: cli.host, cert_dir: cli.cert_dir, format: cli.format };
+            let ctx = client::Ctx { host: cli.host, cert_dir: cli.cert_dir, format: cli.format, consistency: cli.consistency };
             runtime().and_then(|rt| rt.block_on(dispatch(ctx, other)))
         }
     };

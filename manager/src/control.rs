@@ -281,6 +281,20 @@ impl ControlService {
             .ok_or_else(|| Status::not_found(format!("network {name:?} not found")))
     }
 
+    /// Reads are linearizable unless the caller asks for `local`
+    /// (metadata `shoal-consistency`).
+    async fn consistent<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match req.metadata().get("shoal-consistency").map(|v| v.to_str().unwrap_or("?")) {
+            Some("local") => Ok(()),
+            None | Some("linearizable") => self
+                .manager
+                .read_barrier()
+                .await
+                .map_err(|e| Status::unavailable(format!("{e} (this read must see every committed write; `--consistency local` reads this manager's state, which may be behind)"))),
+            Some(other) => Err(Status::invalid_argument(format!("consistency {other:?}: expected linearizable or local"))),
+        }
+    }
+
     fn read_volume(&self, name: &str) -> Result<Volume, Status> {
         self.manager
             .store
@@ -418,6 +432,7 @@ impl Control for ControlService {
 
     async fn list_nodes(&self, req: Request<Empty>) -> Result<Response<NodeList>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         let leader = self.manager.leader().map(|l| l.0);
         let nodes = self
             .manager
@@ -428,6 +443,7 @@ impl Control for ControlService {
 
     async fn inspect_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         Ok(Response::new(self.read_node(&req.get_ref().node)?))
     }
 
@@ -530,6 +546,7 @@ impl Control for ControlService {
 
     async fn list_services(&self, req: Request<Empty>) -> Result<Response<ServiceList>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         let services = self
             .manager
             .store
@@ -539,6 +556,7 @@ impl Control for ControlService {
 
     async fn inspect_service(&self, req: Request<ServiceRef>) -> Result<Response<Service>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         Ok(Response::new(self.read_service(&req.get_ref().service)?))
     }
 
@@ -603,6 +621,7 @@ impl Control for ControlService {
 
     async fn list_tasks(&self, req: Request<ListTasksRequest>) -> Result<Response<TaskList>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         let r = req.into_inner();
         let tasks = self.manager.store.read(|s| {
             let service = if r.service.is_empty() { None } else { Some(s.resolve_service(&r.service).map_err(apply_status)?) };
@@ -721,12 +740,14 @@ impl Control for ControlService {
 
     async fn list_networks(&self, req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         let networks = self.manager.store.read(|s| s.networks.values().map(|n| network_proto(n, s)).collect());
         Ok(Response::new(NetworkList { networks }))
     }
 
     async fn inspect_network(&self, req: Request<NetworkRef>) -> Result<Response<Network>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         Ok(Response::new(self.read_network(&req.into_inner().name)?))
     }
 
@@ -765,12 +786,14 @@ impl Control for ControlService {
 
     async fn list_volumes(&self, req: Request<Empty>) -> Result<Response<VolumeList>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         let volumes = self.manager.store.read(|s| s.volumes.values().map(|v| volume_proto(v, s)).collect());
         Ok(Response::new(VolumeList { volumes }))
     }
 
     async fn inspect_volume(&self, req: Request<VolumeRef>) -> Result<Response<Volume>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         Ok(Response::new(self.read_volume(&req.into_inner().name)?))
     }
 
@@ -843,6 +866,7 @@ impl Control for ControlService {
 
     async fn list_data(&self, req: Request<DataListRequest>) -> Result<Response<DataList>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         let kind = data_kind(&req.into_inner().kind)?;
         let items = self.manager.store.read(|s| s.data(kind).values().map(|d| data_proto(kind, d, s, false)).collect());
         Ok(Response::new(DataList { items }))
@@ -850,6 +874,7 @@ impl Control for ControlService {
 
     async fn inspect_data(&self, req: Request<DataRef>) -> Result<Response<DataObject>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         let r = req.into_inner();
         Ok(Response::new(self.read_data(data_kind(&r.kind)?, &r.name, true)?))
     }
@@ -865,6 +890,7 @@ impl Control for ControlService {
 
     async fn list_images(&self, req: Request<Empty>) -> Result<Response<ImageList>, Status> {
         authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
         let images = self.manager.store.read(|s| s.images.values().map(image_proto).collect());
         Ok(Response::new(ImageList { images }))
     }

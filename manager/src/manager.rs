@@ -161,6 +161,46 @@ impl Manager {
         (first, last, self.sm.snapshot_index().await)
     }
 
+    /// Makes a read that follows linearizable: returns once this manager
+    /// has applied every write committed before the call. The leader
+    /// confirms with a quorum that it still leads; a follower asks the
+    /// leader for that index. A manager that can't reach a leader with a
+    /// quorum says so instead of answering from a state that may be stale.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        loop {
+            let err = if self.is_leader() {
+                match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) => ProposeError::Raft(e.to_string()),
+                    Err(_) => ProposeError::NoLeader,
+                }
+            } else if let Some((_, addr)) = self.leader().filter(|(id, _)| *id != self.id) {
+                match tokio::time::timeout_at(deadline, self.read_index_from(&addr)).await {
+                    Ok(Ok(index)) => {
+                        let waited = self.raft.wait(Some(deadline.saturating_duration_since(tokio::time::Instant::now()))).applied_index_at_least(Some(index), "read barrier").await;
+                        return waited.map(|_| ()).map_err(|_| ProposeError::NoLeader);
+                    }
+                    Ok(Err(e)) => e,
+                    Err(_) => ProposeError::NoLeader,
+                }
+            } else {
+                ProposeError::NoLeader
+            };
+            if tokio::time::Instant::now() + Duration::from_millis(100) > deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn read_index_from(&self, addr: &str) -> Result<u64, ProposeError> {
+        let unreachable = |reason: String| ProposeError::LeaderUnreachable { leader: addr.to_string(), reason };
+        let channel = self.tls.channel(addr).map_err(|e| unreachable(e.to_string()))?;
+        let r = RaftClient::new(channel).read_index(shoal_proto::raft::ReadIndexRequest {}).await.map_err(|s| unreachable(s.message().to_string()))?;
+        Ok(r.into_inner().index)
+    }
+
     /// Commits `cmd` through Raft and returns once it is applied here, so the
     /// caller reads its own write. On a follower the command is forwarded to
     /// the leader.
@@ -340,6 +380,10 @@ pub(crate) enum LocalError {
     /// The command alone is bigger than a Raft entry may be.
     TooLarge(usize),
 }
+
+/// How long a linearizable read may wait to confirm it sees every
+/// committed write (an election's length, about).
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A command waiting for the next batch.
 struct Pending {

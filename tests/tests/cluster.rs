@@ -126,6 +126,13 @@ fn partitioned_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
     c.cli_ok(other, &["service", "scale", "--detach", "web=4"])?;
     c.cli_ok(other, &["service", "create", "--detach", "--name", "api", "bb:1", "sleep", "3600"])?;
     expect_services(&c, other, &[("api", 1), ("web", 4)])?;
+    // Reads through the cut-off manager: refused by default (it can't know
+    // what it missed), its own stale state with --consistency local.
+    let out = c.cli(cut, &["service", "ls", "--format", "json"]);
+    assert!(!out.status.success(), "a partitioned manager must not answer a linearizable read");
+    assert!(stderr(&out).contains("--consistency local"), "{}", stderr(&out));
+    let stale = c.cli_ok(cut, &["service", "ls", "--consistency", "local", "--format", "json"])?;
+    assert_eq!(stale.as_array().map(Vec::len), Some(1), "the stale view has only web: {stale}");
     c.set_link(cut, true)?;
     expect_services(&c, cut, &[("api", 1), ("web", 4)])?;
     c.wait_converged(other, 3, 3)?;

@@ -4,9 +4,7 @@ use anyhow::{anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use shoal_manager::spec;
-use shoal_proto::control::control_client::ControlClient;
 use shoal_proto::control::*;
-use tonic::transport::Channel;
 
 use crate::client::{rpc_err, Ctx};
 use crate::output;
@@ -700,7 +698,7 @@ async fn converge(ctx: &Ctx, ids: &[String]) -> anyhow::Result<()> {
 /// showing progress: a live line on a terminal, a plain line per change
 /// otherwise. One ListServices and one ListTasks per look, however many
 /// services; `gave_up` ends the error after the timeout.
-pub async fn wait_converged(c: &mut ControlClient<Channel>, ids: &[String], gave_up: &str) -> anyhow::Result<()> {
+pub async fn wait_converged(c: &mut crate::client::Client, ids: &[String], gave_up: &str) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write};
     let tty = std::io::stdout().is_terminal();
     let deadline = tokio::time::Instant::now() + CONVERGE_TIMEOUT;

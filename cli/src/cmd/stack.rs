@@ -18,9 +18,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use shoal_compose::{Stack, NAMESPACE_LABEL};
 use shoal_manager::spec;
-use shoal_proto::control::control_client::ControlClient;
 use shoal_proto::control::*;
-use tonic::transport::Channel;
 
 use crate::client::{rpc_err, Ctx};
 use crate::cmd::service::{service_json, task_json, TERMINAL};
@@ -138,7 +136,7 @@ fn image_known(images: &[Image], image: &str) -> bool {
     images.iter().any(|i| i.reference == image || i.reference == latest)
 }
 
-async fn plan<'a>(c: &mut ControlClient<Channel>, stack: &'a Stack, prune: bool) -> anyhow::Result<Plan<'a>> {
+async fn plan<'a>(c: &mut crate::client::Client, stack: &'a Stack, prune: bool) -> anyhow::Result<Plan<'a>> {
     let mut plan = Plan { networks: Vec::new(), volumes: Vec::new(), data: Vec::new(), services: Vec::new(), prune: Vec::new() };
 
     let images = c.list_images(Empty {}).await.map_err(rpc_err)?.into_inner().images;
@@ -307,7 +305,7 @@ async fn deploy(ctx: &Ctx, files: &[PathBuf], prune: bool, detach: bool, name: &
     Ok(())
 }
 
-async fn stack_services(c: &mut ControlClient<Channel>, name: &str) -> anyhow::Result<Vec<Service>> {
+async fn stack_services(c: &mut crate::client::Client, name: &str) -> anyhow::Result<Vec<Service>> {
     let all = c.list_services(Empty {}).await.map_err(rpc_err)?.into_inner().services;
     Ok(all.into_iter().filter(|s| in_stack(&spec_of(s).labels, name)).collect())
 }

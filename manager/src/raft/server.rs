@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use shoal_proto::raft::raft_client::RaftClient;
 use shoal_proto::raft::raft_server::Raft as RaftRpc;
-use shoal_proto::raft::{PromoteRequest, PromoteResponse, RaftPayload};
+use shoal_proto::raft::{PromoteRequest, PromoteResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse};
 use tonic::{Request, Response, Status};
 
 use crate::manager::{LocalError, Manager, WRITE_TIMEOUT};
@@ -64,6 +64,14 @@ impl RaftRpc for RaftService {
             }
             Err(LocalError::Raft(e)) => Err(Status::internal(e)),
             Err(LocalError::TooLarge(n)) => Err(Status::invalid_argument(format!("a write of {n} bytes is too large for a raft entry"))),
+        }
+    }
+
+    async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        authorize(&req, &[CertRole::Manager])?;
+        match self.manager.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(Response::new(ReadIndexResponse { index: read.map_or(0, |l| l.index) })),
+            Err(e) => Err(Status::unavailable(format!("not the leader: {e}"))),
         }
     }
 
