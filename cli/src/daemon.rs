@@ -55,6 +55,10 @@ pub struct DaemonArgs {
     /// A node that misses heartbeats this long is marked down.
     #[arg(long, default_value = "5s", value_parser = parse_secs)]
     heartbeat_timeout: std::time::Duration,
+    /// Fault injection for tests: drop the answers to this many writes
+    /// forwarded to this manager, after applying them.
+    #[arg(long, hide = true, default_value_t = 0)]
+    fault_drop_forwarded_replies: u32,
 }
 
 fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
@@ -187,6 +191,7 @@ async fn run_node(
                 availability: Availability::parse(&args.availability).unwrap_or(Availability::Active),
                 address_pool: args.address_pool.clone(),
             }),
+            fault_drop_forwarded_replies: args.fault_drop_forwarded_replies,
         };
         let routes = tonic::service::Routes::new(agent.service());
         manager = Some(RunningManager::start(cfg, tls.clone(), routes, stop_rx.clone()).await?);

@@ -73,6 +73,24 @@ pub struct Manager {
     pub blobs: BlobStore,
     /// Load the agents report with their heartbeats (on the leader).
     pub metrics: crate::metrics::Metrics,
+    /// Faults tests inject.
+    pub faults: Faults,
+}
+
+/// Faults a test can inject into a manager (`shoal daemon`'s hidden
+/// `--fault-*` flags); none by default.
+#[derive(Default)]
+pub struct Faults {
+    /// Answers to forwarded writes to drop (the writes are applied).
+    pub drop_forwarded_replies: std::sync::atomic::AtomicU32,
+}
+
+impl Faults {
+    /// Whether to drop this answer (counts one down).
+    pub fn drop_reply(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.drop_forwarded_replies.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -109,7 +127,7 @@ impl Manager {
         let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(batch_loop(raft.clone(), rx));
         let blobs = BlobStore::open(data_dir)?;
-        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher, blobs, metrics: Default::default() }))
+        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher, blobs, metrics: Default::default(), faults: Faults::default() }))
     }
 
     /// Makes this node a one-member cluster (`--init`).
@@ -206,6 +224,10 @@ impl Manager {
     /// the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, ProposeError> {
         let kind = cmd.kind();
+        // One id for this request, however often it is sent: a retry of a
+        // write whose answer was lost gets the first answer.
+        let id = shoal_security::pki::random_hex(16).map_err(|e| ProposeError::Raft(e.to_string()))?;
+        let cmd = Command::Once { id, cmd: Box::new(cmd) };
         // During an election there is briefly no leader, or the leader we
         // knew has gone: retry those (nothing was sent) until the deadline,
         // so a failover is a short pause for clients, not an error.
@@ -268,8 +290,9 @@ impl Manager {
         let resp = match tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), call).await {
             Err(_) => return Err(ProposeError::Timeout(WRITE_TIMEOUT)),
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                // A connection failure (never sent) or the leader saying it
-                // no longer leads (not proposed): both safe to retry.
+                // A connection failure, an answer lost on the way, or the
+                // leader saying it no longer leads: safe to retry, as the
+                // write carries its request id (applied once at most).
                 return Err(unreachable(status.message().to_string()));
             }
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {

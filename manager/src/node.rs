@@ -45,6 +45,9 @@ pub struct ManagerConfig {
     /// The first start of `--init`: bootstrap a one-member cluster with
     /// this node (its labels and availability).
     pub init: Option<InitNode>,
+    /// Fault injection for tests: drop the answers to this many writes
+    /// forwarded to this manager (after they were applied).
+    pub fault_drop_forwarded_replies: u32,
 }
 
 /// This node as the first member of a new cluster.
@@ -116,6 +119,7 @@ impl RunningManager {
         // is not loaded yet right after opening, so it can't tell us.)
         let new_member = !cfg.data_dir.join("raft.redb").exists() && cfg.init.is_none();
         let manager = Manager::open(id.id, &cfg.data_dir, tls).await?;
+        manager.faults.drop_forwarded_replies.store(cfg.fault_drop_forwarded_replies, std::sync::atomic::Ordering::Relaxed);
         let server = tokio::spawn(crate::serve(manager.clone(), listener, cfg.dispatcher, agent, shutdown));
         tracing::info!(node = %id.name, listen = %cfg.listen, advertise = %id.advertise, "manager serving");
         let running = RunningManager { manager, server };

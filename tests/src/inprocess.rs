@@ -55,6 +55,7 @@ impl InProcessNode {
             listen: listener.local_addr()?,
             dispatcher: DispatcherConfig::default(),
             init: Some(InitNode { labels: Default::default(), availability: Availability::Active, address_pool: "100.64.0.0/10".into() }),
+            fault_drop_forwarded_replies: 0,
         };
         let routes = tonic::service::Routes::new(agent.service());
         let manager = rt

@@ -483,3 +483,32 @@ fn a_huge_service_neither_wedges_the_cluster_nor_loses_its_leader() -> anyhow::R
     })?;
     Ok(())
 }
+
+/// A write forwarded from a follower whose answer is lost is retried with
+/// the same request id: applied once, and the retry gets the first answer
+/// (not "already exists"); it stays applied once after that leader dies.
+#[test]
+fn a_forwarded_write_whose_answer_is_lost_is_applied_once() -> anyhow::Result<()> {
+    let mut c = Cluster::hosts(3)?;
+    // The first manager (the leader) drops its answer to the first write
+    // forwarded to it, after applying it.
+    c.init(0, &DaemonOpts { extra: vec!["--fault-drop-forwarded-replies".into(), "1".into()] })?;
+    for i in 1..3 {
+        c.join(i, 0, "manager", &DaemonOpts::default())?;
+    }
+    c.wait_converged(0, 3, 3)?;
+    assert_eq!(c.leader(1)?, 0);
+    c.import_busybox(0, "bb:1")?;
+    // Through a follower: forwarded, applied, answer dropped, retried.
+    let out = c.cli(1, &["service", "create", "--detach", "--name", "once", "bb:1", "sleep", "3600"]);
+    assert!(out.status.success(), "the retried create must get the first answer: {}", stderr(&out));
+    assert!(c.log_tail(0).contains("fault injected"), "the fault must have fired:\n{}", c.log_tail(0));
+    expect_services(&c, 1, &[("once", 1)])?;
+    // The leader dies; the write stays, once.
+    c.kill(0);
+    wait_for(T, "a new leader", || Ok(c.leader(1).ok().filter(|l| *l != 0)))?;
+    expect_services(&c, 2, &[("once", 1)])?;
+    let tasks = c.cli_ok(1, &["service", "ps", "once", "--format", "json"])?;
+    assert!(tasks.as_array().is_some_and(|t| t.len() == 1), "one service, one task: {tasks}");
+    Ok(())
+}

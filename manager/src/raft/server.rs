@@ -57,6 +57,10 @@ impl RaftRpc for RaftService {
         authorize(&req, &[CertRole::Manager])?;
         let cmd: Command = decode(req.get_ref())?;
         match self.manager.propose_local(cmd).await {
+            Ok(_) if self.manager.faults.drop_reply() => {
+                tracing::warn!("fault injected: the answer to a forwarded write is dropped (the write was applied)");
+                Err(Status::unavailable("fault injected: answer dropped"))
+            }
             Ok(outcome) => encode(&outcome),
             Err(LocalError::NotLeader(_)) => Err(Status::unavailable("not the leader any more")),
             Err(LocalError::Timeout) => {

@@ -70,7 +70,16 @@ pub enum Command {
     /// Changes nothing; a new leader's read barrier and the benchmarks'
     /// smallest write.
     Noop,
+    /// A client's write with its request id: applied once however often it
+    /// is proposed (a forwarded write retried after its answer was lost);
+    /// a repeat gets the first outcome. The state remembers the last
+    /// `RECENT_REQUESTS` ids.
+    Once { id: String, cmd: Box<Command> },
 }
+
+/// How many request ids the state remembers for exactly-once writes: far
+/// more than can be in flight while a client retries.
+pub const RECENT_REQUESTS: usize = 10_000;
 
 /// The most bytes of commands one Raft entry carries. openraft gives an
 /// AppendEntries one heartbeat interval (100 ms) to reach a follower and be
@@ -153,6 +162,7 @@ impl Command {
             Command::RemoveVolume { .. } => "remove-volume",
             Command::VolumeReport { .. } => "volume-report",
             Command::Noop => "noop",
+            Command::Once { cmd, .. } => cmd.kind(),
         }
     }
 }

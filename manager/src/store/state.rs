@@ -27,6 +27,34 @@ pub struct State {
     /// By name.
     #[serde(default)]
     pub volumes: BTreeMap<String, VolumeObj>,
+    /// Recent client request ids with their outcomes (exactly-once writes).
+    #[serde(default)]
+    pub requests: RecentRequests,
+}
+
+/// The last [`super::command::RECENT_REQUESTS`] request ids and what each
+/// one's write came to, oldest first out.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RecentRequests {
+    outcomes: BTreeMap<String, Result<Applied, ApplyError>>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl RecentRequests {
+    pub fn get(&self, id: &str) -> Option<&Result<Applied, ApplyError>> {
+        self.outcomes.get(id)
+    }
+
+    fn record(&mut self, id: String, outcome: Result<Applied, ApplyError>) {
+        if self.outcomes.insert(id.clone(), outcome).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > super::command::RECENT_REQUESTS {
+            if let Some(old) = self.order.pop_front() {
+                self.outcomes.remove(&old);
+            }
+        }
+    }
 }
 
 /// Where networks created without `--subnet` get theirs, unless the
@@ -66,6 +94,14 @@ impl State {
         let mut applied = Applied { version: index, ids: Vec::new() };
         match cmd {
             Command::Noop => {}
+            Command::Once { id, cmd } => {
+                if let Some(first) = self.requests.get(&id) {
+                    return first.clone();
+                }
+                let outcome = self.apply(index, now, *cmd, changes);
+                self.requests.record(id, outcome.clone());
+                return outcome;
+            }
             Command::CreateTasks { tasks } => {
                 if let Some(t) = tasks.iter().find(|t| self.tasks.contains_key(&t.id)) {
                     return Err(ApplyError::NameTaken { kind: "task id".into(), name: t.id.clone() });
@@ -971,6 +1007,27 @@ mod tests {
         assert_eq!(st.tasks.len(), 20_000);
         // Small commands stay whole.
         assert_eq!(Command::Noop.split().len(), 1);
+    }
+
+    #[test]
+    fn a_request_id_is_applied_once_and_answers_the_same() {
+        use crate::store::command::RECENT_REQUESTS;
+        let mut st = State::default();
+        let once = |id: &str, c: Command| Command::Once { id: id.into(), cmd: Box::new(c) };
+        let first = apply(&mut st, 1, once("r1", svc("s1", "web", "replicated"))).unwrap();
+        // The same request again (a retry): not NameTaken, the first answer.
+        assert_eq!(apply(&mut st, 2, once("r1", svc("s1", "web", "replicated"))).unwrap(), first);
+        assert_eq!(st.services.len(), 1);
+        // Another request for the same name is a new write: refused, and a
+        // retry of it gets the same refusal.
+        let e = apply(&mut st, 3, once("r2", svc("s2", "web", "replicated"))).unwrap_err();
+        assert_eq!(apply(&mut st, 4, once("r2", Command::Noop)).unwrap_err(), e);
+        // Bounded: the oldest ids are forgotten.
+        for i in 0..RECENT_REQUESTS {
+            apply(&mut st, 10 + i as u64, once(&format!("n{i}"), Command::Noop)).unwrap();
+        }
+        assert!(st.requests.get("r1").is_none());
+        assert!(st.requests.get(&format!("n{}", RECENT_REQUESTS - 1)).is_some());
     }
 
     #[test]
