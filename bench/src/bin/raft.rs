@@ -2,17 +2,22 @@
 //! 3-manager cluster of hosts in network namespaces:
 //! - commit latency, one client writing sequentially to the leader;
 //! - write throughput, many concurrent clients;
-//! - leader failover: `kill -9` the leader → a survivor commits a write.
+//! - leader failover: `kill -9` the leader → a survivor commits a write;
+//! - (issue 12) read latency, linearizable and local, on the leader and on
+//!   a follower;
+//! - (issue 12) `service create --replicas N` that can go nowhere: the time
+//!   until every task exists, and an unrelated write's latency meanwhile.
 //!
 //! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/raft`
 //! Options: `--writes N` (latency samples, default 2000), `--throughput-writes N`
-//! (default 50000), `--clients N` (default 256), `--trials N` (failover, default 5).
+//! (default 50000), `--clients N` (default 256), `--trials N` (failover,
+//! default 5), `--big N` (replicas of the big service, default 100000).
 
 use shoal_bench::arg;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use shoal_proto::control::UpdateNodeRequest;
+use shoal_proto::control::{CreateServiceRequest, ListTasksRequest, NodeRef, ServiceSpec, UpdateNodeRequest};
 use shoal_tests::{netns::in_netns, wait_for, Cluster};
 
 /// The smallest real write: a label on node n0. It goes through Raft like
@@ -43,6 +48,7 @@ fn main() -> anyhow::Result<()> {
     let addr = c.hosts[leader].addr();
     let certs = c.cert_dir();
     let ns = c.hosts[leader].netns.clone();
+    c.import_busybox(leader, "bb:1")?;
 
     // Commit latency: one client, one write at a time, to the leader.
     let lat = {
@@ -70,6 +76,40 @@ fn main() -> anyhow::Result<()> {
         percentile(&lat, 0.99).as_secs_f64() * 1e3,
         samples
     );
+
+    // Reads: `inspect n0`, linearizable (a quorum round on the leader; a
+    // ReadIndex from the leader on a follower) and local.
+    let follower = (leader + 1) % 3;
+    for (who, i) in [("leader", leader), ("follower", follower)] {
+        let (addr, certs, ns) = (c.hosts[i].addr(), certs.clone(), c.hosts[i].netns.clone());
+        let (lin, local) = in_netns(&ns, move || {
+            rt()?.block_on(async move {
+                let mut client = shoal_tests::control_client(&addr, &certs).await?;
+                let mut out = [Vec::new(), Vec::new()];
+                for (k, consistency) in ["linearizable", "local"].into_iter().enumerate() {
+                    for n in 0..(samples + 100) {
+                        let mut req = tonic::Request::new(NodeRef { node: "n0".into() });
+                        req.metadata_mut().insert("shoal-consistency", consistency.parse()?);
+                        let t = Instant::now();
+                        client.inspect_node(req).await?;
+                        if n >= 100 {
+                            out[k].push(t.elapsed());
+                        }
+                    }
+                    out[k].sort();
+                }
+                let [lin, local] = out;
+                anyhow::Ok((lin, local))
+            })
+        })?;
+        println!(
+            "read on the {who}: linearizable p50 {:.2} ms, p99 {:.2} ms; local p50 {:.2} ms, p99 {:.2} ms ({samples} reads each)",
+            percentile(&lin, 0.5).as_secs_f64() * 1e3,
+            percentile(&lin, 0.99).as_secs_f64() * 1e3,
+            percentile(&local, 0.5).as_secs_f64() * 1e3,
+            percentile(&local, 0.99).as_secs_f64() * 1e3,
+        );
+    }
 
     // Throughput: many clients over a few connections. The load comes from
     // two single-threaded runtimes (one per core, half of the clients and
@@ -124,6 +164,66 @@ fn main() -> anyhow::Result<()> {
         done as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
     );
+
+    // A service of `--big` tasks that can go nowhere: until every task
+    // exists (pending), while one client writes a label every 20 ms.
+    let big = arg("--big", 100_000);
+    {
+        let (addr, certs) = (addr.clone(), certs.clone());
+        let (took, lat) = in_netns(&ns, move || {
+            rt()?.block_on(async move {
+                let mut client = shoal_tests::control_client(&addr, &certs).await?;
+                let mut writer = client.clone();
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let stop2 = stop.clone();
+                let writes = tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i = 0;
+                    while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                        let t = Instant::now();
+                        writer.update_node(write(1_000_000 + i)).await?;
+                        lat.push(t.elapsed());
+                        i += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    anyhow::Ok(lat)
+                });
+                let spec = ServiceSpec {
+                    name: "big".into(),
+                    image: "bb:1".into(),
+                    mode: "replicated".into(),
+                    replicas: big,
+                    constraints: vec!["node.labels.nope==x".into()],
+                    args: vec!["sleep".into(), "1".into()],
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                client.create_service(CreateServiceRequest { spec: Some(spec) }).await?;
+                let mut client = client.max_decoding_message_size(512 << 20);
+                loop {
+                    let tasks = client.list_tasks(ListTasksRequest { service: "big".into(), all: false }).await?.into_inner().tasks;
+                    if tasks.len() as u64 == big && tasks.iter().all(|t| t.state == "pending") {
+                        break;
+                    }
+                    anyhow::ensure!(t.elapsed() < Duration::from_secs(600), "{} of {big} tasks after 10 min", tasks.len());
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                let took = t.elapsed();
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let mut lat = writes.await??;
+                lat.sort();
+                anyhow::Ok((took, lat))
+            })
+        })?;
+        println!(
+            "service create --replicas {big} (pending): every task exists after {:.1} s; an unrelated write meanwhile: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} writes)",
+            took.as_secs_f64(),
+            percentile(&lat, 0.5).as_secs_f64() * 1e3,
+            percentile(&lat, 0.99).as_secs_f64() * 1e3,
+            lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+            lat.len()
+        );
+    }
 
     // Failover: kill -9 the leader; how long until a survivor commits?
     let mut times = Vec::new();
