@@ -184,9 +184,8 @@ fn publish_rules(services: &[ServiceEntry], here: &BTreeSet<Ipv4Addr>) -> Vec<fi
 struct State {
     /// Networks with a bridge on this node, by bridge name.
     bridges: BTreeMap<String, (u32, firewall::NetRule)>,
-    /// Bridge name → the local tasks attached to it; a bridge goes with
-    /// its last task (a network made again later may get the same
-    /// subnet, and two bridges must never hold one gateway address).
+    /// Bridge name → the local tasks attached to it (a bridge with none
+    /// may be retired when another network takes its subnet).
     members: BTreeMap<String, BTreeSet<String>>,
     /// Routes to peers' slices through the TUN.
     routes: BTreeSet<(Ipv4Addr, u8)>,
@@ -439,7 +438,10 @@ impl Overlay {
             let name = a.bridge();
             let index = match st.bridges.get(&name) {
                 Some((i, _)) => *i,
-                None => self.nl.ensure_bridge(&name).await?,
+                None => {
+                    self.retire_stale_bridges(&mut st, &name, &a.subnet).await?;
+                    self.nl.ensure_bridge(&name).await?
+                }
             };
             // The node's address in the task's slice: the task's gateway.
             self.nl.add_address(index, a.gateway, a.prefix).await?;
@@ -515,30 +517,39 @@ impl Overlay {
     pub async fn detach(&self, task: &str, count: usize) -> Result<(), OverlayError> {
         self.dns.remove_asker(task);
         let short = short_id(task);
-        let mut st = self.state.lock().await;
+        {
+            let mut st = self.state.lock().await;
+            for tasks in st.members.values_mut() {
+                tasks.remove(task);
+            }
+            if st.local.remove(task).is_some() {
+                self.apply_rules(&mut st)?;
+            }
+        }
         for i in 0..count.max(1) {
             self.nl.delete_named(&format!("shv{short}{i}")).await?;
         }
-        let mut changed = st.local.remove(task).is_some();
-        let mut emptied = Vec::new();
-        for (bridge, tasks) in st.members.iter_mut() {
-            if tasks.remove(task) && tasks.is_empty() {
-                emptied.push(bridge.clone());
-            }
-        }
-        for bridge in emptied {
-            st.members.remove(&bridge);
-            if let Some((index, rule)) = st.bridges.remove(&bridge) {
-                self.nl.delete(index).await?;
-                tracing::info!(bridge = %bridge, subnet = %rule.subnet, "network bridge removed: no task on this node uses it");
-                changed = true;
-            }
-        }
-        if changed {
-            self.apply_rules(&mut st)?;
-        }
-        drop(st);
         netns::remove(&self.netns_path(task))
+    }
+
+    /// Before a network gets its bridge here: the bridge of a network that
+    /// had the same subnet and was removed (a network made again gets its
+    /// subnet back) goes, once no local task uses it, so two bridges never
+    /// hold one gateway address.
+    async fn retire_stale_bridges(&self, st: &mut State, name: &str, subnet: &str) -> Result<(), OverlayError> {
+        let stale: Vec<String> = st.bridges.iter().filter(|(b, (_, r))| b.as_str() != name && r.subnet == subnet).map(|(b, _)| b.clone()).collect();
+        for bridge in stale {
+            if st.members.get(&bridge).is_some_and(|m| !m.is_empty()) {
+                tracing::warn!(bridge = %bridge, subnet, "a removed network's bridge still has tasks here: its gateway address clashes until they stop");
+                continue;
+            }
+            if let Some((index, _)) = st.bridges.remove(&bridge) {
+                st.members.remove(&bridge);
+                self.nl.delete(index).await?;
+                tracing::info!(bridge = %bridge, subnet, "bridge of a removed network deleted: its subnet is in use again");
+            }
+        }
+        Ok(())
     }
 
     /// Bridges of networks no task here uses any more, left from before a

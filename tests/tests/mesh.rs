@@ -293,7 +293,19 @@ fn no_request_fails_while_scaling_and_updating() {
     assert_eq!(inspect(&c, "web")["update"]["order"], "start-first");
     load.wait_more(200);
     let res = load.finish();
-    let why: Vec<&String> = res.failed.iter().take(10).map(|(_, e)| e).collect();
+    // When each failure happened, in the daemons' clock (their logs'
+    // timestamps), to line it up with what the nodes did.
+    let now_wall = std::time::SystemTime::now();
+    let why: Vec<String> = res
+        .failed
+        .iter()
+        .take(10)
+        .map(|(at, e)| {
+            let wall = now_wall - at.elapsed();
+            let secs = wall.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            format!("at unix {secs:.3}: {e}")
+        })
+        .collect();
     assert!(res.failed.is_empty(), "{} of {} requests failed: {why:?}\n{}", res.failed.len(), res.ok + res.failed.len() as u64, c.log_tails());
     assert!(res.ok >= 1000, "{res:?}");
 }
