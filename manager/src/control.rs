@@ -338,6 +338,18 @@ impl ControlService {
         }
     }
 
+    /// The leader's cluster status, asked from a follower (None when the
+    /// leader can't be reached within 2 s).
+    async fn leader_status(&self) -> Option<ClusterStatusResponse> {
+        let (_, addr) = self.manager.leader()?;
+        let channel = self.manager.tls.channel(&addr).ok()?;
+        let mut client = ControlClient::new(channel);
+        match tokio::time::timeout(Duration::from_secs(2), client.cluster_status(Empty {})).await {
+            Ok(Ok(resp)) => Some(resp.into_inner()),
+            _ => None,
+        }
+    }
+
     fn reachable(&self, id: u64) -> bool {
         id == self.manager.id || (self.manager.is_leader() && self.manager.health.reachable(id, REACHABLE_WITHIN))
     }
@@ -360,11 +372,12 @@ impl ControlService {
                 reachable: self.reachable(id),
             })
             .collect();
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
         ClusterStatusResponse {
             leader: m.current_leader.map(name).unwrap_or_default(),
             leader_id: m.current_leader.map(format_node_id).unwrap_or_default(),
             term: m.current_term,
-            commit_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            commit_index: commit_index(&m).unwrap_or(applied).max(applied),
             members,
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             snapshot_index: snap,
@@ -373,6 +386,21 @@ impl ControlService {
             answered_by: name(self.manager.id),
         }
     }
+}
+
+/// On the leader: the highest log index a quorum of voters holds (the
+/// leader's own log counts for itself). None on a follower, which does not
+/// know it.
+fn commit_index(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u64> {
+    let replication = m.replication.as_ref()?;
+    let mut matched: Vec<u64> = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .map(|id| if id == m.id { m.last_log_index.unwrap_or(0) } else { replication.get(&id).cloned().flatten().map_or(0, |l| l.index) })
+        .collect();
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched.get(matched.len() / 2).copied()
 }
 
 #[tonic::async_trait]
@@ -384,22 +412,15 @@ impl Control for ControlService {
         // falls back to its own view when the leader is out of reach. A
         // manager caller is a follower asking us: never forward again.
         if !self.manager.is_leader() && role == CertRole::Client {
-            if let Some((_, addr)) = self.manager.leader() {
-                if let Ok(channel) = self.manager.tls.channel(&addr) {
-                    let mut client = ControlClient::new(channel);
-                    let call = client.cluster_status(Empty {});
-                    if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), call).await {
-                        let mut st = resp.into_inner();
-                        // Log bounds are per manager: report our own.
-                        let me = self.local_status(bounds);
-                        st.snapshot_index = me.snapshot_index;
-                        st.log_first_index = me.log_first_index;
-                        st.log_last_index = me.log_last_index;
-                        st.last_applied = me.last_applied;
-                        st.answered_by = me.answered_by;
-                        return Ok(Response::new(st));
-                    }
-                }
+            if let Some(mut st) = self.leader_status().await {
+                // Log bounds are per manager: report our own.
+                let me = self.local_status(bounds);
+                st.snapshot_index = me.snapshot_index;
+                st.log_first_index = me.log_first_index;
+                st.log_last_index = me.log_last_index;
+                st.last_applied = me.last_applied;
+                st.answered_by = me.answered_by;
+                return Ok(Response::new(st));
             }
         }
         Ok(Response::new(self.local_status(bounds)))
@@ -434,10 +455,18 @@ impl Control for ControlService {
         authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let leader = self.manager.leader().map(|l| l.0);
-        let nodes = self
-            .manager
-            .store
-            .read(|s| s.nodes.values().map(|n| node_proto(n, leader, self.reachable(n.id))).collect());
+        // Which managers answer is the leader's knowledge: a follower asks
+        // it (the cluster status it forwards), else shows only itself.
+        let known: Option<std::collections::HashSet<String>> = if self.manager.is_leader() {
+            None
+        } else {
+            self.leader_status().await.map(|st| st.members.into_iter().filter(|m| m.reachable).map(|m| m.id).collect())
+        };
+        let reachable = |id: u64| match &known {
+            Some(set) => id == self.manager.id || set.contains(&format_node_id(id)),
+            None => self.reachable(id),
+        };
+        let nodes = self.manager.store.read(|s| s.nodes.values().map(|n| node_proto(n, leader, reachable(n.id))).collect());
         Ok(Response::new(NodeList { nodes }))
     }
 

@@ -47,6 +47,13 @@ fn three_managers_form_a_cluster() -> anyhow::Result<()> {
     assert_eq!(nodes.len(), 3);
     assert_eq!(nodes.iter().filter(|n| n["leader"] == true).count(), 1, "{nodes:?}");
     assert!(nodes.iter().all(|n| n["role"] == "manager" && n["status"] == "ready" && n["availability"] == "active"));
+    // Asked of a follower, every manager is reachable (the leader's view).
+    let follower = (c.leader(0)? + 1) % 3;
+    let nodes = c.cli_ok(follower, &["node", "ls", "--format", "json"])?;
+    assert!(nodes.as_array().is_some_and(|a| a.iter().all(|n| n["reachable"] == true)), "{nodes}");
+    // The commit index is the quorum's, at least what this manager applied.
+    let st = c.cli_ok(follower, &["cluster", "status", "--format", "json"])?;
+    assert!(st["commit_index"].as_u64() >= st["last_applied"].as_u64(), "{st}");
     for key in ["id", "name", "address", "labels"] {
         assert!(nodes[0].get(key).is_some(), "node ls lacks {key}");
     }

@@ -41,6 +41,15 @@ pub fn node_json(n: &Node) -> Value {
         "status": n.status,
         "availability": n.availability,
         "leader": n.leader,
+        // Managers: whether the leader hears from it (Docker's MANAGER
+        // STATUS); workers are not Raft members.
+        "reachable": n.reachable,
+        "manager_status": match (n.role.as_str(), n.leader, n.reachable) {
+            ("manager", true, _) => "leader",
+            ("manager", false, true) => "reachable",
+            ("manager", false, false) => "unreachable",
+            _ => "",
+        },
         "address": n.address,
         "labels": n.labels,
         "nano_cpus": n.nano_cpus,
@@ -66,7 +75,7 @@ pub async fn run(ctx: &Ctx, cmd: NodeCmd) -> anyhow::Result<()> {
                     ("ROLE", "role"),
                     ("STATUS", "status"),
                     ("AVAILABILITY", "availability"),
-                    ("LEADER", "leader"),
+                    ("MANAGER STATUS", "manager_status"),
                     ("ADDRESS", "address"),
                     ("LABELS", "labels"),
                 ],
