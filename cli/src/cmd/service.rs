@@ -565,6 +565,22 @@ impl SpecFlags {
     }
 }
 
+/// `service ls` (and `stack services`): a table with RUNNING/DESIRED, or
+/// the services as JSON.
+pub fn print_services(ctx: &Ctx, list: &[Service]) {
+    let rows: Vec<Value> = list
+        .iter()
+        .map(|s| {
+            let mut v = service_json(s);
+            if ctx.format == output::Format::Table {
+                v["replicas"] = json!(format!("{}/{}", s.replicas_running, s.replicas_desired));
+            }
+            v
+        })
+        .collect();
+    output::list(ctx.format, &rows, &[("ID", "id"), ("NAME", "name"), ("MODE", "mode"), ("REPLICAS", "replicas"), ("IMAGE", "image")]);
+}
+
 pub fn service_json(s: &Service) -> Value {
     let spec = s.spec.clone().unwrap_or_default();
     let limits = spec.limits.clone().unwrap_or_default();
@@ -787,21 +803,7 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
         ServiceCmd::Ls => {
             let mut c = ctx.control().await?;
             let list = c.list_services(Empty {}).await.map_err(rpc_err)?.into_inner().services;
-            let rows: Vec<Value> = list
-                .iter()
-                .map(|s| {
-                    let mut v = service_json(s);
-                    if ctx.format == output::Format::Table {
-                        v["replicas"] = json!(format!("{}/{}", s.replicas_running, s.replicas_desired));
-                    }
-                    v
-                })
-                .collect();
-            output::list(
-                ctx.format,
-                &rows,
-                &[("ID", "id"), ("NAME", "name"), ("MODE", "mode"), ("REPLICAS", "replicas"), ("IMAGE", "image")],
-            );
+            print_services(ctx, &list);
         }
         ServiceCmd::Inspect { service } => {
             let mut c = ctx.control().await?;

@@ -21,7 +21,7 @@ use shoal_manager::spec;
 use shoal_proto::control::*;
 
 use crate::client::{rpc_err, Ctx};
-use crate::cmd::service::{service_json, task_json, TERMINAL};
+use crate::cmd::service::{task_json, TERMINAL};
 use crate::output;
 
 #[derive(Subcommand)]
@@ -330,17 +330,7 @@ async fn services(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
     if list.is_empty() {
         return Err(not_found(name));
     }
-    let rows: Vec<Value> = list
-        .iter()
-        .map(|s| {
-            let mut v = service_json(s);
-            if ctx.format == output::Format::Table {
-                v["replicas"] = json!(format!("{}/{}", s.replicas_running, s.replicas_desired));
-            }
-            v
-        })
-        .collect();
-    output::list(ctx.format, &rows, &[("ID", "id"), ("NAME", "name"), ("MODE", "mode"), ("REPLICAS", "replicas"), ("IMAGE", "image")]);
+    super::service::print_services(ctx, &list);
     Ok(())
 }
 
