@@ -125,6 +125,20 @@ fn the_shop_deploys_updates_refuses_bad_files_and_is_removed() {
         assert!(!out.status.success(), "{file} was accepted");
         assert!(err.contains(place) && err.contains(key), "{file}: {err}");
     }
+    // A port another service publishes: refused before anything is made
+    // (the stack's network and secret included).
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "holder", "--publish", "9999:80", "busybox:latest", "sleep", "1d"]).unwrap();
+    let path = c.dir.join("port-taken.yml");
+    std::fs::write(
+        &path,
+        "services:\n  web:\n    image: busybox:latest\n    ports: [\"9999:80\"]\n    secrets: [s]\nsecrets:\n  s:\n    file: ./port-taken.yml\n",
+    )
+    .unwrap();
+    let out = c.cli(0, &["stack", "deploy", "-c", path.to_str().unwrap(), "bad"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("port 9999/tcp is already published by service \"holder\""), "{err}");
+    assert!(!names(&list(&c, &["secret", "ls"])).iter().any(|n| n.starts_with("bad_")));
+    c.cli_ok(0, &["service", "rm", "holder"]).unwrap();
     assert_eq!(list(&c, &["stack", "ls"]).len(), 1);
     assert_eq!(list(&c, &["service", "ls"]).len(), 3);
     assert!(!names(&list(&c, &["network", "ls"])).iter().any(|n| n.starts_with("bad_")));

@@ -210,6 +210,25 @@ async fn plan<'a>(c: &mut crate::client::Client, stack: &'a Stack, prune: bool) 
     }
 
     let current = c.list_services(Empty {}).await.map_err(rpc_err)?.into_inner().services;
+    // A published port another service holds would fail that service's
+    // create after the rest was made: refused here, before anything is.
+    let ours: HashSet<&str> = stack.services.iter().map(|(_, s)| s.name.as_str()).collect();
+    for (_, wanted) in &stack.services {
+        for p in &wanted.ports {
+            let holder = current.iter().map(spec_of).filter(|o| !ours.contains(o.name.as_str())).find(|o| {
+                o.ports.iter().any(|q| q.published == p.published && q.protocol == p.protocol && (spec::is_ingress(p) || spec::is_ingress(q)))
+            });
+            if let Some(o) = holder {
+                bail!(
+                    "service {}: port {}/{} is already published by service {:?}: change `ports:` or remove that service first",
+                    wanted.name,
+                    p.published,
+                    p.protocol,
+                    o.name
+                );
+            }
+        }
+    }
     for (_, wanted) in &stack.services {
         let action = match current.iter().find(|s| spec_of(s).name == wanted.name) {
             None => ServiceAction::Create(wanted.clone()),
