@@ -165,27 +165,27 @@ impl Volumes {
     /// The cluster volumes on this node with their sizes (host-local ones
     /// are not the cluster's business).
     pub fn list(&self) -> Vec<LocalVolume> {
+        self.cluster_volumes().into_iter().map(|(name, id)| LocalVolume { size: disk_usage(&self.root.join(&name).join("_data")), name, id }).collect()
+    }
+
+    /// The cluster volumes on this node: (name, id), by name.
+    fn cluster_volumes(&self) -> Vec<(String, String)> {
         let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
-        let mut out = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !valid_name(&name) {
-                continue;
-            }
-            let Some(meta) = self.meta(&name) else { continue };
-            if meta.id.is_empty() {
-                continue;
-            }
-            out.push(LocalVolume { size: disk_usage(&e.path().join("_data")), name, id: meta.id });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out: Vec<(String, String)> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| valid_name(name))
+            .filter_map(|name| self.meta(&name).filter(|m| !m.id.is_empty()).map(|m| (name, m.id)))
+            .collect();
+        out.sort();
         out
     }
 
     /// Deletes the cluster volumes with these ids, unless a local task still
     /// mounts one (it goes on a later report).
     pub fn remove_ids(&self, ids: &[String]) {
-        for v in self.list().into_iter().filter(|v| ids.contains(&v.id)) {
+        for (name, id) in self.cluster_volumes().into_iter().filter(|(_, id)| ids.contains(id)) {
+            let v = LocalVolume { size: disk_usage(&self.root.join(&name).join("_data")), name, id };
             if self.used(&v.name) {
                 tracing::debug!(volume = %v.name, "volume removed from the cluster but still mounted by a task here: kept for now");
                 continue;

@@ -97,7 +97,10 @@ fn a_volume_keeps_its_data_and_brings_its_task_back_to_its_node() {
 
     // With volume-nocopy the task may move: drained again, it starts on the
     // other worker, with an empty volume there.
-    c.cli_ok(0, &["service", "update", "--detach", "--mount", "type=volume,src=dbdata,dst=/data,volume-nocopy", "db"]).unwrap();
+    c.cli_ok(0, &["service", "update", "--detach", "--mount-rm", "/data", "--mount-add", "type=volume,src=dbdata,dst=/data,volume-nocopy", "db"]).unwrap();
+    let spec = c.cli_ok(0, &["service", "inspect", "db", "--format", "json"]).unwrap();
+    assert_eq!(spec["mounts"].as_array().map(Vec::len), Some(1), "{spec}");
+    assert_eq!(spec["mounts"][0]["volume_nocopy"], true);
     let updated = running_task(&c, "db", back["id"].as_str().unwrap());
     assert_eq!(updated["node"], node.as_str());
     c.cli_ok(0, &["node", "update", "--availability", "drain", &node]).unwrap();
@@ -148,7 +151,9 @@ fn image_content_bind_tmpfs_readonly_and_refusals() {
             "--mount", "type=volume,src=ro,dst=/ro,readonly",
             "--mount", "type=volume,src=bare,dst=/www2,volume-nocopy",
             "--mount", "type=volume,src=mem,dst=/mem",
-            "busybox:latest", "sleep", "1d",
+            // The entrypoint replaces the image's; the rest are its args.
+            "--entrypoint", "sleep",
+            "busybox:latest", "1d",
         ],
     )
     .unwrap();

@@ -565,6 +565,37 @@ impl SpecFlags {
     }
 }
 
+/// `service ps` (and `stack ps`): a table naming each task NAME.SLOT (or
+/// NAME.NODE for global services), a pending task's reason as its error;
+/// or the tasks as JSON.
+pub fn print_tasks(ctx: &Ctx, tasks: &[Task]) {
+    let rows: Vec<Value> = tasks
+        .iter()
+        .map(|t| {
+            let mut v = task_json(t);
+            if ctx.format == output::Format::Table {
+                v["name"] = json!(format!("{}.{}", t.service, if t.slot > 0 { t.slot.to_string() } else { t.node_id.chars().take(8).collect() }));
+                v["error"] = json!(if t.error.is_empty() && t.state == "pending" { t.message.clone() } else { t.error.clone() });
+            }
+            v
+        })
+        .collect();
+    output::list(
+        ctx.format,
+        &rows,
+        &[
+            ("ID", "id"),
+            ("NAME", "name"),
+            ("IMAGE", "image"),
+            ("NODE", "node"),
+            ("DESIRED", "desired_state"),
+            ("STATE", "state"),
+            ("CPU%", "cpu_pct"),
+            ("ERROR", "error"),
+        ],
+    );
+}
+
 /// `service ls` (and `stack services`): a table with RUNNING/DESIRED, or
 /// the services as JSON.
 pub fn print_services(ctx: &Ctx, list: &[Service]) {
@@ -976,31 +1007,7 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
         ServiceCmd::Ps { service, all } => {
             let mut c = ctx.control().await?;
             let tasks = c.list_tasks(ListTasksRequest { service, all }).await.map_err(rpc_err)?.into_inner().tasks;
-            let rows: Vec<Value> = tasks
-                .iter()
-                .map(|t| {
-                    let mut v = task_json(t);
-                    if ctx.format == output::Format::Table {
-                        v["name"] = json!(format!("{}.{}", t.service, if t.slot > 0 { t.slot.to_string() } else { t.node_id.chars().take(8).collect() }));
-                        v["error"] = json!(if t.error.is_empty() && t.state == "pending" { t.message.clone() } else { t.error.clone() });
-                    }
-                    v
-                })
-                .collect();
-            output::list(
-                ctx.format,
-                &rows,
-                &[
-                    ("ID", "id"),
-                    ("NAME", "name"),
-                    ("IMAGE", "image"),
-                    ("NODE", "node"),
-                    ("DESIRED", "desired_state"),
-                    ("STATE", "state"),
-                    ("CPU%", "cpu_pct"),
-                    ("ERROR", "error"),
-                ],
-            );
+            print_tasks(ctx, &tasks);
         }
         ServiceCmd::Rm { services } => {
             let mut c = ctx.control().await?;

@@ -21,7 +21,7 @@ use shoal_manager::spec;
 use shoal_proto::control::*;
 
 use crate::client::{rpc_err, Ctx};
-use crate::cmd::service::{task_json, TERMINAL};
+use crate::cmd::service::TERMINAL;
 use crate::output;
 
 #[derive(Subcommand)]
@@ -359,32 +359,11 @@ async fn ps(ctx: &Ctx, name: &str, all: bool) -> anyhow::Result<()> {
     if list.is_empty() {
         return Err(not_found(name));
     }
-    let mut rows = Vec::new();
+    let mut tasks = Vec::new();
     for s in &list {
-        let tasks = c.list_tasks(ListTasksRequest { service: s.id.clone(), all }).await.map_err(rpc_err)?.into_inner().tasks;
-        for t in &tasks {
-            let mut v = task_json(t);
-            if ctx.format == output::Format::Table {
-                let slot = if t.slot > 0 { t.slot.to_string() } else { t.node_id.chars().take(8).collect() };
-                v["name"] = json!(format!("{}.{slot}", t.service));
-                v["error"] = json!(if t.error.is_empty() && t.state == "pending" { t.message.clone() } else { t.error.clone() });
-            }
-            rows.push(v);
-        }
+        tasks.extend(c.list_tasks(ListTasksRequest { service: s.id.clone(), all }).await.map_err(rpc_err)?.into_inner().tasks);
     }
-    output::list(
-        ctx.format,
-        &rows,
-        &[
-            ("ID", "id"),
-            ("NAME", "name"),
-            ("IMAGE", "image"),
-            ("NODE", "node"),
-            ("DESIRED", "desired_state"),
-            ("STATE", "state"),
-            ("ERROR", "error"),
-        ],
-    );
+    super::service::print_tasks(ctx, &tasks);
     Ok(())
 }
 

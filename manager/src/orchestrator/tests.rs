@@ -549,6 +549,24 @@ fn rolling_update_replaces_tasks_parallelism_at_a_time() {
 }
 
 #[test]
+fn a_rollback_rolls_out_with_the_rollback_config() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    let mut s = spec("web", 4);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, failure_action: "pause".into(), ..Default::default() });
+    s.rollback = Some(shoal_proto::control::UpdateConfig { parallelism: 4, failure_action: "pause".into(), ..Default::default() });
+    sim.service(s);
+    sim.settle();
+    update_image(&mut sim, "web", "bb:2");
+    assert_eq!(sim.orchestrate().create.len(), 1, "the update goes one at a time");
+    sim.settle();
+    sim.apply(Command::RollbackService { service: "web".into() });
+    let plan = sim.orchestrate();
+    assert_eq!(plan.create.len(), 4, "the rollback goes four at a time");
+    assert!(plan.create.iter().all(|t| t.spec.image == "bb:1"));
+}
+
+#[test]
 fn start_first_updates_keep_the_old_task_until_its_successor_runs() {
     let mut sim = Sim::default();
     sim.nodes(&["a", "b"]);

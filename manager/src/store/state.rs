@@ -939,10 +939,17 @@ mod tests {
             apply(&mut st, id, Command::AddNode { node: NodeObj::new(id, &format!("n{id}"), Role::Worker, "198.18.0.1:7700") }).unwrap();
         }
         let mut spec = ServiceSpec { name: "db".into(), image: "bb:1".into(), mode: "replicated".into(), replicas: 1, ..Default::default() };
-        spec.mounts = vec![Mount { r#type: "volume".into(), source: "data".into(), target: "/data".into(), ..Default::default() }];
+        spec.mounts = vec![Mount {
+            r#type: "volume".into(),
+            source: "data".into(),
+            target: "/data".into(),
+            volume_labels: [("tier".to_string(), "db".to_string())].into(),
+            ..Default::default()
+        }];
         apply(&mut st, 10, Command::CreateService { service: Box::new(ServiceObj::new("s1".into(), spec.clone())) }).unwrap();
         let v = st.volumes.get("data").cloned().unwrap();
         assert_eq!((v.driver.as_str(), v.nodes.len()), ("local", 0));
+        assert_eq!(v.labels.get("tier").map(String::as_str), Some("db"), "volume-label on the mount labels a volume made by first use");
         // Every replica derives the same id for a volume made by first use.
         let mut other = State::default();
         for id in [1, 2] {
