@@ -8,12 +8,12 @@ use std::time::Duration;
 use shoal_overlay::{Overlay, PublishedPort, ServiceEntry};
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_proto::dispatcher::{ServiceRecord, ServicesRequest};
-use shoal_security::tls::NodeTls;
+use shoal_security::Trust;
 use tokio::sync::watch;
 
 pub(crate) struct Discovery {
     pub node_id: u64,
-    pub tls: Arc<NodeTls>,
+    pub tls: Arc<Trust>,
     pub overlay: Arc<Overlay>,
     pub manager: watch::Receiver<Option<String>>,
     pub shutdown: watch::Receiver<bool>,

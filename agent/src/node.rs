@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::agent::agent_server::AgentServer;
-use shoal_security::tls::{incoming, NodeTls};
+use shoal_security::Trust;
 use shoal_security::{Identity, Role};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -79,12 +79,12 @@ pub enum AgentExit {
 
 pub struct Agent {
     cfg: AgentConfig,
-    tls: Arc<NodeTls>,
+    tls: Arc<Trust>,
     executor: Arc<LinuxExecutor>,
 }
 
 impl Agent {
-    pub fn new(cfg: AgentConfig, tls: Arc<NodeTls>) -> Result<Agent, AgentError> {
+    pub fn new(cfg: AgentConfig, tls: Arc<Trust>) -> Result<Agent, AgentError> {
         let executor = Arc::new(LinuxExecutor::new(&cfg.data_dir, &cfg.shoal_bin)?);
         Ok(Agent { cfg, tls, executor })
     }
@@ -96,6 +96,7 @@ impl Agent {
             data_dir: self.cfg.data_dir.clone(),
             shoal_bin: self.cfg.shoal_bin.clone(),
             exec_max_output: self.cfg.exec_max_output,
+            tls: self.tls.clone(),
         })
     }
 
@@ -109,9 +110,8 @@ impl Agent {
         let (tls, service) = (self.tls.clone(), self.service());
         async move {
             tonic::transport::Server::builder()
-                .tls_config(tls.server_config())?
                 .add_service(service)
-                .serve_with_incoming_shutdown(incoming(listener), async move {
+                .serve_with_incoming_shutdown(tls.incoming(listener), async move {
                     // A dropped sender also means stop.
                     let _ = shutdown.wait_for(|s| *s).await;
                 })

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use crate::supervisor::{State, Supervised};
 use shoal_security::pki::CertRole;
-use shoal_security::tls::authorize;
 use shoal_proto::agent::agent_server::Agent;
 use shoal_proto::agent::{ExecRequest, ExecResponse, LogChunk, TaskLogsRequest};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -104,6 +103,8 @@ pub struct AgentService {
     pub(crate) shoal_bin: PathBuf,
     /// How much of each of stdout and stderr `exec` returns.
     pub(crate) exec_max_output: usize,
+    /// Whose certificates are accepted (and which are revoked).
+    pub(crate) tls: std::sync::Arc<shoal_security::Trust>,
 }
 
 fn attach(data_dir: &std::path::Path, id: &str) -> Result<Supervised, Status> {
@@ -117,7 +118,7 @@ impl Agent for AgentService {
     type TaskLogsStream = LogStream;
 
     async fn task_logs(&self, req: Request<TaskLogsRequest>) -> Result<Response<LogStream>, Status> {
-        authorize(&req, &[CertRole::Manager])?;
+        self.tls.authorize(&req, &[CertRole::Manager])?;
         let r = req.into_inner();
         let sup = attach(&self.data_dir, &r.task_id)?;
         let path = sup.log_path();
@@ -169,7 +170,7 @@ impl Agent for AgentService {
     }
 
     async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        authorize(&req, &[CertRole::Manager])?;
+        self.tls.authorize(&req, &[CertRole::Manager])?;
         let r = req.into_inner();
         if r.cmd.is_empty() {
             return Err(Status::invalid_argument("no command given"));

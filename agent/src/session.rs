@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_security::identity::{self, Identity, Role};
-use shoal_security::tls::NodeTls;
+use shoal_security::Trust;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_overlay::{Overlay, PeerConfig};
 use shoal_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, Peer, Resources, ServiceRate, TaskUsage};
@@ -14,7 +14,7 @@ use shoal_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, Peer, Resourc
 pub(crate) struct Session {
     pub data_dir: PathBuf,
     pub node_id: u64,
-    pub tls: Arc<NodeTls>,
+    pub tls: Arc<Trust>,
     pub advertise: String,
     pub managers: Vec<String>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -98,6 +98,13 @@ pub(crate) async fn run(mut s: Session) {
                             Err(e) => tracing::warn!(error = %e, "could not apply the overlay peers; retrying"),
                         }
                     }
+                    if r.revoked_changed {
+                        tracing::info!(revoked = r.revoked.len(), "certificate revocation list updated");
+                        s.tls.set_revoked(r.revoked_version, r.revoked);
+                    }
+                    if !cert.is_empty() && role == Some(s.role) {
+                        renew(&s, &cert);
+                    }
                     if let Some(new_role) = role.filter(|r| *r != s.role && !cert.is_empty()) {
                         match identity::apply_role_change(&s.data_dir, new_role, &cert) {
                             Ok(()) => {
@@ -138,6 +145,25 @@ pub(crate) async fn run(mut s: Session) {
     }
 }
 
+/// Switches to the renewed certificate the managers sent (same key, same
+/// role): new connections present it, and it is on disk for a restart.
+fn renew(s: &Session, cert_pem: &str) {
+    let mut files = s.tls.files();
+    if files.cert_pem == cert_pem {
+        return;
+    }
+    files.cert_pem = cert_pem.to_string();
+    if let Err(e) = s.tls.install(files) {
+        tracing::warn!(error = %e, "the managers sent a certificate this node can't use; keeping the current one");
+        return;
+    }
+    if let Err(e) = identity::write_file(&s.data_dir.join("tls/node.pem"), cert_pem, false) {
+        tracing::warn!(error = %e, "could not save the renewed certificate; it is in use until the next restart");
+    }
+    let me = s.tls.me();
+    tracing::info!(serial = %me.serial, expires_at_ms = me.not_after_ms, "node certificate renewed");
+}
+
 enum HbError {
     Redirect(String),
     Other(String),
@@ -163,6 +189,7 @@ async fn heartbeat(
         usage,
         rates,
         volumes_sent: volumes.is_some(),
+        revoked_version: s.tls.revoked_version(),
         volumes: volumes
             .unwrap_or_default()
             .into_iter()

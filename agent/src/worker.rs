@@ -11,7 +11,7 @@ use crate::executor::{ContainerState, Executor, LinuxExecutor};
 use crate::image::ManifestRefs;
 use shoal_proto::limits::MAX_MANIFEST;
 use crate::spec::{Mount, RunRequest};
-use shoal_security::tls::NodeTls;
+use shoal_security::Trust;
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
 use shoal_proto::dispatcher::{Assignment, AssignmentsRequest, BlobRef, TaskData, TaskStatus, TaskStatusBatch};
 use shoal_overlay::{Attachment, Overlay};
@@ -26,7 +26,7 @@ pub(crate) struct Worker {
     pub node_id: u64,
     pub data_dir: PathBuf,
     pub shoal_bin: PathBuf,
-    pub tls: Arc<NodeTls>,
+    pub tls: Arc<Trust>,
     pub executor: Arc<LinuxExecutor>,
     /// How long a task gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
@@ -50,7 +50,7 @@ struct Ctx {
     node_id: u64,
     data_dir: PathBuf,
     shoal_bin: PathBuf,
-    tls: Arc<NodeTls>,
+    tls: Arc<Trust>,
     executor: Arc<LinuxExecutor>,
     stop_grace: Duration,
     overlay: Option<Arc<Overlay>>,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use shoal_security::tls::NodeTls;
+use shoal_security::Trust;
 use shoal_proto::control::control_client::ControlClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -63,15 +64,9 @@ impl Ctx {
             std::fs::read_to_string(&p).with_context(|| format!("reading client credentials {}", p.display()))
         };
         let tls = NodeTls { ca_pem: read("ca.pem")?, cert_pem: read("cert.pem")?, key_pem: read("key.pem")? };
-        let mut endpoint = shoal_security::tls::endpoint(&self.host)
-            .with_context(|| format!("invalid manager address {:?}", self.host))?;
-        if let Some(t) = timeout {
-            endpoint = endpoint.timeout(t);
-        }
-        let channel = endpoint
-            .tls_config(tls.client_config())
-            .context("client TLS settings")?
-            .connect()
+        let trust = Trust::new(tls).with_context(|| format!("client credentials in {}", self.cert_dir.display()))?;
+        let channel = trust
+            .connect(&self.host, timeout)
             .await
             .with_context(|| format!("cannot reach manager at {}", self.host))?;
         // Listings of big services (100,000 tasks) are tens of MB.

@@ -6,13 +6,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use shoal_agent::join::{join_cluster, JoinParams};
 use shoal_agent::{Agent, AgentConfig, AgentExit, OverlayOpts};
-use shoal_manager::node::{init_identity, InitNode, ManagerConfig, RunningManager};
+use shoal_manager::node::{init_identity, init_pending, InitNode, ManagerConfig, RunningManager};
 use shoal_manager::store::objects::Availability;
 use shoal_manager::DispatcherConfig;
 use shoal_security::identity::load_tls;
@@ -126,7 +125,11 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         if args.init || args.join.is_some() {
             tracing::info!(data_dir = %dir.display(), "data dir holds a node identity: --init/--join ignored, rejoining as that node");
         }
-        (Identity::load(&dir)?, false)
+        let resume = init_pending(&dir);
+        if resume {
+            tracing::info!(data_dir = %dir.display(), "a previous --init did not finish: resuming it");
+        }
+        (Identity::load(&dir)?, resume)
     } else if args.init {
         (init_identity(&dir, args.node_name.as_deref(), &advertise.to_string())?, true)
     } else if let (Some(join), Some(token)) = (&args.join, &args.token) {
@@ -167,7 +170,7 @@ async fn run_node(
     identity: &Identity,
     init: bool,
 ) -> anyhow::Result<AgentExit> {
-    let tls = Arc::new(load_tls(dir)?);
+    let tls = shoal_security::Trust::new(load_tls(dir)?).context("loading the node's TLS material")?;
     tracing::info!(node = %identity.name, id = %format!("{:016x}", identity.id), role = identity.role.as_str(), "node starting");
     let shoal_bin = std::env::current_exe().context("locating the shoal binary")?;
     let mut cfg = AgentConfig::new(dir.to_path_buf(), identity.clone(), shoal_bin);

@@ -37,6 +37,9 @@ enum Command {
     /// Cluster-wide state.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCmd),
+    /// Manage client identities (CLI certificates; admin only).
+    #[command(subcommand, name = "client-cert")]
+    ClientCert(cmd::client_cert::ClientCertCmd),
     /// Show or rotate a join token.
     JoinToken(cmd::cluster::JoinTokenArgs),
     /// Manage nodes.
@@ -147,6 +150,7 @@ async fn dispatch(ctx: client::Ctx, command: Command) -> anyhow::Result<ExitCode
         }
         Command::Exec { task, cmd } => return cmd::service::exec(&ctx, task, cmd).await,
         Command::Cluster(c) => cmd::cluster::run(&ctx, c).await,
+        Command::ClientCert(c) => cmd::client_cert::run(&ctx, c).await,
         Command::JoinToken(a) => cmd::cluster::join_token(&ctx, a).await,
         Command::Node(c) => cmd::node::run(&ctx, c).await,
         Command::Service(c) => cmd::service::run(&ctx, c).await,

@@ -226,7 +226,7 @@ impl Drop for BlobWriter {
 
 /// Fetches `digest` from the manager at `addr` into `store`.
 pub async fn fetch_from(
-    tls: &shoal_security::tls::NodeTls,
+    tls: &std::sync::Arc<shoal_security::Trust>,
     store: &BlobStore,
     addr: &str,
     digest: &str,

@@ -13,12 +13,11 @@ use tonic::{Request, Response, Status};
 use crate::manager::{Manager, ProposeError};
 use shoal_security::pki::{self, CertRole};
 use crate::spec::{self, SpecError};
-use crate::store::objects::{Availability, NodeObj, Role, ServiceObj};
+use crate::store::objects::{Availability, ClientObj, IssuedCert, NodeObj, Role, ServiceObj};
 use crate::store::state::format_node_id;
 use crate::store::objects::{DataKind, DataObj, ImageObj, NetworkObj, VolumeObj};
 use crate::store::task::{TaskObj, TaskState};
 use crate::store::{ApplyError, Command, NodePatch, State};
-use shoal_security::tls::authorize;
 
 /// A peer counts as reachable if it answered a Raft RPC this recently.
 const REACHABLE_WITHIN: Duration = Duration::from_secs(2);
@@ -60,6 +59,33 @@ fn spec_status(e: SpecError) -> Status {
 }
 
 const CLIENTS: &[CertRole] = &[CertRole::Client, CertRole::Manager];
+
+fn settings(c: &crate::store::objects::ClusterObj) -> ClusterSettings {
+    ClusterSettings { cert_expiry_ms: c.cert_expiry().as_millis() as u64 }
+}
+
+fn client_proto(c: &ClientObj) -> ClientCert {
+    ClientCert {
+        name: c.name.clone(),
+        serial: c.cert.serial.clone(),
+        created_at_ms: c.created_at_ms,
+        expires_at_ms: c.cert.expires_ms,
+        cert_pem: String::new(),
+        ca_pem: String::new(),
+    }
+}
+
+/// Only the cluster's admin identity (the one `--init` wrote) manages
+/// client identities, so a leaked operator certificate can't mint more.
+fn require_admin(caller: &(String, CertRole)) -> Result<(), Status> {
+    if caller.1 == CertRole::Client && caller.0 != crate::node::ADMIN_CLIENT {
+        return Err(Status::permission_denied(format!(
+            "client {:?} may not manage client certificates: only the admin identity (DATA/client/ of the first manager) may",
+            caller.0
+        )));
+    }
+    Ok(())
+}
 
 pub fn task_proto(t: &TaskObj, state: &State, metrics: &crate::metrics::Metrics) -> Task {
     Task {
@@ -384,6 +410,7 @@ impl ControlService {
             log_first_index: first,
             log_last_index: last,
             answered_by: name(self.manager.id),
+            settings: self.manager.store.read(|s| s.cluster.as_ref().map(settings)),
         }
     }
 }
@@ -406,7 +433,7 @@ fn commit_index(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn cluster_status(&self, req: Request<Empty>) -> Result<Response<ClusterStatusResponse>, Status> {
-        let (_, role) = authorize(&req, CLIENTS)?;
+        let (_, role) = self.manager.tls.authorize(&req, CLIENTS)?;
         let bounds = self.manager.log_bounds().await;
         // Only the leader knows which peers answer; a follower asks it, and
         // falls back to its own view when the leader is out of reach. A
@@ -426,8 +453,85 @@ impl Control for ControlService {
         Ok(Response::new(self.local_status(bounds)))
     }
 
+    async fn update_cluster(&self, req: Request<UpdateClusterRequest>) -> Result<Response<ClusterSettings>, Status> {
+        self.manager.tls.authorize(&req, CLIENTS)?;
+        let r = req.into_inner();
+        let mut cert_expiry_ms = None;
+        if r.cert_expiry_ms != 0 {
+            let d = Duration::from_millis(r.cert_expiry_ms);
+            if d < pki::MIN_CERT_EXPIRY {
+                return Err(Status::invalid_argument(format!(
+                    "--cert-expiry {}s is too short: at least {}s (nodes renew at two thirds of it)",
+                    d.as_secs(),
+                    pki::MIN_CERT_EXPIRY.as_secs()
+                )));
+            }
+            if d > Duration::from_secs(10 * 365 * 24 * 3600) {
+                return Err(Status::invalid_argument("--cert-expiry is longer than ten years"));
+            }
+            cert_expiry_ms = Some(r.cert_expiry_ms);
+        }
+        if cert_expiry_ms.is_none() {
+            return Err(Status::invalid_argument("nothing to update: give --cert-expiry"));
+        }
+        self.manager.propose(Command::UpdateCluster { cert_expiry_ms }).await.map_err(status)?;
+        if let Some(ms) = cert_expiry_ms {
+            tracing::info!(cert_expiry_s = ms / 1000, "node certificate validity changed; nodes renew on their next heartbeats");
+        }
+        let c = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
+        Ok(Response::new(settings(&c)))
+    }
+
+    async fn create_client_cert(&self, req: Request<CreateClientCertRequest>) -> Result<Response<ClientCert>, Status> {
+        let caller = self.manager.tls.authorize(&req, CLIENTS)?;
+        require_admin(&caller)?;
+        let r = req.into_inner();
+        spec::validate_name("client name", &r.name).map_err(spec_status)?;
+        if self.manager.store.read(|s| s.clients.contains_key(&r.name)) {
+            return Err(Status::already_exists(format!("client certificate {:?} already exists", r.name)));
+        }
+        let expiry = match r.expiry_ms {
+            0 => pki::DEFAULT_CLIENT_EXPIRY,
+            ms if Duration::from_millis(ms) < pki::MIN_CERT_EXPIRY => {
+                return Err(Status::invalid_argument(format!("--expiry is too short: at least {}s", pki::MIN_CERT_EXPIRY.as_secs())));
+            }
+            ms => Duration::from_millis(ms),
+        };
+        let cluster = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
+        let signed = pki::sign_csr(&cluster.ca(), &r.csr_pem, &r.name, CertRole::Client, expiry)
+            .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
+        let client = ClientObj {
+            name: r.name.clone(),
+            cert: IssuedCert { serial: signed.serial.clone(), role: CertRole::Client.as_str().into(), expires_ms: signed.expires_ms },
+            created_at_ms: 0,
+        };
+        self.manager.propose(Command::CreateClient { client }).await.map_err(status)?;
+        tracing::info!(client = %r.name, serial = %signed.serial, "client certificate issued");
+        let c = self.manager.store.read(|s| s.clients.get(&r.name).cloned()).ok_or_else(|| Status::not_found("client certificate removed meanwhile"))?;
+        Ok(Response::new(ClientCert { cert_pem: signed.cert_pem, ca_pem: cluster.ca_cert_pem, ..client_proto(&c) }))
+    }
+
+    async fn list_client_certs(&self, req: Request<Empty>) -> Result<Response<ClientCertList>, Status> {
+        self.manager.tls.authorize(&req, CLIENTS)?;
+        self.consistent(&req).await?;
+        let certs = self.manager.store.read(|s| s.clients.values().map(client_proto).collect());
+        Ok(Response::new(ClientCertList { certs }))
+    }
+
+    async fn remove_client_cert(&self, req: Request<ClientCertRef>) -> Result<Response<Empty>, Status> {
+        let caller = self.manager.tls.authorize(&req, CLIENTS)?;
+        require_admin(&caller)?;
+        let name = req.into_inner().name;
+        if name == crate::node::ADMIN_CLIENT {
+            return Err(Status::failed_precondition("the admin identity can't be removed: it is how the cluster is managed"));
+        }
+        self.manager.propose(Command::RemoveClient { name: name.clone() }).await.map_err(status)?;
+        tracing::info!(client = %name, "client certificate removed and revoked");
+        Ok(Response::new(Empty {}))
+    }
+
     async fn join_token(&self, req: Request<JoinTokenRequest>) -> Result<Response<JoinTokenResponse>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         let role = match r.role.as_str() {
             "worker" => Role::Worker,
@@ -452,7 +556,7 @@ impl Control for ControlService {
     }
 
     async fn list_nodes(&self, req: Request<Empty>) -> Result<Response<NodeList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let leader = self.manager.leader().map(|l| l.0);
         // Which managers answer is the leader's knowledge: a follower asks
@@ -471,13 +575,13 @@ impl Control for ControlService {
     }
 
     async fn inspect_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         Ok(Response::new(self.read_node(&req.get_ref().node)?))
     }
 
     async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> Result<Response<Empty>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         let id = self.manager.store.read(|s| s.resolve_node(&r.node)).map_err(apply_status)?;
         self.manager.propose(Command::RemoveNode { id, force: r.force }).await.map_err(status)?;
@@ -486,7 +590,7 @@ impl Control for ControlService {
     }
 
     async fn promote_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let what = req.into_inner().node;
         let (id, role, csr, node_status) = self.manager.store.read(|s| {
             let id = s.resolve_node(&what).map_err(apply_status)?;
@@ -509,7 +613,7 @@ impl Control for ControlService {
     }
 
     async fn demote_node(&self, req: Request<NodeRef>) -> Result<Response<Node>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let what = req.into_inner().node;
         let (id, role, managers) = self.manager.store.read(|s| {
             let id = s.resolve_node(&what).map_err(apply_status)?;
@@ -537,7 +641,7 @@ impl Control for ControlService {
     }
 
     async fn update_node(&self, req: Request<UpdateNodeRequest>) -> Result<Response<Node>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         let id = self.manager.store.read(|s| s.resolve_node(&r.node)).map_err(apply_status)?;
         let availability = match r.availability.as_str() {
@@ -558,7 +662,7 @@ impl Control for ControlService {
     }
 
     async fn create_service(&self, req: Request<CreateServiceRequest>) -> Result<Response<Service>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let mut spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("missing service spec"))?;
         spec::validate_service_spec(&spec).map_err(spec_status)?;
         self.check_image(&mut spec)?;
@@ -574,7 +678,7 @@ impl Control for ControlService {
     }
 
     async fn list_services(&self, req: Request<Empty>) -> Result<Response<ServiceList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let services = self
             .manager
@@ -584,13 +688,13 @@ impl Control for ControlService {
     }
 
     async fn inspect_service(&self, req: Request<ServiceRef>) -> Result<Response<Service>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         Ok(Response::new(self.read_service(&req.get_ref().service)?))
     }
 
     async fn update_service(&self, req: Request<UpdateServiceRequest>) -> Result<Response<Service>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         let mut spec = r.spec.ok_or_else(|| Status::invalid_argument("missing service spec"))?;
         spec::validate_service_spec(&spec).map_err(spec_status)?;
@@ -608,7 +712,7 @@ impl Control for ControlService {
     }
 
     async fn rollback_service(&self, req: Request<ServiceRef>) -> Result<Response<Service>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let what = req.into_inner().service;
         let id = self.manager.store.read(|s| s.resolve_service(&what)).map_err(apply_status)?;
         self.manager.propose(Command::RollbackService { service: id.clone() }).await.map_err(status)?;
@@ -618,7 +722,7 @@ impl Control for ControlService {
     }
 
     async fn scale_services(&self, req: Request<ScaleRequest>) -> Result<Response<ServiceList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let items: Vec<(String, u64)> = req.into_inner().items.into_iter().map(|i| (i.service, i.replicas)).collect();
         if items.is_empty() {
             return Err(Status::invalid_argument("nothing to scale: expected SERVICE=REPLICAS"));
@@ -639,7 +743,7 @@ impl Control for ControlService {
     }
 
     async fn remove_services(&self, req: Request<RemoveServicesRequest>) -> Result<Response<Empty>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let services = req.into_inner().services;
         if services.is_empty() {
             return Err(Status::invalid_argument("no service named"));
@@ -649,7 +753,7 @@ impl Control for ControlService {
     }
 
     async fn list_tasks(&self, req: Request<ListTasksRequest>) -> Result<Response<TaskList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let r = req.into_inner();
         let tasks = self.manager.store.read(|s| {
@@ -668,7 +772,7 @@ impl Control for ControlService {
     }
 
     async fn missing_blobs(&self, req: Request<BlobList>) -> Result<Response<BlobList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let digests = req.into_inner().digests;
         if digests.len() > crate::blobs::MAX_IMAGE_BLOBS {
             return Err(Status::invalid_argument(format!(
@@ -688,7 +792,7 @@ impl Control for ControlService {
     }
 
     async fn push_blob(&self, req: Request<tonic::Streaming<BlobUpload>>) -> Result<Response<BlobList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty blob upload"))?;
         let digest = first.digest;
@@ -708,7 +812,7 @@ impl Control for ControlService {
     }
 
     async fn put_image(&self, req: Request<PutImageRequest>) -> Result<Response<Image>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         spec::validate_image(&r.reference).map_err(spec_status)?;
         let reference = if r.reference.contains(':') || r.reference.contains('@') {
@@ -738,7 +842,7 @@ impl Control for ControlService {
     }
 
     async fn create_network(&self, req: Request<CreateNetworkRequest>) -> Result<Response<Network>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         spec::validate_name("network name", &r.name).map_err(spec_status)?;
         if r.name == spec::INGRESS_NETWORK {
@@ -768,20 +872,20 @@ impl Control for ControlService {
     }
 
     async fn list_networks(&self, req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let networks = self.manager.store.read(|s| s.networks.values().map(|n| network_proto(n, s)).collect());
         Ok(Response::new(NetworkList { networks }))
     }
 
     async fn inspect_network(&self, req: Request<NetworkRef>) -> Result<Response<Network>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         Ok(Response::new(self.read_network(&req.into_inner().name)?))
     }
 
     async fn remove_network(&self, req: Request<NetworkRef>) -> Result<Response<Empty>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let name = req.into_inner().name;
         self.manager.propose(Command::RemoveNetwork { name: name.clone() }).await.map_err(status)?;
         tracing::info!(network = %name, "network removed");
@@ -789,7 +893,7 @@ impl Control for ControlService {
     }
 
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<Volume>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         spec::validate_name("volume name", &r.name).map_err(spec_status)?;
         if !["", "local"].contains(&r.driver.as_str()) {
@@ -814,20 +918,20 @@ impl Control for ControlService {
     }
 
     async fn list_volumes(&self, req: Request<Empty>) -> Result<Response<VolumeList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let volumes = self.manager.store.read(|s| s.volumes.values().map(|v| volume_proto(v, s)).collect());
         Ok(Response::new(VolumeList { volumes }))
     }
 
     async fn inspect_volume(&self, req: Request<VolumeRef>) -> Result<Response<Volume>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         Ok(Response::new(self.read_volume(&req.into_inner().name)?))
     }
 
     async fn remove_volume(&self, req: Request<RemoveVolumeRequest>) -> Result<Response<Empty>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         self.manager.propose(Command::RemoveVolume { name: r.name.clone(), force: r.force }).await.map_err(status)?;
         tracing::info!(volume = %r.name, force = r.force, "volume removed: the nodes holding its data delete it");
@@ -835,7 +939,7 @@ impl Control for ControlService {
     }
 
     async fn prune_volumes(&self, req: Request<Empty>) -> Result<Response<VolumeList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         // Volumes no service mounts; each removal is checked again when it
         // applies (a service may have taken one meanwhile).
         let candidates: Vec<Volume> = self.manager.store.read(|s| {
@@ -860,7 +964,7 @@ impl Control for ControlService {
     }
 
     async fn create_data(&self, req: Request<CreateDataRequest>) -> Result<Response<DataObject>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         let kind = data_kind(&r.kind)?;
         let what = match kind {
@@ -894,7 +998,7 @@ impl Control for ControlService {
     }
 
     async fn list_data(&self, req: Request<DataListRequest>) -> Result<Response<DataList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let kind = data_kind(&req.into_inner().kind)?;
         let items = self.manager.store.read(|s| s.data(kind).values().map(|d| data_proto(kind, d, s, false)).collect());
@@ -902,14 +1006,14 @@ impl Control for ControlService {
     }
 
     async fn inspect_data(&self, req: Request<DataRef>) -> Result<Response<DataObject>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let r = req.into_inner();
         Ok(Response::new(self.read_data(data_kind(&r.kind)?, &r.name, true)?))
     }
 
     async fn remove_data(&self, req: Request<DataRef>) -> Result<Response<Empty>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         let kind = data_kind(&r.kind)?;
         self.manager.propose(Command::RemoveData { kind, name: r.name.clone() }).await.map_err(status)?;
@@ -918,14 +1022,14 @@ impl Control for ControlService {
     }
 
     async fn list_images(&self, req: Request<Empty>) -> Result<Response<ImageList>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         self.consistent(&req).await?;
         let images = self.manager.store.read(|s| s.images.values().map(image_proto).collect());
         Ok(Response::new(ImageList { images }))
     }
 
     async fn remove_image(&self, req: Request<ImageRef>) -> Result<Response<Empty>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let reference = req.into_inner().reference;
         let reference = self
             .manager
@@ -946,7 +1050,7 @@ impl Control for ControlService {
     type ServiceLogsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLine, Status>> + Send>>;
 
     async fn service_logs(&self, req: Request<ServiceLogsRequest>) -> Result<Response<Self::ServiceLogsStream>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         let service_id = self.manager.store.read(|s| s.resolve_service(&r.service)).map_err(apply_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -955,7 +1059,7 @@ impl Control for ControlService {
     }
 
     async fn exec(&self, req: Request<ExecTaskRequest>) -> Result<Response<ExecTaskResponse>, Status> {
-        authorize(&req, CLIENTS)?;
+        self.manager.tls.authorize(&req, CLIENTS)?;
         let r = req.into_inner();
         if r.cmd.is_empty() {
             return Err(Status::invalid_argument("no command given"));
@@ -966,14 +1070,14 @@ impl Control for ControlService {
                 return Err(Status::failed_precondition(format!("task {} is {}, not running", r.task, t.state.as_str())));
             }
             let node = t.node_id.and_then(|n| s.nodes.get(&n)).ok_or_else(|| Status::unavailable("the task's node is gone"))?;
-            Ok((t.id.clone(), node.address.clone()))
+            Ok((t.id.clone(), (node.address.clone(), format_node_id(node.id))))
         })?;
-        let channel = self.manager.tls.channel(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        let channel = self.manager.tls.node_channel(&addr.0, &addr.1).map_err(|e| Status::unavailable(e.to_string()))?;
         let resp = shoal_proto::agent::agent_client::AgentClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .exec(shoal_proto::agent::ExecRequest { task_id, cmd: r.cmd })
             .await
-            .map_err(|s| Status::new(s.code(), format!("agent at {addr}: {}", s.message())))?
+            .map_err(|s| Status::new(s.code(), format!("agent at {}: {}", addr.0, s.message())))?
             .into_inner();
         Ok(Response::new(ExecTaskResponse { exit_code: resp.exit_code, stdout: resp.stdout, stderr: resp.stderr }))
     }

@@ -21,12 +21,12 @@ use tonic::{Request, Response, Status};
 
 use crate::control::status;
 use crate::manager::Manager;
-use shoal_security::pki::CertRole;
-use crate::store::objects::{DataKind, NodeStatus, Role};
+use shoal_security::pki::{self as pki, CertRole, PeerCert};
+use shoal_security::trust::Peer as Caller;
+use crate::store::objects::{DataKind, IssuedCert, NodeObj, NodeStatus, Role};
 use crate::store::state::format_node_id;
 use crate::store::task::{TaskObj, TaskState, TaskUpdate};
 use crate::store::{Change, Command, NodePatch, State};
-use shoal_security::tls::authorize;
 
 /// Dispatcher timing.
 #[derive(Clone, Copy, Debug)]
@@ -361,7 +361,7 @@ impl Dispatcher for DispatcherService {
     type FetchBlobStream = Stream_<BlobChunk>;
 
     async fn assignments(&self, req: Request<AssignmentsRequest>) -> Result<Response<Self::AssignmentsStream>, Status> {
-        let (caller, _) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        let (caller, _) = self.manager.tls.authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
         let node = req.get_ref().node_id;
         if caller != format_node_id(node) {
             return Err(Status::permission_denied("a node may only read its own assignments"));
@@ -374,7 +374,7 @@ impl Dispatcher for DispatcherService {
     type ServicesStream = Stream_<ServiceView>;
 
     async fn services(&self, req: Request<ServicesRequest>) -> Result<Response<Self::ServicesStream>, Status> {
-        let (caller, _) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        let (caller, _) = self.manager.tls.authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
         if caller != format_node_id(req.get_ref().node_id) {
             return Err(Status::permission_denied("a node may only follow the service view for itself"));
         }
@@ -384,7 +384,7 @@ impl Dispatcher for DispatcherService {
     }
 
     async fn update_task_status(&self, req: Request<TaskStatusBatch>) -> Result<Response<TaskStatusAck>, Status> {
-        let (caller, _) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        let (caller, _) = self.manager.tls.authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
         let batch = req.into_inner();
         if caller != format_node_id(batch.node_id) {
             return Err(Status::permission_denied("a node may only report on its own tasks"));
@@ -415,7 +415,7 @@ impl Dispatcher for DispatcherService {
     }
 
     async fn fetch_blob(&self, req: Request<BlobRef>) -> Result<Response<Self::FetchBlobStream>, Status> {
-        authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        self.manager.tls.authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
         let digest = req.into_inner().digest;
         let path = self.manager.blobs.path(&digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut file = tokio::fs::File::open(&path)
@@ -443,9 +443,9 @@ impl Dispatcher for DispatcherService {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let (caller, cert_role) = authorize(&req, &[CertRole::Manager, CertRole::Worker])?;
+        let peer = self.manager.tls.authorize_peer(&req, &[CertRole::Manager, CertRole::Worker])?;
         let r = req.into_inner();
-        if caller != format_node_id(r.node_id) {
+        if peer.cert.subject != format_node_id(r.node_id) {
             return Err(Status::permission_denied("a node may only heartbeat for itself"));
         }
         if !self.manager.is_leader() {
@@ -460,6 +460,21 @@ impl Dispatcher for DispatcherService {
         let Some(node) = node else {
             return Err(Status::not_found("this node was removed from the cluster"));
         };
+        if peer.revoked {
+            // A node whose role changed holds a revoked certificate: all it
+            // may do is pick up its replacement (for the key it holds, with
+            // the role the cluster gave it).
+            let cert_pem = self.node_cert(&node, &peer).await?;
+            if cert_pem.is_empty() {
+                return Err(shoal_security::trust::revoked_status(&peer.cert));
+            }
+            return Ok(Response::new(HeartbeatResponse {
+                period_ms: self.config.period.as_millis() as u64,
+                role: node.role.as_str().into(),
+                cert_pem,
+                ..Default::default()
+            }));
+        }
         self.seen().insert(r.node_id, Instant::now());
         let resources = r.resources.map(|x| (x.nano_cpus, x.memory_bytes));
         let changed_resources = resources.is_some_and(|x| x != (node.nano_cpus, node.memory_bytes));
@@ -489,21 +504,7 @@ impl Dispatcher for DispatcherService {
         let managers = self.manager.store.read(|s| {
             s.nodes.values().filter(|n| n.role == Role::Manager).map(|n| n.address.clone()).collect()
         });
-        // After `node promote|demote`, hand the node a certificate with its
-        // new role, signed for the key it joined with.
-        let want = match node.role {
-            Role::Manager => CertRole::Manager,
-            Role::Worker => CertRole::Worker,
-        };
-        let cert_pem = if want != cert_role && !node.csr_pem.is_empty() {
-            let ca = self.manager.store.read(|s| {
-                s.cluster.as_ref().map(|c| shoal_security::pki::CertKey { cert_pem: c.ca_cert_pem.clone(), key_pem: c.ca_key_pem.clone() })
-            });
-            let ca = ca.ok_or_else(|| Status::unavailable("cluster not initialized"))?;
-            shoal_security::pki::sign_csr(&ca, &node.csr_pem, &caller, want).map_err(|e| Status::internal(e.to_string()))?
-        } else {
-            String::new()
-        };
+        let cert_pem = self.node_cert(&node, &peer).await?;
         // A node speaks only for its own tasks and for services that exist
         // (a misbehaving one can't inflate another node's load).
         let (usage, rates) = self.manager.store.read(|s| {
@@ -518,6 +519,11 @@ impl Dispatcher for DispatcherService {
             (v, p, s.address_pool().to_string())
         });
         let peers_changed = peers_version != r.peers_version;
+        let (revoked_version, revoked) = self.manager.store.read(|s| {
+            let changed = s.revoked_version != r.revoked_version;
+            (s.revoked_version, if changed { s.revoked.keys().cloned().collect() } else { Vec::new() })
+        });
+        let revoked_changed = revoked_version != r.revoked_version;
         Ok(Response::new(HeartbeatResponse {
             period_ms: self.config.period.as_millis() as u64,
             managers,
@@ -528,11 +534,55 @@ impl Dispatcher for DispatcherService {
             peers: if peers_changed { peers } else { Vec::new() },
             address_pool: if peers_changed { address_pool } else { String::new() },
             remove_volumes,
+            revoked_version,
+            revoked_changed,
+            revoked,
         }))
     }
 }
 
 impl DispatcherService {
+    /// The certificate a heartbeating node should switch to, or "" when
+    /// the one it presented is fine: after `node promote|demote` one with
+    /// the new role, and a renewal once two thirds of its life are gone
+    /// (or the cluster's `--cert-expiry` shrank below it). Signed for the
+    /// key the node joined with; recorded, so revocation can name it and
+    /// a node that asks again before switching gets the same one.
+    async fn node_cert(&self, node: &NodeObj, peer: &Caller) -> Result<String, Status> {
+        let presented = &peer.cert;
+        let want = match node.role {
+            Role::Manager => CertRole::Manager,
+            Role::Worker => CertRole::Worker,
+        };
+        let cluster = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized"))?;
+        let expiry = cluster.cert_expiry();
+        let now = crate::manager::now_ms();
+        let fine = |c: &PeerCert| c.role == want && !pki::renewal_due(c.not_before_ms, c.not_after_ms, now, expiry);
+        if !peer.revoked && fine(presented) {
+            return Ok(String::new());
+        }
+        if !node.cert_pem.is_empty()
+            && let Ok(latest) = pki::pem_identity(&node.cert_pem)
+            && latest.serial != presented.serial
+            && fine(&latest)
+        {
+            return Ok(node.cert_pem.clone());
+        }
+        if node.csr_pem.is_empty() {
+            return Ok(String::new());
+        }
+        let signed = pki::sign_csr(&cluster.ca(), &node.csr_pem, &presented.subject, want, expiry)
+            .map_err(|e| Status::internal(format!("signing node {}'s certificate: {e}", node.name)))?;
+        let cert = IssuedCert { serial: signed.serial.clone(), role: want.as_str().into(), expires_ms: signed.expires_ms };
+        self.manager
+            .propose(Command::RecordCert { node: node.id, cert, cert_pem: signed.cert_pem.clone() })
+            .await
+            .map_err(status)?;
+        let why = if presented.role == want { "renewal" } else { "role change" };
+        tracing::info!(node = %node.name, serial = %signed.serial, role = want.as_str(), reason = why, valid_for_s = expiry.as_secs(), "issued the node a new certificate");
+        Ok(signed.cert_pem)
+    }
+
     /// Records a node's volume sizes when they changed (by more than a
     /// little: a database's volume grows all the time); answers with the
     /// ids of the volumes it holds that the cluster no longer has.

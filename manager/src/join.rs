@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status};
 
 use crate::control::status;
 use crate::manager::Manager;
-use shoal_security::pki::{self, CertKey, CertRole};
+use shoal_security::pki::{self, CertRole};
 use crate::spec;
-use crate::store::objects::{Availability, NodeObj, Role};
+use crate::store::objects::{Availability, IssuedCert, NodeObj, Role};
 use crate::store::state::format_node_id;
 use crate::store::Command;
 
@@ -30,7 +30,7 @@ impl Join for JoinService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let r = req.into_inner();
         let token = pki::parse_token(&r.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (ca, role) = self.manager.store.read(|s| {
+        let (ca, role, expiry) = self.manager.store.read(|s| {
             let c = s.cluster.as_ref().ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
             let fp = pki::fingerprint(&c.ca_cert_pem).map_err(|e| Status::internal(e.to_string()))?;
             if !pki::secret_eq(&fp, &token.ca_fingerprint) {
@@ -43,7 +43,7 @@ impl Join for JoinService {
             } else {
                 return Err(Status::permission_denied("join token is not valid (forged, or rotated since it was issued)"));
             };
-            Ok((CertKey { cert_pem: c.ca_cert_pem.clone(), key_pem: c.ca_key_pem.clone() }, role))
+            Ok((c.ca(), role, c.cert_expiry()))
         })?;
         let availability = match r.availability.as_str() {
             "" => Availability::Active,
@@ -60,12 +60,15 @@ impl Join for JoinService {
             Role::Manager => CertRole::Manager,
             Role::Worker => CertRole::Worker,
         };
-        let cert_pem = pki::sign_csr(&ca, &r.csr_pem, &format_node_id(id), cert_role)
+        let signed = pki::sign_csr(&ca, &r.csr_pem, &format_node_id(id), cert_role, expiry)
             .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
+        let cert_pem = signed.cert_pem.clone();
         let node = NodeObj {
             availability,
             labels: r.labels.into_iter().collect(),
             csr_pem: r.csr_pem,
+            certs: vec![IssuedCert { serial: signed.serial, role: cert_role.as_str().into(), expires_ms: signed.expires_ms }],
+            cert_pem: signed.cert_pem,
             ..NodeObj::new(id, &name, role, &r.advertise_addr)
         };
         self.manager.propose(Command::AddNode { node }).await.map_err(status)?;

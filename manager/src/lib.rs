@@ -29,7 +29,6 @@ use shoal_proto::dispatcher::dispatcher_server::DispatcherServer;
 use shoal_proto::join::join_server::JoinServer;
 use shoal_proto::raft::raft_server::RaftServer;
 use tokio::net::TcpListener;
-use shoal_security::tls::incoming;
 
 pub use dispatcher::{DispatcherConfig, DispatcherService};
 pub use manager::Manager;
@@ -55,7 +54,6 @@ pub async fn serve(
     const MAX_MSG: usize = 256 << 20;
     let mut stop = shutdown.clone();
     tonic::transport::Server::builder()
-        .tls_config(manager.tls.server_config())?
         .add_routes(agent)
         .add_service(ControlServer::new(control::ControlService::new(manager.clone())))
         .add_service(
@@ -65,7 +63,7 @@ pub async fn serve(
         )
         .add_service(JoinServer::new(join::JoinService::new(manager.clone())))
         .add_service(DispatcherServer::new(dispatcher))
-        .serve_with_incoming_shutdown(incoming(listener), async move {
+        .serve_with_incoming_shutdown(manager.tls.incoming(listener), async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await

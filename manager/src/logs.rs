@@ -53,13 +53,14 @@ pub async fn stream_service(
     let mut started: HashSet<String> = HashSet::new();
     let mut parts = tokio::task::JoinSet::new();
     loop {
-        let tasks: Vec<(String, String, String, String)> = manager.store.read(|s| {
+        let tasks: Vec<(String, String, String, (String, String))> = manager.store.read(|s| {
             s.tasks
                 .values()
                 .filter(|t| t.service_id == service_id && t.state >= crate::store::task::TaskState::Starting)
                 .filter_map(|t| {
                     let node = s.nodes.get(&t.node_id?)?;
-                    Some((t.id.clone(), crate::scheduler::task_name(t), node.name.clone(), node.address.clone()))
+                    let at = (node.address.clone(), crate::store::state::format_node_id(node.id));
+                    Some((t.id.clone(), crate::scheduler::task_name(t), node.name.clone(), at))
                 })
                 .collect()
         });
@@ -93,11 +94,11 @@ async fn stream_task(
     task_id: String,
     name: String,
     node: String,
-    addr: String,
+    (addr, node_id): (String, String),
     follow: bool,
     tx: mpsc::Sender<Result<LogLine, Status>>,
 ) {
-    let Ok(channel) = manager.tls.channel(&addr) else { return };
+    let Ok(channel) = manager.tls.node_channel(&addr, &node_id) else { return };
     let stream = AgentClient::new(channel)
         .max_decoding_message_size(8 << 20)
         .task_logs(TaskLogsRequest { task_id: task_id.clone(), follow })

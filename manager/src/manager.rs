@@ -19,7 +19,7 @@ use crate::raft::{self, NodeId, Raft};
 use crate::store::command::{MAX_ENTRY_BYTES, encoded_len};
 use crate::store::{Applied, ApplyError, Command, Outcome, Request, Store};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use shoal_security::tls::NodeTls;
+use shoal_security::Trust;
 
 /// How long a write may wait for a quorum before the caller is told it was
 /// not committed. A partitioned manager must answer with an error, not hang.
@@ -65,7 +65,7 @@ pub struct Manager {
     pub id: NodeId,
     pub raft: Raft,
     pub store: Store,
-    pub tls: Arc<NodeTls>,
+    pub tls: Arc<Trust>,
     pub health: PeerHealth,
     log: LogStore,
     sm: StateMachine,
@@ -100,7 +100,7 @@ pub fn now_ms() -> u64 {
 impl Manager {
     /// Opens (or creates) the Raft database under `data_dir` and starts the
     /// Raft node. A node restarted on the same data dir rejoins as itself.
-    pub async fn open(id: NodeId, data_dir: &Path, tls: Arc<NodeTls>) -> Result<Arc<Self>, ManagerError> {
+    pub async fn open(id: NodeId, data_dir: &Path, tls: Arc<Trust>) -> Result<Arc<Self>, ManagerError> {
         let path = data_dir.join("raft.redb");
         let db = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -118,6 +118,12 @@ impl Manager {
         }
         let db = Arc::new(db);
         let store = Store::new();
+        // Every server method (this node's Agent service too) refuses the
+        // certificates the replicated state revokes.
+        tls.set_revocation_check({
+            let store = store.clone();
+            Arc::new(move |serial: &str| store.read(|s| s.is_revoked(serial)))
+        });
         let log = LogStore::new(db.clone())?;
         let sm = StateMachine::open(db, store.clone())?;
         let health = PeerHealth::default();
@@ -134,7 +140,14 @@ impl Manager {
     pub async fn bootstrap(&self, advertise: &str) -> Result<(), ProposeError> {
         let mut members = BTreeMap::new();
         members.insert(self.id, BasicNode { addr: advertise.to_string() });
-        self.raft.initialize(members).await.map_err(|e| ProposeError::Raft(e.to_string()))?;
+        match self.raft.initialize(members).await {
+            Ok(()) => {}
+            // A restart of an `--init` that crashed after this step.
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {
+                tracing::info!("raft group was bootstrapped before a restart: resuming --init");
+            }
+            Err(e) => return Err(ProposeError::Raft(e.to_string())),
+        }
         self.raft
             .wait(Some(Duration::from_secs(10)))
             .current_leader(self.id, "bootstrap leader")
@@ -372,11 +385,22 @@ impl Manager {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut last = String::from("no manager address known");
         loop {
-            for addr in via {
-                let Ok(channel) = self.tls.channel(addr) else { continue };
+            let mut targets: std::collections::VecDeque<String> = via.iter().cloned().collect();
+            let mut asked = 0;
+            while let Some(addr) = targets.pop_front() {
+                asked += 1;
+                let Ok(channel) = self.tls.channel(&addr) else { continue };
                 match RaftClient::new(channel).promote(PromoteRequest { node_id: self.id }).await {
                     Ok(_) => return Ok(()),
-                    Err(s) => last = format!("{addr}: {}", s.message()),
+                    Err(s) => {
+                        last = format!("{addr}: {}", s.message());
+                        // A follower names the leader: ask it next.
+                        if let Some(l) = s.metadata().get("shoal-leader").and_then(|v| v.to_str().ok())
+                            && asked <= via.len() * 2
+                        {
+                            targets.push_front(l.to_string());
+                        }
+                    }
                 }
             }
             if tokio::time::Instant::now() > deadline {

@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use shoal_security::identity::{self, read_file, save_tls, write_file, IdentityError};
 use shoal_security::pki::{self, CertKey, CertRole, PkiError};
-use shoal_security::{Identity, NodeTls, Role};
+use shoal_security::{Identity, NodeTls, Role, Trust};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::manager::{Manager, ManagerError, ProposeError};
-use crate::store::objects::{Availability, ClusterObj, NodeObj};
+use crate::store::objects::{Availability, ClientObj, ClusterObj, IssuedCert, NodeObj};
 use crate::store::state::format_node_id;
 use crate::store::Command;
 use crate::DispatcherConfig;
@@ -58,15 +58,24 @@ pub struct InitNode {
     pub address_pool: String,
 }
 
+/// The name of the client identity `--init` writes under `DATA/client/`.
+pub const ADMIN_CLIENT: &str = "admin";
+
+/// Whether `--init` started in `dir` and did not finish (it removes the
+/// CA key's bootstrap copy last): the next start resumes it.
+pub fn init_pending(dir: &Path) -> bool {
+    dir.join("tls/ca-key.pem").exists()
+}
+
 /// First start with `--init`: a CA, this node's certificate, client
 /// credentials under `DATA/client/`, and the identity file.
 pub fn init_identity(dir: &Path, name: Option<&str>, advertise: &str) -> Result<Identity, NodeError> {
     let ca = pki::new_ca()?;
     let id = pki::random_u64()?;
     let (csr, key_pem) = pki::new_csr()?;
-    let node = CertKey { cert_pem: pki::sign_csr(&ca, &csr, &format_node_id(id), CertRole::Manager)?, key_pem };
+    let node = CertKey { cert_pem: pki::sign_csr(&ca, &csr, &format_node_id(id), CertRole::Manager, pki::DEFAULT_CERT_EXPIRY)?.cert_pem, key_pem };
     write_file(&dir.join("tls/node.csr"), &csr, false)?;
-    let client = pki::issue(&ca, "client", CertRole::Client)?;
+    let (client, _) = pki::issue(&ca, ADMIN_CLIENT, CertRole::Client, pki::DEFAULT_CLIENT_EXPIRY)?;
     save_tls(dir, &NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: node.cert_pem, key_pem: node.key_pem })?;
     write_file(&dir.join("client/ca.pem"), &ca.cert_pem, false)?;
     write_file(&dir.join("client/cert.pem"), &client.cert_pem, false)?;
@@ -96,7 +105,7 @@ impl RunningManager {
     /// `agent` is this node's Agent service, served beside the manager's.
     pub async fn start(
         cfg: ManagerConfig,
-        tls: Arc<NodeTls>,
+        tls: Arc<Trust>,
         agent: tonic::service::Routes,
         shutdown: watch::Receiver<bool>,
     ) -> Result<RunningManager, NodeError> {
@@ -109,7 +118,7 @@ impl RunningManager {
     pub async fn start_on(
         cfg: ManagerConfig,
         listener: TcpListener,
-        tls: Arc<NodeTls>,
+        tls: Arc<Trust>,
         agent: tonic::service::Routes,
         shutdown: watch::Receiver<bool>,
     ) -> Result<RunningManager, NodeError> {
@@ -141,15 +150,33 @@ impl RunningManager {
             address_pool: init.address_pool.clone(),
             worker_secret: pki::random_hex(16)?,
             manager_secret: pki::random_hex(16)?,
+            cert_expiry_ms: 0,
             version: 0,
+        };
+        let issued = |pem: &str| -> Result<IssuedCert, NodeError> {
+            let c = pki::pem_identity(pem)?;
+            Ok(IssuedCert { serial: c.serial, role: c.role.as_str().into(), expires_ms: c.not_after_ms })
         };
         let node = NodeObj {
             availability: init.availability,
             labels: init.labels.clone(),
             csr_pem: read_file(&dir.join("tls/node.csr")).unwrap_or_default(),
+            certs: vec![issued(&tls.cert_pem)?],
+            cert_pem: tls.cert_pem.clone(),
             ..NodeObj::new(identity.id, &identity.name, Role::Manager, &identity.advertise)
         };
-        self.manager.propose(Command::InitCluster { cluster, node }).await?;
+        let client = match read_file(&dir.join("client/cert.pem")) {
+            Ok(pem) => Some(ClientObj { name: ADMIN_CLIENT.into(), cert: issued(&pem)?, created_at_ms: 0 }),
+            Err(_) => None,
+        };
+        match self.manager.propose(Command::InitCluster { cluster, node, client }).await {
+            Ok(_) => {}
+            // Committed before a crash that kept the bootstrap copy below.
+            Err(ProposeError::Refused(crate::store::ApplyError::AlreadyInitialized)) => {
+                tracing::info!(node = %identity.name, "cluster state was initialized before a restart");
+            }
+            Err(e) => return Err(e.into()),
+        }
         if let Err(e) = std::fs::remove_file(dir.join("tls/ca-key.pem")) {
             tracing::warn!(node = %identity.name, error = %e, "could not remove the CA key's bootstrap copy");
         }

@@ -7,7 +7,9 @@
 pub mod identity;
 pub mod pki;
 pub mod tls;
+pub mod trust;
 
 pub use identity::{Identity, Role};
 pub use pki::{CertKey, CertRole};
 pub use tls::NodeTls;
+pub use trust::Trust;

@@ -10,16 +10,36 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use ring::rand::SecureRandom;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-/// Every node certificate names this DNS SAN; clients verify servers against
-/// it, so node certificates stay valid when addresses change.
+/// Only a manager's certificate names this DNS SAN; clients of the manager
+/// APIs (the CLI, agents, other managers) verify servers against it, so a
+/// worker's certificate can't pose as a manager, and certificates stay valid
+/// when addresses change.
 pub const CLUSTER_DNS_NAME: &str = "manager.shoal.cluster";
+
+/// The DNS SAN naming one node (every node certificate has its own): a
+/// manager calling a node's Agent service verifies it reached that node.
+pub fn node_dns_name(node_id: &str) -> String {
+    format!("{node_id}.node.shoal.cluster")
+}
+
+/// How long node certificates are valid unless the cluster says otherwise
+/// (`cluster update --cert-expiry`), as in Swarm.
+pub const DEFAULT_CERT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+/// The shortest `--cert-expiry` accepted: renewal runs at heartbeat pace.
+pub const MIN_CERT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Client certificates (the CLI's) last this long unless `--expiry` says
+/// otherwise.
+pub const DEFAULT_CLIENT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+/// Certificates start this much before they are issued, for clocks a little
+/// behind the issuer's.
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -100,29 +120,64 @@ pub fn new_csr() -> Result<(String, String), PkiError> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
-/// Signs `csr_pem` as a certificate for node `subject` with `role`. The
-/// subject and role come from the CA side, never from the CSR.
-pub fn sign_csr(ca: &CertKey, csr_pem: &str, subject: &str, role: CertRole) -> Result<String, PkiError> {
+/// A certificate the CA signed: the PEM, its serial (hex) and when it
+/// expires (ms since the epoch). The serial is what revocation names.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    pub cert_pem: String,
+    pub serial: String,
+    pub expires_ms: u64,
+}
+
+fn now_unix() -> std::time::Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
+fn datetime(t: std::time::Duration) -> Result<time::OffsetDateTime, PkiError> {
+    time::OffsetDateTime::from_unix_timestamp(t.as_secs() as i64).map_err(|e| PkiError::Parse(e.to_string()))
+}
+
+/// Signs `csr_pem` as a certificate for `subject` (a node id, or a client's
+/// name) with `role`, valid for `validity`. The subject and role come from
+/// the CA side, never from the CSR. A manager's certificate names the
+/// manager SAN and its node's; a worker's only its node's; a client's none.
+pub fn sign_csr(ca: &CertKey, csr_pem: &str, subject: &str, role: CertRole, validity: std::time::Duration) -> Result<Signed, PkiError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
-    let mut params = CertificateParams::new(vec![CLUSTER_DNS_NAME.to_string()])?;
+    let names = match role {
+        CertRole::Manager => vec![CLUSTER_DNS_NAME.to_string(), node_dns_name(subject)],
+        CertRole::Worker => vec![node_dns_name(subject)],
+        CertRole::Client => Vec::new(),
+    };
+    let mut params = CertificateParams::new(names)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, subject);
     dn.push(DnType::OrganizationalUnitName, role.as_str());
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = match role {
+        CertRole::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        _ => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    let mut serial = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut serial).map_err(|_| PkiError::Random)?;
+    serial[0] &= 0x7f; // a positive INTEGER
+    serial[0] |= 0x40; // and no leading zero byte to strip
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let now = now_unix();
+    params.not_before = datetime(now.saturating_sub(CLOCK_SKEW))?;
+    params.not_after = datetime(now + validity)?;
     let cert = params.signed_by(&csr.public_key, &issuer)?;
-    Ok(cert.pem())
+    Ok(Signed { cert_pem: cert.pem(), serial: hex::encode(serial), expires_ms: (now + validity).as_millis() as u64 })
 }
 
 /// Issues a key and certificate in one step (the CA's own node at `--init`,
-/// and the CLI's client credentials).
-pub fn issue(ca: &CertKey, subject: &str, role: CertRole) -> Result<CertKey, PkiError> {
+/// and client credentials).
+pub fn issue(ca: &CertKey, subject: &str, role: CertRole, validity: std::time::Duration) -> Result<(CertKey, Signed), PkiError> {
     let (csr, key_pem) = new_csr()?;
-    let cert_pem = sign_csr(ca, &csr, subject, role)?;
-    Ok(CertKey { cert_pem, key_pem })
+    let signed = sign_csr(ca, &csr, subject, role, validity)?;
+    Ok((CertKey { cert_pem: signed.cert_pem.clone(), key_pem }, signed))
 }
 
 /// The sha256 of the first certificate in `pem`, as lowercase hex.
@@ -166,13 +221,49 @@ pub fn secret_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The identity a peer certificate proves: (node id hex or "client", role).
-pub fn peer_identity(der: &[u8]) -> Option<(String, CertRole)> {
+/// What a certificate proves about its holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The node id (hex) or the client's name.
+    pub subject: String,
+    pub role: CertRole,
+    /// Hex, as [`Signed::serial`].
+    pub serial: String,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+}
+
+/// The identity a certificate (DER) proves.
+pub fn peer_identity(der: &[u8]) -> Option<PeerCert> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
     let cn = subject.iter_common_name().next()?.as_str().ok()?.to_string();
     let ou = subject.iter_organizational_unit().next()?.as_str().ok()?;
-    Some((cn, CertRole::parse(ou)?))
+    let ms = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0).saturating_mul(1000);
+    Some(PeerCert {
+        subject: cn,
+        role: CertRole::parse(ou)?,
+        serial: hex::encode(cert.raw_serial()),
+        not_before_ms: ms(cert.validity().not_before),
+        not_after_ms: ms(cert.validity().not_after),
+    })
+}
+
+/// [`peer_identity`] of the first certificate in `pem_text`.
+pub fn pem_identity(pem_text: &str) -> Result<PeerCert, PkiError> {
+    peer_identity(&first_der(pem_text)?).ok_or_else(|| PkiError::Parse("not a shoal certificate (no node id or role)".into()))
+}
+
+/// Whether a certificate valid over [`not_before_ms`, `not_after_ms`] is
+/// due for renewal at `now_ms`: past two thirds of its life, or living
+/// longer than the cluster's current `expiry` allows.
+pub fn renewal_due(not_before_ms: u64, not_after_ms: u64, now_ms: u64, expiry: std::time::Duration) -> bool {
+    let skew = CLOCK_SKEW.as_millis() as u64;
+    let issued = not_before_ms.saturating_add(skew);
+    let life = not_after_ms.saturating_sub(issued);
+    let expiry_ms = expiry.as_millis() as u64;
+    // Certificate times have whole seconds: allow for the rounding.
+    now_ms >= issued.saturating_add(life * 2 / 3) || life > expiry_ms.saturating_add(2000)
 }
 
 /// A server-certificate verifier for the first contact of a joining node: it
@@ -296,13 +387,30 @@ pub async fn fetch_pinned_ca(addr: &str, fingerprint: &str) -> Result<String, st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn roles_are_in_certificates() {
         let ca = new_ca().unwrap();
-        let node = issue(&ca, "00000000000000ab", CertRole::Worker).unwrap();
+        let (node, signed) = issue(&ca, "00000000000000ab", CertRole::Worker, Duration::from_secs(3600)).unwrap();
         let der = first_der(&node.cert_pem).unwrap();
-        assert_eq!(peer_identity(&der), Some(("00000000000000ab".into(), CertRole::Worker)));
+        let peer = peer_identity(&der).unwrap();
+        assert_eq!((peer.subject.as_str(), peer.role), ("00000000000000ab", CertRole::Worker));
+        assert_eq!(peer.serial, signed.serial);
+        assert_eq!(peer.not_after_ms / 1000, signed.expires_ms / 1000);
+        // A worker is named only as itself, never as a manager.
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value);
+        assert!(san.contains("00000000000000ab.node.shoal.cluster") && !san.contains(CLUSTER_DNS_NAME), "{san}");
+    }
+
+    #[test]
+    fn renewal_is_due_at_two_thirds_or_when_the_policy_shrinks() {
+        let (b, a) = (1_000_000 - CLOCK_SKEW.as_millis() as u64, 1_000_000 + 30_000);
+        let exp = Duration::from_secs(30);
+        assert!(!renewal_due(b, a, 1_000_000 + 19_000, exp));
+        assert!(renewal_due(b, a, 1_000_000 + 20_000, exp));
+        assert!(renewal_due(b, a, 1_000_001, Duration::from_secs(10)));
     }
 
     #[test]

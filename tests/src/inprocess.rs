@@ -18,7 +18,7 @@ use shoal_manager::node::{init_identity, InitNode, ManagerConfig, RunningManager
 use shoal_manager::store::objects::Availability;
 use shoal_manager::DispatcherConfig;
 use shoal_security::identity::load_tls;
-use shoal_security::{Identity, NodeTls};
+use shoal_security::{Identity, Trust};
 use tokio::sync::watch;
 
 use crate::{busybox_rootfs, remove_containers, shoal_bin, unique_id};
@@ -27,7 +27,7 @@ pub struct InProcessNode {
     pub dir: PathBuf,
     pub addr: String,
     pub identity: Identity,
-    pub tls: Arc<NodeTls>,
+    pub tls: Arc<Trust>,
     pub rt: tokio::runtime::Runtime,
     stop: watch::Sender<bool>,
     done: Option<tokio::task::JoinHandle<()>>,
@@ -44,7 +44,7 @@ impl InProcessNode {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?.to_string();
         let identity = init_identity(&dir, Some("inproc"), &addr)?;
-        let tls = Arc::new(load_tls(&dir)?);
+        let tls = Trust::new(load_tls(&dir)?)?;
         let mut cfg = AgentConfig::new(dir.clone(), identity.clone(), shoal_bin());
         configure(&mut cfg);
         let agent = Agent::new(cfg, tls.clone())?;

@@ -4,6 +4,7 @@
 //! (namespaces, veths, bridge, data dirs, processes) carries a unique prefix
 //! and is removed when the [`Cluster`] is dropped, also when a test panics.
 
+pub mod linearizability;
 pub mod netns;
 
 use std::net::Ipv4Addr;

@@ -121,7 +121,7 @@ mod misbehaving_manager {
     use shoal_proto::dispatcher::dispatcher_server::{Dispatcher, DispatcherServer};
     use shoal_proto::dispatcher::*;
     use shoal_security::pki::{self, CertRole};
-    use shoal_security::{Identity, NodeTls, Role};
+    use shoal_security::{Identity, NodeTls, Role, Trust};
     use tonic::{Request, Response, Status};
 
     type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
@@ -166,10 +166,10 @@ mod misbehaving_manager {
         let _cleanup = shoal_tests::inprocess::RemoveOnDrop(dir.clone());
         std::fs::write(dir.join("marker"), "still here").unwrap();
         let ca = pki::new_ca().unwrap();
-        let server = pki::issue(&ca, "00000000000000aa", CertRole::Manager).unwrap();
-        let node = pki::issue(&ca, "00000000000000bb", CertRole::Worker).unwrap();
-        let server_tls = NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: server.cert_pem, key_pem: server.key_pem };
-        let node_tls = NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: node.cert_pem, key_pem: node.key_pem };
+        let (server, _) = pki::issue(&ca, "00000000000000aa", CertRole::Manager, pki::DEFAULT_CERT_EXPIRY).unwrap();
+        let (node, _) = pki::issue(&ca, "00000000000000bb", CertRole::Worker, pki::DEFAULT_CERT_EXPIRY).unwrap();
+        let server_tls = Trust::new(NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: server.cert_pem, key_pem: server.key_pem }).unwrap();
+        let node_tls = Trust::new(NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: node.cert_pem, key_pem: node.key_pem }).unwrap();
 
         let spec = ServiceSpec { image: "busybox:latest".into(), args: vec!["true".into()], ..Default::default() };
         let bad = ["..", ".", "../../etc", "a/b", ""];
@@ -192,15 +192,14 @@ mod misbehaving_manager {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        rt.spawn(
+        rt.spawn(async move {
             tonic::transport::Server::builder()
-                .tls_config(server_tls.server_config())
-                .unwrap()
                 .add_service(DispatcherServer::new(fake))
-                .serve_with_incoming(shoal_security::tls::incoming(listener)),
-        );
+                .serve_with_incoming(server_tls.incoming(listener))
+                .await
+        });
         let identity = Identity { id: 0xbb, name: "victim".into(), role: Role::Worker, advertise: addr.clone(), managers: vec![addr] };
-        let agent = Agent::new(AgentConfig::new(dir.clone(), identity, shoal_tests::shoal_bin()), Arc::new(node_tls)).unwrap();
+        let agent = Agent::new(AgentConfig::new(dir.clone(), identity, shoal_tests::shoal_bin()), node_tls).unwrap();
         let run = rt.spawn(agent.run(stop_rx));
 
         let got = shoal_tests::wait_for(Duration::from_secs(30), "every bad task to be rejected", || {

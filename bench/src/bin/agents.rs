@@ -41,7 +41,7 @@ async fn join(manager: &str, token: &str, ca_pem: &str, i: u64) -> anyhow::Resul
 
 /// One simulated agent: heartbeats and runs whatever it is assigned.
 async fn agent(manager: String, node_id: u64, tls: NodeTls) -> anyhow::Result<()> {
-    let channel = tls.channel(&manager)?;
+    let channel = shoal_security::Trust::new(tls)?.channel(&manager)?;
     let mut hb = DispatcherClient::new(channel.clone());
     let mut reports = DispatcherClient::new(channel.clone());
     let res = Resources { nano_cpus: 2_000_000_000, memory_bytes: 1 << 30 };

@@ -1,5 +1,6 @@
 //! One module per noun, one function per verb.
 
+pub mod client_cert;
 pub mod cluster;
 pub mod data;
 pub mod node;

@@ -324,8 +324,8 @@ pub struct SpecFlags {
     detach: bool,
 }
 
-/// `"1s"`, `"500ms"`, `"2m"`, `"1h"` → duration.
-fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
+/// `"1s"`, `"500ms"`, `"2m"`, `"1h"`, `"90d"` → duration.
+pub(crate) fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (n, unit) = t.split_at(split);
@@ -335,7 +335,8 @@ fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
         "s" | "" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => bail!("invalid {what} {s:?}: expected a duration such as 500ms, 1s or 2m"),
+        "d" => n * 86400.0,
+        _ => bail!("invalid {what} {s:?}: expected a duration such as 500ms, 1s, 2m, 24h or 90d"),
     };
     if !secs.is_finite() || secs < 0.0 {
         bail!("invalid {what} {s:?}: must not be negative");

@@ -634,7 +634,6 @@ fn global_update_replaces_the_task_on_each_node() {
 /// tempdir, no network): leadership, read barrier, watch-driven passes,
 /// coalesced proposals.
 mod live {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use crate::manager::Manager;
@@ -644,7 +643,7 @@ mod live {
     use crate::store::objects::{NodeObj, NodeStatus, Role, ServiceObj};
     use crate::store::task::{TaskState, TaskUpdate};
     use crate::store::{Command, State};
-    use shoal_security::tls::NodeTls;
+    use shoal_security::Trust;
 
     use super::spec;
 
@@ -684,8 +683,8 @@ mod live {
     async fn orchestrator_and_scheduler_drive_a_one_manager_cluster() {
         let dir = tempfile::tempdir().unwrap();
         let ca = pki::new_ca().unwrap();
-        let me = pki::issue(&ca, "0000000000000001", CertRole::Manager).unwrap();
-        let tls = Arc::new(NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: me.cert_pem, key_pem: me.key_pem });
+        let (me, _) = pki::issue(&ca, "0000000000000001", CertRole::Manager, pki::DEFAULT_CERT_EXPIRY).unwrap();
+        let tls = Trust::new(shoal_security::NodeTls { ca_pem: ca.cert_pem.clone(), cert_pem: me.cert_pem, key_pem: me.key_pem }).unwrap();
         let m = Manager::open(1, dir.path(), tls).await.unwrap();
         m.bootstrap("127.0.0.1:1").await.unwrap();
         let (stop, shutdown) = tokio::sync::watch::channel(false);

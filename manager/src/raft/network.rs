@@ -20,7 +20,7 @@ use shoal_proto::raft::RaftPayload;
 use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig};
-use shoal_security::tls::NodeTls;
+use shoal_security::Trust;
 
 /// When each peer last answered a Raft RPC.
 #[derive(Clone, Default)]
@@ -43,12 +43,12 @@ impl PeerHealth {
 
 #[derive(Clone)]
 pub struct Network {
-    tls: Arc<NodeTls>,
+    tls: Arc<Trust>,
     health: PeerHealth,
 }
 
 impl Network {
-    pub fn new(tls: Arc<NodeTls>, health: PeerHealth) -> Self {
+    pub fn new(tls: Arc<Trust>, health: PeerHealth) -> Self {
         Network { tls, health }
     }
 }
@@ -57,7 +57,7 @@ pub struct Peer {
     target: NodeId,
     client: Option<RaftClient<Channel>>,
     addr: String,
-    tls: Arc<NodeTls>,
+    tls: Arc<Trust>,
     health: PeerHealth,
 }
 

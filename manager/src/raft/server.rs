@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use shoal_proto::raft::raft_client::RaftClient;
 use shoal_proto::raft::raft_server::Raft as RaftRpc;
 use shoal_proto::raft::{PromoteRequest, PromoteResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse};
 use tonic::{Request, Response, Status};
@@ -12,7 +11,6 @@ use crate::manager::{LocalError, Manager, WRITE_TIMEOUT};
 use crate::store::Command;
 use shoal_security::pki::CertRole;
 use crate::store::state::format_node_id;
-use shoal_security::tls::authorize;
 
 pub struct RaftService {
     manager: Arc<Manager>,
@@ -36,25 +34,25 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        authorize(&req, &[CertRole::Manager])?;
+        self.manager.tls.authorize(&req, &[CertRole::Manager])?;
         let rpc = decode(req.get_ref())?;
         encode(&self.manager.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        authorize(&req, &[CertRole::Manager])?;
+        self.manager.tls.authorize(&req, &[CertRole::Manager])?;
         let rpc = decode(req.get_ref())?;
         encode(&self.manager.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        authorize(&req, &[CertRole::Manager])?;
+        self.manager.tls.authorize(&req, &[CertRole::Manager])?;
         let rpc = decode(req.get_ref())?;
         encode(&self.manager.raft.install_snapshot(rpc).await)
     }
 
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        authorize(&req, &[CertRole::Manager])?;
+        self.manager.tls.authorize(&req, &[CertRole::Manager])?;
         let cmd: Command = decode(req.get_ref())?;
         match self.manager.propose_local(cmd).await {
             Ok(_) if self.manager.faults.drop_reply() => {
@@ -72,7 +70,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
-        authorize(&req, &[CertRole::Manager])?;
+        self.manager.tls.authorize(&req, &[CertRole::Manager])?;
         match self.manager.raft.get_read_log_id().await {
             Ok((read, _)) => Ok(Response::new(ReadIndexResponse { index: read.map_or(0, |l| l.index) })),
             Err(e) => Err(Status::unavailable(format!("not the leader: {e}"))),
@@ -80,7 +78,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<PromoteResponse>, Status> {
-        let (caller, _) = authorize(&req, &[CertRole::Manager])?;
+        let (caller, _) = self.manager.tls.authorize(&req, &[CertRole::Manager])?;
         let id = req.get_ref().node_id;
         if caller != format_node_id(id) {
             return Err(Status::permission_denied("a manager may only ask to promote itself"));
@@ -98,16 +96,21 @@ impl RaftRpc for RaftService {
             })
             .ok_or_else(|| Status::permission_denied("node is not a manager in the cluster state"))?;
         if !m.is_leader() {
+            // Not forwarded: the leader checks that the caller asks for
+            // itself, so the node must ask it with its own certificate.
             let (_, leader) = m.leader().ok_or_else(|| Status::unavailable("no leader"))?;
-            let channel = m.tls.channel(&leader).map_err(|e| Status::unavailable(e.to_string()))?;
-            return RaftClient::new(channel).promote(PromoteRequest { node_id: id }).await;
+            let mut st = Status::unavailable(format!("not the leader; ask the leader at {leader}"));
+            if let Ok(v) = leader.parse() {
+                st.metadata_mut().insert("shoal-leader", v);
+            }
+            return Err(st);
         }
         m.add_manager(id, &addr).await.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(PromoteResponse {}))
     }
 
     async fn remove_voter(&self, req: Request<PromoteRequest>) -> Result<Response<PromoteResponse>, Status> {
-        authorize(&req, &[CertRole::Manager])?;
+        self.manager.tls.authorize(&req, &[CertRole::Manager])?;
         let id = req.get_ref().node_id;
         if !self.manager.is_leader() {
             return Err(Status::unavailable("not the leader"));

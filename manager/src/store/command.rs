@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use shoal_proto::control::ServiceSpec;
 
-use super::objects::{Availability, ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, VolumeObj};
+use super::objects::{Availability, ClientObj, ClusterObj, IssuedCert, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, VolumeObj};
 use super::task::{TaskObj, TaskUpdate};
 
 /// One Raft entry's application data: the commands that arrived together
@@ -21,7 +21,16 @@ pub struct Request {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
-    InitCluster { cluster: ClusterObj, node: NodeObj },
+    /// The first node, and the admin client identity `--init` wrote.
+    InitCluster { cluster: ClusterObj, node: NodeObj, client: Option<ClientObj> },
+    /// A certificate issued to a node (renewal, role change): it becomes
+    /// the node's current one.
+    RecordCert { node: u64, cert: IssuedCert, cert_pem: String },
+    /// `cluster update`.
+    UpdateCluster { cert_expiry_ms: Option<u64> },
+    CreateClient { client: ClientObj },
+    /// Removes a client identity and revokes its certificate.
+    RemoveClient { name: String },
     AddNode { node: NodeObj },
     UpdateNode { id: u64, patch: NodePatch },
     RemoveNode { id: u64, force: bool },
@@ -161,6 +170,10 @@ impl Command {
             Command::CreateVolume { .. } => "create-volume",
             Command::RemoveVolume { .. } => "remove-volume",
             Command::VolumeReport { .. } => "volume-report",
+            Command::RecordCert { .. } => "record-cert",
+            Command::UpdateCluster { .. } => "update-cluster",
+            Command::CreateClient { .. } => "create-client",
+            Command::RemoveClient { .. } => "remove-client",
             Command::Noop => "noop",
             Command::Once { cmd, .. } => cmd.kind(),
         }

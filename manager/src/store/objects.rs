@@ -72,9 +72,33 @@ pub struct NodeObj {
     /// The node's CSR, kept so the CA can re-issue its certificate with a new
     /// role on promote/demote without the private key leaving the node.
     pub csr_pem: String,
+    /// The certificates issued to this node that have not expired: what
+    /// `node rm` and a role change revoke.
+    pub certs: Vec<IssuedCert>,
+    /// The latest certificate issued to the node (PEM, not secret): handed
+    /// to the node until it uses it, so a renewal is one write.
+    pub cert_pem: String,
     pub version: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+}
+
+/// A certificate the cluster CA signed, as revocation names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCert {
+    /// Hex.
+    pub serial: String,
+    /// "manager", "worker" or "client".
+    pub role: String,
+    pub expires_ms: u64,
+}
+
+/// A client identity (`client-cert create`): a name for a CLI certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientObj {
+    pub name: String,
+    pub cert: IssuedCert,
+    pub created_at_ms: u64,
 }
 
 impl NodeObj {
@@ -94,6 +118,8 @@ impl NodeObj {
             nano_cpus: 0,
             memory_bytes: 0,
             csr_pem: String::new(),
+            certs: Vec::new(),
+            cert_pem: String::new(),
             version: 0,
             created_at_ms: 0,
             updated_at_ms: 0,
@@ -261,7 +287,23 @@ pub struct ClusterObj {
     pub address_pool: String,
     pub worker_secret: String,
     pub manager_secret: String,
+    /// How long node certificates are valid (`cluster update
+    /// --cert-expiry`); 0 is the default, 90 days.
+    pub cert_expiry_ms: u64,
     pub version: u64,
+}
+
+impl ClusterObj {
+    pub fn cert_expiry(&self) -> std::time::Duration {
+        match self.cert_expiry_ms {
+            0 => shoal_security::pki::DEFAULT_CERT_EXPIRY,
+            ms => std::time::Duration::from_millis(ms),
+        }
+    }
+
+    pub fn ca(&self) -> shoal_security::pki::CertKey {
+        shoal_security::pki::CertKey { cert_pem: self.ca_cert_pem.clone(), key_pem: self.ca_key_pem.clone() }
+    }
 }
 
 /// Specs are protobuf messages; inside the store they travel as their

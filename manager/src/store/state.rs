@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, ApplyError, Command, NodePatch, Refusal};
-use super::objects::{ClusterObj, DataKind, DataObj, ImageObj, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, VolumeObj, VolumeReplica, MAX_DATA};
+use super::objects::{ClientObj, ClusterObj, DataKind, DataObj, ImageObj, IssuedCert, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, VolumeObj, VolumeReplica, MAX_DATA};
 use super::task::{TaskObj, TaskState, TaskUpdate};
 
 /// Everything the managers agree on. Cloned only to build snapshots.
@@ -30,6 +30,16 @@ pub struct State {
     /// Recent client request ids with their outcomes (exactly-once writes).
     #[serde(default)]
     pub requests: RecentRequests,
+    /// Revoked certificate serials (hex) until they expire, when they
+    /// need no revoking any more: `node rm`, role changes, `client-cert rm`.
+    #[serde(default)]
+    pub revoked: BTreeMap<String, u64>,
+    /// The log index of the last change to `revoked`.
+    #[serde(default)]
+    pub revoked_version: u64,
+    /// Client identities by name.
+    #[serde(default)]
+    pub clients: BTreeMap<String, ClientObj>,
 }
 
 /// The last [`super::command::RECENT_REQUESTS`] request ids and what each
@@ -88,6 +98,21 @@ pub enum Change {
 }
 
 impl State {
+    /// Adds `certs` to the revocation list and drops the entries that
+    /// expired (an expired certificate is refused anyway).
+    fn revoke(&mut self, certs: Vec<IssuedCert>, index: u64, now: u64) {
+        self.revoked.retain(|_, exp| *exp > now);
+        for c in certs.into_iter().filter(|c| c.expires_ms > now) {
+            self.revoked.insert(c.serial, c.expires_ms);
+        }
+        self.revoked_version = index;
+    }
+
+    /// Whether the certificate with `serial` (hex) is revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.contains_key(serial)
+    }
+
     /// Applies `cmd` at log index `index`, stamped `now` (ms). Validates
     /// everything first: on error nothing has changed.
     pub fn apply(&mut self, index: u64, now: u64, cmd: Command, changes: &mut Vec<Change>) -> Result<Applied, ApplyError> {
@@ -278,9 +303,12 @@ impl State {
                     }
                 }
             }
-            Command::InitCluster { mut cluster, mut node } => {
+            Command::InitCluster { mut cluster, mut node, client } => {
                 if self.cluster.is_some() {
                     return Err(ApplyError::AlreadyInitialized);
+                }
+                if let Some(c) = client {
+                    self.clients.insert(c.name.clone(), ClientObj { created_at_ms: now, ..c });
                 }
                 cluster.version = index;
                 node.version = index;
@@ -305,10 +333,26 @@ impl State {
             }
             Command::UpdateNode { id, patch } => {
                 let node = self.nodes.get_mut(&id).ok_or_else(|| node_not_found(id))?;
+                // A role change revokes the certificates of the old role;
+                // the node's next heartbeat gets one with the new role.
+                let mut revoke = Vec::new();
+                if let Some(r) = patch.role.filter(|r| *r != node.role) {
+                    node.certs.retain(|c| {
+                        let keep = c.role == r.as_str();
+                        if !keep {
+                            revoke.push(c.clone());
+                        }
+                        keep
+                    });
+                    node.cert_pem.clear();
+                }
                 apply_patch(node, patch);
                 node.version = index;
                 node.updated_at_ms = now;
                 changes.push(Change::Node(id));
+                if !revoke.is_empty() {
+                    self.revoke(revoke, index, now);
+                }
             }
             Command::RemoveNode { id, force } => {
                 let node = self.nodes.get(&id).ok_or_else(|| node_not_found(id))?;
@@ -318,7 +362,9 @@ impl State {
                 if node.status == NodeStatus::Ready && !force {
                     return Err(ApplyError::Refused(Refusal::RemoveReady { node: node.name.clone() }));
                 }
-                self.nodes.remove(&id);
+                if let Some(gone) = self.nodes.remove(&id) {
+                    self.revoke(gone.certs, index, now);
+                }
                 changes.push(Change::NodeRemoved(id));
                 for n in self.networks.values_mut() {
                     if n.slices.remove(&id).is_some() {
@@ -347,6 +393,38 @@ impl State {
                         }
                     }
                 }
+            }
+            Command::RecordCert { node, cert, cert_pem } => {
+                let n = self.nodes.get_mut(&node).ok_or_else(|| node_not_found(node))?;
+                n.certs.retain(|c| c.expires_ms > now);
+                n.certs.push(cert);
+                n.cert_pem = cert_pem;
+                n.version = index;
+                changes.push(Change::Node(node));
+            }
+            Command::UpdateCluster { cert_expiry_ms } => {
+                let cluster = self.cluster.as_mut().ok_or_else(|| ApplyError::NotFound {
+                    kind: "cluster".into(),
+                    what: "cluster".into(),
+                })?;
+                if let Some(ms) = cert_expiry_ms {
+                    cluster.cert_expiry_ms = ms;
+                }
+                cluster.version = index;
+                changes.push(Change::Cluster);
+            }
+            Command::CreateClient { client } => {
+                if self.clients.contains_key(&client.name) {
+                    return Err(ApplyError::NameTaken { kind: "client certificate".into(), name: client.name });
+                }
+                self.clients.insert(client.name.clone(), ClientObj { created_at_ms: now, ..client });
+            }
+            Command::RemoveClient { name } => {
+                let c = self.clients.remove(&name).ok_or_else(|| ApplyError::NotFound {
+                    kind: "client certificate".into(),
+                    what: name.clone(),
+                })?;
+                self.revoke(vec![c.cert], index, now);
             }
             Command::RotateToken { role, secret } => {
                 let cluster = self.cluster.as_mut().ok_or_else(|| ApplyError::NotFound {
@@ -1280,6 +1358,7 @@ mod tests {
             address_pool: "100.70.0.0/19".into(),
             worker_secret: String::new(),
             manager_secret: String::new(),
+            cert_expiry_ms: 0,
             version: 0,
         });
         apply(&mut st, 1, net("one", "")).unwrap();
