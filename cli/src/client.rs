@@ -58,7 +58,18 @@ impl Ctx {
         self.connect(None).await
     }
 
+    /// The Lock service of a manager that restarted locked.
+    pub async fn lock(&self) -> anyhow::Result<shoal_proto::control::lock_client::LockClient<tonic::transport::Channel>> {
+        Ok(shoal_proto::control::lock_client::LockClient::new(self.channel(Some(std::time::Duration::from_secs(30))).await?))
+    }
+
     async fn connect(&self, timeout: Option<std::time::Duration>) -> anyhow::Result<Client> {
+        let channel = self.channel(timeout).await?;
+        // Listings of big services (100,000 tasks) are tens of MB.
+        Ok(ControlClient::with_interceptor(channel, WithConsistency(self.consistency)).max_decoding_message_size(256 << 20))
+    }
+
+    async fn channel(&self, timeout: Option<std::time::Duration>) -> anyhow::Result<tonic::transport::Channel> {
         let read = |f: &str| {
             let p = self.cert_dir.join(f);
             std::fs::read_to_string(&p).with_context(|| format!("reading client credentials {}", p.display()))
@@ -69,12 +80,17 @@ impl Ctx {
             .connect(&self.host, timeout)
             .await
             .with_context(|| format!("cannot reach manager at {}", self.host))?;
-        // Listings of big services (100,000 tasks) are tens of MB.
-        Ok(ControlClient::with_interceptor(channel, WithConsistency(self.consistency)).max_decoding_message_size(256 << 20))
+        Ok(channel)
     }
 }
 
 /// Turns a gRPC status into an error that reads well on a terminal.
 pub fn rpc_err(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Unimplemented {
+        return anyhow::anyhow!(
+            "{} (a manager that restarted with autolock on serves nothing but `shoal cluster unlock` until it is unlocked)",
+            s.message()
+        );
+    }
     anyhow::anyhow!("{}", s.message())
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use shoal_agent::join::{join_cluster, JoinParams};
 use shoal_agent::{Agent, AgentConfig, AgentExit, OverlayOpts};
-use shoal_manager::node::{init_identity, init_pending, InitNode, ManagerConfig, RunningManager};
+use shoal_manager::node::{init_identity, init_pending, wait_unlocked, InitNode, ManagerConfig, RunningManager};
 use shoal_manager::store::objects::Availability;
 use shoal_manager::DispatcherConfig;
 use shoal_security::identity::load_tls;
@@ -58,6 +58,16 @@ pub struct DaemonArgs {
     /// forwarded to this manager, after applying them.
     #[arg(long, hide = true, default_value_t = 0)]
     fault_drop_forwarded_replies: u32,
+    /// Fault injection for tests: stop `--init` after the Raft group is
+    /// bootstrapped and before the cluster state is written, as a crash
+    /// there would.
+    #[arg(long, hide = true)]
+    fault_stop_init_after_bootstrap: bool,
+    /// Fault injection for tests: serve linearizable reads without the
+    /// read barrier (stale on a partitioned manager), so the
+    /// linearizability checker can be shown to catch it.
+    #[arg(long, hide = true)]
+    fault_stale_reads: bool,
 }
 
 fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
@@ -184,6 +194,25 @@ async fn run_node(
     let mut manager = None;
     let mut agent_server = None;
     if identity.role == Role::Manager {
+        // Autolock: nothing runs until the operator gives the unlock key.
+        let data_key = if shoal_security::at_rest::is_locked(dir)? {
+            let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+            let waiter = wait_unlocked(args.listen, dir, tls.clone(), sig_rx);
+            tokio::pin!(waiter);
+            let key = tokio::select! {
+                k = &mut waiter => k?,
+                _ = wait_for_signal() => {
+                    let _ = sig_tx.send(true);
+                    (&mut waiter).await?
+                }
+            };
+            match key {
+                Some(k) => Some(k),
+                None => return Ok(AgentExit::Shutdown),
+            }
+        } else {
+            None
+        };
         let cfg = ManagerConfig {
             data_dir: dir.to_path_buf(),
             identity: identity.clone(),
@@ -195,6 +224,9 @@ async fn run_node(
                 address_pool: args.address_pool.clone(),
             }),
             fault_drop_forwarded_replies: args.fault_drop_forwarded_replies,
+            fault_stop_init_after_bootstrap: args.fault_stop_init_after_bootstrap,
+            data_key,
+            fault_stale_reads: args.fault_stale_reads,
         };
         let routes = tonic::service::Routes::new(agent.service());
         manager = Some(RunningManager::start(cfg, tls.clone(), routes, stop_rx.clone()).await?);

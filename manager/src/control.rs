@@ -61,7 +61,12 @@ fn spec_status(e: SpecError) -> Status {
 const CLIENTS: &[CertRole] = &[CertRole::Client, CertRole::Manager];
 
 fn settings(c: &crate::store::objects::ClusterObj) -> ClusterSettings {
-    ClusterSettings { cert_expiry_ms: c.cert_expiry().as_millis() as u64 }
+    ClusterSettings { cert_expiry_ms: c.cert_expiry().as_millis() as u64, autolock: !c.unlock_key.is_empty(), unlock_key: String::new() }
+}
+
+fn new_unlock_key() -> Result<String, Status> {
+    let k = shoal_security::at_rest::Key::random().map_err(|e| Status::internal(e.to_string()))?;
+    Ok(shoal_security::at_rest::format_unlock_key(&k))
 }
 
 fn client_proto(c: &ClientObj) -> ClientCert {
@@ -312,6 +317,7 @@ impl ControlService {
     async fn consistent<T>(&self, req: &Request<T>) -> Result<(), Status> {
         match req.metadata().get("shoal-consistency").map(|v| v.to_str().unwrap_or("?")) {
             Some("local") => Ok(()),
+            None | Some("linearizable") if self.manager.faults.stale_reads.load(std::sync::atomic::Ordering::Relaxed) => Ok(()),
             None | Some("linearizable") => self
                 .manager
                 .read_barrier()
@@ -471,15 +477,40 @@ impl Control for ControlService {
             }
             cert_expiry_ms = Some(r.cert_expiry_ms);
         }
-        if cert_expiry_ms.is_none() {
-            return Err(Status::invalid_argument("nothing to update: give --cert-expiry"));
+        let was_locked = self.manager.store.read(|s| s.cluster.as_ref().is_some_and(|c| !c.unlock_key.is_empty()));
+        let unlock_key = match r.autolock {
+            Some(true) if !was_locked => Some(new_unlock_key()?),
+            Some(false) if was_locked => Some(String::new()),
+            _ => None,
+        };
+        if cert_expiry_ms.is_none() && r.autolock.is_none() {
+            return Err(Status::invalid_argument("nothing to update: give --cert-expiry or --autolock"));
         }
-        self.manager.propose(Command::UpdateCluster { cert_expiry_ms }).await.map_err(status)?;
+        self.manager.propose(Command::UpdateCluster { cert_expiry_ms, unlock_key: unlock_key.clone() }).await.map_err(status)?;
         if let Some(ms) = cert_expiry_ms {
             tracing::info!(cert_expiry_s = ms / 1000, "node certificate validity changed; nodes renew on their next heartbeats");
         }
+        if let Some(k) = &unlock_key {
+            tracing::info!(autolock = !k.is_empty(), "autolock changed: managers re-seal their data keys");
+        }
         let c = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
-        Ok(Response::new(settings(&c)))
+        Ok(Response::new(ClusterSettings { unlock_key: unlock_key.unwrap_or_default(), ..settings(&c) }))
+    }
+
+    async fn unlock_key(&self, req: Request<UnlockKeyRequest>) -> Result<Response<UnlockKeyResponse>, Status> {
+        let caller = self.manager.tls.authorize(&req, CLIENTS)?;
+        require_admin(&caller)?;
+        let current = self.manager.store.read(|s| s.cluster.as_ref().map(|c| c.unlock_key.clone())).unwrap_or_default();
+        if current.is_empty() {
+            return Err(Status::failed_precondition("autolock is off: turn it on with `shoal cluster update --autolock=true`"));
+        }
+        if !req.get_ref().rotate {
+            return Ok(Response::new(UnlockKeyResponse { unlock_key: current }));
+        }
+        let k = new_unlock_key()?;
+        self.manager.propose(Command::UpdateCluster { cert_expiry_ms: None, unlock_key: Some(k.clone()) }).await.map_err(status)?;
+        tracing::info!("unlock key rotated: managers re-seal their data keys; the old key no longer unlocks them");
+        Ok(Response::new(UnlockKeyResponse { unlock_key: k }))
     }
 
     async fn create_client_cert(&self, req: Request<CreateClientCertRequest>) -> Result<Response<ClientCert>, Status> {

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod control;
 pub mod dispatcher;
 pub mod join;
+pub mod lock;
 pub mod logs;
 pub mod manager;
 pub mod metrics;
@@ -50,6 +51,7 @@ pub async fn serve(
     tokio::spawn(scheduler::Scheduler::new(manager.clone(), Default::default()).run(shutdown.clone()));
     tokio::spawn(autoscaler::Autoscaler::new(manager.clone()).run(shutdown.clone()));
     tokio::spawn(replication::replicate(manager.clone(), shutdown.clone()));
+    tokio::spawn(manager.clone().keep_data_key(shutdown.clone()));
     // Snapshots can be large; everything else is small.
     const MAX_MSG: usize = 256 << 20;
     let mut stop = shutdown.clone();

@@ -19,7 +19,7 @@ use crate::raft::{self, NodeId, Raft};
 use crate::store::command::{MAX_ENTRY_BYTES, encoded_len};
 use crate::store::{Applied, ApplyError, Command, Outcome, Request, Store};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use shoal_security::Trust;
+use shoal_security::{at_rest, Trust};
 
 /// How long a write may wait for a quorum before the caller is told it was
 /// not committed. A partitioned manager must answer with an error, not hang.
@@ -41,6 +41,10 @@ pub enum ManagerError {
     Config(#[from] openraft::ConfigError),
     #[error(transparent)]
     Blobs(#[from] BlobError),
+    #[error("keys at rest: {0}")]
+    AtRest(#[from] shoal_security::at_rest::AtRestError),
+    #[error("this manager is locked (autolock): give it the unlock key with `shoal cluster unlock`")]
+    Locked,
 }
 
 /// Why a write did not happen. Mapped to a gRPC status in one place
@@ -75,6 +79,11 @@ pub struct Manager {
     pub metrics: crate::metrics::Metrics,
     /// Faults tests inject.
     pub faults: Faults,
+    /// The data key that seals this manager's log and snapshots, and the
+    /// unlock key its file was last sealed with (autolock).
+    data_dir: std::path::PathBuf,
+    data_key: at_rest::Key,
+    sealed_with: tokio::sync::Mutex<Option<String>>,
 }
 
 /// Faults a test can inject into a manager (`shoal daemon`'s hidden
@@ -83,6 +92,10 @@ pub struct Manager {
 pub struct Faults {
     /// Answers to forwarded writes to drop (the writes are applied).
     pub drop_forwarded_replies: std::sync::atomic::AtomicU32,
+    /// Serve "linearizable" reads from the local state without the read
+    /// barrier: a deliberately broken mode the linearizability checker
+    /// must catch.
+    pub stale_reads: std::sync::atomic::AtomicBool,
 }
 
 impl Faults {
@@ -101,6 +114,25 @@ impl Manager {
     /// Opens (or creates) the Raft database under `data_dir` and starts the
     /// Raft node. A node restarted on the same data dir rejoins as itself.
     pub async fn open(id: NodeId, data_dir: &Path, tls: Arc<Trust>) -> Result<Arc<Self>, ManagerError> {
+        Self::open_with_key(id, data_dir, tls, None).await
+    }
+
+    /// [`Manager::open`] with the data key given (a manager unlocked with
+    /// `shoal cluster unlock`); None reads (or makes) `DATA/keys/raft.key`.
+    pub async fn open_with_key(
+        id: NodeId,
+        data_dir: &Path,
+        tls: Arc<Trust>,
+        key: Option<at_rest::Key>,
+    ) -> Result<Arc<Self>, ManagerError> {
+        let data_key = match key {
+            Some(k) => k,
+            None => match at_rest::load_or_create(data_dir)? {
+                at_rest::DataKey::Open(k) => k,
+                at_rest::DataKey::Locked => return Err(ManagerError::Locked),
+            },
+        };
+        let sealer = Arc::new(at_rest::Sealer::new(&data_key));
         let path = data_dir.join("raft.redb");
         let db = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -122,10 +154,10 @@ impl Manager {
         // certificates the replicated state revokes.
         tls.set_revocation_check({
             let store = store.clone();
-            Arc::new(move |serial: &str| store.read(|s| s.is_revoked(serial)))
+            Arc::new(move |serial: &str| store.is_revoked(serial))
         });
-        let log = LogStore::new(db.clone())?;
-        let sm = StateMachine::open(db, store.clone())?;
+        let log = LogStore::new(db.clone(), sealer.clone())?;
+        let sm = StateMachine::open(db, store.clone(), sealer)?;
         let health = PeerHealth::default();
         let network = Network::new(tls.clone(), health.clone());
         let config = Arc::new(raft::config().validate()?);
@@ -133,7 +165,7 @@ impl Manager {
         let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(batch_loop(raft.clone(), rx));
         let blobs = BlobStore::open(data_dir)?;
-        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher, blobs, metrics: Default::default(), faults: Faults::default() }))
+        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher, blobs, metrics: Default::default(), faults: Faults::default(), data_dir: data_dir.to_path_buf(), data_key, sealed_with: Default::default() }))
     }
 
     /// Makes this node a one-member cluster (`--init`).
@@ -154,6 +186,39 @@ impl Manager {
             .await
             .map_err(|e| ProposeError::Raft(e.to_string()))?;
         Ok(())
+    }
+
+    /// Keeps `DATA/keys/raft.key` as the cluster's autolock setting says:
+    /// sealed with the current unlock key, or in the clear. Runs until
+    /// `shutdown`.
+    pub(crate) async fn keep_data_key(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut events = self.store.watch();
+        loop {
+            let want = self.store.read(|s| s.cluster.as_ref().map(|c| c.unlock_key.clone()));
+            if let Some(want) = want {
+                let mut last = self.sealed_with.lock().await;
+                if last.as_deref() != Some(want.as_str()) {
+                    let unlock = (!want.is_empty()).then_some(want.as_str());
+                    match at_rest::store(&self.data_dir, &self.data_key, unlock) {
+                        Ok(()) => {
+                            if last.is_some() || unlock.is_some() {
+                                tracing::info!(autolock = unlock.is_some(), "this manager's data key was re-sealed for the cluster's autolock setting");
+                            }
+                            *last = Some(want);
+                        }
+                        Err(e) => tracing::error!(error = %e, "could not re-seal this manager's data key; retrying on the next cluster change"),
+                    }
+                }
+            }
+            tokio::select! {
+                r = events.recv() => {
+                    if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        return;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 
     /// The leader's id and address, as this node knows it.

@@ -32,6 +32,8 @@ pub enum NodeError {
     Manager(#[from] ManagerError),
     #[error(transparent)]
     Propose(#[from] ProposeError),
+    #[error("fault injected: {0}")]
+    FaultInjected(&'static str),
     #[error("listening on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
 }
@@ -48,6 +50,46 @@ pub struct ManagerConfig {
     /// Fault injection for tests: drop the answers to this many writes
     /// forwarded to this manager (after they were applied).
     pub fault_drop_forwarded_replies: u32,
+    /// Fault injection for tests: fail `--init` right after the Raft
+    /// bootstrap (the next start must finish it).
+    pub fault_stop_init_after_bootstrap: bool,
+    /// Fault injection for tests: linearizable reads skip the read barrier.
+    pub fault_stale_reads: bool,
+    /// The data key, when an operator unlocked this manager (autolock);
+    /// None reads it from the data dir.
+    pub data_key: Option<shoal_security::at_rest::Key>,
+}
+
+/// Serves only the Lock service on `listen` until the unlock key arrives
+/// (the data key it opens is returned) or `shutdown` (None).
+pub async fn wait_unlocked(
+    listen: SocketAddr,
+    dir: &Path,
+    tls: Arc<Trust>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Option<shoal_security::at_rest::Key>, NodeError> {
+    let listener = TcpListener::bind(listen).await.map_err(|source| NodeError::Listen { addr: listen, source })?;
+    let (service, unlocked) = crate::lock::LockService::new(dir.to_path_buf(), tls.clone());
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(shoal_proto::control::lock_server::LockServer::new(service))
+            .serve_with_incoming_shutdown(tls.incoming(listener), async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            }),
+    );
+    tracing::warn!(listen = %listen, "this manager is locked (autolock): waiting for `shoal cluster unlock`");
+    let key = tokio::select! {
+        k = unlocked => k.ok(),
+        _ = shutdown.wait_for(|s| *s) => None,
+    };
+    let _ = stop_tx.send(true);
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "lock server ended with an error"),
+        Err(e) => tracing::error!(error = %e, "lock server panicked"),
+    }
+    Ok(key)
 }
 
 /// This node as the first member of a new cluster.
@@ -127,12 +169,17 @@ impl RunningManager {
         // promoted: it must ask to be added to the group. (Raft's own view
         // is not loaded yet right after opening, so it can't tell us.)
         let new_member = !cfg.data_dir.join("raft.redb").exists() && cfg.init.is_none();
-        let manager = Manager::open(id.id, &cfg.data_dir, tls).await?;
+        let manager = Manager::open_with_key(id.id, &cfg.data_dir, tls, cfg.data_key.clone()).await?;
         manager.faults.drop_forwarded_replies.store(cfg.fault_drop_forwarded_replies, std::sync::atomic::Ordering::Relaxed);
+        manager.faults.stale_reads.store(cfg.fault_stale_reads, std::sync::atomic::Ordering::Relaxed);
         let server = tokio::spawn(crate::serve(manager.clone(), listener, cfg.dispatcher, agent, shutdown));
         tracing::info!(node = %id.name, listen = %cfg.listen, advertise = %id.advertise, "manager serving");
         let running = RunningManager { manager, server };
         if let Some(init) = &cfg.init {
+            if cfg.fault_stop_init_after_bootstrap {
+                running.manager.bootstrap(&id.advertise).await?;
+                return Err(NodeError::FaultInjected("stopped --init after the raft bootstrap"));
+            }
             running.init_cluster(&cfg.data_dir, id, init).await?;
         } else if new_member {
             running.manager.request_promotion(&id.managers).await?;
@@ -151,6 +198,7 @@ impl RunningManager {
             worker_secret: pki::random_hex(16)?,
             manager_secret: pki::random_hex(16)?,
             cert_expiry_ms: 0,
+            unlock_key: String::new(),
             version: 0,
         };
         let issued = |pem: &str| -> Result<IssuedCert, NodeError> {

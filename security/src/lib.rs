@@ -4,6 +4,7 @@
 //! TLS settings of every connection, the role check every server method
 //! starts with, and the identity a node keeps in its data dir.
 
+pub mod at_rest;
 pub mod identity;
 pub mod pki;
 pub mod tls;

@@ -56,6 +56,9 @@ impl InProcessNode {
             dispatcher: DispatcherConfig::default(),
             init: Some(InitNode { labels: Default::default(), availability: Availability::Active, address_pool: "100.64.0.0/10".into() }),
             fault_drop_forwarded_replies: 0,
+            fault_stop_init_after_bootstrap: false,
+            data_key: None,
+            fault_stale_reads: false,
         };
         let routes = tonic::service::Routes::new(agent.service());
         let manager = rt

@@ -212,6 +212,22 @@ impl Cluster {
         .with_context(|| format!("init on {addr}: {}", self.log_tail(i)))
     }
 
+    /// Starts host `i` with `--init` and `opts`, without waiting for it.
+    pub fn spawn_init(&mut self, i: usize, opts: &DaemonOpts) -> anyhow::Result<()> {
+        let mut args = self.daemon_args(i);
+        args.push("--init".into());
+        args.extend(opts.extra.iter().cloned());
+        self.spawn(i, args)
+    }
+
+    /// Waits up to `timeout` for host `i`'s daemon to exit on its own.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let child = self.hosts[i].process.as_mut().context("no daemon started")?;
+        let status = wait_for(timeout, "the daemon to exit", || Ok(child.try_wait()?))?;
+        self.hosts[i].process = None;
+        Ok(status)
+    }
+
     /// Starts host `i` joining via host `via` with a token of `role`.
     pub fn join(&mut self, i: usize, via: usize, role: &str, opts: &DaemonOpts) -> anyhow::Result<()> {
         let token = self.cli_ok(via, &["join-token", role, "--format", "json"])?["token"]

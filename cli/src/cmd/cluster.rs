@@ -1,6 +1,7 @@
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
-use shoal_proto::control::{ClusterSettings, ClusterStatusResponse, Empty, JoinTokenRequest, UpdateClusterRequest};
+use anyhow::Context;
+use shoal_proto::control::{ClusterSettings, ClusterStatusResponse, Empty, JoinTokenRequest, UnlockKeyRequest, UnlockRequest, UpdateClusterRequest};
 
 use crate::client::{rpc_err, Ctx};
 use crate::output::{self, Format};
@@ -16,6 +17,17 @@ pub enum ClusterCmd {
         /// outlives the new setting.
         #[arg(long, value_name = "DURATION")]
         cert_expiry: Option<String>,
+        /// Autolock: a restarted manager stays locked until `shoal cluster
+        /// unlock` is given the unlock key this prints.
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        autolock: Option<bool>,
+    },
+    /// Give a locked manager (autolock) its unlock key, read from stdin.
+    Unlock,
+    /// Show autolock's unlock key, or make a new one.
+    UnlockKey {
+        #[arg(long)]
+        rotate: bool,
     },
 }
 
@@ -32,26 +44,62 @@ pub struct JoinTokenArgs {
 pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
         ClusterCmd::Status => status(ctx).await,
-        ClusterCmd::Update { cert_expiry } => update(ctx, cert_expiry).await,
+        ClusterCmd::Update { cert_expiry, autolock } => update(ctx, cert_expiry, autolock).await,
+        ClusterCmd::Unlock => unlock(ctx).await,
+        ClusterCmd::UnlockKey { rotate } => unlock_key(ctx, rotate).await,
     }
 }
 
-async fn update(ctx: &Ctx, cert_expiry: Option<String>) -> anyhow::Result<()> {
-    let Some(e) = cert_expiry else {
-        anyhow::bail!("nothing to update: give --cert-expiry");
-    };
-    let d = crate::cmd::service::parse_duration("--cert-expiry", &e)?;
-    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
-    let s = ctx.control().await?.update_cluster(UpdateClusterRequest { cert_expiry_ms: ms }).await.map_err(rpc_err)?.into_inner();
+async fn update(ctx: &Ctx, cert_expiry: Option<String>, autolock: Option<bool>) -> anyhow::Result<()> {
+    if cert_expiry.is_none() && autolock.is_none() {
+        anyhow::bail!("nothing to update: give --cert-expiry or --autolock");
+    }
+    let mut cert_expiry_ms = 0;
+    if let Some(e) = cert_expiry {
+        let d = crate::cmd::service::parse_duration("--cert-expiry", &e)?;
+        cert_expiry_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+    }
+    let s = ctx.control().await?.update_cluster(UpdateClusterRequest { cert_expiry_ms, autolock }).await.map_err(rpc_err)?.into_inner();
     match ctx.format {
         Format::Json => output::object(Format::Json, &settings_json(Some(&s))),
-        Format::Table => println!("node certificates are valid for {}s", s.cert_expiry_ms / 1000),
+        Format::Table => {
+            println!("node certificates are valid for {}s; autolock {}", s.cert_expiry_ms / 1000, if s.autolock { "on" } else { "off" });
+            if !s.unlock_key.is_empty() {
+                println!("To unlock a manager after it restarts, run `shoal cluster unlock` and give it this key; keep it safe:\n\n    {}", s.unlock_key);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn unlock(ctx: &Ctx) -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the unlock key from stdin")?;
+    let key = line.trim();
+    shoal_security::at_rest::parse_unlock_key(key)?;
+    let mut client = ctx.lock().await?;
+    client.unlock(UnlockRequest { unlock_key: key.to_string() }).await.map_err(rpc_err)?;
+    if ctx.format == Format::Table {
+        println!("manager unlocked");
+    }
+    Ok(())
+}
+
+async fn unlock_key(ctx: &Ctx, rotate: bool) -> anyhow::Result<()> {
+    let r = ctx.control().await?.unlock_key(UnlockKeyRequest { rotate }).await.map_err(rpc_err)?.into_inner();
+    match ctx.format {
+        Format::Json => println!("{}", json!({ "unlock_key": r.unlock_key })),
+        Format::Table => println!("{}", r.unlock_key),
     }
     Ok(())
 }
 
 fn settings_json(s: Option<&ClusterSettings>) -> Value {
-    json!({ "cert_expiry_s": s.map(|s| s.cert_expiry_ms / 1000) })
+    json!({
+        "cert_expiry_s": s.map(|s| s.cert_expiry_ms / 1000),
+        "autolock": s.map(|s| s.autolock),
+        "unlock_key": s.map(|s| s.unlock_key.clone()).filter(|k| !k.is_empty()),
+    })
 }
 
 fn status_json(s: &ClusterStatusResponse) -> Value {

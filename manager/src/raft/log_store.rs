@@ -10,6 +10,8 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use shoal_security::at_rest::Sealer;
+
 use super::{LogId, NodeId, StorageError, TypeConfig};
 
 pub(crate) const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -18,9 +20,21 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft
 const KEY_VOTE: &str = "vote";
 const KEY_PURGED: &str = "last_purged";
 
+/// Entries are sealed with the manager's data key before they reach redb
+/// (see [`shoal_security::at_rest`]).
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    sealer: Arc<Sealer>,
+}
+
+fn seal(sealer: &Sealer, bytes: &[u8]) -> Result<Vec<u8>, StorageError> {
+    sealer.seal(bytes).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))
+}
+
+fn open_entry(sealer: &Sealer, bytes: &[u8]) -> Result<Entry<TypeConfig>, StorageError> {
+    let plain = sealer.open(bytes).map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
+    crate::raft::decode(&plain).map_err(decode_err)
 }
 
 fn read_err(e: impl Into<redb::Error>) -> StorageError {
@@ -34,12 +48,12 @@ fn decode_err(e: postcard::Error) -> StorageError {
 }
 
 impl LogStore {
-    pub fn new(db: Arc<Database>) -> Result<Self, redb::Error> {
+    pub fn new(db: Arc<Database>, sealer: Arc<Sealer>) -> Result<Self, redb::Error> {
         let txn = db.begin_write()?;
         txn.open_table(LOGS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(LogStore { db })
+        Ok(LogStore { db, sealer })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -103,14 +117,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if end < start {
             return Ok(Vec::new());
         }
-        let db = self.db.clone();
+        let (db, sealer) = (self.db.clone(), self.sealer.clone());
         blocking(move || {
             let txn = db.begin_read().map_err(read_err)?;
             let table = txn.open_table(LOGS).map_err(read_err)?;
             let mut out = Vec::new();
             for item in table.range(start..=end).map_err(read_err)? {
                 let (_, v) = item.map_err(read_err)?;
-                out.push(crate::raft::decode(v.value()).map_err(decode_err)?);
+                out.push(open_entry(&sealer, v.value())?);
             }
             Ok(out)
         })
@@ -128,7 +142,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let txn = this.db.begin_read().map_err(read_err)?;
             let table = txn.open_table(LOGS).map_err(read_err)?;
             let last = match table.last().map_err(read_err)? {
-                Some((_, v)) => Some(crate::raft::decode::<Entry<TypeConfig>>(v.value()).map_err(decode_err)?.log_id),
+                Some((_, v)) => Some(open_entry(&this.sealer, v.value())?.log_id),
                 None => last_purged,
             };
             Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
@@ -163,7 +177,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut encoded = Vec::new();
         for e in entries {
             let bytes = crate::raft::encode(&e).map_err(|err| StorageError::from(StorageIOError::write_logs(&err)))?;
-            encoded.push((e.log_id.index, bytes));
+            encoded.push((e.log_id.index, seal(&self.sealer, &bytes)?));
         }
         let db = self.db.clone();
         let res = blocking(move || {

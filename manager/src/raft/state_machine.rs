@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{LogId, NodeId, StorageError, TypeConfig};
 use crate::store::{Response, State, Store};
+use shoal_security::at_rest::Sealer;
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 const KEY_SNAPSHOT: &str = "current";
@@ -27,6 +28,8 @@ struct StoredSnapshot {
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<Database>,
+    /// Snapshots are sealed with the manager's data key in redb.
+    sealer: Arc<Sealer>,
     store: Store,
     inner: Arc<tokio::sync::Mutex<Progress>>,
 }
@@ -49,11 +52,11 @@ fn sm_write_err(e: impl std::error::Error + 'static) -> StorageError {
 
 impl StateMachine {
     /// Opens the state machine and loads the latest persisted snapshot.
-    pub fn open(db: Arc<Database>, store: Store) -> Result<Self, StorageError> {
+    pub fn open(db: Arc<Database>, store: Store, sealer: Arc<Sealer>) -> Result<Self, StorageError> {
         let txn = db.begin_write().map_err(|e| sm_write_err(redb::Error::from(e)))?;
         txn.open_table(SNAPSHOT).map_err(|e| sm_write_err(redb::Error::from(e)))?;
         txn.commit().map_err(|e| sm_write_err(redb::Error::from(e)))?;
-        let sm = StateMachine { db, store, inner: Default::default() };
+        let sm = StateMachine { db, sealer, store, inner: Default::default() };
         if let Some(snap) = sm.read_snapshot()? {
             let state: State = crate::raft::decode(&snap.data).map_err(sm_read_err)?;
             sm.store.replace(state);
@@ -71,11 +74,12 @@ impl StateMachine {
         let Some(v) = table.get(KEY_SNAPSHOT).map_err(|e| sm_read_err(redb::Error::from(e)))? else {
             return Ok(None);
         };
-        Ok(Some(crate::raft::decode(v.value()).map_err(sm_read_err)?))
+        let plain = self.sealer.open(v.value()).map_err(sm_read_err)?;
+        Ok(Some(crate::raft::decode(&plain).map_err(sm_read_err)?))
     }
 
-    fn write_snapshot(db: &Database, snap: &StoredSnapshot) -> Result<(), StorageError> {
-        let bytes = crate::raft::encode(snap).map_err(sm_write_err)?;
+    fn write_snapshot(db: &Database, sealer: &Sealer, snap: &StoredSnapshot) -> Result<(), StorageError> {
+        let bytes = sealer.seal(&crate::raft::encode(snap).map_err(sm_write_err)?).map_err(sm_write_err)?;
         let txn = db.begin_write().map_err(|e| sm_write_err(redb::Error::from(e)))?;
         {
             let mut table = txn.open_table(SNAPSHOT).map_err(|e| sm_write_err(redb::Error::from(e)))?;
@@ -112,8 +116,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (meta, data)
         };
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        let db = self.db.clone();
-        let stored = tokio::task::spawn_blocking(move || Self::write_snapshot(&db, &stored).map(|_| stored))
+        let (db, sealer) = (self.db.clone(), self.sealer.clone());
+        let stored = tokio::task::spawn_blocking(move || Self::write_snapshot(&db, &sealer, &stored).map(|_| stored))
             .await
             .map_err(sm_write_err)??;
         tracing::info!(index = stored.meta.last_log_id.map(|l| l.index), bytes = stored.data.len(), "raft snapshot built");
@@ -169,8 +173,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
         let mut inner = self.inner.lock().await;
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || Self::write_snapshot(&db, &stored))
+        let (db, sealer) = (self.db.clone(), self.sealer.clone());
+        tokio::task::spawn_blocking(move || Self::write_snapshot(&db, &sealer, &stored))
             .await
             .map_err(sm_write_err)??;
         self.store.replace(state);

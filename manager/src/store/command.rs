@@ -27,7 +27,9 @@ pub enum Command {
     /// the node's current one.
     RecordCert { node: u64, cert: IssuedCert, cert_pem: String },
     /// `cluster update`.
-    UpdateCluster { cert_expiry_ms: Option<u64> },
+    /// `unlock_key`: Some("") turns autolock off, Some(key) on (or
+    /// rotates the key).
+    UpdateCluster { cert_expiry_ms: Option<u64>, unlock_key: Option<String> },
     CreateClient { client: ClientObj },
     /// Removes a client identity and revokes its certificate.
     RemoveClient { name: String },

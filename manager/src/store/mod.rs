@@ -27,6 +27,9 @@ pub struct Event {
 pub struct Store {
     state: Arc<RwLock<State>>,
     events: broadcast::Sender<Arc<Event>>,
+    /// The revoked serials, apart from the state: every RPC checks them,
+    /// and must not wait while a big entry is applied.
+    revoked: Arc<RwLock<Arc<std::collections::HashSet<String>>>>,
 }
 
 impl Default for Store {
@@ -40,7 +43,18 @@ impl Store {
         // Watchers that fall this far behind get `Lagged` and must re-read
         // the whole state; 4096 entries is seconds of the busiest load.
         let (events, _) = broadcast::channel(4096);
-        Store { state: Arc::new(RwLock::new(State::default())), events }
+        Store { state: Arc::new(RwLock::new(State::default())), events, revoked: Default::default() }
+    }
+
+    /// Whether the certificate with `serial` (hex) is revoked; never waits
+    /// for the state machine.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.read().unwrap_or_else(|e| e.into_inner()).contains(serial)
+    }
+
+    fn publish_revoked(&self, st: &State) {
+        let set = Arc::new(st.revoked.keys().cloned().collect());
+        *self.revoked.write().unwrap_or_else(|e| e.into_inner()) = set;
     }
 
     /// Reads the applied state. Keep the closure short: the state machine
@@ -65,7 +79,9 @@ impl Store {
         let mut changes = Vec::new();
         let res = {
             let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-            req.cmds
+            let revoked_before = st.revoked_version;
+            let res = req
+                .cmds
                 .into_iter()
                 .map(|cmd| {
                     let kind = cmd.kind();
@@ -75,7 +91,11 @@ impl Store {
                     }
                     res
                 })
-                .collect()
+                .collect();
+            if st.revoked_version != revoked_before {
+                self.publish_revoked(&st);
+            }
+            res
         };
         if !changes.is_empty() {
             // No receivers is fine: nobody watches yet.
@@ -86,6 +106,7 @@ impl Store {
 
     /// Replaces the whole state (snapshot install or restart).
     pub(crate) fn replace(&self, state: State) {
+        self.publish_revoked(&state);
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
     }
 

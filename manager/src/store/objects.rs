@@ -290,6 +290,9 @@ pub struct ClusterObj {
     /// How long node certificates are valid (`cluster update
     /// --cert-expiry`); 0 is the default, 90 days.
     pub cert_expiry_ms: u64,
+    /// Autolock's unlock key (`SHOALKEY-1-…`), empty when off. It lives
+    /// only in the sealed log: each manager seals its data key with it.
+    pub unlock_key: String,
     pub version: u64,
 }
 

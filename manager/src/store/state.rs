@@ -108,11 +108,6 @@ impl State {
         self.revoked_version = index;
     }
 
-    /// Whether the certificate with `serial` (hex) is revoked.
-    pub fn is_revoked(&self, serial: &str) -> bool {
-        self.revoked.contains_key(serial)
-    }
-
     /// Applies `cmd` at log index `index`, stamped `now` (ms). Validates
     /// everything first: on error nothing has changed.
     pub fn apply(&mut self, index: u64, now: u64, cmd: Command, changes: &mut Vec<Change>) -> Result<Applied, ApplyError> {
@@ -402,13 +397,16 @@ impl State {
                 n.version = index;
                 changes.push(Change::Node(node));
             }
-            Command::UpdateCluster { cert_expiry_ms } => {
+            Command::UpdateCluster { cert_expiry_ms, unlock_key } => {
                 let cluster = self.cluster.as_mut().ok_or_else(|| ApplyError::NotFound {
                     kind: "cluster".into(),
                     what: "cluster".into(),
                 })?;
                 if let Some(ms) = cert_expiry_ms {
                     cluster.cert_expiry_ms = ms;
+                }
+                if let Some(k) = unlock_key {
+                    cluster.unlock_key = k;
                 }
                 cluster.version = index;
                 changes.push(Change::Cluster);
@@ -1359,6 +1357,7 @@ mod tests {
             worker_secret: String::new(),
             manager_secret: String::new(),
             cert_expiry_ms: 0,
+            unlock_key: String::new(),
             version: 0,
         });
         apply(&mut st, 1, net("one", "")).unwrap();
