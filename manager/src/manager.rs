@@ -16,7 +16,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, PeerHealth};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{self, NodeId, Raft};
-use crate::store::command::{MAX_ENTRY_BYTES, encoded_len};
+use crate::store::command::{MAX_ENTRY_BYTES, TARGET_ENTRY_BYTES, encoded_len};
 use crate::store::{Applied, ApplyError, Command, Outcome, Request, Store};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use shoal_security::{at_rest, Trust};
@@ -530,7 +530,7 @@ async fn batch_loop(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) if bytes + p.size > MAX_ENTRY_BYTES => {
+                Ok(p) if bytes + p.size > TARGET_ENTRY_BYTES => {
                     carry = Some(p);
                     break;
                 }

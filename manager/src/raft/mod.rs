@@ -51,9 +51,9 @@ pub fn config() -> openraft::Config {
         purge_batch_size: 256,
         // openraft gives an AppendEntries one heartbeat interval to finish,
         // and retries one that doesn't forever. Entries carry up to 1024
-        // commands and at most MAX_ENTRY_BYTES (1 MiB) each (group commit),
-        // so a request carries at most 4 MiB: written on a follower well
-        // within 100 ms.
+        // commands and about TARGET_ENTRY_BYTES (256 KiB; one command alone
+        // up to 1 MiB) each (group commit), so a request carries about
+        // 1 MiB, and the transport sends less after a timeout.
         max_payload_entries: 4,
         // Snapshots go in 1 MiB chunks, each with its own deadline, so a
         // big state streams to a lagging follower instead of timing out.

@@ -59,13 +59,31 @@ pub struct Peer {
     addr: String,
     tls: Arc<Trust>,
     health: PeerHealth,
+    /// How many bytes of entries the next AppendEntries may carry. openraft
+    /// gives each one a heartbeat interval and retries a timed-out one with
+    /// the same entries forever; sending a prefix (a partial success to
+    /// openraft) and halving this after a timeout means a follower that is
+    /// slow for a moment gets less per request instead of nothing ever.
+    budget: usize,
 }
+
+/// Bounds of [`Peer::budget`]: one request never carries less than one
+/// entry, whatever the budget.
+const MAX_APPEND_BYTES: usize = 4 << 20;
+const MIN_APPEND_BYTES: usize = 256 << 10;
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        Peer { target, client: None, addr: node.addr.clone(), tls: self.tls.clone(), health: self.health.clone() }
+        Peer {
+            target,
+            client: None,
+            addr: node.addr.clone(),
+            tls: self.tls.clone(),
+            health: self.health.clone(),
+            budget: MAX_APPEND_BYTES,
+        }
     }
 }
 
@@ -142,7 +160,35 @@ impl RaftNetwork<TypeConfig> for Peer {
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("append", &req, option.hard_ttl()).await
+        let mut req = req;
+        let budget = self.budget;
+        let mut size = 0usize;
+        let keep = req
+            .entries
+            .iter()
+            .take_while(|e| {
+                size += postcard::experimental::serialized_size(e).unwrap_or(usize::MAX);
+                size <= budget
+            })
+            .count()
+            .max(1)
+            .min(req.entries.len());
+        let truncated = keep < req.entries.len();
+        if truncated {
+            req.entries.truncate(keep);
+        }
+        let last_sent = req.entries.last().map(|e| e.log_id);
+        // Should openraft drop this call at its deadline, the next one
+        // carries half as much; an answer in time restores (and grows) it.
+        self.budget = (budget / 2).max(MIN_APPEND_BYTES);
+        let res = self.call("append", &req, option.hard_ttl()).await;
+        if res.is_ok() {
+            self.budget = budget.saturating_mul(2).min(MAX_APPEND_BYTES);
+        }
+        match res {
+            Ok(AppendEntriesResponse::Success) if truncated => Ok(AppendEntriesResponse::PartialSuccess(last_sent)),
+            other => other,
+        }
     }
 
     async fn install_snapshot(
