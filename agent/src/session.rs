@@ -102,6 +102,9 @@ pub(crate) async fn run(mut s: Session) {
                         tracing::info!(revoked = r.revoked.len(), "certificate revocation list updated");
                         s.tls.set_revoked(r.revoked_version, r.revoked);
                     }
+                    if !r.ca_pem.is_empty() {
+                        trust_bundle(&s, &r.ca_pem);
+                    }
                     if !cert.is_empty() && role == Some(s.role) {
                         renew(&s, &cert);
                     }
@@ -143,6 +146,21 @@ pub(crate) async fn run(mut s: Session) {
             _ = s.shutdown.changed() => return,
         }
     }
+}
+
+/// Trusts the CA bundle the managers sent (a CA rotation: both CAs, then
+/// only the new one).
+fn trust_bundle(s: &Session, ca_pem: &str) {
+    let mut files = s.tls.files();
+    files.ca_pem = ca_pem.to_string();
+    if let Err(e) = s.tls.install(files) {
+        tracing::warn!(error = %e, "the managers sent a CA bundle this node can't use; keeping the current one");
+        return;
+    }
+    if let Err(e) = identity::write_file(&s.data_dir.join("tls/ca.pem"), ca_pem, false) {
+        tracing::warn!(error = %e, "could not save the CA bundle; it is in use until the next restart");
+    }
+    tracing::info!(cas = ?shoal_security::pki::pem_common_names(ca_pem), "trusting the cluster's CA bundle");
 }
 
 /// Switches to the renewed certificate the managers sent (same key, same
@@ -190,6 +208,7 @@ async fn heartbeat(
         rates,
         volumes_sent: volumes.is_some(),
         revoked_version: s.tls.revoked_version(),
+        ca_digest: shoal_security::pki::bundle_digest(&s.tls.files().ca_pem),
         volumes: volumes
             .unwrap_or_default()
             .into_iter()

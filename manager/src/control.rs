@@ -60,8 +60,17 @@ fn spec_status(e: SpecError) -> Status {
 
 const CLIENTS: &[CertRole] = &[CertRole::Client, CertRole::Manager];
 
-fn settings(c: &crate::store::objects::ClusterObj) -> ClusterSettings {
-    ClusterSettings { cert_expiry_ms: c.cert_expiry().as_millis() as u64, autolock: !c.unlock_key.is_empty(), unlock_key: String::new() }
+fn settings(s: &State) -> Option<ClusterSettings> {
+    let c = s.cluster.as_ref()?;
+    let pending = s.ca_rotation_pending();
+    Some(ClusterSettings {
+        cert_expiry_ms: c.cert_expiry().as_millis() as u64,
+        autolock: !c.unlock_key.is_empty(),
+        unlock_key: String::new(),
+        ca: c.ca_name(),
+        ca_rotating: pending.is_some(),
+        ca_pending: pending.unwrap_or_default(),
+    })
 }
 
 fn new_unlock_key() -> Result<String, Status> {
@@ -416,7 +425,7 @@ impl ControlService {
             log_first_index: first,
             log_last_index: last,
             answered_by: name(self.manager.id),
-            settings: self.manager.store.read(|s| s.cluster.as_ref().map(settings)),
+            settings: self.manager.store.read(settings),
         }
     }
 }
@@ -493,8 +502,8 @@ impl Control for ControlService {
         if let Some(k) = &unlock_key {
             tracing::info!(autolock = !k.is_empty(), "autolock changed: managers re-seal their data keys");
         }
-        let c = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
-        Ok(Response::new(ClusterSettings { unlock_key: unlock_key.unwrap_or_default(), ..settings(&c) }))
+        let st = self.manager.store.read(settings).ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
+        Ok(Response::new(ClusterSettings { unlock_key: unlock_key.unwrap_or_default(), ..st }))
     }
 
     async fn unlock_key(&self, req: Request<UnlockKeyRequest>) -> Result<Response<UnlockKeyResponse>, Status> {
@@ -531,15 +540,58 @@ impl Control for ControlService {
         let cluster = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
         let signed = pki::sign_csr(&cluster.ca(), &r.csr_pem, &r.name, CertRole::Client, expiry)
             .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
-        let client = ClientObj {
-            name: r.name.clone(),
-            cert: IssuedCert { serial: signed.serial.clone(), role: CertRole::Client.as_str().into(), expires_ms: signed.expires_ms },
-            created_at_ms: 0,
-        };
+        let client = ClientObj { name: r.name.clone(), cert: IssuedCert::of(&signed, CertRole::Client.as_str()), created_at_ms: 0 };
         self.manager.propose(Command::CreateClient { client }).await.map_err(status)?;
         tracing::info!(client = %r.name, serial = %signed.serial, "client certificate issued");
         let c = self.manager.store.read(|s| s.clients.get(&r.name).cloned()).ok_or_else(|| Status::not_found("client certificate removed meanwhile"))?;
-        Ok(Response::new(ClientCert { cert_pem: signed.cert_pem, ca_pem: cluster.ca_cert_pem, ..client_proto(&c) }))
+        Ok(Response::new(ClientCert {
+            cert_pem: cluster.chain(&signed.cert_pem),
+            ca_pem: cluster.trust_bundle().to_string(),
+            ..client_proto(&c)
+        }))
+    }
+
+    async fn renew_client_cert(&self, req: Request<CreateClientCertRequest>) -> Result<Response<ClientCert>, Status> {
+        let (name, role) = self.manager.tls.authorize(&req, &[CertRole::Client])?;
+        debug_assert_eq!(role, CertRole::Client);
+        let r = req.into_inner();
+        let (cluster, current) = self.manager.store.read(|s| (s.cluster.clone(), s.clients.get(&name).cloned()));
+        let cluster = cluster.ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
+        let current = current.ok_or_else(|| Status::not_found(format!("client {name:?} is not a client identity of this cluster")))?;
+        let expiry = match r.expiry_ms {
+            0 => pki::DEFAULT_CLIENT_EXPIRY,
+            ms => Duration::from_millis(ms).max(pki::MIN_CERT_EXPIRY),
+        };
+        let _ = current;
+        let signed = pki::sign_csr(&cluster.ca(), &r.csr_pem, &name, CertRole::Client, expiry)
+            .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
+        let cert = IssuedCert::of(&signed, CertRole::Client.as_str());
+        self.manager.propose(Command::RenewClient { name: name.clone(), cert }).await.map_err(status)?;
+        tracing::info!(client = %name, serial = %signed.serial, ca = %signed.issuer, "client certificate renewed; the old one is revoked");
+        let c = self.manager.store.read(|s| s.clients.get(&name).cloned()).ok_or_else(|| Status::not_found("client certificate removed meanwhile"))?;
+        Ok(Response::new(ClientCert {
+            cert_pem: cluster.chain(&signed.cert_pem),
+            ca_pem: cluster.trust_bundle().to_string(),
+            ..client_proto(&c)
+        }))
+    }
+
+    async fn rotate_ca(&self, req: Request<Empty>) -> Result<Response<RotateCaResponse>, Status> {
+        let caller = self.manager.tls.authorize(&req, CLIENTS)?;
+        require_admin(&caller)?;
+        let old = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized yet"))?;
+        if !old.ca_cross_pem.is_empty() {
+            return Err(apply_status(ApplyError::Refused(crate::store::command::Refusal::CaRotating)));
+        }
+        let new = pki::new_ca().map_err(|e| Status::internal(e.to_string()))?;
+        let cross_pem = pki::cross_sign(&old.ca(), &new).map_err(|e| Status::internal(e.to_string()))?;
+        let name = pki::pem_common_names(&new.cert_pem).into_iter().next().unwrap_or_default();
+        self.manager
+            .propose(Command::RotateCa { cert_pem: new.cert_pem, key_pem: new.key_pem, cross_pem })
+            .await
+            .map_err(status)?;
+        tracing::info!(old = %old.ca_name(), new = %name, "CA rotation started: nodes get certificates from the new CA on their next heartbeats");
+        Ok(Response::new(RotateCaResponse { ca: name }))
     }
 
     async fn list_client_certs(&self, req: Request<Empty>) -> Result<Response<ClientCertList>, Status> {

@@ -88,6 +88,7 @@ impl DispatcherService {
             if !leader {
                 continue;
             }
+            self.finish_ca_rotation().await;
             let down: Vec<(u64, NodeStatus)> = {
                 let seen = self.seen();
                 self.manager.store.read(|s| {
@@ -468,10 +469,12 @@ impl Dispatcher for DispatcherService {
             if cert_pem.is_empty() {
                 return Err(shoal_security::trust::revoked_status(&peer.cert));
             }
+            let ca_pem = self.manager.store.read(|s| s.cluster.as_ref().map(|c| c.trust_bundle().to_string())).unwrap_or_default();
             return Ok(Response::new(HeartbeatResponse {
                 period_ms: self.config.period.as_millis() as u64,
                 role: node.role.as_str().into(),
                 cert_pem,
+                ca_pem,
                 ..Default::default()
             }));
         }
@@ -524,6 +527,10 @@ impl Dispatcher for DispatcherService {
             (s.revoked_version, if changed { s.revoked.keys().cloned().collect() } else { Vec::new() })
         });
         let revoked_changed = revoked_version != r.revoked_version;
+        // The CA bundle, when the node's differs (a CA rotation).
+        let ca_pem = self.manager.store.read(|s| {
+            s.cluster.as_ref().map(|c| c.trust_bundle().to_string()).filter(|b| pki::bundle_digest(b) != r.ca_digest).unwrap_or_default()
+        });
         Ok(Response::new(HeartbeatResponse {
             period_ms: self.config.period.as_millis() as u64,
             managers,
@@ -537,6 +544,7 @@ impl Dispatcher for DispatcherService {
             revoked_version,
             revoked_changed,
             revoked,
+            ca_pem,
         }))
     }
 }
@@ -557,7 +565,10 @@ impl DispatcherService {
         let cluster = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized"))?;
         let expiry = cluster.cert_expiry();
         let now = crate::manager::now_ms();
-        let fine = |c: &PeerCert| c.role == want && !pki::renewal_due(c.not_before_ms, c.not_after_ms, now, expiry);
+        let ca_name = cluster.ca_name();
+        let fine = |c: &PeerCert| {
+            c.role == want && c.issuer == ca_name && !pki::renewal_due(c.not_before_ms, c.not_after_ms, now, expiry)
+        };
         if !peer.revoked && fine(presented) {
             return Ok(String::new());
         }
@@ -573,14 +584,35 @@ impl DispatcherService {
         }
         let signed = pki::sign_csr(&cluster.ca(), &node.csr_pem, &presented.subject, want, expiry)
             .map_err(|e| Status::internal(format!("signing node {}'s certificate: {e}", node.name)))?;
-        let cert = IssuedCert { serial: signed.serial.clone(), role: want.as_str().into(), expires_ms: signed.expires_ms };
+        let cert = IssuedCert::of(&signed, want.as_str());
+        let chain = cluster.chain(&signed.cert_pem);
         self.manager
-            .propose(Command::RecordCert { node: node.id, cert, cert_pem: signed.cert_pem.clone() })
+            .propose(Command::RecordCert { node: node.id, cert, cert_pem: chain.clone() })
             .await
             .map_err(status)?;
-        let why = if presented.role == want { "renewal" } else { "role change" };
+        let why = if presented.role != want {
+            "role change"
+        } else if presented.issuer != ca_name {
+            "CA rotation"
+        } else {
+            "renewal"
+        };
         tracing::info!(node = %node.name, serial = %signed.serial, role = want.as_str(), reason = why, valid_for_s = expiry.as_secs(), "issued the node a new certificate");
-        Ok(signed.cert_pem)
+        Ok(chain)
+    }
+
+    /// Ends a CA rotation once every node and client identity holds a
+    /// certificate from the new CA: from then on only it is trusted.
+    async fn finish_ca_rotation(&self) {
+        let done = self.manager.store.read(|s| {
+            let pending = s.ca_rotation_pending()?;
+            pending.is_empty().then(|| s.cluster.as_ref().map(|c| c.ca_cert_pem.clone())).flatten()
+        });
+        let Some(cert_pem) = done else { return };
+        match self.manager.propose(Command::FinishCaRotation { cert_pem }).await {
+            Ok(_) => tracing::info!("CA rotation complete: every node and client holds a certificate from the new CA; the old CA is no longer trusted"),
+            Err(e) => tracing::warn!(error = %e, "could not finish the CA rotation; retrying"),
+        }
     }
 
     /// Records a node's volume sizes when they changed (by more than a

@@ -43,7 +43,7 @@ impl Join for JoinService {
             } else {
                 return Err(Status::permission_denied("join token is not valid (forged, or rotated since it was issued)"));
             };
-            Ok((c.ca(), role, c.cert_expiry()))
+            Ok((c.clone(), role, c.cert_expiry()))
         })?;
         let availability = match r.availability.as_str() {
             "" => Availability::Active,
@@ -60,14 +60,14 @@ impl Join for JoinService {
             Role::Manager => CertRole::Manager,
             Role::Worker => CertRole::Worker,
         };
-        let signed = pki::sign_csr(&ca, &r.csr_pem, &format_node_id(id), cert_role, expiry)
+        let signed = pki::sign_csr(&ca.ca(), &r.csr_pem, &format_node_id(id), cert_role, expiry)
             .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
-        let cert_pem = signed.cert_pem.clone();
+        let cert_pem = ca.chain(&signed.cert_pem);
         let node = NodeObj {
             availability,
             labels: r.labels.into_iter().collect(),
             csr_pem: r.csr_pem,
-            certs: vec![IssuedCert { serial: signed.serial, role: cert_role.as_str().into(), expires_ms: signed.expires_ms }],
+            certs: vec![IssuedCert::of(&signed, cert_role.as_str())],
             cert_pem: signed.cert_pem,
             ..NodeObj::new(id, &name, role, &r.advertise_addr)
         };
@@ -80,7 +80,7 @@ impl Join for JoinService {
             node_id: id,
             role: role.as_str().into(),
             cert_pem,
-            ca_pem: ca.cert_pem,
+            ca_pem: ca.trust_bundle().to_string(),
             managers,
         }))
     }

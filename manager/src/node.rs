@@ -199,11 +199,13 @@ impl RunningManager {
             manager_secret: pki::random_hex(16)?,
             cert_expiry_ms: 0,
             unlock_key: String::new(),
+            ca_bundle_pem: String::new(),
+            ca_cross_pem: String::new(),
             version: 0,
         };
         let issued = |pem: &str| -> Result<IssuedCert, NodeError> {
             let c = pki::pem_identity(pem)?;
-            Ok(IssuedCert { serial: c.serial, role: c.role.as_str().into(), expires_ms: c.not_after_ms })
+            Ok(IssuedCert { serial: c.serial, role: c.role.as_str().into(), expires_ms: c.not_after_ms, issuer: c.issuer })
         };
         let node = NodeObj {
             availability: init.availability,

@@ -102,14 +102,49 @@ pub fn random_u64() -> Result<u64, PkiError> {
 /// Creates a new self-signed cluster CA.
 pub fn new_ca() -> Result<CertKey, PkiError> {
     let key = KeyPair::generate()?;
+    // Each CA has its own name, so certificates from the old and the new
+    // one (during `cluster ca --rotate`) are told apart by their issuer.
+    let cert = ca_params(&format!("shoal cluster CA {}", random_hex(4)?))?.self_signed(&key)?;
+    Ok(CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+fn ca_params(common_name: &str) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "shoal cluster CA");
+    dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let cert = params.self_signed(&key)?;
-    Ok(CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(params)
+}
+
+/// The new CA's certificate signed by the old CA: sent after a leaf the new
+/// CA signed, it lets a peer that still trusts only the old CA verify the
+/// leaf while a rotation spreads.
+pub fn cross_sign(old: &CertKey, new: &CertKey) -> Result<String, PkiError> {
+    let old_issuer = Issuer::from_ca_cert_pem(&old.cert_pem, KeyPair::from_pem(&old.key_pem)?)?;
+    let new_key = KeyPair::from_pem(&new.key_pem)?;
+    let name = pem_common_names(&new.cert_pem).into_iter().next().ok_or_else(|| PkiError::Parse("the new CA has no name".into()))?;
+    Ok(ca_params(&name)?.signed_by(&new_key, &old_issuer)?.pem())
+}
+
+/// What a node sends to say which CA bundle it holds: the sha256 of the
+/// text, hex.
+pub fn bundle_digest(pem_text: &str) -> String {
+    sha256_hex(pem_text.as_bytes())
+}
+
+/// The common names of the certificates in a PEM bundle, in order.
+pub fn pem_common_names(pem_text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for pem in x509_parser::pem::Pem::iter_from_buffer(pem_text.as_bytes()).filter_map(Result::ok) {
+        if let Ok((_, c)) = x509_parser::parse_x509_certificate(&pem.contents)
+            && let Some(cn) = c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok())
+        {
+            out.push(cn.to_string());
+        }
+    }
+    out
 }
 
 /// A fresh key pair and a CSR for it; the key stays on this node.
@@ -127,6 +162,8 @@ pub struct Signed {
     pub cert_pem: String,
     pub serial: String,
     pub expires_ms: u64,
+    /// The signing CA's common name.
+    pub issuer: String,
 }
 
 fn now_unix() -> std::time::Duration {
@@ -169,7 +206,8 @@ pub fn sign_csr(ca: &CertKey, csr_pem: &str, subject: &str, role: CertRole, vali
     params.not_before = datetime(now.saturating_sub(CLOCK_SKEW))?;
     params.not_after = datetime(now + validity)?;
     let cert = params.signed_by(&csr.public_key, &issuer)?;
-    Ok(Signed { cert_pem: cert.pem(), serial: hex::encode(serial), expires_ms: (now + validity).as_millis() as u64 })
+    let issuer_cn = pem_common_names(&ca.cert_pem).into_iter().next().unwrap_or_default();
+    Ok(Signed { cert_pem: cert.pem(), serial: hex::encode(serial), expires_ms: (now + validity).as_millis() as u64, issuer: issuer_cn })
 }
 
 /// Issues a key and certificate in one step (the CA's own node at `--init`,
@@ -231,6 +269,8 @@ pub struct PeerCert {
     pub serial: String,
     pub not_before_ms: u64,
     pub not_after_ms: u64,
+    /// The signing CA's common name.
+    pub issuer: String,
 }
 
 /// The identity a certificate (DER) proves.
@@ -246,6 +286,7 @@ pub fn peer_identity(der: &[u8]) -> Option<PeerCert> {
         serial: hex::encode(cert.raw_serial()),
         not_before_ms: ms(cert.validity().not_before),
         not_after_ms: ms(cert.validity().not_after),
+        issuer: cert.issuer().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or_default().to_string(),
     })
 }
 
@@ -402,6 +443,26 @@ mod tests {
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         let san = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value);
         assert!(san.contains("00000000000000ab.node.shoal.cluster") && !san.contains(CLUSTER_DNS_NAME), "{san}");
+    }
+
+    #[test]
+    fn a_cross_signed_chain_verifies_under_the_old_ca_alone() {
+        use rustls::pki_types::pem::PemObject;
+        let old = new_ca().unwrap();
+        let new = new_ca().unwrap();
+        assert_ne!(pem_common_names(&old.cert_pem), pem_common_names(&new.cert_pem));
+        let cross = cross_sign(&old, &new).unwrap();
+        let (leaf, _) = issue(&new, "00000000000000cd", CertRole::Manager, Duration::from_secs(3600)).unwrap();
+        let der = |p: &str| rustls::pki_types::CertificateDer::from_pem_slice(p.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        for (roots_pem, intermediates, ok) in [(&old.cert_pem, vec![der(&cross)], true), (&old.cert_pem, vec![], false), (&new.cert_pem, vec![], true)] {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(der(roots_pem)).unwrap();
+            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap();
+            let name = ServerName::try_from(CLUSTER_DNS_NAME).unwrap();
+            let r = v.verify_server_cert(&der(&leaf.cert_pem), &intermediates, &name, &[], UnixTime::now());
+            assert_eq!(r.is_ok(), ok, "{r:?}");
+        }
     }
 
     #[test]

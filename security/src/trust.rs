@@ -104,7 +104,7 @@ impl Live {
             .map_err(|e| TrustError::Verifier(e.to_string()))?;
         // The server sends the CA bundle after its own certificate: a
         // joining node pins the CA by the fingerprint in its token.
-        let mut chain = vec![leaf[0].clone()];
+        let mut chain = leaf.clone();
         chain.extend(cas.iter().cloned());
         let mut server = ServerConfig::builder_with_provider(p.clone())
             .with_safe_default_protocol_versions()?
@@ -119,7 +119,7 @@ impl Live {
             .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(vec![leaf[0].clone()], key)?;
+            .with_client_auth_cert(leaf, key)?;
         client.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Live { files, me, server: Arc::new(server), client: Arc::new(client) })
     }

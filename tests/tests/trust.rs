@@ -389,3 +389,71 @@ fn secrets_are_sealed_at_rest_and_an_autolocked_manager_restarts_locked() -> any
     })?;
     Ok(())
 }
+
+fn ca_cns(pem: &str) -> Vec<String> {
+    pki::pem_common_names(pem)
+}
+
+#[test]
+fn the_ca_rotates_without_the_cluster_stopping() -> anyhow::Result<()> {
+    let mut c = Cluster::start(2, 1)?;
+    c.import_busybox(0, "bb:1")?;
+    let addr = c.hosts[0].addr();
+    let old_ca = ca_cns(&std::fs::read_to_string(c.cert_dir().join("ca.pem"))?);
+    // A second client identity, and a copy of the admin's as it is now.
+    let ops = c.dir.join("ops");
+    c.cli_ok(0, &["client-cert", "create", "ops", "--out", &ops.display().to_string(), "--format", "json"])?;
+    let old_admin = c.dir.join("old-admin");
+    std::fs::create_dir_all(&old_admin)?;
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        std::fs::copy(c.cert_dir().join(f), old_admin.join(f))?;
+    }
+
+    // Rotate: the CLI that asked renews its own identity on the way.
+    let v = c.cli_ok(0, &["cluster", "ca", "--rotate", "--format", "json"])?;
+    let new_ca = v["ca"].as_str().context("new CA name")?.to_string();
+    assert!(!old_ca.contains(&new_ca), "{v}");
+    let st = c.cli_ok(0, &["cluster", "status", "--format", "json"])?;
+    assert_eq!(st["settings"]["ca_rotating"], true, "the ops identity still holds an old certificate: {st}");
+    // The other identity renews itself while both CAs are trusted.
+    cli_json(&["client-cert", "renew"], c.cli_with(0, &addr, &ops, &["client-cert", "renew", "--format", "json"]))?;
+    // Every node switches to a certificate from the new CA; then the old
+    // CA is dropped everywhere.
+    wait_for(Duration::from_secs(60), "the rotation to complete on every node", || {
+        let st = c.cli_ok(0, &["cluster", "status", "--format", "json"])?;
+        let mut done = st["settings"]["ca_rotating"] == false;
+        for i in 0..3 {
+            let tls = c.hosts[i].data_dir.join("tls");
+            done &= node_cert(&c, i)?.issuer == new_ca;
+            done &= ca_cns(&std::fs::read_to_string(tls.join("ca.pem"))?) == [new_ca.clone()];
+        }
+        Ok(done.then_some(()))
+    })
+    .with_context(|| c.log_tails())?;
+    // The cluster works on the new CA: a service on every node, exec into
+    // the worker's task, the worker restarted on its new certificate.
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "web", "--mode", "global", "--format", "json", "bb:1", "sleep", "3600"])?;
+    let tasks = wait_for(Duration::from_secs(60), "a task on every node", || {
+        let t = c.cli_ok(1, &["service", "ps", "web", "--format", "json"])?;
+        let running = t.as_array().map(|a| a.iter().filter(|t| t["state"] == "running").count()).unwrap_or(0);
+        Ok((running == 3).then_some(t))
+    })?;
+    let on_worker = tasks.as_array().context("tasks")?.iter().find(|t| t["node"] == "n2").context("a task on n2")?;
+    let out = c.cli(0, &["exec", on_worker["id"].as_str().context("id")?, "echo", "rotated"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("rotated"), "{}", stderr(&out));
+    c.stop(2);
+    c.restart(2)?;
+    c.wait_converged(0, 2, 3)?;
+    // Renewed identities work; the old CA's certificate does not.
+    cli_json(&["service", "ls"], c.cli_with(0, &addr, &ops, &["service", "ls", "--format", "json"]))?;
+    let out = c.cli_with(0, &addr, &old_admin, &["service", "ls"]);
+    assert!(!out.status.success(), "a certificate from the old CA still works");
+    // New nodes join with a token naming the new CA.
+    let token = c.cli_ok(0, &["join-token", "worker", "--format", "json"])?;
+    let new_fp = pki::fingerprint(&std::fs::read_to_string(c.hosts[0].data_dir.join("tls/ca.pem"))?)?;
+    assert!(token["token"].as_str().is_some_and(|t| t.contains(&new_fp)), "{token}");
+    let i = c.add_host()?;
+    c.join(i, 0, "worker", &DaemonOpts::default())?;
+    c.wait_converged(0, 2, 4)?;
+    Ok(())
+}

@@ -25,6 +25,14 @@ pub enum ClientCertCmd {
         #[arg(long, value_name = "DURATION")]
         expiry: Option<String>,
     },
+    /// Renew the identity in --cert-dir (SHOAL_CERT_DIR) in place: a new
+    /// key, a certificate from the current CA (needed during `cluster ca
+    /// --rotate`); the old certificate is revoked.
+    Renew {
+        /// How long it is valid (default a year).
+        #[arg(long, value_name = "DURATION")]
+        expiry: Option<String>,
+    },
     /// List client identities.
     Ls,
     /// Remove client identities; their certificates are refused from now on.
@@ -34,6 +42,31 @@ pub enum ClientCertCmd {
     },
 }
 
+fn expiry_ms(expiry: Option<String>) -> anyhow::Result<u64> {
+    Ok(match expiry {
+        Some(e) => u64::try_from(crate::cmd::service::parse_duration("--expiry", &e)?.as_millis()).unwrap_or(u64::MAX).max(1),
+        None => 0,
+    })
+}
+
+/// Renews the CLI's own identity (in `ctx.cert_dir`) with a new key.
+pub async fn renew(ctx: &Ctx, expiry_ms: u64) -> anyhow::Result<ClientCert> {
+    let (csr_pem, key_pem) = shoal_security::pki::new_csr().context("making a key")?;
+    let c = ctx
+        .control()
+        .await?
+        .renew_client_cert(CreateClientCertRequest { name: String::new(), csr_pem, expiry_ms })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    // The key first: a certificate without its key is useless, the old key
+    // with the old certificate would still be a pair until the cert lands.
+    write_file(&ctx.cert_dir.join("key.pem"), &key_pem, true)?;
+    write_file(&ctx.cert_dir.join("cert.pem"), &c.cert_pem, false)?;
+    write_file(&ctx.cert_dir.join("ca.pem"), &c.ca_pem, false)?;
+    Ok(c)
+}
+
 fn cert_json(c: &ClientCert) -> Value {
     json!({ "name": c.name, "serial": c.serial, "created_at_ms": c.created_at_ms, "expires_at_ms": c.expires_at_ms })
 }
@@ -41,10 +74,7 @@ fn cert_json(c: &ClientCert) -> Value {
 pub async fn run(ctx: &Ctx, cmd: ClientCertCmd) -> anyhow::Result<()> {
     match cmd {
         ClientCertCmd::Create { name, out, expiry } => {
-            let expiry_ms = match expiry {
-                Some(e) => u64::try_from(crate::cmd::service::parse_duration("--expiry", &e)?.as_millis()).unwrap_or(u64::MAX).max(1),
-                None => 0,
-            };
+            let expiry_ms = expiry_ms(expiry)?;
             if out.join("key.pem").exists() {
                 anyhow::bail!("{} already holds a key.pem: choose another --out", out.display());
             }
@@ -62,6 +92,14 @@ pub async fn run(ctx: &Ctx, cmd: ClientCertCmd) -> anyhow::Result<()> {
             match ctx.format {
                 Format::Json => output::object(Format::Json, &cert_json(&c)),
                 Format::Table => println!("client {} written to {} (serial {})", c.name, out.display(), c.serial),
+            }
+        }
+        ClientCertCmd::Renew { expiry } => {
+            let expiry_ms = expiry_ms(expiry)?;
+            let c = renew(ctx, expiry_ms).await?;
+            match ctx.format {
+                Format::Json => output::object(Format::Json, &cert_json(&c)),
+                Format::Table => println!("client {} renewed in {} (serial {})", c.name, ctx.cert_dir.display(), c.serial),
             }
         }
         ClientCertCmd::Ls => {

@@ -24,6 +24,14 @@ pub enum ClusterCmd {
     },
     /// Give a locked manager (autolock) its unlock key, read from stdin.
     Unlock,
+    /// Rotate the cluster CA: a new CA signs from now on, cross-signed by
+    /// the old so the cluster keeps working; this CLI's identity is renewed
+    /// on the way. Other client identities run `client-cert renew` before
+    /// the rotation can complete.
+    Ca {
+        #[arg(long, required = true)]
+        rotate: bool,
+    },
     /// Show autolock's unlock key, or make a new one.
     UnlockKey {
         #[arg(long)]
@@ -46,6 +54,7 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::Status => status(ctx).await,
         ClusterCmd::Update { cert_expiry, autolock } => update(ctx, cert_expiry, autolock).await,
         ClusterCmd::Unlock => unlock(ctx).await,
+        ClusterCmd::Ca { rotate } => rotate_ca(ctx, rotate).await,
         ClusterCmd::UnlockKey { rotate } => unlock_key(ctx, rotate).await,
     }
 }
@@ -68,6 +77,22 @@ async fn update(ctx: &Ctx, cert_expiry: Option<String>, autolock: Option<bool>) 
                 println!("To unlock a manager after it restarts, run `shoal cluster unlock` and give it this key; keep it safe:\n\n    {}", s.unlock_key);
             }
         }
+    }
+    Ok(())
+}
+
+async fn rotate_ca(ctx: &Ctx, rotate: bool) -> anyhow::Result<()> {
+    if !rotate {
+        anyhow::bail!("give --rotate");
+    }
+    let r = ctx.control().await?.rotate_ca(Empty {}).await.map_err(rpc_err)?.into_inner();
+    crate::cmd::client_cert::renew(ctx, 0).await.context("the CA rotated, but renewing this CLI's identity failed: run `shoal client-cert renew`")?;
+    match ctx.format {
+        Format::Json => println!("{}", json!({ "ca": r.ca })),
+        Format::Table => println!(
+            "CA rotation to {} started; this CLI's identity was renewed. `shoal cluster status` shows who still holds a certificate from the old CA.",
+            r.ca
+        ),
     }
     Ok(())
 }
@@ -99,6 +124,9 @@ fn settings_json(s: Option<&ClusterSettings>) -> Value {
         "cert_expiry_s": s.map(|s| s.cert_expiry_ms / 1000),
         "autolock": s.map(|s| s.autolock),
         "unlock_key": s.map(|s| s.unlock_key.clone()).filter(|k| !k.is_empty()),
+        "ca": s.map(|s| s.ca.clone()),
+        "ca_rotating": s.map(|s| s.ca_rotating),
+        "ca_pending": s.map(|s| s.ca_pending.clone()),
     })
 }
 
@@ -128,7 +156,10 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
         Format::Table => {
             println!("leader: {}  term: {}  commit index: {}", s.leader, s.term, s.commit_index);
             if let Some(st) = &s.settings {
-                println!("node certificates valid for: {}s", st.cert_expiry_ms / 1000);
+                println!("node certificates valid for: {}s  CA: {}  autolock: {}", st.cert_expiry_ms / 1000, st.ca, if st.autolock { "on" } else { "off" });
+                if st.ca_rotating {
+                    println!("CA rotating; still on the old CA: {}", st.ca_pending.join(", "));
+                }
             }
             println!(
                 "log on {}: entries {}..{}, snapshot at {}",

@@ -31,6 +31,15 @@ pub enum Command {
     /// rotates the key).
     UpdateCluster { cert_expiry_ms: Option<u64>, unlock_key: Option<String> },
     CreateClient { client: ClientObj },
+    /// A client identity's new certificate (`client-cert renew`): the old
+    /// one is revoked.
+    RenewClient { name: String, cert: IssuedCert },
+    /// `cluster ca --rotate`: the new CA signs from now on; both are
+    /// trusted until every node and client holds a certificate from it.
+    RotateCa { cert_pem: String, key_pem: String, cross_pem: String },
+    /// The end of a rotation to the CA `cert_pem` (if it is still the
+    /// current one): only it is trusted.
+    FinishCaRotation { cert_pem: String },
     /// Removes a client identity and revokes its certificate.
     RemoveClient { name: String },
     AddNode { node: NodeObj },
@@ -182,6 +191,9 @@ impl Command {
             Command::RecordCert { .. } => "record-cert",
             Command::UpdateCluster { .. } => "update-cluster",
             Command::CreateClient { .. } => "create-client",
+            Command::RenewClient { .. } => "renew-client",
+            Command::RotateCa { .. } => "rotate-ca",
+            Command::FinishCaRotation { .. } => "finish-ca-rotation",
             Command::RemoveClient { .. } => "remove-client",
             Command::Noop => "noop",
             Command::Once { cmd, .. } => cmd.kind(),
@@ -255,6 +267,8 @@ pub enum Refusal {
     VolumeNodeDown { name: String, node: String },
     #[error("port {port}/{protocol} is already published by service {service:?}")]
     PortInUse { port: u32, protocol: String, service: String },
+    #[error("the CA is rotating already: wait until every node and client holds a certificate from the new CA (cluster status shows the rotation)")]
+    CaRotating,
 }
 
 /// The outcome of one command.

@@ -91,6 +91,15 @@ pub struct IssuedCert {
     /// "manager", "worker" or "client".
     pub role: String,
     pub expires_ms: u64,
+    /// The signing CA's common name (a CA rotation is complete when every
+    /// node's and client's current certificate names the new CA).
+    pub issuer: String,
+}
+
+impl IssuedCert {
+    pub fn of(signed: &shoal_security::pki::Signed, role: &str) -> IssuedCert {
+        IssuedCert { serial: signed.serial.clone(), role: role.into(), expires_ms: signed.expires_ms, issuer: signed.issuer.clone() }
+    }
 }
 
 /// A client identity (`client-cert create`): a name for a CLI certificate.
@@ -293,6 +302,12 @@ pub struct ClusterObj {
     /// Autolock's unlock key (`SHOALKEY-1-…`), empty when off. It lives
     /// only in the sealed log: each manager seals its data key with it.
     pub unlock_key: String,
+    /// While the CA rotates: the CA certificates trusted (the new one and
+    /// the old); empty otherwise (only `ca_cert_pem`).
+    pub ca_bundle_pem: String,
+    /// While the CA rotates: the new CA cross-signed by the old one, sent
+    /// after every leaf the new CA signs.
+    pub ca_cross_pem: String,
     pub version: u64,
 }
 
@@ -302,6 +317,22 @@ impl ClusterObj {
             0 => shoal_security::pki::DEFAULT_CERT_EXPIRY,
             ms => std::time::Duration::from_millis(ms),
         }
+    }
+
+    /// The CA certificates every node trusts.
+    pub fn trust_bundle(&self) -> &str {
+        if self.ca_bundle_pem.is_empty() { &self.ca_cert_pem } else { &self.ca_bundle_pem }
+    }
+
+    /// The current CA's common name.
+    pub fn ca_name(&self) -> String {
+        shoal_security::pki::pem_common_names(&self.ca_cert_pem).into_iter().next().unwrap_or_default()
+    }
+
+    /// A certificate the current CA signed, with what peers that trust
+    /// only the old CA need to verify it while the CA rotates.
+    pub fn chain(&self, leaf_pem: &str) -> String {
+        format!("{leaf_pem}{}", self.ca_cross_pem)
     }
 
     pub fn ca(&self) -> shoal_security::pki::CertKey {

@@ -108,6 +108,16 @@ impl State {
         self.revoked_version = index;
     }
 
+    /// While the CA rotates: the nodes and client identities whose current
+    /// certificate is not from the new CA yet (names). None otherwise.
+    pub fn ca_rotation_pending(&self) -> Option<Vec<String>> {
+        let c = self.cluster.as_ref().filter(|c| !c.ca_cross_pem.is_empty())?;
+        let ca = c.ca_name();
+        let nodes = self.nodes.values().filter(|n| n.certs.last().is_none_or(|x| x.issuer != ca)).map(|n| format!("node {}", n.name));
+        let clients = self.clients.values().filter(|x| x.cert.issuer != ca).map(|x| format!("client {}", x.name));
+        Some(nodes.chain(clients).collect())
+    }
+
     /// Applies `cmd` at log index `index`, stamped `now` (ms). Validates
     /// everything first: on error nothing has changed.
     pub fn apply(&mut self, index: u64, now: u64, cmd: Command, changes: &mut Vec<Change>) -> Result<Applied, ApplyError> {
@@ -416,6 +426,37 @@ impl State {
                     return Err(ApplyError::NameTaken { kind: "client certificate".into(), name: client.name });
                 }
                 self.clients.insert(client.name.clone(), ClientObj { created_at_ms: now, ..client });
+            }
+            Command::RenewClient { name, cert } => {
+                let c = self.clients.get_mut(&name).ok_or_else(|| ApplyError::NotFound {
+                    kind: "client certificate".into(),
+                    what: name.clone(),
+                })?;
+                let old = std::mem::replace(&mut c.cert, cert);
+                self.revoke(vec![old], index, now);
+            }
+            Command::RotateCa { cert_pem, key_pem, cross_pem } => {
+                let cluster = self.cluster.as_mut().ok_or_else(|| ApplyError::NotFound {
+                    kind: "cluster".into(),
+                    what: "cluster".into(),
+                })?;
+                if !cluster.ca_cross_pem.is_empty() {
+                    return Err(ApplyError::Refused(Refusal::CaRotating));
+                }
+                cluster.ca_bundle_pem = format!("{cert_pem}{}", cluster.ca_cert_pem);
+                cluster.ca_cert_pem = cert_pem;
+                cluster.ca_key_pem = key_pem;
+                cluster.ca_cross_pem = cross_pem;
+                cluster.version = index;
+                changes.push(Change::Cluster);
+            }
+            Command::FinishCaRotation { cert_pem } => {
+                if let Some(cluster) = self.cluster.as_mut().filter(|c| c.ca_cert_pem == cert_pem && !c.ca_cross_pem.is_empty()) {
+                    cluster.ca_bundle_pem.clear();
+                    cluster.ca_cross_pem.clear();
+                    cluster.version = index;
+                    changes.push(Change::Cluster);
+                }
             }
             Command::RemoveClient { name } => {
                 let c = self.clients.remove(&name).ok_or_else(|| ApplyError::NotFound {
@@ -1358,6 +1399,8 @@ mod tests {
             manager_secret: String::new(),
             cert_expiry_ms: 0,
             unlock_key: String::new(),
+            ca_bundle_pem: String::new(),
+            ca_cross_pem: String::new(),
             version: 0,
         });
         apply(&mut st, 1, net("one", "")).unwrap();
