@@ -894,8 +894,16 @@ fn update_config(n: &Node, path: &str, rollback: bool) -> Result<UpdateConfig, C
                 }
                 u.order = o;
             }
-            "monitor" => return Err(unsupported(v, &p, "a monitor period: an update moves on once each new task runs (and is healthy)")),
-            "max_failure_ratio" => return Err(unsupported(v, &p, "a failure ratio: the first failed task applies failure_action")),
+            "monitor" => u.monitor_ms = read::duration_ms(v, &p)?,
+            "max_failure_ratio" => {
+                let s = string(v, &p)?;
+                u.max_failure_ratio = s
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| invalid(v, &p, format!("{s:?}: expected a number between 0 and 1")))?;
+            }
             k if k.starts_with("x-") => {}
             _ => return Err(unknown(e, &p)),
         }

@@ -288,6 +288,7 @@ fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metric
         replicas_desired: if s.spec.mode == "global" { wanted } else { s.spec.replicas },
         vips: s.vips.clone().into_iter().collect(),
         rolling_back: s.rolling_back,
+        update_status: s.update_status.clone(),
         replicas_outdated: outdated,
         last_autoscale: s.last_autoscale.as_ref().map(|d| shoal_proto::control::AutoscaleDecision {
             at_ms: d.at_ms,

@@ -347,6 +347,17 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
             return Err(invalid("update failure action", &u.failure_action, "expected pause or rollback"));
         }
     }
+    for (what, u) in [("update", &spec.update), ("rollback", &spec.rollback)] {
+        if let Some(u) = u
+            && !(0.0..=1.0).contains(&u.max_failure_ratio)
+        {
+            return Err(invalid(
+                if what == "update" { "update max failure ratio" } else { "rollback max failure ratio" },
+                u.max_failure_ratio.to_string(),
+                "must be between 0 and 1",
+            ));
+        }
+    }
     if let Some(u) = &spec.rollback {
         if !["", "pause", "continue"].contains(&u.failure_action.as_str()) {
             return Err(invalid("rollback failure action", &u.failure_action, "expected pause or continue"));

@@ -471,3 +471,32 @@ fn a_task_that_fails_its_health_check_is_failed_and_replaced() -> anyhow::Result
     assert!(String::from_utf8_lossy(&out.stderr).contains("soon"), "{out:?}");
     Ok(())
 }
+
+#[test]
+fn a_failing_update_rolls_back_on_its_own() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1)?;
+    c.import_busybox(0, "bb:1")?;
+    c.cli_ok(0, &[
+        "service", "create", "--detach", "--name", "web", "--replicas", "3", "--update-parallelism", "1",
+        "--update-failure-action", "rollback", "--update-monitor", "10s",
+        "bb:1", "sleep", "3600",
+    ])?;
+    wait_spread(&c, 0, "web", 3, &["n0", "n1"])?;
+    // The new command exits 1 at once: the update fails, and rolls back.
+    c.cli_ok(0, &["service", "update", "web", "--detach", "--args", "sh", "-c", "exit 1"])?;
+    let svc = wait_for(T, "the update to roll back on its own", || {
+        let s = c.cli_ok(0, &["service", "inspect", "web", "--format", "json"])?;
+        let args = s["args"].to_string();
+        Ok((s["rolling_back"] == true && args.contains("sleep")).then_some(s))
+    })?;
+    let status = svc["update_status"].as_str().unwrap_or_default();
+    assert!(status.contains("rolled back") && status.contains("update failed"), "{svc}");
+    wait_for(T, "three tasks running the old command again", || {
+        let running: Vec<Value> = tasks(&c, 0, "web", false)?.into_iter().filter(|t| t["state"] == "running").collect();
+        Ok((running.len() == 3).then_some(()))
+    })?;
+    // Bad ratios are refused.
+    let out = c.cli(0, &["service", "update", "--update-max-failure-ratio", "1.5", "web"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("between 0 and 1"), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}

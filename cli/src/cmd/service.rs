@@ -262,6 +262,14 @@ pub struct SpecFlags {
     /// runs (healthy).
     #[arg(long = "update-order", value_parser = ["stop-first", "start-first"])]
     update_order: Option<String>,
+    /// The share of updated tasks that may fail before the failure action
+    /// (0 to 1; default 0).
+    #[arg(long = "update-max-failure-ratio")]
+    update_max_failure_ratio: Option<f64>,
+    /// How long after an update a task's failure counts against it
+    /// (default 5s).
+    #[arg(long = "update-monitor")]
+    update_monitor: Option<String>,
     /// A command run by `sh -c` in the container; a task whose check fails
     /// --health-retries times in a row is failed and replaced.
     #[arg(long = "health-cmd")]
@@ -303,6 +311,10 @@ pub struct SpecFlags {
     rollback_failure_action: Option<String>,
     #[arg(long = "rollback-order", value_parser = ["stop-first", "start-first"])]
     rollback_order: Option<String>,
+    #[arg(long = "rollback-max-failure-ratio")]
+    rollback_max_failure_ratio: Option<f64>,
+    #[arg(long = "rollback-monitor")]
+    rollback_monitor: Option<String>,
     #[arg(long = "read-only")]
     read_only: bool,
     /// Let the autoscaler keep the replica count between these (see
@@ -511,6 +523,12 @@ impl SpecFlags {
         if let Some(o) = &self.update_order {
             update.order = o.clone();
         }
+        if let Some(r) = self.update_max_failure_ratio {
+            update.max_failure_ratio = r;
+        }
+        if let Some(d) = &self.update_monitor {
+            update.monitor_ms = parse_duration("--update-monitor", d)?.as_millis() as u64;
+        }
         if let Some(h) = &self.health_cmd {
             spec.health_cmd = h.clone();
         }
@@ -541,7 +559,9 @@ impl SpecFlags {
         let rollback_given = self.rollback_parallelism.is_some()
             || self.rollback_delay.is_some()
             || self.rollback_failure_action.is_some()
-            || self.rollback_order.is_some();
+            || self.rollback_order.is_some()
+            || self.rollback_max_failure_ratio.is_some()
+            || self.rollback_monitor.is_some();
         if rollback_given {
             let r = spec
                 .rollback
@@ -557,6 +577,12 @@ impl SpecFlags {
             }
             if let Some(o) = &self.rollback_order {
                 r.order = o.clone();
+            }
+            if let Some(x) = self.rollback_max_failure_ratio {
+                r.max_failure_ratio = x;
+            }
+            if let Some(d) = &self.rollback_monitor {
+                r.monitor_ms = parse_duration("--rollback-monitor", d)?.as_millis() as u64;
             }
         }
         if self.read_only {
@@ -651,7 +677,7 @@ pub fn service_json(s: &Service) -> Value {
         "constraints": spec.constraints,
         "placement_prefs": spec.placement_prefs,
         "restart": {"condition": restart.condition, "max_attempts": restart.max_attempts, "delay_ms": restart.delay_ms, "window_ms": restart.window_ms},
-        "update": {"parallelism": update.parallelism, "delay_ms": update.delay_ms, "failure_action": update.failure_action, "order": if update.order.is_empty() { "stop-first" } else { update.order.as_str() }},
+        "update": {"parallelism": update.parallelism, "delay_ms": update.delay_ms, "failure_action": update.failure_action, "order": if update.order.is_empty() { "stop-first" } else { update.order.as_str() }, "max_failure_ratio": update.max_failure_ratio, "monitor_ms": if update.monitor_ms == 0 { 5_000 } else { update.monitor_ms }},
         "health_cmd": spec.health_cmd,
         "health": {"interval_ms": spec.health_interval_ms, "timeout_ms": spec.health_timeout_ms, "retries": spec.health_retries, "start_period_ms": spec.health_start_period_ms},
         "secrets": spec.secrets,
@@ -679,6 +705,7 @@ pub fn service_json(s: &Service) -> Value {
         "config_targets": spec.config_targets,
         "force_update": spec.force_update,
         "rolling_back": s.rolling_back,
+        "update_status": s.update_status,
         "labels": spec.labels,
         "rollback": spec.rollback.as_ref().map(|r| json!({"parallelism": r.parallelism, "delay_ms": r.delay_ms, "failure_action": r.failure_action, "order": if r.order.is_empty() { "stop-first" } else { r.order.as_str() }})),
     });

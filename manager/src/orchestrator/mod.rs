@@ -188,6 +188,10 @@ impl Orchestrator {
         if !plan.remove.is_empty() {
             cmds.push(Command::RemoveTasks { ids: std::mem::take(&mut plan.remove) });
         }
+        for (service, version, reason) in std::mem::take(&mut plan.rollbacks) {
+            tracing::warn!(service = %service, reason = %reason, "update failed: rolling the service back");
+            cmds.push(Command::AutoRollback { service, version, reason });
+        }
         leader::propose_all(&self.manager, cmds).await?;
         for note in &plan.notes {
             tracing::info!("{note}");

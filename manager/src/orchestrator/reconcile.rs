@@ -70,11 +70,14 @@ pub struct Plan {
     pub wake_at_ms: Option<u64>,
     /// What happened, per service, for the log.
     pub notes: Vec<String>,
+    /// Failed updates to roll back (failure action `rollback`): (service
+    /// id, its version, why).
+    pub rollbacks: Vec<(String, u64, String)>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.create.is_empty() && self.update.is_empty() && self.remove.is_empty()
+        self.create.is_empty() && self.update.is_empty() && self.remove.is_empty() && self.rollbacks.is_empty()
     }
 }
 
@@ -598,16 +601,39 @@ impl<'a> Planner<'a> {
             self.wake(at);
             return true;
         }
-        // A task of the new spec that failed pauses the update (Swarm's
-        // default failure action; `rollback` pauses too, for now): the
-        // rest keep the old spec until the service is updated again.
-        let failed = views.iter().find(|v| {
-            matches!(v.t.state, TaskState::Failed | TaskState::Rejected)
-                && v.t.created_at_ms >= svc.updated_at_ms
-                && !Self::outdated(svc, v.t, &mut cache)
-        });
+        // Tasks of the new spec that failed within the monitor window count
+        // against the update; past `max_failure_ratio` of the tasks updated
+        // so far, the failure action: pause (Swarm's default: the rest keep
+        // the old spec until the service is updated again) or rollback.
+        let monitor = if cfg.monitor_ms == 0 { 5_000 } else { cfg.monitor_ms };
+        let mut updated = 0usize;
+        let mut failures = Vec::new();
+        for v in views.iter().filter(|v| v.t.created_at_ms >= svc.updated_at_ms) {
+            if Self::outdated(svc, v.t, &mut cache) {
+                continue;
+            }
+            updated += 1;
+            if matches!(v.t.state, TaskState::Failed | TaskState::Rejected) && v.t.state_at_ms.saturating_sub(v.t.created_at_ms) <= monitor {
+                failures.push(v);
+            }
+        }
+        let over = !failures.is_empty() && failures.len() as f64 / updated.max(1) as f64 > cfg.max_failure_ratio;
+        let failed = failures.first().copied().filter(|_| over);
         // A rollback whose failure action is `continue` goes on regardless.
         let keep_going = svc.rolling_back && rollout_config(svc).is_some_and(|c| c.failure_action == "continue");
+        if let Some(v) = failed.filter(|_| !keep_going && !svc.rolling_back && cfg.failure_action == "rollback" && svc.previous_spec.is_some()) {
+            let why = format!(
+                "rolled back: update failed: task {} of the new spec {} ({} of {} updated tasks failed)",
+                v.t.id,
+                v.t.state.as_str(),
+                failures.len(),
+                updated
+            );
+            self.note(format!("{why}; {{n}} still on the failed spec roll back"));
+            *self.tally.entry(format!("update failed ({}): rolling back {{n}} tasks", svc.spec.name)).or_default() += outdated.len();
+            self.plan.rollbacks.push((svc.id.clone(), svc.version, why));
+            return true;
+        }
         if let Some(v) = failed.filter(|_| !keep_going) {
             let phrase = format!("update paused after task {} of the new spec {}: {{n}} still on the old spec", v.t.id, v.t.state.as_str());
             *self.tally.entry(phrase).or_default() += outdated.len();

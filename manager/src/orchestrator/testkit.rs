@@ -129,6 +129,9 @@ impl Sim {
         if !plan.remove.is_empty() {
             self.apply(Command::RemoveTasks { ids: plan.remove.clone() });
         }
+        for (service, version, reason) in plan.rollbacks.clone() {
+            self.apply(Command::AutoRollback { service, version, reason });
+        }
         plan
     }
 

@@ -794,3 +794,49 @@ fn rebalance_fills_a_node_that_joins() {
     assert_eq!(sim.spread("mon")["w5"], 1);
     assert!(sim.orchestrate().is_empty());
 }
+
+#[test]
+fn a_failing_update_rolls_back_when_its_failure_action_says_so() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    let mut s = spec("web", 4);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, failure_action: "rollback".into(), ..Default::default() });
+    s.rollback = Some(shoal_proto::control::UpdateConfig { parallelism: 0, failure_action: "pause".into(), ..Default::default() });
+    sim.service(s);
+    sim.settle();
+    sim.now += 1_000;
+    update_image(&mut sim, "web", "bb:broken");
+    assert_eq!(sim.orchestrate().create.len(), 1);
+    sim.schedule();
+    let new = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:broken").map(|t| t.id.clone()).unwrap();
+    sim.report(&new, TaskState::Failed, Some(1));
+    sim.agents();
+    let plan = sim.orchestrate();
+    assert_eq!(plan.rollbacks.len(), 1, "{:?}", plan.notes);
+    let svc = sim.state.services.values().next().unwrap();
+    assert!(svc.rolling_back && svc.spec.image == "bb:1", "{:?}", svc.spec.image);
+    assert!(svc.update_status.contains("update failed"), "{}", svc.update_status);
+    sim.settle();
+    let running = sim.running("web");
+    assert_eq!(running.len(), 4);
+    assert!(running.iter().all(|t| t.spec.image == "bb:1"));
+    // A tolerant ratio lets a lone failure through.
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    let mut s = with_restart(spec("web", 4), "none", 0, 0, 0);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, failure_action: "rollback".into(), max_failure_ratio: 0.5, ..Default::default() });
+    sim.service(s);
+    sim.settle();
+    sim.now += 1_000;
+    update_image(&mut sim, "web", "bb:2");
+    sim.orchestrate();
+    sim.schedule();
+    sim.agents();
+    let first = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:2").map(|t| t.id.clone()).unwrap();
+    sim.orchestrate();
+    sim.schedule();
+    sim.report(&first, TaskState::Failed, Some(1));
+    sim.agents();
+    let plan = sim.orchestrate();
+    assert!(plan.rollbacks.is_empty(), "1 of 2 updated tasks failed: within 0.5");
+}

@@ -57,6 +57,10 @@ pub enum Command {
     ScaleServices { items: Vec<(String, u64)> },
     /// Back to the service's previous spec (which becomes the previous).
     RollbackService { service: String },
+    /// The orchestrator's rollback of a failed update (failure action
+    /// `rollback`), with why; nothing if the service is rolling back
+    /// already or its spec changed since (`version`).
+    AutoRollback { service: String, version: u64, reason: String },
     /// The autoscaler's decision for one service (by id): `from` is the
     /// replica count it decided on; a service changed meanwhile is left
     /// alone (the next decision sees the change).
@@ -174,6 +178,7 @@ impl Command {
             Command::UpdateService { .. } => "update-service",
             Command::ScaleServices { .. } => "scale-services",
             Command::RollbackService { .. } => "rollback-service",
+            Command::AutoRollback { .. } => "auto-rollback",
             Command::Autoscale { .. } => "autoscale",
             Command::RemoveServices { .. } => "remove-services",
             Command::CreateTasks { .. } => "create-tasks",

@@ -155,6 +155,10 @@ pub struct ServiceObj {
     /// rollback config. Any other update clears it.
     #[serde(default)]
     pub rolling_back: bool,
+    /// Set when an update failed and rolled back on its own (why);
+    /// cleared by the next update.
+    #[serde(default)]
+    pub update_status: String,
 }
 
 /// One autoscaler decision, as recorded with the service.
@@ -169,7 +173,7 @@ pub struct AutoscaleDecision {
 impl ServiceObj {
     /// A new service; the store stamps version and times when it applies.
     pub fn new(id: String, spec: ServiceSpec) -> Self {
-        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0, last_autoscale: None, rolling_back: false }
+        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0, last_autoscale: None, rolling_back: false, update_status: String::new() }
     }
 }
 

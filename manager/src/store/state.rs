@@ -511,6 +511,20 @@ impl State {
                 }
                 self.update_service(&id, spec, 0, true, index, now, changes, &mut applied)?;
             }
+            Command::AutoRollback { service, version, reason } => {
+                let Some(s) = self.services.get(&service) else { return Ok(applied) };
+                if s.rolling_back || s.version != version {
+                    return Ok(applied);
+                }
+                let Some(mut spec) = s.previous_spec.clone() else {
+                    return Err(ApplyError::Refused(Refusal::NoPreviousSpec { service: s.spec.name.clone() }));
+                };
+                spec.replicas = s.spec.replicas;
+                self.update_service(&service, spec, 0, true, index, now, changes, &mut applied)?;
+                if let Some(s) = self.services.get_mut(&service) {
+                    s.update_status = reason;
+                }
+            }
             Command::Autoscale { service, from, to, reason } => {
                 let svc = self.services.get_mut(&service).ok_or_else(|| service_not_found(&service))?;
                 if svc.spec.replicas != from {
@@ -602,6 +616,7 @@ impl State {
         svc.previous_spec = Some(std::mem::replace(&mut svc.spec, spec));
         svc.vips = vips;
         svc.rolling_back = rolling_back;
+        svc.update_status.clear();
         svc.version = index;
         svc.updated_at_ms = now;
         applied.ids.push(id.clone());
