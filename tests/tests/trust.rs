@@ -376,6 +376,26 @@ fn secrets_are_sealed_at_rest_and_an_autolocked_manager_restarts_locked() -> any
         Ok((st["leader"] == "n0" && secrets.to_string().contains("db_password")).then_some(()))
     })
     .with_context(|| c.log_tail(0))?;
+    // A rotated unlock key: the old one no longer opens a restarted manager.
+    let sealed_before = std::fs::read_to_string(dir.join("keys/raft.key"))?;
+    let rotated = c.cli_ok(0, &["cluster", "unlock-key", "--rotate", "--format", "json"])?["unlock_key"].as_str().context("key")?.to_string();
+    assert_ne!(rotated, key);
+    wait_for(Duration::from_secs(10), "the data key to be re-sealed", || {
+        Ok((std::fs::read_to_string(dir.join("keys/raft.key"))? != sealed_before).then_some(()))
+    })?;
+    c.stop(0);
+    c.restart(0)?;
+    wait_for(Duration::from_secs(20), "the restarted manager to be locked", || {
+        let out = c.cli(0, &["cluster", "status"]);
+        Ok((!out.status.success() && stderr(&out).contains("autolock")).then_some(()))
+    })?;
+    let out = cli_stdin(&c, 0, &["cluster", "unlock"], &key)?;
+    assert!(!out.status.success() && stderr(&out).contains("wrong unlock key"), "the old key still unlocks: {}", stderr(&out));
+    let out = cli_stdin(&c, 0, &["cluster", "unlock"], &rotated)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(Duration::from_secs(30), "the manager to lead again", || {
+        Ok((c.cli_ok(0, &["cluster", "status", "--format", "json"])?["leader"] == "n0").then_some(()))
+    })?;
     // Autolock off: the next restart needs no key.
     let v = c.cli_ok(0, &["cluster", "update", "--autolock=false", "--format", "json"])?;
     assert_eq!(v["autolock"], false);
