@@ -153,14 +153,9 @@ pub(crate) async fn run(mut s: Session) {
 fn trust_bundle(s: &Session, ca_pem: &str) {
     let mut files = s.tls.files();
     files.ca_pem = ca_pem.to_string();
-    if let Err(e) = s.tls.install(files) {
-        tracing::warn!(error = %e, "the managers sent a CA bundle this node can't use; keeping the current one");
-        return;
+    if install(s, files, "tls/ca.pem", ca_pem, "CA bundle") {
+        tracing::info!(cas = ?shoal_security::pki::pem_common_names(ca_pem), "trusting the cluster's CA bundle");
     }
-    if let Err(e) = identity::write_file(&s.data_dir.join("tls/ca.pem"), ca_pem, false) {
-        tracing::warn!(error = %e, "could not save the CA bundle; it is in use until the next restart");
-    }
-    tracing::info!(cas = ?shoal_security::pki::pem_common_names(ca_pem), "trusting the cluster's CA bundle");
 }
 
 /// Switches to the renewed certificate the managers sent (same key, same
@@ -171,15 +166,23 @@ fn renew(s: &Session, cert_pem: &str) {
         return;
     }
     files.cert_pem = cert_pem.to_string();
+    if install(s, files, "tls/node.pem", cert_pem, "certificate") {
+        let me = s.tls.me();
+        tracing::info!(serial = %me.serial, expires_at_ms = me.not_after_ms, "node certificate renewed");
+    }
+}
+
+/// Puts `files` in use and `contents` (what changed) on disk at `file`;
+/// false when the material is unusable (the current one stays).
+fn install(s: &Session, files: shoal_security::NodeTls, file: &str, contents: &str, what: &str) -> bool {
     if let Err(e) = s.tls.install(files) {
-        tracing::warn!(error = %e, "the managers sent a certificate this node can't use; keeping the current one");
-        return;
+        tracing::warn!(error = %e, "the managers sent a {what} this node can't use; keeping the current one");
+        return false;
     }
-    if let Err(e) = identity::write_file(&s.data_dir.join("tls/node.pem"), cert_pem, false) {
-        tracing::warn!(error = %e, "could not save the renewed certificate; it is in use until the next restart");
+    if let Err(e) = identity::write_file(&s.data_dir.join(file), contents, false) {
+        tracing::warn!(error = %e, "could not save the new {what}; it is in use until the next restart");
     }
-    let me = s.tls.me();
-    tracing::info!(serial = %me.serial, expires_at_ms = me.not_after_ms, "node certificate renewed");
+    true
 }
 
 enum HbError {
