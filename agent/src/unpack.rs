@@ -29,6 +29,8 @@ pub enum UnpackError {
     HardLinkOut { entry: PathBuf, target: PathBuf },
     #[error("hard link {entry:?} names {target:?}, which the layer doesn't hold")]
     HardLinkMissing { entry: PathBuf, target: PathBuf },
+    #[error("whiteout {entry:?} names no single entry of its directory")]
+    BadWhiteout { entry: PathBuf },
     #[error("reading the archive (truncated or corrupt?): {0}")]
     Read(io::Error),
     #[error("writing {path:?}: {source}")]
@@ -97,11 +99,17 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: UnpackOptions) -> Result<()
         };
         let parent_rel = rel.parent().map(Path::to_path_buf).unwrap_or_default();
         if opts.whiteouts && name.starts_with(".wh.") {
+            // The whited-out name is one entry of this directory: never
+            // `.`, `..` or empty (`.wh...` would remove the parent).
+            let gone = &name[4..];
+            if name != ".wh..wh..opq" && (gone.is_empty() || gone == "." || gone == ".." || gone.contains('/')) {
+                return Err(UnpackError::BadWhiteout { entry: rel.clone() });
+            }
             let parent = ensure_parents(dest, &rel, &raw)?;
             if name == ".wh..wh..opq" {
                 sys::set_xattr(&parent, "trusted.overlay.opaque", b"y").map_err(werr(&parent))?;
             } else {
-                let target = parent.join(&name[4..]);
+                let target = parent.join(gone);
                 remove_existing(&target)?;
                 mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(nerr(&target))?;
             }
@@ -329,6 +337,22 @@ mod tests {
         assert!(fs::symlink_metadata(d.path().join("gone/file")).unwrap().file_type().is_char_device());
         assert!(!d.path().join("gone/.wh.file").exists());
         assert!(d.path().join("opaque").is_dir());
+    }
+
+    #[test]
+    fn a_whiteout_naming_its_parent_is_refused_and_deletes_nothing() {
+        for name in ["dir/.wh...", "dir/.wh..", "dir/.wh.", ".wh..."] {
+            let bytes = layer(|b| {
+                file(b, "dir/keep", b"still here");
+                file(b, name, b"");
+            });
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("sibling"), b"x").unwrap();
+            let err = unpack(&bytes[..], d.path(), OPTS).unwrap_err().to_string();
+            assert!(err.contains("whiteout"), "{name}: {err}");
+            assert_eq!(fs::read_to_string(d.path().join("dir/keep")).unwrap(), "still here", "{name}");
+            assert!(d.path().join("sibling").exists(), "{name}");
+        }
     }
 
     #[test]

@@ -311,7 +311,11 @@ fn run_request(a: &Assignment) -> RunRequest {
         limits: crate::cgroup::Limits {
             memory_bytes: (limits.memory_bytes > 0).then_some(limits.memory_bytes),
             cpu_micros: (limits.nano_cpus > 0).then_some(limits.nano_cpus / 1000),
-            pids: None,
+            pids: match limits.pids {
+                0 => Some(crate::spec::DEFAULT_PIDS_LIMIT),
+                n if n < 0 => None,
+                n => Some(n as u64),
+            },
         },
         ..Default::default()
     }

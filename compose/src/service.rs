@@ -76,7 +76,7 @@ const REFUSED: &[(&str, &str)] = &[
     ("mem_limit", "set resource limits with deploy.resources"),
     ("mem_reservation", "set resource reservations with deploy.resources"),
     ("memswap_limit", "set resource limits with deploy.resources"),
-    ("pids_limit", "a pids limit is not supported"),
+    ("pids_limit", "set a pids limit with deploy.resources.limits.pids"),
     ("scale", "set the replica count with deploy.replicas"),
     ("hostname", "a task's hostname is set by shoal"),
     ("dns", "tasks resolve names through shoal's DNS on their networks"),
@@ -767,7 +767,10 @@ fn resources(n: &Node, path: &str, spec: &mut ServiceSpec) -> Result<(), Compose
             match f.key.name.as_str() {
                 "cpus" => r.nano_cpus = read::cpus(v, &fp)?,
                 "memory" => r.memory_bytes = read::size(v, &fp)?,
-                "pids" if limit => return Err(unsupported(v, &fp, "a pids limit")),
+                "pids" if limit => {
+                    let s = read::string(v, &fp)?;
+                    r.pids = s.trim().parse::<i64>().ok().filter(|n| *n > 0 || *n == -1).ok_or_else(|| invalid(v, &fp, format!("{s:?}: expected a positive count, or -1")))?;
+                }
                 "generic_resources" | "devices" if !limit => return Err(unsupported(v, &fp, "generic resources and devices")),
                 k if k.starts_with("x-") => {}
                 _ => return Err(unknown(f, &fp)),

@@ -354,7 +354,7 @@ fn swarm_fields_shoal_cannot_honour() {
     let cases: &[(&str, &str)] = &[
         ("    deploy:\n      update_config:\n        monitor: soon\n", "compose.yml:6: services.web.deploy.update_config.monitor"),
         ("    deploy:\n      rollback_config:\n        max_failure_ratio: 1.5\n", "compose.yml:6: services.web.deploy.rollback_config.max_failure_ratio"),
-        ("    deploy:\n      resources:\n        limits:\n          pids: 10\n", "compose.yml:7: services.web.deploy.resources.limits.pids: not supported by shoal"),
+        ("    deploy:\n      resources:\n        limits:\n          pids: 0\n", "compose.yml:7: services.web.deploy.resources.limits.pids"),
         ("    deploy:\n      placement:\n        max_replicas_per_node: 1\n", "compose.yml:6: services.web.deploy.placement.max_replicas_per_node: not supported by shoal"),
         ("    deploy:\n      mode: replicated-job\n", "compose.yml:5: services.web.deploy.mode: not supported by shoal"),
         ("    secrets:\n      - source: s\n        uid: \"103\"\n", "compose.yml:6: services.web.secrets[0].uid: not supported by shoal"),

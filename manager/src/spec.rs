@@ -332,6 +332,16 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
             return Err(invalid("cpu reservation", r.nano_cpus.to_string(), "exceeds the cpu limit"));
         }
     }
+    if let Some(r) = &spec.reservations
+        && r.pids != 0
+    {
+        return Err(invalid("pids reservation", r.pids.to_string(), "a pids count can be limited, not reserved"));
+    }
+    if let Some(l) = &spec.limits
+        && l.pids < -1
+    {
+        return Err(invalid("pids limit", l.pids.to_string(), "expected a positive count, or -1 for unlimited"));
+    }
     if let Some(l) = &spec.limits {
         if l.memory_bytes != 0 && l.memory_bytes < 4 << 20 {
             return Err(invalid("memory limit", l.memory_bytes.to_string(), "must be at least 4M"));

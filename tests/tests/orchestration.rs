@@ -500,3 +500,32 @@ fn a_failing_update_rolls_back_on_its_own() -> anyhow::Result<()> {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("between 0 and 1"), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+#[test]
+fn a_fork_bomb_in_a_service_stops_at_its_pids_limit() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 0)?;
+    c.import_busybox(0, "bb:1")?;
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "calm", "bb:1", "sleep", "3600"])?;
+    c.cli_ok(0, &[
+        "service", "create", "--detach", "--name", "bomb", "--limit-pids", "32", "--restart-condition", "none",
+        "bb:1", "sh", "-c", "while true; do sleep 1000 & done",
+    ])?;
+    // The shell gives up on EAGAIN at the limit: the task fails, not the node.
+    let t = wait_for(T, "the bomb to stop at its limit", || {
+        let ts = tasks(&c, 0, "bomb", true)?;
+        Ok(ts.into_iter().find(|t| t["state"] == "failed"))
+    })?;
+    assert_eq!(t["exit_code"], 2, "{t}");
+    let calm = tasks(&c, 0, "calm", false)?;
+    assert!(calm.iter().any(|t| t["state"] == "running"), "{calm:?}");
+    let out = c.cli(0, &["exec", "calm.1", "echo", "alive"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("alive"), "the node's other task must still answer");
+    // The default is 4096; bad values are refused.
+    let v = c.cli_ok(0, &["service", "inspect", "calm", "--format", "json"])?;
+    assert_eq!(v["limits"]["pids"], 4096, "{v}");
+    for bad in ["0", "-2"] {
+        let out = c.cli(0, &["service", "update", "--limit-pids", bad, "calm"]);
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("limit-pids"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

@@ -69,7 +69,7 @@ fn build(nodes: u64, services: u64, tasks: u64, mixed: bool) -> anyhow::Result<S
             ..Default::default()
         };
         if mixed {
-            spec.reservations = Some(Resources { nano_cpus: 10_000_000, memory_bytes: 16 << 20 });
+            spec.reservations = Some(Resources { nano_cpus: 10_000_000, memory_bytes: 16 << 20, pids: 0 });
             if s % 10 == 1 {
                 spec.constraints.push("node.labels.zone!=c".into());
             }

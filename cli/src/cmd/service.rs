@@ -233,6 +233,11 @@ pub struct SpecFlags {
     limit_cpu: Option<String>,
     #[arg(long = "limit-memory")]
     limit_memory: Option<String>,
+    /// The most processes and threads a task may have (default 4096; -1:
+    /// unlimited): a fork bomb stops there, and its node's other tasks
+    /// keep running.
+    #[arg(long = "limit-pids", allow_hyphen_values = true)]
+    limit_pids: Option<i64>,
     #[arg(long = "reserve-cpu")]
     reserve_cpu: Option<String>,
     #[arg(long = "reserve-memory")]
@@ -479,6 +484,12 @@ impl SpecFlags {
         if let Some(m) = &self.limit_memory {
             limits.memory_bytes = spec::parse_memory(m)?;
         }
+        if let Some(n) = self.limit_pids {
+            if n == 0 || n < -1 {
+                anyhow::bail!("invalid --limit-pids {n}: expected a positive count, or -1 for unlimited");
+            }
+            limits.pids = n;
+        }
         let res = spec.reservations.get_or_insert_with(Default::default);
         if let Some(c) = &self.reserve_cpu {
             res.nano_cpus = spec::parse_cpus(c)?;
@@ -672,7 +683,7 @@ pub fn service_json(s: &Service) -> Value {
         "vips": s.vips,
         "user": spec.user,
         "workdir": spec.workdir,
-        "limits": {"nano_cpus": limits.nano_cpus, "memory_bytes": limits.memory_bytes},
+        "limits": {"nano_cpus": limits.nano_cpus, "memory_bytes": limits.memory_bytes, "pids": match limits.pids { 0 => 4096, n => n }},
         "reservations": {"nano_cpus": res.nano_cpus, "memory_bytes": res.memory_bytes},
         "constraints": spec.constraints,
         "placement_prefs": spec.placement_prefs,

@@ -37,7 +37,7 @@ pub fn with_restart(mut s: ServiceSpec, condition: &str, max_attempts: u64, dela
 }
 
 pub fn with_memory(mut s: ServiceSpec, bytes: u64) -> ServiceSpec {
-    s.reservations = Some(Resources { nano_cpus: 0, memory_bytes: bytes });
+    s.reservations = Some(Resources { nano_cpus: 0, memory_bytes: bytes, pids: 0 });
     s
 }
 

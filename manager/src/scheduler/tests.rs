@@ -116,7 +116,7 @@ fn cpu_reservations_count_too() {
     let mut sim = Sim::default();
     sim.nodes(&["a"]);
     let mut s = spec("web", 3);
-    s.reservations = Some(shoal_proto::control::Resources { nano_cpus: 1_000_000_000, memory_bytes: 0 });
+    s.reservations = Some(shoal_proto::control::Resources { nano_cpus: 1_000_000_000, memory_bytes: 0, pids: 0 });
     sim.service(s);
     sim.settle();
     assert_eq!(sim.running("web").len(), 2);
