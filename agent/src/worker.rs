@@ -266,15 +266,31 @@ fn attachments(a: &Assignment) -> Result<Vec<Attachment>, String> {
         .collect()
 }
 
-/// The task's `/etc/resolv.conf` (this node's DNS server), under
-/// `DATA/netconf/<task>/`; bind-mounted read-only into the container.
-fn write_resolv_conf(data_dir: &std::path::Path, task: &str, atts: &[Attachment]) -> Result<PathBuf, shoal_overlay::OverlayError> {
+/// The task's `/etc/resolv.conf` (this node's DNS server) and `/etc/hosts`
+/// (localhost, and the task's hostname on its first network's address, as
+/// Docker writes it), under `DATA/netconf/<task>/`; bind-mounted read-only
+/// into the container.
+fn write_netconf(
+    data_dir: &std::path::Path,
+    task: &str,
+    hostname: &str,
+    atts: &[Attachment],
+) -> Result<(PathBuf, PathBuf), shoal_overlay::OverlayError> {
     let dir = data_dir.join("netconf").join(task);
-    let path = dir.join("resolv.conf");
-    let io = |source| shoal_overlay::OverlayError::Io { what: format!("writing {}", path.display()), source };
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    std::fs::write(&path, Overlay::resolv_conf(atts).unwrap_or_default()).map_err(io)?;
-    Ok(path)
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, text))
+            .map_err(|source| shoal_overlay::OverlayError::Io { what: format!("writing {}", path.display()), source })?;
+        Ok::<_, shoal_overlay::OverlayError>(path)
+    };
+    let resolv = write("resolv.conf", &Overlay::resolv_conf(atts).unwrap_or_default())?;
+    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if let Some(a) = atts.first() {
+        hosts.push_str(&format!("{}\t{hostname}\n", a.address));
+    }
+    let hosts = write("hosts", &hosts)?;
+    Ok((resolv, hosts))
 }
 
 /// Takes the task's interfaces and namespace down (its addresses go back
@@ -291,7 +307,7 @@ async fn release_networks(ctx: &Ctx, id: &str, atts: &[Attachment]) {
     if let Err(e) = tokio::fs::remove_dir_all(ctx.data_dir.join("netconf").join(id)).await
         && e.kind() != std::io::ErrorKind::NotFound
     {
-        tracing::warn!(task = %id, error = %e, "could not remove the task's resolv.conf");
+        tracing::warn!(task = %id, error = %e, "could not remove the task's resolv.conf and hosts");
     }
 }
 
@@ -410,10 +426,12 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 }
             }
             if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty()) {
-                match o.attach(&id, &atts).await.and_then(|path| Ok((path, write_resolv_conf(&ctx.data_dir, &id, &atts)?))) {
-                    Ok((path, resolv)) => {
+                let hostname = req.hostname.clone().unwrap_or_default();
+                match o.attach(&id, &atts).await.and_then(|path| Ok((path, write_netconf(&ctx.data_dir, &id, &hostname, &atts)?))) {
+                    Ok((path, (resolv, hosts))) => {
                         req.netns = Some(path);
                         req.mounts.push(Mount::Bind { source: resolv, destination: "/etc/resolv.conf".into(), read_only: true, seed: false });
+                        req.mounts.push(Mount::Bind { source: hosts, destination: "/etc/hosts".into(), read_only: true, seed: false });
                     }
                     Err(e) => {
                         tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected: its networks could not be wired");
