@@ -107,7 +107,7 @@ pub fn service(cx: &mut Cx, key: &Key, node: &Node, tops: &mut Tops) -> Result<S
         limits: Some(Resources::default()),
         reservations: Some(Resources::default()),
         // Swarm's defaults, as `shoal service create` sets them.
-        restart: Some(RestartPolicy { condition: "any".into(), delay_ms: 5000, ..Default::default() }),
+        restart: Some(RestartPolicy { condition: "any".into(), delay_ms: Some(5000), ..Default::default() }),
         update: Some(UpdateConfig { parallelism: 1, failure_action: "pause".into(), ..Default::default() }),
         ..Default::default()
     };
@@ -789,7 +789,7 @@ fn resources(n: &Node, path: &str, spec: &mut ServiceSpec) -> Result<(), Compose
 }
 
 fn restart_policy(n: &Node, path: &str) -> Result<RestartPolicy, ComposeError> {
-    let mut r = RestartPolicy { condition: "any".into(), delay_ms: 5000, ..Default::default() };
+    let mut r = RestartPolicy { condition: "any".into(), delay_ms: Some(5000), ..Default::default() };
     for e in entries(n, path)? {
         let p = child(path, &e.key.name);
         let v = &e.value;
@@ -800,7 +800,7 @@ fn restart_policy(n: &Node, path: &str) -> Result<RestartPolicy, ComposeError> {
                     return Err(invalid(v, &p, format!("{:?}: expected none, on-failure or any", r.condition)));
                 }
             }
-            "delay" => r.delay_ms = read::duration_ms(v, &p)?,
+            "delay" => r.delay_ms = Some(read::duration_ms(v, &p)?),
             "max_attempts" => r.max_attempts = read::uint(v, &p)?,
             "window" => r.window_ms = read::duration_ms(v, &p)?,
             k if k.starts_with("x-") => {}

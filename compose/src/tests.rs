@@ -207,7 +207,7 @@ fn full_example() {
     let rb = web.rollback.clone().unwrap();
     assert_eq!((rb.parallelism, rb.failure_action.as_str()), (1, "continue"));
     let r = web.restart.clone().unwrap();
-    assert_eq!((r.condition.as_str(), r.delay_ms, r.max_attempts, r.window_ms), ("on-failure", 2_000, 3, 60_000));
+    assert_eq!((r.condition.as_str(), r.delay_ms, r.max_attempts, r.window_ms), ("on-failure", Some(2_000), 3, 60_000));
     assert_eq!(web.endpoint_mode, "vip");
 
     let db = service(&s, "db");
@@ -218,7 +218,7 @@ fn full_example() {
     assert_eq!(db.health_cmd, "nc -z localhost 5432 || exit 1");
     // Swarm's defaults where the file says nothing.
     let r = db.restart.clone().unwrap();
-    assert_eq!((r.condition.as_str(), r.delay_ms), ("any", 5000));
+    assert_eq!((r.condition.as_str(), r.delay_ms), ("any", Some(5000)));
     let u = db.update.clone().unwrap();
     assert_eq!((u.parallelism, u.failure_action.as_str()), (1, "pause"));
     assert!(db.rollback.is_none());

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use serde_json::Value;
 use shoal_tests::{wait_for, Cluster, DaemonOpts};
 
@@ -478,17 +478,18 @@ fn a_failing_update_rolls_back_on_its_own() -> anyhow::Result<()> {
     c.import_busybox(0, "bb:1")?;
     c.cli_ok(0, &[
         "service", "create", "--detach", "--name", "web", "--replicas", "3", "--update-parallelism", "1",
-        "--update-failure-action", "rollback", "--update-monitor", "10s",
+        "--update-failure-action", "rollback", "--update-monitor", "60s",
         "bb:1", "sleep", "3600",
     ])?;
     wait_spread(&c, 0, "web", 3, &["n0", "n1"])?;
     // The new command exits 1 at once: the update fails, and rolls back.
     c.cli_ok(0, &["service", "update", "web", "--detach", "--args", "sh", "-c", "exit 1"])?;
-    let svc = wait_for(T, "the update to roll back on its own", || {
+    let svc = wait_for(Duration::from_secs(60), "the update to roll back on its own", || {
         let s = c.cli_ok(0, &["service", "inspect", "web", "--format", "json"])?;
         let args = s["args"].to_string();
         Ok((s["rolling_back"] == true && args.contains("sleep")).then_some(s))
-    })?;
+    })
+    .with_context(|| c.log_tails())?;
     let status = svc["update_status"].as_str().unwrap_or_default();
     assert!(status.contains("rolled back") && status.contains("update failed"), "{svc}");
     wait_for(T, "three tasks running the old command again", || {
@@ -527,5 +528,21 @@ fn a_fork_bomb_in_a_service_stops_at_its_pids_limit() -> anyhow::Result<()> {
         let out = c.cli(0, &["service", "update", "--limit-pids", bad, "calm"]);
         assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("limit-pids"), "{}", String::from_utf8_lossy(&out.stderr));
     }
+    // Every update is reversible: --read-only and back, and a restart
+    // delay of 0 (at once) is kept apart from none given (backoff).
+    for (args, key, want) in [
+        (vec!["--read-only"], "read_only", serde_json::json!(true)),
+        (vec!["--read-only=false"], "read_only", serde_json::json!(false)),
+    ] {
+        let mut a = vec!["service", "update", "--detach"];
+        a.extend(args);
+        a.push("calm");
+        c.cli_ok(0, &[&a[..], &["--format", "json"]].concat())?;
+        let v = c.cli_ok(0, &["service", "inspect", "calm", "--format", "json"])?;
+        assert_eq!(v[key], want, "{a:?}: {v}");
+    }
+    c.cli_ok(0, &["service", "update", "--detach", "--restart-delay", "0", "calm", "--format", "json"])?;
+    let v = c.cli_ok(0, &["service", "inspect", "calm", "--format", "json"])?;
+    assert_eq!(v["restart"]["delay_ms"], 0, "{v}");
     Ok(())
 }

@@ -19,7 +19,7 @@ pub enum ClusterCmd {
         cert_expiry: Option<String>,
         /// Autolock: a restarted manager stays locked until `shoal cluster
         /// unlock` is given the unlock key this prints.
-        #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
         autolock: Option<bool>,
     },
     /// Give a locked manager (autolock) its unlock key, read from stdin.

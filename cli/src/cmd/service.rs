@@ -320,8 +320,9 @@ pub struct SpecFlags {
     rollback_max_failure_ratio: Option<f64>,
     #[arg(long = "rollback-monitor")]
     rollback_monitor: Option<String>,
-    #[arg(long = "read-only")]
-    read_only: bool,
+    /// A read-only root filesystem; `--read-only=false` turns it off.
+    #[arg(long = "read-only", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    read_only: Option<bool>,
     /// Let the autoscaler keep the replica count between these (see
     /// `shoal service autoscale`).
     #[arg(long = "autoscale-min")]
@@ -506,7 +507,7 @@ impl SpecFlags {
         // Swarm's defaults: restart on any exit, 5 s apart.
         let restart = spec
             .restart
-            .get_or_insert_with(|| RestartPolicy { condition: "any".into(), delay_ms: 5000, ..Default::default() });
+            .get_or_insert_with(|| RestartPolicy { condition: "any".into(), delay_ms: Some(5000), ..Default::default() });
         if let Some(c) = &self.restart_condition {
             restart.condition = c.clone();
         }
@@ -514,7 +515,8 @@ impl SpecFlags {
             restart.max_attempts = n;
         }
         if let Some(d) = &self.restart_delay {
-            restart.delay_ms = parse_duration("--restart-delay", d)?.as_millis() as u64;
+            // 0 means at once; no flag means backoff from 100 ms.
+            restart.delay_ms = Some(parse_duration("--restart-delay", d)?.as_millis() as u64);
         }
         if let Some(d) = &self.restart_window {
             restart.window_ms = parse_duration("--restart-window", d)?.as_millis() as u64;
@@ -596,8 +598,8 @@ impl SpecFlags {
                 r.monitor_ms = parse_duration("--rollback-monitor", d)?.as_millis() as u64;
             }
         }
-        if self.read_only {
-            spec.read_only = true;
+        if let Some(r) = self.read_only {
+            spec.read_only = r;
         }
         Ok(())
     }

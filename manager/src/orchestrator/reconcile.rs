@@ -115,7 +115,7 @@ pub fn restart_decision(spec: &ServiceSpec, ended: &TaskObj, history: &[&TaskObj
             return Restart::Never;
         }
     }
-    let delay = if policy.delay_ms > 0 { policy.delay_ms } else { backoff_ms(ended.attempt) };
+    let delay = policy.delay_ms.unwrap_or_else(|| backoff_ms(ended.attempt));
     let at = ended.state_at_ms.saturating_add(delay);
     if now_ms >= at { Restart::Now } else { Restart::At(at) }
 }
@@ -577,30 +577,7 @@ impl<'a> Planner<'a> {
             })
             .map(|(_, cur, _)| *cur)
             .collect();
-        if outdated.is_empty() && !successors.is_empty() {
-            return true;
-        }
-        if outdated.is_empty() {
-            return false;
-        }
         let cfg = rollout_config(svc).cloned().unwrap_or_default();
-        let parallelism = if cfg.parallelism == 0 { usize::MAX } else { cfg.parallelism as usize };
-        let stale: std::collections::HashSet<usize> = outdated.iter().copied().collect();
-        let fresh: Vec<&View> = slots
-            .iter()
-            .filter(|(_, cur, c)| live(c) && views[*cur].current() && !stale.contains(cur))
-            .map(|(_, cur, _)| &views[*cur])
-            .collect();
-        let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count() + successors.len();
-        let last_started = fresh
-            .iter()
-            .filter(|v| v.state == TaskState::Running && v.t.created_at_ms >= svc.updated_at_ms)
-            .map(|v| v.t.state_at_ms)
-            .max();
-        if let Some(at) = last_started.map(|t| t.saturating_add(cfg.delay_ms)).filter(|at| *at > self.now) {
-            self.wake(at);
-            return true;
-        }
         // Tasks of the new spec that failed within the monitor window count
         // against the update; past `max_failure_ratio` of the tasks updated
         // so far, the failure action: pause (Swarm's default: the rest keep
@@ -621,7 +598,12 @@ impl<'a> Planner<'a> {
         let failed = failures.first().copied().filter(|_| over);
         // A rollback whose failure action is `continue` goes on regardless.
         let keep_going = svc.rolling_back && rollout_config(svc).is_some_and(|c| c.failure_action == "continue");
-        if let Some(v) = failed.filter(|_| !keep_going && !svc.rolling_back && cfg.failure_action == "rollback" && svc.previous_spec.is_some()) {
+        // The update counts as in progress while tasks still run the old
+        // spec, and for a monitor period per slot after it began: a new
+        // task may reach running (and the update move on) before it fails.
+        let in_progress = !outdated.is_empty()
+            || (svc.spec_updated_at_ms != 0 && self.now <= svc.spec_updated_at_ms.saturating_add(monitor.saturating_mul(slots.len().max(1) as u64)));
+        if let Some(v) = failed.filter(|_| in_progress && !keep_going && !svc.rolling_back && cfg.failure_action == "rollback" && svc.previous_spec.is_some()) {
             let why = format!(
                 "rolled back: update failed: task {} of the new spec {} ({} of {} updated tasks failed)",
                 v.t.id,
@@ -630,8 +612,31 @@ impl<'a> Planner<'a> {
                 updated
             );
             self.note(format!("{why}; {{n}} still on the failed spec roll back"));
-            *self.tally.entry(format!("update failed ({}): rolling back {{n}} tasks", svc.spec.name)).or_default() += outdated.len();
+            *self.tally.entry(format!("update failed ({}): rolling back {{n}} slots", svc.spec.name)).or_default() += slots.len();
             self.plan.rollbacks.push((svc.id.clone(), svc.version, why));
+            return true;
+        }
+        if outdated.is_empty() && !successors.is_empty() {
+            return true;
+        }
+        if outdated.is_empty() {
+            return false;
+        }
+        let parallelism = if cfg.parallelism == 0 { usize::MAX } else { cfg.parallelism as usize };
+        let stale: std::collections::HashSet<usize> = outdated.iter().copied().collect();
+        let fresh: Vec<&View> = slots
+            .iter()
+            .filter(|(_, cur, c)| live(c) && views[*cur].current() && !stale.contains(cur))
+            .map(|(_, cur, _)| &views[*cur])
+            .collect();
+        let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count() + successors.len();
+        let last_started = fresh
+            .iter()
+            .filter(|v| v.state == TaskState::Running && v.t.created_at_ms >= svc.updated_at_ms)
+            .map(|v| v.t.state_at_ms)
+            .max();
+        if let Some(at) = last_started.map(|t| t.saturating_add(cfg.delay_ms)).filter(|at| *at > self.now) {
+            self.wake(at);
             return true;
         }
         if let Some(v) = failed.filter(|_| !keep_going) {

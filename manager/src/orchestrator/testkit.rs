@@ -32,7 +32,7 @@ pub fn global(name: &str) -> ServiceSpec {
 }
 
 pub fn with_restart(mut s: ServiceSpec, condition: &str, max_attempts: u64, delay_ms: u64, window_ms: u64) -> ServiceSpec {
-    s.restart = Some(RestartPolicy { condition: condition.into(), max_attempts, delay_ms, window_ms });
+    s.restart = Some(RestartPolicy { condition: condition.into(), max_attempts, delay_ms: (delay_ms > 0).then_some(delay_ms), window_ms });
     s
 }
 

@@ -840,3 +840,58 @@ fn a_failing_update_rolls_back_when_its_failure_action_says_so() {
     let plan = sim.orchestrate();
     assert!(plan.rollbacks.is_empty(), "1 of 2 updated tasks failed: within 0.5");
 }
+
+#[test]
+fn a_restart_delay_of_zero_restarts_at_once_and_none_backs_off() {
+    for (delay, immediate) in [(Some(0), true), (None, false)] {
+        let mut sim = Sim::default();
+        sim.nodes(&["a"]);
+        let mut s = spec("web", 1);
+        s.restart = Some(shoal_proto::control::RestartPolicy { condition: "any".into(), delay_ms: delay, ..Default::default() });
+        sim.service(s);
+        sim.settle();
+        let t = sim.running("web")[0].id.clone();
+        sim.report(&t, TaskState::Failed, Some(1));
+        sim.agents();
+        let plan = sim.orchestrate();
+        assert_eq!(!plan.create.is_empty(), immediate, "delay {delay:?}: {:?}", plan.notes);
+    }
+}
+
+#[test]
+fn a_new_task_that_fails_after_the_update_moved_on_still_rolls_it_back() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a"]);
+    let mut s = spec("web", 1);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, failure_action: "rollback".into(), ..Default::default() });
+    sim.service(s);
+    sim.settle();
+    sim.now += 1_000;
+    update_image(&mut sim, "web", "bb:broken");
+    // The only slot's new task runs (the update has nothing left to do)...
+    sim.settle();
+    assert!(sim.running("web").iter().all(|t| t.spec.image == "bb:broken"));
+    // ...then fails within the monitor period: the update rolls back.
+    let t = sim.running("web")[0].id.clone();
+    sim.now += 1_000;
+    sim.report(&t, TaskState::Failed, Some(1));
+    sim.agents();
+    let plan = sim.orchestrate();
+    assert_eq!(plan.rollbacks.len(), 1, "{:?}", plan.notes);
+    // A scale long after does not reopen it.
+    let mut sim2 = Sim::default();
+    sim2.nodes(&["a"]);
+    let mut s = spec("web", 1);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, failure_action: "rollback".into(), ..Default::default() });
+    sim2.service(s);
+    sim2.settle();
+    update_image(&mut sim2, "web", "bb:2");
+    sim2.settle();
+    sim2.now += 600_000;
+    sim2.apply(Command::ScaleServices { items: vec![("web".into(), 2)] });
+    sim2.settle();
+    let t = sim2.running("web").iter().max_by_key(|t| t.created_at_ms).unwrap().id.clone();
+    sim2.report(&t, TaskState::Failed, Some(1));
+    sim2.agents();
+    assert!(sim2.orchestrate().rollbacks.is_empty(), "a failure long after the update is the restart policy's");
+}

@@ -159,6 +159,9 @@ pub struct ServiceObj {
     /// cleared by the next update.
     #[serde(default)]
     pub update_status: String,
+    /// When the spec last changed (an update or rollback; not a scale).
+    #[serde(default)]
+    pub spec_updated_at_ms: u64,
 }
 
 /// One autoscaler decision, as recorded with the service.
@@ -173,7 +176,7 @@ pub struct AutoscaleDecision {
 impl ServiceObj {
     /// A new service; the store stamps version and times when it applies.
     pub fn new(id: String, spec: ServiceSpec) -> Self {
-        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0, last_autoscale: None, rolling_back: false, update_status: String::new() }
+        ServiceObj { id, spec, previous_spec: None, vips: BTreeMap::new(), version: 0, created_at_ms: 0, updated_at_ms: 0, last_autoscale: None, rolling_back: false, update_status: String::new(), spec_updated_at_ms: 0 }
     }
 }
 

@@ -514,6 +514,8 @@ impl State {
             Command::AutoRollback { service, version, reason } => {
                 let Some(s) = self.services.get(&service) else { return Ok(applied) };
                 if s.rolling_back || s.version != version {
+                    // Decided on an older spec: the orchestrator looks again.
+                    changes.push(Change::Service(service));
                     return Ok(applied);
                 }
                 let Some(mut spec) = s.previous_spec.clone() else {
@@ -619,6 +621,7 @@ impl State {
         svc.update_status.clear();
         svc.version = index;
         svc.updated_at_ms = now;
+        svc.spec_updated_at_ms = now;
         applied.ids.push(id.clone());
         changes.push(Change::Service(id));
         Ok(())
