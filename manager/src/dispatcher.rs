@@ -52,11 +52,37 @@ pub struct DispatcherService {
     /// Ends the assignment streams when the manager stops: the server's
     /// graceful shutdown waits for every open stream.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// What every heartbeat compares against, worked out once per cluster
+    /// object version instead of per heartbeat.
+    ca: Arc<Mutex<Option<CaFacts>>>,
+}
+
+/// The current CA's name and the CA bundle's digest, at a cluster version.
+#[derive(Clone)]
+struct CaFacts {
+    version: u64,
+    name: String,
+    bundle_digest: String,
 }
 
 impl DispatcherService {
     pub fn new(manager: Arc<Manager>, config: DispatcherConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        DispatcherService { manager, config, last_seen: Default::default(), shutdown }
+        DispatcherService { manager, config, last_seen: Default::default(), shutdown, ca: Default::default() }
+    }
+
+    fn ca_facts(&self) -> Result<CaFacts, Status> {
+        let version = self.manager.store.read(|s| s.cluster.as_ref().map(|c| c.version)).ok_or_else(|| Status::unavailable("cluster not initialized"))?;
+        let mut cache = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.as_ref().filter(|f| f.version == version) {
+            return Ok(f.clone());
+        }
+        let facts = self
+            .manager
+            .store
+            .read(|s| s.cluster.as_ref().map(|c| CaFacts { version: c.version, name: c.ca_name(), bundle_digest: pki::bundle_digest(c.trust_bundle()) }))
+            .ok_or_else(|| Status::unavailable("cluster not initialized"))?;
+        *cache = Some(facts.clone());
+        Ok(facts)
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
@@ -528,9 +554,11 @@ impl Dispatcher for DispatcherService {
         });
         let revoked_changed = revoked_version != r.revoked_version;
         // The CA bundle, when the node's differs (a CA rotation).
-        let ca_pem = self.manager.store.read(|s| {
-            s.cluster.as_ref().map(|c| c.trust_bundle().to_string()).filter(|b| pki::bundle_digest(b) != r.ca_digest).unwrap_or_default()
-        });
+        let ca_pem = if self.ca_facts()?.bundle_digest != r.ca_digest {
+            self.manager.store.read(|s| s.cluster.as_ref().map(|c| c.trust_bundle().to_string())).unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(HeartbeatResponse {
             period_ms: self.config.period.as_millis() as u64,
             managers,
@@ -562,10 +590,9 @@ impl DispatcherService {
             Role::Manager => CertRole::Manager,
             Role::Worker => CertRole::Worker,
         };
-        let cluster = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized"))?;
-        let expiry = cluster.cert_expiry();
+        let expiry = self.manager.store.read(|s| s.cluster.as_ref().map(|c| c.cert_expiry())).ok_or_else(|| Status::unavailable("cluster not initialized"))?;
         let now = crate::manager::now_ms();
-        let ca_name = cluster.ca_name();
+        let ca_name = self.ca_facts()?.name;
         let fine = |c: &PeerCert| {
             c.role == want && c.issuer == ca_name && !pki::renewal_due(c.not_before_ms, c.not_after_ms, now, expiry)
         };
@@ -582,6 +609,7 @@ impl DispatcherService {
         if node.csr_pem.is_empty() {
             return Ok(String::new());
         }
+        let cluster = self.manager.store.read(|s| s.cluster.clone()).ok_or_else(|| Status::unavailable("cluster not initialized"))?;
         let signed = pki::sign_csr(&cluster.ca(), &node.csr_pem, &presented.subject, want, expiry)
             .map_err(|e| Status::internal(format!("signing node {}'s certificate: {e}", node.name)))?;
         let cert = IssuedCert::of(&signed, want.as_str());
