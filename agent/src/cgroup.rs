@@ -14,6 +14,8 @@ pub enum CgroupError {
     NoHierarchy { root: PathBuf },
     #[error("cgroup {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("can't apply the {limit} limit: the cgroup2 hierarchy at {root} has no {controller} controller (on a hybrid host it is bound to cgroup v1)")]
+    NoController { limit: &'static str, controller: &'static str, root: PathBuf },
     #[error("cgroup {path} still busy after {waited:?}")]
     Busy { path: PathBuf, waited: Duration },
 }
@@ -328,6 +330,15 @@ impl CgroupBackend for V2 {
             .filter(|c| have.split_whitespace().any(|h| h == *c))
             .map(|c| format!("+{c}"))
             .collect();
+        for (asked, limit, controller) in [
+            (limits.memory_bytes.is_some(), "memory", "memory"),
+            (limits.cpu_quota_us().is_some(), "cpu", "cpu"),
+            (limits.pids.is_some(), "pids", "pids"),
+        ] {
+            if asked && !have.split_whitespace().any(|h| h == controller) {
+                return Err(CgroupError::NoController { limit, controller, root: self.root.clone() });
+            }
+        }
         let enable = enable.join(" ");
         if !enable.is_empty() {
             write_file(&self.root.join("cgroup.subtree_control"), &enable)?;
@@ -349,12 +360,23 @@ impl CgroupBackend for V2 {
         if let Some(n) = limits.pids {
             write_file(&dir.join("pids.max"), &n.to_string())?;
         }
+        // v2 has no devices controller: an eBPF program does its job. Where
+        // the kernel refuses it (no CONFIG_CGROUP_BPF, bpf() denied to us),
+        // the runtime falls back to nodev mounts, which keep image and
+        // mknod'ed nodes unopenable but can't stop a bind-mounted one.
+        let devices = match crate::devfilter::default_rules().and_then(|r| crate::devfilter::attach(&dir, &r)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "no device filter for this container; device nodes are kept out by nodev mounts only");
+                false
+            }
+        };
         std::mem::forget(made);
-        Ok(Box::new(V2Group { dir }))
+        Ok(Box::new(V2Group { dir, devices }))
     }
 
     fn open(&self, id: &str) -> Box<dyn Cgroup> {
-        Box::new(V2Group { dir: self.root.join(&self.parent).join(id) })
+        Box::new(V2Group { dir: self.root.join(&self.parent).join(id), devices: false })
     }
 
     fn version(&self) -> &'static str {
@@ -364,6 +386,8 @@ impl CgroupBackend for V2 {
 
 struct V2Group {
     dir: PathBuf,
+    /// Whether the device filter is attached.
+    devices: bool,
 }
 
 impl Cgroup for V2Group {
@@ -385,6 +409,10 @@ impl Cgroup for V2Group {
             return Ok(None);
         }
         Ok(Some(keyed_value(&stat, "usage_usec")?.saturating_mul(1000)))
+    }
+
+    fn limits_devices(&self) -> bool {
+        self.devices
     }
 }
 
@@ -485,6 +513,13 @@ mod tests {
         assert_eq!(fs::read_to_string(t.path().join("shoal/cgroup.subtree_control")).unwrap(), "+memory +pids");
         clear_files(&t.path().join("shoal/c4"));
         g.destroy().unwrap();
+        // A limit the hierarchy can't enforce is refused, not ignored.
+        let e = V2::new(t.path(), "shoal")
+            .create("c5", &Limits { cpu_micros: Some(500_000), ..Limits::default() })
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no cpu controller"), "{e}");
+        assert!(!t.path().join("shoal/c5").exists());
     }
 
     #[test]

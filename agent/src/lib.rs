@@ -7,6 +7,7 @@
 //! Dispatcher protocol and never touches the store.
 
 pub mod cgroup;
+pub mod devfilter;
 pub mod executor;
 pub mod image;
 pub mod join;

@@ -635,8 +635,11 @@ impl Child<'_> {
             self.dir.join("upper").display(),
             self.dir.join("work").display()
         );
-        let root_flags = if self.no_devices { MsFlags::MS_NODEV } else { MsFlags::empty() };
-        mount(Some("overlay"), root, Some("overlay"), root_flags, Some(opts.as_str())).ctx("mount overlay rootfs")?;
+        // The rootfs is always nodev (the container's devices live on its
+        // own /dev tmpfs, so a node shipped in an image layer never opens)
+        // and nosuid (no_new_privs makes setuid bits moot anyway).
+        mount(Some("overlay"), root, Some("overlay"), MsFlags::MS_NODEV | MsFlags::MS_NOSUID, Some(opts.as_str()))
+            .ctx("mount overlay rootfs")?;
         let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         let proc_dir = mkdir_in(root, "/proc")?;
         mount(Some("proc"), &proc_dir, Some("proc"), nosuid_nodev_noexec, None::<&str>).ctx("mount /proc")?;
@@ -667,14 +670,7 @@ impl Child<'_> {
             self.mount_one(root, m)?;
         }
         if self.spec.read_only {
-            mount(
-                None::<&str>,
-                root,
-                None::<&str>,
-                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .ctx("make rootfs read-only")?;
+            restrict_mount(root, false, sys::MOUNT_ATTR_RDONLY).ctx("make rootfs read-only")?;
         }
         Ok(())
     }
@@ -705,22 +701,17 @@ impl Child<'_> {
                 };
                 mount(Some(source.as_path()), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
                     .ctx(format!("bind {} to {destination}", source.display()))?;
-                let mut flags = MsFlags::empty();
+                let mut attrs = 0;
                 if *read_only {
-                    flags |= MsFlags::MS_RDONLY;
+                    attrs |= sys::MOUNT_ATTR_RDONLY;
                 }
                 if self.no_devices {
-                    flags |= MsFlags::MS_NODEV;
+                    attrs |= sys::MOUNT_ATTR_NODEV;
                 }
-                if !flags.is_empty() {
-                    mount(
-                        None::<&str>,
-                        &target,
-                        None::<&str>,
-                        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags,
-                        None::<&str>,
-                    )
-                    .ctx(format!("remount {destination}"))?;
+                if attrs != 0 {
+                    // Recursive: a read-only bind of a tree with mounts in it
+                    // makes those read-only too.
+                    restrict_mount(&target, true, attrs).ctx(format!("remount {destination}"))?;
                 }
             }
             Mount::Tmpfs { destination, size_bytes, mode, read_only } => {
@@ -745,6 +736,46 @@ impl Child<'_> {
     fn exec_workload(&self) -> ChildResult<std::convert::Infallible> {
         exec_as_workload(self.spec, self.seccomp)
     }
+}
+
+/// Adds the `MOUNT_ATTR_*` bits `attrs` to the mount at `path` (every mount
+/// below it too when `recursive`) and keeps the flags it already has: a
+/// plain `MS_REMOUNT` would silently drop its `nosuid`/`nodev`/`noexec`.
+/// Kernels before 5.12 lack mount_setattr: there the mount is remounted
+/// with its flags read back (statvfs), and only the top mount changes.
+fn restrict_mount(path: &Path, recursive: bool, attrs: u64) -> std::io::Result<()> {
+    match sys::mount_setattr(path, recursive, attrs) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {}
+        other => return other,
+    }
+    use nix::sys::statvfs::FsFlags;
+    let have = nix::sys::statvfs::statvfs(path)?.flags();
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND;
+    for (st, ms) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if have.contains(st) {
+            flags |= ms;
+        }
+    }
+    for (a, ms) in [
+        (sys::MOUNT_ATTR_RDONLY, MsFlags::MS_RDONLY),
+        (sys::MOUNT_ATTR_NOSUID, MsFlags::MS_NOSUID),
+        (sys::MOUNT_ATTR_NODEV, MsFlags::MS_NODEV),
+        (sys::MOUNT_ATTR_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if attrs & a != 0 {
+            flags |= ms;
+        }
+    }
+    mount(None::<&str>, path, None::<&str>, flags, None::<&str>)?;
+    Ok(())
 }
 
 /// Becomes `spec`'s workload: its user, working directory and environment,
@@ -801,8 +832,8 @@ fn exec_as_workload(spec: &ContainerSpec, seccomp: &SeccompPolicy) -> ChildResul
 /// else is left in the pid namespace).
 fn init_loop(workload: i32, seccomp: &SeccompPolicy) -> ChildResult<std::convert::Infallible> {
     // Init keeps only what it needs to signal the workload.
-    let _ = security::limit_bounding(&[caps::Capability::CAP_KILL]);
-    let _ = security::set_process_caps(&[caps::Capability::CAP_KILL]);
+    security::limit_bounding(&[caps::Capability::CAP_KILL]).ctx("init: drop capabilities")?;
+    security::set_process_caps(&[caps::Capability::CAP_KILL]).ctx("init: set capabilities")?;
     security::no_new_privs().ctx("no_new_privs")?;
     security::apply_seccomp(seccomp).ctx("seccomp")?;
     let all = SigSet::all();
@@ -957,6 +988,7 @@ fn pivot(root: &Path) -> ChildResult<()> {
 const MASKED: &[&str] = &[
     "/proc/asound",
     "/proc/acpi",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
@@ -980,12 +1012,16 @@ fn mask_proc_and_sys() -> ChildResult<()> {
             Ok(_) => {
                 mount(Some("/dev/null"), *p, None::<&str>, MsFlags::MS_BIND, None::<&str>).ctx(format!("mask {p}"))?;
             }
-            Err(_) => {}
+            // This kernel has no such file: nothing to hide.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).ctx(format!("mask {p}")),
         }
     }
     for p in READ_ONLY {
-        if fs::symlink_metadata(p).is_err() {
-            continue;
+        match fs::symlink_metadata(p) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx(format!("make {p} read-only")),
         }
         mount(Some(*p), *p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).ctx(format!("bind {p}"))?;
         mount(

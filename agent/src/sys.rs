@@ -95,3 +95,144 @@ pub fn reset_signal_dispositions() {
         let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
     }
 }
+
+/// `MOUNT_ATTR_*` bits for [`mount_setattr`].
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// `struct mount_attr` of linux/mount.h (size 32, version 0).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `mount_setattr(2)`: sets the `set` attributes on the mount at `path`
+/// (and every mount below it when `recursive`), leaving the others as they
+/// are. Unlike `MS_REMOUNT`, it can't drop `nosuid`/`nodev`/`noexec` by
+/// leaving them out. ENOSYS before Linux 5.12.
+pub fn mount_setattr(path: &Path, recursive: bool, set: u64) -> io::Result<()> {
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let p = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let flags: libc::c_uint = if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: `p` is a valid NUL-terminated string and `attr` a valid
+    // `struct mount_attr` whose size is passed with it; both outlive the call,
+    // and the kernel only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// `bpf(BPF_PROG_LOAD)` of a `BPF_PROG_TYPE_CGROUP_DEVICE` program.
+pub fn bpf_load_device_filter(insns: &[crate::devfilter::Insn]) -> io::Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+    const BPF_CGROUP_DEVICE: u32 = 6;
+    // The head of `union bpf_attr` for BPF_PROG_LOAD; the kernel requires
+    // every byte past the fields it knows to be zero, hence the padding.
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        pad: [u64; 8],
+    }
+    // `struct bpf_insn` is 8 bytes: code, dst:4|src:4, off, imm.
+    let raw: Vec<u64> = insns
+        .iter()
+        .map(|i| {
+            u64::from_ne_bytes({
+                let mut b = [0u8; 8];
+                b[0] = i.code;
+                b[1] = i.regs;
+                b[2..4].copy_from_slice(&i.off.to_ne_bytes());
+                b[4..8].copy_from_slice(&i.imm.to_ne_bytes());
+                b
+            })
+        })
+        .collect();
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..13].copy_from_slice(b"shoal_devices");
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+        insn_cnt: raw.len() as u32,
+        insns: raw.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: name,
+        prog_ifindex: 0,
+        expected_attach_type: BPF_CGROUP_DEVICE,
+        pad: [0; 8],
+    };
+    // SAFETY: `attr` is a fully initialised `bpf_attr` prefix whose pointers
+    // (`raw`, `license`) are valid for the whole call; the kernel copies
+    // what it needs and returns a new descriptor or -1.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoad, std::mem::size_of::<ProgLoad>())
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
+}
+
+/// `bpf(BPF_PROG_ATTACH)` of a device program to a cgroup directory, with
+/// `BPF_F_ALLOW_MULTI` (an ancestor's programs run too; all must allow).
+pub fn bpf_attach_device_filter(cgroup: std::os::fd::BorrowedFd<'_>, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_CGROUP_DEVICE: u32 = 6;
+    const BPF_F_ALLOW_MULTI: u32 = 2;
+    #[repr(C)]
+    struct ProgAttach {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+        replace_bpf_fd: u32,
+        pad: [u32; 11],
+    }
+    let attr = ProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        replace_bpf_fd: 0,
+        pad: [0; 11],
+    };
+    // SAFETY: `attr` is a fully initialised `bpf_attr` prefix holding two
+    // descriptors borrowed for the call; the kernel only reads it.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_ATTACH, &attr as *const ProgAttach, std::mem::size_of::<ProgAttach>())
+    };
+    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}

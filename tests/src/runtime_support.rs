@@ -130,7 +130,7 @@ impl RtHost {
         if let Ok(rd) = fs::read_dir(self.data_dir.join("containers")) {
             for e in rd.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
-                for c in ["memory", "cpu", "pids", "devices"] {
+                for c in ["memory", "cpu", "pids", "devices", "unified", "."] {
                     let p = Path::new("/sys/fs/cgroup").join(c).join("shoal").join(&id);
                     // The last processes may still be exiting: retry briefly.
                     for _ in 0..200 {
@@ -143,6 +143,18 @@ impl RtHost {
             }
         }
         let _ = fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// A container's cgroup file, wherever this host keeps it: the unified
+/// tree on a pure cgroup v2 host (`v2_file`), else the v1 `controller`'s
+/// tree (`v1_file`). Read at run time so the tests run on both.
+pub fn cgroup_file(controller: &str, id: &str, v1_file: &str, v2_file: &str) -> PathBuf {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        root.join("shoal").join(id).join(v2_file)
+    } else {
+        root.join(controller).join("shoal").join(id).join(v1_file)
     }
 }
 
@@ -219,6 +231,16 @@ impl TarBuilder {
         let mut h = Self::header(kind, path, 0o777, 0)?;
         let ln = &mut h.as_old_mut().linkname;
         ln[..target.len()].copy_from_slice(target.as_bytes());
+        h.set_cksum();
+        self.b.append(&h, &[][..])?;
+        Ok(self)
+    }
+
+    /// A device node (`kind` is `tar::EntryType::Char` or `Block`).
+    pub fn device(mut self, path: &str, kind: tar::EntryType, major: u32, minor: u32) -> anyhow::Result<Self> {
+        let mut h = Self::header(kind, path, 0o666, 0)?;
+        h.set_device_major(major)?;
+        h.set_device_minor(minor)?;
         h.set_cksum();
         self.b.append(&h, &[][..])?;
         Ok(self)

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use shoal_tests::runtime_support::{
-    Corrupt, Layer, RtHost, TarBuilder, busybox_layer, docker_archive, oci_archive, stderr, stdout,
+    Corrupt, Layer, RtHost, TarBuilder, busybox_layer, cgroup_file, docker_archive, oci_archive, stderr, stdout,
 };
 use shoal_tests::wait_for;
 
@@ -92,11 +92,11 @@ fn least_privilege_caps_nnp_seccomp_readonly() {
     ok(&o);
     assert_eq!(stdout(&o), "CapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\nNoNewPrivs:\t1\nSeccomp:\t2\n");
     // Masked and read-only /proc paths, as Docker does; mount is denied.
-    let script = "wc -c < /proc/timer_list; wc -c < /proc/keys; echo 1 > /proc/sys/vm/drop_caches && echo wrote-sys; \
+    let script = "wc -c < /proc/timer_list; wc -c < /proc/keys; wc -c < /proc/interrupts; echo 1 > /proc/sys/vm/drop_caches && echo wrote-sys; \
                   mount -t tmpfs none /mnt && echo mounted; echo done";
     let o = h.run(&["--rm", "bb", "sh", "-c", script]).unwrap();
     ok(&o);
-    assert_eq!(stdout(&o), "0\n0\ndone\n", "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "0\n0\n0\ndone\n", "stderr: {}", stderr(&o));
     // --read-only: the rootfs refuses writes; tmpfs mounts still work.
     let id = h.name("ro");
     let o = h
@@ -169,14 +169,14 @@ fn cpu_quota_is_applied() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let quota = std::path::Path::new("/sys/fs/cgroup/cpu/shoal").join(&id).join("cpu.cfs_quota_us");
-    // The file appears when the cgroup is made, holding -1 until the
-    // runtime writes the quota a moment later: wait for a value.
+    let quota = cgroup_file("cpu", &id, "cpu.cfs_quota_us", "cpu.max");
+    // The file appears when the cgroup is made, holding -1 (v2: "max")
+    // until the runtime writes the quota a moment later: wait for a value.
     let q = wait_for(Duration::from_secs(10), "cpu quota set", || {
-        Ok(fs::read_to_string(&quota).ok().filter(|q| q.trim() != "-1"))
+        Ok(fs::read_to_string(&quota).ok().filter(|q| q.trim() != "-1" && !q.starts_with("max")))
     })
     .unwrap();
-    assert_eq!(q.trim(), "50000");
+    assert!(q.trim() == "50000" || q.trim() == "50000 100000", "{q}");
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
     assert_clean(&h, &id);
@@ -626,6 +626,107 @@ fn host_devices_cannot_be_opened() {
     );
 }
 
+/// Loads `bb-dev`: busybox plus a layer shipping a block device (loop0,
+/// 7:0) and a copy of /dev/null (1:3) at the top of the rootfs.
+fn load_image_with_devices(h: &RtHost) {
+    let devs = TarBuilder::new()
+        .device("imgdisk", tar::EntryType::Block, 7, 0)
+        .unwrap()
+        .device("imgnull", tar::EntryType::Char, 1, 3)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let layers = [Layer { tar: busybox_layer(&[]).unwrap(), gzip: false }, Layer { tar: devs, gzip: false }];
+    let archive = h.data_dir.join("bb-dev.tar");
+    fs::write(&archive, oci_archive("bb-dev", &layers, serde_json::json!({}), Corrupt::None).unwrap()).unwrap();
+    ok(&h.shoal(&["image", "load", archive.to_str().unwrap()]).unwrap());
+}
+
+/// The rootfs is nodev and nosuid, and stays so when --read-only remounts
+/// it (a plain MS_REMOUNT would reset both): device nodes an image ships
+/// never open, even one the devices cgroup would allow. Read-only binds
+/// keep their source's flags and are read-only all the way down.
+#[test]
+fn read_only_rootfs_keeps_nodev_nosuid_and_image_devices_stay_closed() {
+    let h = RtHost::new().unwrap();
+    load_image_with_devices(&h);
+    let vol = format!("{}-ro", h.prefix);
+    let script = "ls -l /imgdisk /imgnull | cut -c1; head -c 1 /imgdisk | wc -c; head -c 1 /imgnull | wc -c; \
+                  awk '$5 == \"/\" || $5 == \"/data\" {print $5, $6}' /proc/self/mountinfo; \
+                  touch /data/x || echo data-refused";
+    for ro in [true, false] {
+        let mut args = vec!["--rm", "-v"];
+        let m = format!("{vol}:/data:ro");
+        args.push(&m);
+        if ro {
+            args.push("--read-only");
+        }
+        args.extend(["bb-dev", "sh", "-c", script]);
+        let o = h.run(&args).unwrap();
+        ok(&o);
+        let out = stdout(&o);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(&lines[..4], ["b", "c", "0", "0"], "read-only {ro}: {out}\n{}", stderr(&o));
+        assert!(stderr(&o).contains("head: /imgdisk: Permission denied"), "{}", stderr(&o));
+        assert!(stderr(&o).contains("head: /imgnull: Permission denied"), "{}", stderr(&o));
+        let root = lines.iter().find(|l| l.starts_with("/ ")).unwrap();
+        let opts: Vec<&str> = root[2..].split(',').collect();
+        for want in ["nosuid", "nodev"] {
+            assert!(opts.contains(&want), "read-only {ro}: / is mounted {root}");
+        }
+        assert_eq!(opts.contains(&"ro"), ro, "/ is mounted {root}");
+        let data = lines.iter().find(|l| l.starts_with("/data ")).unwrap();
+        assert!(data.split(',').any(|o| o.ends_with("ro")), "{data}");
+        assert_eq!(lines.last(), Some(&"data-refused"));
+    }
+}
+
+/// On a pure cgroup v2 host there is no devices controller: an eBPF
+/// program attached to the container's cgroup refuses to open a device
+/// node made with CAP_MKNOD on /dev (a mount without nodev), while
+/// /dev/null works. Shown in a mount namespace where /sys/fs/cgroup is a
+/// lone cgroup2 mount, which is how such a host looks to the runtime. A
+/// limit that hierarchy can't enforce is refused with a clear error.
+#[test]
+fn devices_are_filtered_on_a_pure_cgroup_v2_host() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("v2");
+    let v2_only = |args: &[&str]| {
+        let mut c = std::process::Command::new("unshare");
+        c.args([
+            "-m",
+            "sh",
+            "-c",
+            "mount --make-rprivate / && umount -l /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec \"$@\"",
+            "v2-only",
+        ])
+        .arg(shoal_tests::shoal_bin())
+        .args(args)
+        .env("SHOAL_DATA_DIR", &h.data_dir)
+        .stdin(Stdio::null());
+        c.output().unwrap()
+    };
+    let has_pids = fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+        .or_else(|_| fs::read_to_string("/sys/fs/cgroup/cgroup.controllers"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|c| c == "pids");
+    let script = "grep -c '^0::/shoal/' /proc/self/cgroup; mknod /dev/disk b 7 0 && echo made; \
+                  head -c 1 /dev/disk | wc -c; echo x > /dev/null && echo null-ok; exit 3";
+    let o = v2_only(&["run", "--rm", "--pids-limit", "-1", "--name", &id, "bb", "sh", "-c", script]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "1\nmade\n0\nnull-ok\n");
+    assert!(stderr(&o).contains("head: /dev/disk: Operation not permitted"), "{}", stderr(&o));
+    assert_clean(&h, &id);
+    if !has_pids {
+        // A hybrid host keeps pids on v1: the default limit can't be set.
+        let o = v2_only(&["run", "--rm", "bb", "true"]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("no pids controller"), "{}", stderr(&o));
+    }
+}
+
 /// `shoal run` killed with SIGKILL takes its container with it; the next
 /// `shoal run` removes what it left (directory, cgroup).
 #[test]
@@ -634,7 +735,7 @@ fn killed_foreground_run_is_cleaned_up() {
     h.import_busybox("bb").unwrap();
     let id = h.name("killed");
     let mut child = h.cmd(&["run", "--rm", "--name", &id, "bb", "sleep", "1000"]).spawn().unwrap();
-    let procs = std::path::Path::new("/sys/fs/cgroup/pids/shoal").join(&id).join("cgroup.procs");
+    let procs = cgroup_file("pids", &id, "cgroup.procs", "cgroup.procs");
     wait_for(Duration::from_secs(10), "container to run", || {
         Ok(fs::read_to_string(&procs).ok().filter(|p| p.lines().count() >= 2))
     })
