@@ -25,7 +25,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Gid, Pid, Uid};
 
 use crate::cgroup::{self, Cgroup, CgroupBackend, CgroupError};
-use crate::security::{self, SeccompPolicy, SecurityError};
+use crate::security::{self, Policy, SecurityError};
 use crate::paths::{resolve_in_root, DEFAULT_PATH};
 use crate::spec::{ContainerSpec, Mount};
 use crate::sys::{self, Forked};
@@ -273,7 +273,7 @@ impl Runtime {
         };
         let dir = self.container_dir(&spec.id);
         // Built before the clone so the child only has to install it.
-        let seccomp = security::default_seccomp()?;
+        let policy = security::Policy::new(&spec.security)?;
         let cgroup = self.cgroups.create(&spec.id, &spec.limits)?;
         let cgroup = CgroupGuard(Some(cgroup));
         if opts.forward_signals {
@@ -307,7 +307,7 @@ impl Runtime {
                 let child = Child {
                     spec,
                     dir: &dir,
-                    seccomp: &seccomp,
+                    policy: &policy,
                     sync: sync_r,
                     err: std::cell::Cell::new(Some(err_w)),
                     no_devices: !cgroup.get().is_some_and(|g| g.limits_devices()),
@@ -366,7 +366,7 @@ impl Runtime {
         }
         let mut spec = self.load_spec(id)?;
         spec.args = args.to_vec();
-        let seccomp = security::default_seccomp()?;
+        let policy = security::Policy::new(&spec.security)?;
         let proc_dir = PathBuf::from(format!("/proc/{init_pid}"));
         let io = |what: &str, e: io::Error| RuntimeError::Io { id: id.to_string(), path: proc_dir.join(what), source: e };
         let sys_err = |step: &'static str| move |source: nix::Error| RuntimeError::Sys { id: id.to_string(), step, source };
@@ -400,7 +400,7 @@ impl Runtime {
         match sys::fork().map_err(|e| io("fork", e))? {
             Forked::Child => {
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-                let e = match exec_as_workload(&spec, &seccomp) {
+                let e = match exec_as_workload(&spec, &policy) {
                     Ok(never) => match never {},
                     Err(e) => e,
                 };
@@ -558,7 +558,7 @@ impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
 struct Child<'a> {
     spec: &'a ContainerSpec,
     dir: &'a Path,
-    seccomp: &'a SeccompPolicy,
+    policy: &'a Policy,
     sync: OwnedFd,
     err: std::cell::Cell<Option<OwnedFd>>,
     /// No devices cgroup (cgroup v2): CAP_MKNOD could make a node for a
@@ -616,7 +616,7 @@ impl Child<'_> {
                 // Our copy of the error pipe must close, or the parent would
                 // wait for EOF until the workload exits.
                 drop(self.err.take());
-                init_loop(pid, self.seccomp)
+                init_loop(pid, self.policy)
             }
         }
     }
@@ -734,7 +734,7 @@ impl Child<'_> {
 
     /// The workload: drop privileges, then exec. Never returns on success.
     fn exec_workload(&self) -> ChildResult<std::convert::Infallible> {
-        exec_as_workload(self.spec, self.seccomp)
+        exec_as_workload(self.spec, self.policy)
     }
 }
 
@@ -782,7 +782,7 @@ fn restrict_mount(path: &Path, recursive: bool, attrs: u64) -> std::io::Result<(
 /// Docker's capabilities, no_new_privs and seccomp, then exec. Runs inside
 /// the container (after pivot_root, or after entering its namespaces for
 /// `exec`). Never returns on success.
-fn exec_as_workload(spec: &ContainerSpec, seccomp: &SeccompPolicy) -> ChildResult<std::convert::Infallible> {
+fn exec_as_workload(spec: &ContainerSpec, policy: &Policy) -> ChildResult<std::convert::Infallible> {
     SigSet::empty().thread_set_mask().ctx("unblock signals")?;
     sys::reset_signal_dispositions();
     let user = resolve_user(spec.user.as_deref())?;
@@ -814,14 +814,15 @@ fn exec_as_workload(spec: &ContainerSpec, seccomp: &SeccompPolicy) -> ChildResul
 
     let gids: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     nix::unistd::setgroups(&gids).ctx("setgroups")?;
-    security::limit_bounding(&security::DEFAULT_CAPS).ctx("drop capabilities")?;
+    policy.apply_rlimits().ctx("ulimit")?;
+    security::limit_bounding(&policy.caps).ctx("drop capabilities")?;
     nix::unistd::setgid(Gid::from_raw(user.gid)).ctx("setgid")?;
     nix::unistd::setuid(Uid::from_raw(user.uid)).ctx("setuid")?;
     if user.uid == 0 {
-        security::set_process_caps(&security::DEFAULT_CAPS).ctx("set capabilities")?;
+        security::set_process_caps(&policy.caps).ctx("set capabilities")?;
     }
     security::no_new_privs().ctx("no_new_privs")?;
-    security::apply_seccomp(seccomp).ctx("seccomp")?;
+    policy.apply_seccomp().ctx("seccomp")?;
     let e = nix::unistd::execve(&prog_c, &argv, &envp).map_or_else(|e| e, |never| match never {});
     let code = if e == nix::Error::ENOENT { 127 } else { 126 };
     Err(ChildError { code, message: format!("exec {prog}: {e}") })
@@ -830,12 +831,12 @@ fn exec_as_workload(spec: &ContainerSpec, seccomp: &SeccompPolicy) -> ChildResul
 /// pid 1: forward signals to the workload, reap every zombie, and exit with
 /// the workload's status once it is gone (the kernel then kills whatever
 /// else is left in the pid namespace).
-fn init_loop(workload: i32, seccomp: &SeccompPolicy) -> ChildResult<std::convert::Infallible> {
+fn init_loop(workload: i32, policy: &Policy) -> ChildResult<std::convert::Infallible> {
     // Init keeps only what it needs to signal the workload.
     security::limit_bounding(&[caps::Capability::CAP_KILL]).ctx("init: drop capabilities")?;
     security::set_process_caps(&[caps::Capability::CAP_KILL]).ctx("init: set capabilities")?;
     security::no_new_privs().ctx("no_new_privs")?;
-    security::apply_seccomp(seccomp).ctx("seccomp")?;
+    policy.apply_seccomp().ctx("seccomp")?;
     let all = SigSet::all();
     loop {
         let sig = all.wait().ctx("sigwait")?;

@@ -1,10 +1,11 @@
 //! Least privilege for the container's processes: Docker's default
-//! capability set, no_new_privs and a default seccomp filter.
-
-use std::collections::BTreeMap;
+//! capability set (or the one asked for), no_new_privs, Docker's seccomp
+//! profile (or the one asked for, compiled by `shoal-confine`), rlimits.
 
 use caps::{CapSet, Capability, CapsHashSet};
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{BpfProgram, sock_filter};
+
+use crate::spec::Security;
 
 /// Errors while dropping privileges.
 #[derive(Debug, thiserror::Error)]
@@ -13,10 +14,12 @@ pub enum SecurityError {
     Caps { what: &'static str, source: caps::errors::CapsError },
     #[error("no_new_privs: {0}")]
     NoNewPrivs(nix::Error),
-    #[error("seccomp filter: {0}")]
+    #[error("install the seccomp filter: {0}")]
     Seccomp(#[from] seccompiler::Error),
-    #[error("seccomp filter: {0}")]
-    SeccompBackend(#[from] seccompiler::BackendError),
+    #[error(transparent)]
+    Confine(#[from] shoal_confine::Error),
+    #[error("set rlimit {0:?}: {1}")]
+    Rlimit(nix::sys::resource::Resource, nix::Error),
 }
 
 /// Docker's default capabilities (moby `oci/caps/defaults.go`).
@@ -75,94 +78,94 @@ pub fn no_new_privs() -> Result<(), SecurityError> {
     nix::sys::prctl::set_no_new_privs().map_err(SecurityError::NoNewPrivs)
 }
 
-/// Syscalls the default filter refuses with EPERM: the calls Docker's
-/// default profile leaves out that exist on x86_64 and aarch64 (kernel
-/// modules, clocks, mounts, namespaces, keyrings, tracing, bpf, reboot).
-const DENIED: &[i64] = &[
-    libc::SYS_acct,
-    libc::SYS_add_key,
-    libc::SYS_bpf,
-    libc::SYS_clock_adjtime,
-    libc::SYS_clock_settime,
-    libc::SYS_delete_module,
-    libc::SYS_finit_module,
-    libc::SYS_fsconfig,
-    libc::SYS_fsmount,
-    libc::SYS_fsopen,
-    libc::SYS_fspick,
-    libc::SYS_get_mempolicy,
-    libc::SYS_init_module,
-    libc::SYS_kcmp,
-    libc::SYS_kexec_file_load,
-    libc::SYS_kexec_load,
-    libc::SYS_keyctl,
-    libc::SYS_lookup_dcookie,
-    libc::SYS_mbind,
-    libc::SYS_mount,
-    libc::SYS_mount_setattr,
-    libc::SYS_move_mount,
-    libc::SYS_move_pages,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_open_tree,
-    libc::SYS_perf_event_open,
-    libc::SYS_pivot_root,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_ptrace,
-    libc::SYS_quotactl,
-    libc::SYS_reboot,
-    libc::SYS_request_key,
-    libc::SYS_set_mempolicy,
-    libc::SYS_setns,
-    libc::SYS_settimeofday,
-    libc::SYS_swapoff,
-    libc::SYS_swapon,
-    libc::SYS_umount2,
-    libc::SYS_unshare,
-    libc::SYS_userfaultfd,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_ioperm,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_iopl,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_nfsservctl,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_sysfs,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS__sysctl,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_uselib,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_ustat,
-];
-
-/// The programs of one seccomp policy, installed in order (seccomp takes
-/// the most restrictive answer among the installed programs).
-pub struct SeccompPolicy(Vec<BpfProgram>);
-
-/// Builds the default seccomp policy: allow everything but [`DENIED`]
-/// (EPERM), and answer clone3 with ENOSYS so libc falls back to clone
-/// (whose namespace flags need capabilities the container lacks).
-pub fn default_seccomp() -> Result<SeccompPolicy, SecurityError> {
-    let arch = if cfg!(target_arch = "aarch64") { TargetArch::aarch64 } else { TargetArch::x86_64 };
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|n| (*n, vec![])).collect();
-    let deny = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)?;
-    let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3, vec![])].into_iter().collect(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )?;
-    Ok(SeccompPolicy(vec![deny.try_into()?, clone3.try_into()?]))
+/// What the workload gets, worked out before the clone so the child only
+/// has to install it: its capabilities, its seccomp program (none when
+/// unconfined), its rlimits.
+pub struct Policy {
+    pub caps: Vec<Capability>,
+    seccomp: Option<BpfProgram>,
+    rlimits: Vec<(nix::sys::resource::Resource, u64, u64)>,
 }
 
-/// Installs `policy` on the calling thread. Needs no_new_privs first.
-pub fn apply_seccomp(policy: &SeccompPolicy) -> Result<(), SecurityError> {
-    for p in &policy.0 {
-        seccompiler::apply_filter(p)?;
+/// Docker's name of an rlimit to the kernel's.
+fn resource(name: &str) -> Option<nix::sys::resource::Resource> {
+    use nix::sys::resource::Resource as R;
+    Some(match name {
+        "core" => R::RLIMIT_CORE,
+        "cpu" => R::RLIMIT_CPU,
+        "data" => R::RLIMIT_DATA,
+        "fsize" => R::RLIMIT_FSIZE,
+        "locks" => R::RLIMIT_LOCKS,
+        "memlock" => R::RLIMIT_MEMLOCK,
+        "msgqueue" => R::RLIMIT_MSGQUEUE,
+        "nice" => R::RLIMIT_NICE,
+        "nofile" => R::RLIMIT_NOFILE,
+        "nproc" => R::RLIMIT_NPROC,
+        "rss" => R::RLIMIT_RSS,
+        "rtprio" => R::RLIMIT_RTPRIO,
+        "rttime" => R::RLIMIT_RTTIME,
+        "sigpending" => R::RLIMIT_SIGPENDING,
+        "stack" => R::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
+impl Policy {
+    /// The policy `sec` asks for: Docker's capabilities adjusted by
+    /// cap-add/cap-drop, Docker's seccomp profile (or the given one, or
+    /// none), resolved against those capabilities and this kernel.
+    pub fn new(sec: &Security) -> Result<Policy, SecurityError> {
+        let names = shoal_confine::caps::resolve(&sec.cap_add, &sec.cap_drop)?;
+        let caps = names
+            .iter()
+            .map(|n| n.parse::<Capability>().map_err(|_| SecurityError::Confine(shoal_confine::Error::Cap(n.to_string()))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let profile = match sec.seccomp.as_str() {
+            "" => Some(shoal_confine::docker::default_profile()),
+            "unconfined" => None,
+            json => Some(shoal_confine::Profile::from_json(json)?),
+        };
+        let seccomp = match profile {
+            None => None,
+            Some(p) => {
+                let ctx = shoal_confine::Context::new(names.iter().map(|n| n.to_string()).collect());
+                let insns = shoal_confine::compile(&p, &ctx)?;
+                Some(insns.iter().map(|i| sock_filter { code: i.code, jt: i.jt, jf: i.jf, k: i.k }).collect())
+            }
+        };
+        let mut rlimits = Vec::new();
+        for (name, soft, hard) in &sec.ulimits {
+            let u = shoal_confine::ulimit::Ulimit { name: name.clone(), soft: *soft, hard: *hard };
+            shoal_confine::ulimit::check(&u)?;
+            let r = resource(name).ok_or_else(|| SecurityError::Confine(shoal_confine::Error::Ulimit(name.clone(), "unknown name")))?;
+            let lim = |v: i64| if v < 0 { nix::sys::resource::RLIM_INFINITY } else { v as u64 };
+            rlimits.push((r, lim(*soft), lim(*hard)));
+        }
+        Ok(Policy { caps, seccomp, rlimits })
     }
-    Ok(())
+
+    /// Sets the rlimits on the calling process (before it drops
+    /// CAP_SYS_RESOURCE, which raising a hard limit needs).
+    pub fn apply_rlimits(&self) -> Result<(), SecurityError> {
+        for (r, soft, hard) in &self.rlimits {
+            nix::sys::resource::setrlimit(*r, *soft, *hard).map_err(|e| SecurityError::Rlimit(*r, e))?;
+        }
+        Ok(())
+    }
+
+    /// Installs the seccomp program on the calling thread. Needs
+    /// no_new_privs first.
+    pub fn apply_seccomp(&self) -> Result<(), SecurityError> {
+        if let Some(p) = &self.seccomp {
+            seccompiler::apply_filter(p)?;
+        }
+        Ok(())
+    }
+
+    /// The program's length (instructions), 0 when unconfined.
+    pub fn seccomp_len(&self) -> usize {
+        self.seccomp.as_ref().map_or(0, Vec::len)
+    }
 }
 
 #[cfg(test)]
@@ -177,9 +180,26 @@ mod tests {
     }
 
     #[test]
-    fn default_seccomp_compiles() {
-        let p = default_seccomp().unwrap();
-        assert_eq!(p.0.len(), 2);
-        assert!(p.0[0].len() > DENIED.len());
+    fn policies_follow_the_spec() {
+        let p = Policy::new(&Security::default()).unwrap();
+        assert_eq!(p.caps.len(), 14);
+        assert!(p.seccomp_len() > 100);
+        let sec = Security {
+            cap_add: vec!["NET_ADMIN".into()],
+            cap_drop: vec!["ALL".into()],
+            seccomp: "unconfined".into(),
+            ulimits: vec![("nofile".into(), 100, 200)],
+        };
+        let p = Policy::new(&sec).unwrap();
+        assert_eq!(p.caps, vec![Capability::CAP_NET_ADMIN]);
+        assert_eq!(p.seccomp_len(), 0);
+        assert_eq!(p.rlimits.len(), 1);
+        for bad in [
+            Security { cap_add: vec!["FLY".into()], ..Security::default() },
+            Security { seccomp: "{".into(), ..Security::default() },
+            Security { ulimits: vec![("files".into(), 1, 1)], ..Security::default() },
+        ] {
+            assert!(Policy::new(&bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -30,6 +30,28 @@ pub struct ContainerSpec {
     /// one with only `lo`.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// Capabilities, seccomp and rlimits; absent in a spec written by an
+    /// older shoal: Docker's defaults.
+    #[serde(default)]
+    pub security: Security,
+}
+
+/// What confines the workload beyond namespaces and cgroups.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Security {
+    /// On top of Docker's default capabilities (names, or `ALL`).
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    /// Taken from them (names, or `ALL`).
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
+    /// `""`: Docker's default profile; `"unconfined"`: none; else a profile
+    /// as JSON.
+    #[serde(default)]
+    pub seccomp: String,
+    /// (name, soft, hard); -1 is unlimited.
+    #[serde(default)]
+    pub ulimits: Vec<(String, i64, i64)>,
 }
 
 /// A mount on top of the rootfs.
@@ -86,6 +108,7 @@ pub struct RunRequest {
     /// Join the network namespace pinned at this path (made and wired by
     /// the overlay) instead of a new one of the container's own.
     pub netns: Option<PathBuf>,
+    pub security: Security,
 }
 
 /// Why a request can't become a spec.
@@ -130,6 +153,7 @@ impl RunRequest {
             limits: self.limits.clone(),
             init: !self.no_init,
             netns: self.netns.clone(),
+            security: self.security.clone(),
         })
     }
 }

@@ -333,6 +333,12 @@ fn run_request(a: &Assignment) -> RunRequest {
                 n => Some(n as u64),
             },
         },
+        security: crate::spec::Security {
+            cap_add: spec.cap_add.clone(),
+            cap_drop: spec.cap_drop.clone(),
+            seccomp: spec.seccomp.clone(),
+            ulimits: spec.ulimits.iter().map(|u| (u.name.clone(), u.soft, u.hard)).collect(),
+        },
         ..Default::default()
     }
 }

@@ -8,6 +8,10 @@ use shoal_proto::control::ServiceSpec;
 pub enum SpecError {
     #[error("invalid {what} {value:?}: {reason}")]
     Invalid { what: &'static str, value: String, reason: &'static str },
+    /// A seccomp profile or ulimit the confinement crate refused (its
+    /// message names the value).
+    #[error("{0}")]
+    Confinement(String),
 }
 
 fn invalid(what: &'static str, value: impl Into<String>, reason: &'static str) -> SpecError {
@@ -411,6 +415,28 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
     }
     for a in &spec.aliases {
         validate_name("alias", a)?;
+    }
+    for c in spec.cap_add.iter().chain(&spec.cap_drop) {
+        if shoal_confine::caps::normalize(c).is_err() {
+            return Err(invalid("capability", c.clone(), "expected a name like NET_ADMIN or CAP_NET_ADMIN, or ALL"));
+        }
+    }
+    match spec.seccomp.as_str() {
+        "" | "unconfined" => {}
+        json => {
+            if let Err(e) = shoal_confine::Profile::from_json(json) {
+                return Err(SpecError::Confinement(e.to_string()));
+            }
+        }
+    }
+    for (i, u) in spec.ulimits.iter().enumerate() {
+        let ul = shoal_confine::ulimit::Ulimit { name: u.name.clone(), soft: u.soft, hard: u.hard };
+        if let Err(e) = shoal_confine::ulimit::check(&ul) {
+            return Err(SpecError::Confinement(e.to_string()));
+        }
+        if spec.ulimits[..i].iter().any(|o| o.name == u.name) {
+            return Err(invalid("ulimit", u.name.clone(), "set twice"));
+        }
     }
     if !spec.user.is_empty() && !valid_user(&spec.user) {
         return Err(invalid("user", &spec.user, "expected UID[:GID] or a user name"));

@@ -1,6 +1,7 @@
 //! One module per noun, one function per verb.
 
 pub mod client_cert;
+pub mod confine;
 pub mod cluster;
 pub mod data;
 pub mod node;

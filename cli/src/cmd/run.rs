@@ -42,6 +42,19 @@ pub struct RunArgs {
     /// Mount the container's root filesystem read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// Add a capability to Docker's default set (NET_ADMIN, ..., or ALL).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability from it (or ALL).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// seccomp=unconfined, seccomp=PROFILE.json (OCI or Docker format), or
+    /// no-new-privileges (always on). Default: Docker's seccomp profile.
+    #[arg(long = "security-opt", value_name = "OPT")]
+    pub security_opt: Vec<String>,
+    /// An rlimit: NAME=SOFT[:HARD] (nofile, nproc, core, ...; -1 unlimited).
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    pub ulimit: Vec<String>,
     /// Bind mount (/host/path:/dst[:ro]) or named volume (name:/dst[:ro]),
     /// kept under DATA/volumes on this host.
     #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
@@ -256,6 +269,12 @@ fn build_spec(args: &RunArgs, image: &Image) -> anyhow::Result<ContainerSpec> {
         },
         no_init: args.no_init,
         netns: None,
+        security: shoal_agent::spec::Security {
+            cap_add: super::confine::cap_names("cap-add", &args.cap_add)?,
+            cap_drop: super::confine::cap_names("cap-drop", &args.cap_drop)?,
+            seccomp: super::confine::seccomp_from_opts(&args.security_opt)?.unwrap_or_default(),
+            ulimits: super::confine::ulimits(&args.ulimit)?.into_iter().map(|u| (u.name, u.soft, u.hard)).collect(),
+        },
     };
     Ok(req.to_spec(image)?)
 }

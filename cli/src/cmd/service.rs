@@ -183,6 +183,48 @@ pub struct UpdateArgs {
     /// Remove the mount at this target path.
     #[arg(long = "mount-rm")]
     mount_rm: Vec<String>,
+    /// Add or replace an environment variable: KEY=VALUE.
+    #[arg(long = "env-add", value_name = "KEY=VALUE")]
+    env_add: Vec<String>,
+    /// Remove an environment variable: KEY.
+    #[arg(long = "env-rm", value_name = "KEY")]
+    env_rm: Vec<String>,
+    /// Add a placement constraint.
+    #[arg(long = "constraint-add")]
+    constraint_add: Vec<String>,
+    /// Remove a placement constraint (as written when added).
+    #[arg(long = "constraint-rm")]
+    constraint_rm: Vec<String>,
+    /// Add a placement preference (spread=node.labels.KEY).
+    #[arg(long = "placement-pref-add")]
+    placement_pref_add: Vec<String>,
+    /// Remove a placement preference.
+    #[arg(long = "placement-pref-rm")]
+    placement_pref_rm: Vec<String>,
+    /// Give the tasks one more secret (same forms as --secret).
+    #[arg(long = "secret-add")]
+    secret_add: Vec<String>,
+    /// Take a secret away, by name.
+    #[arg(long = "secret-rm")]
+    secret_rm: Vec<String>,
+    /// Give the tasks one more config (same forms as --config).
+    #[arg(long = "config-add")]
+    config_add: Vec<String>,
+    /// Take a config away, by name.
+    #[arg(long = "config-rm")]
+    config_rm: Vec<String>,
+    /// Add or replace a service label: KEY=VALUE.
+    #[arg(long = "label-add", value_name = "KEY=VALUE")]
+    label_add: Vec<String>,
+    /// Remove a service label: KEY.
+    #[arg(long = "label-rm", value_name = "KEY")]
+    label_rm: Vec<String>,
+    /// Add or replace an rlimit: NAME=SOFT[:HARD].
+    #[arg(long = "ulimit-add", value_name = "NAME=SOFT[:HARD]")]
+    ulimit_add: Vec<String>,
+    /// Remove an rlimit: NAME.
+    #[arg(long = "ulimit-rm", value_name = "NAME")]
+    ulimit_rm: Vec<String>,
     /// Replace every task even if nothing else changed.
     #[arg(long)]
     force: bool,
@@ -320,6 +362,25 @@ pub struct SpecFlags {
     rollback_max_failure_ratio: Option<f64>,
     #[arg(long = "rollback-monitor")]
     rollback_monitor: Option<String>,
+    /// Add a capability to Docker's default set (NET_ADMIN, ..., or ALL);
+    /// on update, also takes it off the drop list.
+    #[arg(long = "cap-add", value_name = "CAP")]
+    cap_add: Vec<String>,
+    /// Drop a capability (or ALL); on update, also takes it off the add list.
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    cap_drop: Vec<String>,
+    /// seccomp=unconfined, seccomp=PROFILE.json (OCI or Docker format; the
+    /// file is read here and sent), seccomp=default, or no-new-privileges.
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
+    /// An rlimit: NAME=SOFT[:HARD] (nofile, nproc, ...; -1 unlimited). On
+    /// update, replaces the list (see --ulimit-add/--ulimit-rm).
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    ulimit: Vec<String>,
+    /// A service label KEY=VALUE (on update, replaces them all; see
+    /// --label-add/--label-rm).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    label: Vec<String>,
     /// A read-only root filesystem; `--read-only=false` turns it off.
     #[arg(long = "read-only", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     read_only: Option<bool>,
@@ -479,24 +540,26 @@ impl SpecFlags {
             spec.workdir = w.clone();
         }
         let limits = spec.limits.get_or_insert_with(Default::default);
+        // 0 resets a limit or reservation (no limit; pids: unlimited).
+        let zero = |s: &str| s.trim() == "0";
         if let Some(c) = &self.limit_cpu {
-            limits.nano_cpus = spec::parse_cpus(c)?;
+            limits.nano_cpus = if zero(c) { 0 } else { spec::parse_cpus(c)? };
         }
         if let Some(m) = &self.limit_memory {
-            limits.memory_bytes = spec::parse_memory(m)?;
+            limits.memory_bytes = if zero(m) { 0 } else { spec::parse_memory(m)? };
         }
         if let Some(n) = self.limit_pids {
-            if n == 0 || n < -1 {
-                anyhow::bail!("invalid --limit-pids {n}: expected a positive count, or -1 for unlimited");
+            if n < -1 {
+                anyhow::bail!("invalid --limit-pids {n}: expected a positive count, or 0 or -1 for unlimited");
             }
-            limits.pids = n;
+            limits.pids = if n == 0 { -1 } else { n };
         }
         let res = spec.reservations.get_or_insert_with(Default::default);
         if let Some(c) = &self.reserve_cpu {
-            res.nano_cpus = spec::parse_cpus(c)?;
+            res.nano_cpus = if zero(c) { 0 } else { spec::parse_cpus(c)? };
         }
         if let Some(m) = &self.reserve_memory {
-            res.memory_bytes = spec::parse_memory(m)?;
+            res.memory_bytes = if zero(m) { 0 } else { spec::parse_memory(m)? };
         }
         if !self.constraint.is_empty() {
             spec.constraints = self.constraint.clone();
@@ -601,8 +664,110 @@ impl SpecFlags {
         if let Some(r) = self.read_only {
             spec.read_only = r;
         }
+        super::confine::apply_caps(&self.cap_add, &self.cap_drop, &mut spec.cap_add, &mut spec.cap_drop)?;
+        if let Some(s) = super::confine::seccomp_from_opts(&self.security_opt)? {
+            spec.seccomp = s;
+        }
+        if !self.ulimit.is_empty() {
+            spec.ulimits = super::confine::ulimits(&self.ulimit)?.into_iter().map(ulimit_proto).collect();
+        }
+        if !self.label.is_empty() {
+            spec.labels = self.label.iter().map(|l| parse_label("label", l)).collect::<Result<_, _>>()?;
+        }
         Ok(())
     }
+}
+
+fn ulimit_proto(u: shoal_confine::ulimit::Ulimit) -> Ulimit {
+    Ulimit { name: u.name, soft: u.soft, hard: u.hard }
+}
+
+/// `KEY=VALUE` (or `KEY`, an empty value) for a label.
+fn parse_label(flag: &str, s: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("invalid --{flag} {s:?}: expected KEY=VALUE with a non-empty key and no spaces in it");
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// The `-rm`/`-add` pairs of `service update` for env, constraints,
+/// placement preferences, secrets, configs, labels and ulimits. A `-rm`
+/// naming something the service doesn't have is an error (as Docker's are
+/// for ports and mounts here), so a typo never passes silently.
+fn apply_list_edits(a: &UpdateArgs, s: &mut ServiceSpec) -> anyhow::Result<()> {
+    let key = |e: &str| e.split_once('=').map_or(e, |(k, _)| k).to_string();
+    for k in &a.env_rm {
+        if !s.env.iter().any(|e| key(e) == *k) {
+            bail!("--env-rm {k}: the service sets no variable {k:?}");
+        }
+        s.env.retain(|e| key(e) != *k);
+    }
+    for e in &a.env_add {
+        if !e.contains('=') {
+            bail!("invalid --env-add {e:?}: expected KEY=VALUE");
+        }
+        s.env.retain(|x| key(x) != key(e));
+        s.env.push(e.clone());
+    }
+    for (rm, add, list, what) in [
+        (&a.constraint_rm, &a.constraint_add, &mut s.constraints, "constraint"),
+        (&a.placement_pref_rm, &a.placement_pref_add, &mut s.placement_prefs, "placement-pref"),
+    ] {
+        for c in rm {
+            if !list.contains(c) {
+                bail!("--{what}-rm {c:?}: the service has no such {what}");
+            }
+            list.retain(|x| x != c);
+        }
+        for c in add {
+            if !list.contains(c) {
+                list.push(c.clone());
+            }
+        }
+    }
+    for (rm, add, names, targets, what) in [
+        (&a.secret_rm, &a.secret_add, &mut s.secrets, &mut s.secret_targets, "secret"),
+        (&a.config_rm, &a.config_add, &mut s.configs, &mut s.config_targets, "config"),
+    ] {
+        for n in rm {
+            if !names.contains(n) {
+                bail!("--{what}-rm {n}: the service has no {what} {n:?}");
+            }
+            names.retain(|x| x != n);
+            targets.remove(n);
+        }
+        for v in add {
+            let (name, target) = parse_data_ref(&format!("{what}-add"), v)?;
+            if names.contains(&name) {
+                bail!("--{what}-add {v}: the service has {what} {name:?} already");
+            }
+            if !target.is_empty() {
+                targets.insert(name.clone(), target);
+            }
+            names.push(name);
+        }
+    }
+    for k in &a.label_rm {
+        if s.labels.remove(k).is_none() {
+            bail!("--label-rm {k}: the service has no label {k:?}");
+        }
+    }
+    for l in &a.label_add {
+        let (k, v) = parse_label("label-add", l)?;
+        s.labels.insert(k, v);
+    }
+    for n in &a.ulimit_rm {
+        if !s.ulimits.iter().any(|u| u.name == *n) {
+            bail!("--ulimit-rm {n}: the service sets no {n} limit");
+        }
+        s.ulimits.retain(|u| u.name != *n);
+    }
+    for u in super::confine::ulimits(&a.ulimit_add)? {
+        s.ulimits.retain(|x| x.name != u.name);
+        s.ulimits.push(ulimit_proto(u));
+    }
+    Ok(())
 }
 
 /// `service ps` (and `stack ps`): a table naming each task NAME.SLOT (or
@@ -720,6 +885,10 @@ pub fn service_json(s: &Service) -> Value {
         "rolling_back": s.rolling_back,
         "update_status": s.update_status,
         "labels": spec.labels,
+        "cap_add": spec.cap_add,
+        "cap_drop": spec.cap_drop,
+        "seccomp": match spec.seccomp.as_str() { "" => "default", "unconfined" => "unconfined", _ => "custom" },
+        "ulimits": spec.ulimits.iter().map(|u| json!({"name": u.name, "soft": u.soft, "hard": u.hard})).collect::<Vec<_>>(),
         "rollback": spec.rollback.as_ref().map(|r| json!({"parallelism": r.parallelism, "delay_ms": r.delay_ms, "failure_action": r.failure_action, "order": if r.order.is_empty() { "stop-first" } else { r.order.as_str() }})),
     });
     if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
@@ -893,11 +1062,11 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
             // The managers put a service on the mesh's network while it
             // publishes ports, and take it off when it stops.
             s.networks.retain(|n| n != spec::INGRESS_NETWORK);
-            if let Some(i) = a.image {
-                s.image = i;
+            if let Some(i) = &a.image {
+                s.image = i.clone();
             }
-            if let Some(args) = a.args {
-                s.args = args;
+            if let Some(args) = &a.args {
+                s.args = args.clone();
             }
             a.flags.apply(&mut s)?;
             for n in &a.network_rm {
@@ -940,6 +1109,7 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 }
                 s.mounts.push(m);
             }
+            apply_list_edits(&a, &mut s)?;
             if a.force {
                 s.force_update += 1;
             }
