@@ -417,3 +417,85 @@ pub fn docker_archive(name: &str, layers: &[Layer], config: serde_json::Value) -
     let manifest = serde_json::to_vec(&serde_json::json!([{"Config": cfg_name, "RepoTags": [name], "Layers": paths}]))?;
     t.file(&cfg_name, &cfg, 0o644)?.file("manifest.json", &manifest, 0o644)?.finish()
 }
+
+/// A static x86_64 ELF executable (no libc, no sections) that makes one
+/// system call, `nr(a0, a1, a2)`, and exits with its errno, or 0 when it
+/// succeeded: a checker the tests run inside containers to see what the
+/// seccomp profile lets through, by the raw call rather than a tool's
+/// wrapper.
+pub fn syscall_probe(nr: i32, a0: i32, a1: i32, a2: i32) -> Vec<u8> {
+    let mut code = Vec::new();
+    for (op, v) in [([0x48, 0xc7, 0xc0], nr), ([0x48, 0xc7, 0xc7], a0), ([0x48, 0xc7, 0xc6], a1), ([0x48, 0xc7, 0xc2], a2)] {
+        code.extend_from_slice(&op); // mov r64, imm32
+        code.extend_from_slice(&v.to_le_bytes());
+    }
+    code.extend_from_slice(&[
+        0x0f, 0x05, // syscall
+        0x48, 0x85, 0xc0, // test rax, rax
+        0x79, 0x08, // jns ok
+        0x48, 0xf7, 0xd8, // neg rax
+        0x48, 0x89, 0xc7, // mov rdi, rax
+        0xeb, 0x02, // jmp out
+        0x31, 0xff, // ok: xor edi, edi
+        0xb8, 0xe7, 0x00, 0x00, 0x00, // out: mov eax, exit_group
+        0x0f, 0x05, // syscall
+    ]);
+    let base: u64 = 0x40_0000;
+    let off: u64 = 64 + 56;
+    let total = off + code.len() as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(base + off).to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for h in [64u16, 56, 1, 0, 0, 0] {
+        elf.extend_from_slice(&h.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [0, base, base, total, total, 0x1000] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&code);
+    elf
+}
+
+/// A static i386 ELF executable that writes "i386 ok\n" with `int 0x80`
+/// and exits 0: how a 32-bit program reaches the kernel on x86_64.
+pub fn i386_hello() -> Vec<u8> {
+    let base: u32 = 0x0804_8000;
+    let off: u32 = 52 + 32;
+    let msg = b"i386 ok\n";
+    let code_len: u32 = 31;
+    let mut code = Vec::new();
+    code.extend_from_slice(&[0xb8, 4, 0, 0, 0]); // mov eax, write
+    code.extend_from_slice(&[0xbb, 1, 0, 0, 0]); // mov ebx, 1
+    code.push(0xb9); // mov ecx, msg
+    code.extend_from_slice(&(base + off + code_len).to_le_bytes());
+    code.extend_from_slice(&[0xba, msg.len() as u8, 0, 0, 0]); // mov edx, len
+    code.extend_from_slice(&[0xcd, 0x80]); // int 0x80
+    code.extend_from_slice(&[0xb8, 1, 0, 0, 0]); // mov eax, exit
+    code.extend_from_slice(&[0x31, 0xdb, 0xcd, 0x80]); // xor ebx, ebx; int 0x80
+    debug_assert_eq!(code.len() as u32, code_len);
+    code.extend_from_slice(msg);
+    let total = off + code.len() as u32;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes());
+    elf.extend_from_slice(&3u16.to_le_bytes()); // i386
+    for v in [1u32, base + off, 52, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    for h in [52u16, 32, 1, 0, 0, 0] {
+        elf.extend_from_slice(&h.to_le_bytes());
+    }
+    for v in [1u32, 0, base, base, total, total, 5, 0x1000] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&code);
+    elf
+}

@@ -524,7 +524,7 @@ fn a_fork_bomb_in_a_service_stops_at_its_pids_limit() -> anyhow::Result<()> {
     // The default is 4096; bad values are refused.
     let v = c.cli_ok(0, &["service", "inspect", "calm", "--format", "json"])?;
     assert_eq!(v["limits"]["pids"], 4096, "{v}");
-    for bad in ["0", "-2"] {
+    for bad in ["-2", "lots"] {
         let out = c.cli(0, &["service", "update", "--limit-pids", bad, "calm"]);
         assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("limit-pids"), "{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -544,5 +544,127 @@ fn a_fork_bomb_in_a_service_stops_at_its_pids_limit() -> anyhow::Result<()> {
     c.cli_ok(0, &["service", "update", "--detach", "--restart-delay", "0", "calm", "--format", "json"])?;
     let v = c.cli_ok(0, &["service", "inspect", "calm", "--format", "json"])?;
     assert_eq!(v["restart"]["delay_ms"], 0, "{v}");
+    Ok(())
+}
+
+/// Every list in a service spec can be edited in place: each `-rm` flag
+/// removes what it names and only that, each `-add` adds; limits go back
+/// to unlimited with 0; capabilities, rlimits and the seccomp profile
+/// reach the task's processes. A `-rm` naming something the service lacks
+/// is refused and changes nothing; so is a bad capability or profile sent
+/// straight to the managers, past the CLI.
+#[test]
+fn update_add_rm_pairs_labels_and_confinement() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 0)?;
+    c.import_busybox(0, "bb:1")?;
+    let dir = tempfile::tempdir()?;
+    for (kind, name) in [("secret", "s1"), ("secret", "s2"), ("config", "c1"), ("config", "c2")] {
+        let f = dir.path().join(name);
+        std::fs::write(&f, name)?;
+        c.cli_ok(0, &[kind, "create", name, &f.display().to_string()])?;
+    }
+    c.cli_ok(0, &[
+        "service", "create", "--name", "svc", "--env", "A=1", "--env", "B=2", "--label", "team=web", "--label", "tier=front",
+        "--constraint", "node.labels.zone!=mars", "--constraint", "node.labels.rack!=r9",
+        "--placement-pref", "spread=node.labels.zone", "--placement-pref", "spread=node.labels.rack",
+        "--secret", "s1", "--secret", "s2", "--config", "c1", "--config", "c2",
+        "--ulimit", "nofile=100:200", "--ulimit", "nproc=500", "--cap-add", "NET_ADMIN", "--cap-drop", "MKNOD",
+        "--limit-memory", "64M", "--limit-cpu", "0.5", "--limit-pids", "100",
+        "bb:1", "sleep", "3600",
+    ])?;
+    let inspect = || c.cli_ok(0, &["service", "inspect", "svc", "--format", "json"]);
+    let task_sees = |cmd: &str| -> anyhow::Result<String> {
+        let out = c.cli(0, &["exec", "svc.1", "sh", "-c", cmd]);
+        anyhow::ensure!(out.status.success(), "exec: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let v = inspect()?;
+    assert_eq!(v["labels"], serde_json::json!({"team": "web", "tier": "front"}), "{v}");
+    assert_eq!(v["cap_add"], serde_json::json!(["CAP_NET_ADMIN"]), "{v}");
+    let probe = "ulimit -n; ulimit -Hn; ulimit -u; grep -E '^(CapEff|Seccomp):' /proc/self/status; echo $A$B$C";
+    // Docker's set with NET_ADMIN (bit 12), without MKNOD (27).
+    assert_eq!(task_sees(probe)?, "100\n200\n500\nCapEff:\t00000000a00435fb\nSeccomp:\t2\n12\n");
+    c.cli_ok(0, &[
+        "service", "update", "svc", "--env-rm", "A", "--env-add", "C=3", "--label-rm", "tier", "--label-add", "owner=ops",
+        "--constraint-rm", "node.labels.rack!=r9", "--placement-pref-rm", "spread=node.labels.rack",
+        "--secret-rm", "s2", "--config-rm", "c2", "--ulimit-rm", "nproc", "--cap-drop", "NET_ADMIN",
+        "--limit-memory", "0", "--limit-cpu", "0", "--limit-pids", "0", "--security-opt", "seccomp=unconfined",
+    ])?;
+    let v = inspect()?;
+    assert_eq!(v["env"], serde_json::json!(["B=2", "C=3"]), "{v}");
+    assert_eq!(v["labels"], serde_json::json!({"team": "web", "owner": "ops"}), "{v}");
+    assert_eq!(v["constraints"], serde_json::json!(["node.labels.zone!=mars"]), "{v}");
+    assert_eq!(v["placement_prefs"], serde_json::json!(["spread=node.labels.zone"]), "{v}");
+    assert_eq!(v["secrets"], serde_json::json!(["s1"]), "{v}");
+    assert_eq!(v["configs"], serde_json::json!(["c1"]), "{v}");
+    assert_eq!(v["ulimits"], serde_json::json!([{"name": "nofile", "soft": 100, "hard": 200}]), "{v}");
+    assert_eq!(v["cap_add"], serde_json::json!([]), "{v}");
+    assert_eq!(v["cap_drop"], serde_json::json!(["CAP_MKNOD", "CAP_NET_ADMIN"]), "{v}");
+    assert_eq!(v["limits"], serde_json::json!({"nano_cpus": 0, "memory_bytes": 0, "pids": -1}), "{v}");
+    assert_eq!(v["seccomp"], "unconfined", "{v}");
+    let sees = task_sees(probe)?;
+    let lines: Vec<&str> = sees.lines().collect();
+    // nproc is back to what the node gives processes: not 500.
+    assert_eq!((lines.len(), lines[0], lines[1], lines[3], lines[4], lines[5]), (6, "100", "200", "CapEff:\t00000000a00425fb", "Seccomp:\t0", "23"), "{sees}");
+    assert_ne!(lines[2], "500", "{sees}");
+    assert_eq!(task_sees("ls /run/secrets; ls /c1 /c2 2>&1 | head -2")?.lines().next(), Some("s1"));
+    // -rm of something the service lacks, and bad values: refused, no change.
+    let version = v["version"].clone();
+    for (args, needle) in [
+        (vec!["--env-rm", "NOPE"], "NOPE"),
+        (vec!["--label-rm", "nope"], "nope"),
+        (vec!["--secret-rm", "s2"], "s2"),
+        (vec!["--constraint-rm", "node.labels.rack!=r9"], "rack"),
+        (vec!["--ulimit-rm", "core"], "core"),
+        (vec!["--cap-add", "FLY"], "FLY"),
+        (vec!["--ulimit-add", "nofile=9:1"], "soft limit"),
+        (vec!["--security-opt", "seccomp=/nonexistent.json"], "nonexistent"),
+        (vec!["--label", "=x"], "non-empty key"),
+    ] {
+        let mut a = vec!["service", "update", "--detach"];
+        a.extend(args.iter().copied());
+        a.push("svc");
+        let out = c.cli(0, &a);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(inspect()?["version"], version, "{args:?} changed the service");
+    }
+    // The managers check what any client sends, not just this CLI.
+    let addr = c.hosts[0].addr();
+    let certs = c.cert_dir();
+    let refused: Vec<String> = shoal_tests::netns::in_netns(&c.hosts[0].netns.clone(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let mut client = shoal_tests::control_client(&addr, &certs).await?;
+            let base = shoal_proto::control::ServiceSpec {
+                name: "raw".into(),
+                image: "bb:1".into(),
+                mode: "replicated".into(),
+                args: vec!["true".into()],
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            for spec in [
+                shoal_proto::control::ServiceSpec { cap_add: vec!["CAP_FLY".into()], ..base.clone() },
+                shoal_proto::control::ServiceSpec { seccomp: "{\"defaultAction\":\"SCMP_ACT_SOMETIMES\"}".into(), ..base.clone() },
+                shoal_proto::control::ServiceSpec {
+                    ulimits: vec![shoal_proto::control::Ulimit { name: "nofile".into(), soft: -1, hard: -1 }],
+                    ..base.clone()
+                },
+            ] {
+                let req = shoal_proto::control::CreateServiceRequest { spec: Some(spec) };
+                match client.create_service(req).await {
+                    Ok(_) => anyhow::bail!("a bad spec was accepted"),
+                    Err(s) => out.push(format!("{:?}: {}", s.code(), s.message())),
+                }
+            }
+            anyhow::Ok(out)
+        })
+    })?;
+    assert!(refused[0].contains("InvalidArgument") && refused[0].contains("CAP_FLY"), "{refused:?}");
+    assert!(refused[1].contains("unknown action"), "{refused:?}");
+    assert!(refused[2].contains("can't be unlimited"), "{refused:?}");
+    let ls = c.cli_ok(0, &["service", "ls", "--format", "json"])?;
+    assert_eq!(ls.as_array().map(Vec::len), Some(1), "{ls}");
     Ok(())
 }

@@ -9,7 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use shoal_tests::runtime_support::{
-    Corrupt, Layer, RtHost, TarBuilder, busybox_layer, cgroup_file, docker_archive, oci_archive, stderr, stdout,
+    Corrupt, Layer, RtHost, TarBuilder, busybox_layer, cgroup_file, docker_archive, i386_hello, oci_archive, stderr,
+    stdout, syscall_probe,
 };
 use shoal_tests::wait_for;
 
@@ -624,6 +625,130 @@ fn host_devices_cannot_be_opened() {
         err.contains("head: /tmp/disk: Operation not permitted") || err.contains("head: /tmp/disk: Permission denied"),
         "{err}"
     );
+}
+
+/// Writes the syscall probes into `dir` (mode 0755): each makes one raw
+/// system call and exits with its errno (0: allowed and succeeded).
+#[cfg(target_arch = "x86_64")]
+fn write_probes(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).unwrap();
+    const CLONE_NEWUSER: i32 = 0x1000_0000;
+    for (name, bytes) in [
+        ("getpid", syscall_probe(39, 0, 0, 0)),
+        ("clone-newuser", syscall_probe(56, CLONE_NEWUSER | 17, 0, 0)),
+        ("unshare-newuser", syscall_probe(272, CLONE_NEWUSER, 0, 0)),
+        // io_uring_setup(1, NULL): EFAULT where the call reaches the kernel.
+        ("io-uring-setup", syscall_probe(425, 1, 0, 0)),
+        ("kexec-load", syscall_probe(246, 0, 0, 0)),
+        // bpf(BPF_PROG_LOAD, NULL, 0)
+        ("bpf", syscall_probe(321, 5, 0, 0)),
+        ("i386", i386_hello()),
+    ] {
+        let p = dir.join(name);
+        fs::write(&p, bytes).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// Docker's default seccomp profile, as an allow list: user namespaces
+/// (by clone or unshare), io_uring, kexec and bpf are refused with EPERM;
+/// an i386 program runs, by its own syscall numbers, and doesn't take the
+/// container's init down. Unconfined, the same calls reach the kernel;
+/// with CAP_SYS_ADMIN added, the profile lets namespaces through as
+/// Docker's does. A profile file (OCI format) is applied as written, and a
+/// bad one is refused before anything is created.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn seccomp_default_allow_list_unconfined_and_custom_profiles() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    // Outside the data dir: shoal refuses to bind-mount its own state.
+    let tmp = tempfile::tempdir().unwrap();
+    let probes = tmp.path().join("probes");
+    write_probes(&probes);
+    let script = "for p in getpid clone-newuser unshare-newuser io-uring-setup kexec-load bpf; do /probe/$p; echo \"$p $?\"; done; \
+                  /probe/i386; echo \"i386 $?\"; grep -E '^Seccomp:' /proc/self/status";
+    let bind = format!("{}:/probe:ro", probes.display());
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--rm", "-v", &bind];
+        args.extend_from_slice(extra);
+        args.extend(["bb", "sh", "-c", script]);
+        let o = h.run(&args).unwrap();
+        ok(&o);
+        stdout(&o)
+    };
+    let out = run(&[]);
+    for want in ["getpid 0", "clone-newuser 1", "unshare-newuser 1", "io-uring-setup 1", "kexec-load 1", "bpf 1", "i386 ok", "i386 0", "Seccomp:\t2"] {
+        assert!(out.lines().any(|l| l == want), "default profile: want {want:?} in\n{out}");
+    }
+    let out = run(&["--security-opt", "seccomp=unconfined"]);
+    for want in ["clone-newuser 0", "unshare-newuser 0", "io-uring-setup 14", "Seccomp:\t0"] {
+        assert!(out.lines().any(|l| l == want), "unconfined: want {want:?} in\n{out}");
+    }
+    let out = run(&["--cap-add", "SYS_ADMIN"]);
+    for want in ["clone-newuser 0", "unshare-newuser 0", "io-uring-setup 1", "kexec-load 1"] {
+        assert!(out.lines().any(|l| l == want), "CAP_SYS_ADMIN: want {want:?} in\n{out}");
+    }
+    let profile = h.data_dir.join("profile.json");
+    fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["getpid"],"action":"SCMP_ACT_ERRNO","errnoRet":42}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", profile.display());
+    let out = run(&["--security-opt", &opt]);
+    assert!(out.lines().any(|l| l == "getpid 42"), "{out}");
+    assert!(out.lines().any(|l| l == "clone-newuser 0"), "{out}");
+    // Not listed: i386 is killed (libseccomp's answer to a foreign arch),
+    // the program alone; the shell and init go on.
+    assert!(out.lines().any(|l| l == "i386 159"), "{out}");
+    for (bad, want) in [
+        (r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["read"],"action":"SCMP_ACT_PERHAPS"}]}"#, "unknown action"),
+        ("{not json", "not valid JSON"),
+    ] {
+        fs::write(&profile, bad).unwrap();
+        let id = h.name("badprof");
+        let o = h.run(&["--rm", "--name", &id, "--security-opt", &opt, "bb", "true"]).unwrap();
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(want), "{}", stderr(&o));
+        assert_clean(&h, &id);
+    }
+    let o = h.run(&["--rm", "--security-opt", "apparmor=unconfined", "bb", "true"]).unwrap();
+    assert!(stderr(&o).contains("unsupported --security-opt"), "{}", stderr(&o));
+}
+
+/// --cap-add/--cap-drop change the workload's capability set as Docker's
+/// do; --ulimit sets rlimits; bad names are refused.
+#[test]
+fn caps_and_ulimits() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let caps = |extra: &[&str]| {
+        let mut args = vec!["--rm"];
+        args.extend_from_slice(extra);
+        args.extend(["bb", "sh", "-c", "grep -E '^CapEff:' /proc/self/status"]);
+        let o = h.run(&args).unwrap();
+        ok(&o);
+        stdout(&o)
+    };
+    assert_eq!(caps(&["--cap-drop", "ALL", "--cap-add", "net_bind_service"]), "CapEff:\t0000000000000400\n");
+    // Docker's set without NET_RAW (bit 13) and MKNOD (27), with NET_ADMIN (12).
+    assert_eq!(caps(&["--cap-drop", "NET_RAW", "--cap-drop", "CAP_MKNOD", "--cap-add", "NET_ADMIN"]), "CapEff:\t00000000a00415fb\n");
+    let o = h.run(&["--rm", "--cap-add", "FLY", "bb", "true"]).unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown capability \"FLY\""), "{}", stderr(&o));
+    let o = h
+        .run(&["--rm", "--ulimit", "nofile=100:200", "--ulimit", "nproc=50", "bb", "sh", "-c", "ulimit -n; ulimit -Hn; ulimit -u"])
+        .unwrap();
+    ok(&o);
+    assert_eq!(stdout(&o), "100\n200\n50\n");
+    for (bad, want) in [("nofile=2:1", "must not exceed"), ("files=1", "unknown name"), ("nofile", "NAME=SOFT")] {
+        let o = h.run(&["--rm", "--ulimit", bad, "bb", "true"]).unwrap();
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(want), "{bad}: {}", stderr(&o));
+    }
 }
 
 /// Loads `bb-dev`: busybox plus a layer shipping a block device (loop0,
