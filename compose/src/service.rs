@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use shoal_proto::control::{Mount, Port, Resources, RestartPolicy, ServiceSpec, UpdateConfig};
+use shoal_proto::control::{Mount, Port, Resources, RestartPolicy, ServiceSpec, Ulimit, UpdateConfig};
 
 use crate::error::{At, ComposeError};
 use crate::read::{self, at, child, entries, index, invalid, items, key_at, string, unknown, unsupported, wrong};
@@ -13,12 +13,10 @@ use crate::{envfile, units, Cx, Tops, NAMESPACE_LABEL};
 /// Keys `docker stack deploy` ignores with "Ignoring unsupported options"
 /// (docker/cli `compose/types.UnsupportedProperties`), and keys for
 /// container details shoal doesn't offer that an application runs without
-/// (capabilities, sysctls, ulimits, logging drivers, …): one warning each.
+/// (sysctls, logging drivers, …): one warning each.
 const IGNORED: &[&str] = &[
     "annotations",
     "build",
-    "cap_add",
-    "cap_drop",
     "cgroup_parent",
     "cgroupns_mode",
     "credential_spec",
@@ -42,7 +40,6 @@ const IGNORED: &[&str] = &[
     "pull_policy",
     "restart",
     "runtime",
-    "security_opt",
     "shm_size",
     "stdin_open",
     "stop_signal",
@@ -50,7 +47,6 @@ const IGNORED: &[&str] = &[
     "sysctls",
     "tmpfs",
     "tty",
-    "ulimits",
     "userns_mode",
 ];
 
@@ -138,6 +134,10 @@ pub fn service(cx: &mut Cx, key: &Key, node: &Node, tops: &mut Tops) -> Result<S
             "user" => spec.user = string(v, &p)?,
             "working_dir" => spec.workdir = string(v, &p)?,
             "read_only" => spec.read_only = read::boolean(v, &p)?,
+            "cap_add" => spec.cap_add = capabilities(v, &p)?,
+            "cap_drop" => spec.cap_drop = capabilities(v, &p)?,
+            "ulimits" => spec.ulimits = ulimits(v, &p)?,
+            "security_opt" => security_opt(v, &p, &mut spec)?,
             "stop_grace_period" => spec.stop_grace_period_ms = read::duration_ms(v, &p)?,
             "labels" => {
                 for (k, val, _) in read::key_values(v, &p)? {
@@ -172,6 +172,83 @@ pub fn service(cx: &mut Cx, key: &Key, node: &Node, tops: &mut Tops) -> Result<S
     labels.insert(NAMESPACE_LABEL.into(), cx.stack.into());
     spec.labels = labels.into_iter().collect();
     Ok(spec)
+}
+
+/// `cap_add:`/`cap_drop:`: capability names (NET_ADMIN, CAP_NET_ADMIN, ALL).
+fn capabilities(n: &Node, path: &str) -> Result<Vec<String>, ComposeError> {
+    let mut out = Vec::new();
+    for (i, item) in items(n, path)?.iter().enumerate() {
+        let p = index(path, i);
+        let name = string(item, &p)?;
+        let c = shoal_confine::caps::normalize(&name).map_err(|e| invalid(item, &p, e.to_string()))?;
+        out.push(c.to_string());
+    }
+    Ok(out)
+}
+
+/// `ulimits:` as compose writes them: `nproc: 65535` or
+/// `nofile: {soft: 20000, hard: 40000}`.
+fn ulimits(n: &Node, path: &str) -> Result<Vec<Ulimit>, ComposeError> {
+    let mut out = Vec::new();
+    for e in entries(n, path)? {
+        let p = child(path, &e.key.name);
+        let num = |v: &Node, p: &str| -> Result<i64, ComposeError> {
+            string(v, p)?.trim().parse::<i64>().map_err(|_| wrong(v, p, "a whole number (-1: unlimited)"))
+        };
+        let (soft, hard) = match &e.value.value {
+            Value::Map(_) => {
+                let (mut soft, mut hard) = (None, None);
+                for f in entries(&e.value, &p)? {
+                    let fp = child(&p, &f.key.name);
+                    match f.key.name.as_str() {
+                        "soft" => soft = Some(num(&f.value, &fp)?),
+                        "hard" => hard = Some(num(&f.value, &fp)?),
+                        _ => return Err(unknown(f, &fp)),
+                    }
+                }
+                match (soft, hard) {
+                    (Some(s), Some(h)) => (s, h),
+                    _ => return Err(invalid(&e.value, &p, "needs both `soft:` and `hard:`")),
+                }
+            }
+            _ => {
+                let v = num(&e.value, &p)?;
+                (v, v)
+            }
+        };
+        let u = Ulimit { name: e.key.name.clone(), soft, hard };
+        let check = shoal_confine::ulimit::Ulimit { name: u.name.clone(), soft, hard };
+        shoal_confine::ulimit::check(&check).map_err(|err| invalid(&e.value, &p, err.to_string()))?;
+        out.push(u);
+    }
+    Ok(out)
+}
+
+/// `security_opt:`: `seccomp:unconfined`, `seccomp:PROFILE.json` (read
+/// now, relative to the compose file), `no-new-privileges[:true]` (shoal
+/// always sets it). Anything else would be dropped silently: refused.
+fn security_opt(n: &Node, path: &str, spec: &mut ServiceSpec) -> Result<(), ComposeError> {
+    for (i, item) in items(n, path)?.iter().enumerate() {
+        let p = index(path, i);
+        let o = string(item, &p)?;
+        let (k, v) = o.split_once([':', '=']).unwrap_or((o.as_str(), ""));
+        match (k, v) {
+            ("seccomp", "unconfined") => spec.seccomp = "unconfined".into(),
+            ("seccomp", "") => return Err(invalid(item, &p, "expected seccomp:unconfined or seccomp:PROFILE.json")),
+            ("seccomp", file) => {
+                let fp = read::file_path(item, &p, file)?;
+                let json = std::fs::read_to_string(&fp)
+                    .map_err(|source| ComposeError::ReadReferenced { at: at(item, &p), path: fp.clone(), source })?;
+                shoal_confine::Profile::from_json(&json).map_err(|e| invalid(item, &p, format!("{}: {e}", fp.display())))?;
+                spec.seccomp = json;
+            }
+            ("no-new-privileges", "" | "true") => {}
+            _ => {
+                return Err(unsupported(item, &p, format!("{o:?}: shoal takes seccomp:unconfined|PROFILE.json and no-new-privileges")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `command:`/`entrypoint:` as a list, or a string split like a shell does.

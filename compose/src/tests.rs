@@ -478,7 +478,7 @@ fn ignored_options_warn_once_each() {
     let d = Dir::new();
     d.write(
         "compose.yml",
-        "version: '3'\nname: ignored\nservices:\n  a:\n    image: busybox\n    build: .\n    restart: always\n    depends_on: [b]\n    container_name: a1\n    cap_add: [NET_ADMIN]\n  b:\n    image: busybox\n    build: ./b\n    restart: on-failure\n    networks: [n]\n    x-note: extension keys are fine\nnetworks:\n  n:\n    attachable: true\nx-anything: {}\n",
+        "version: '3'\nname: ignored\nservices:\n  a:\n    image: busybox\n    build: .\n    restart: always\n    depends_on: [b]\n    container_name: a1\n    sysctls: {net.core.somaxconn: 1024}\n  b:\n    image: busybox\n    build: ./b\n    restart: on-failure\n    networks: [n]\n    x-note: extension keys are fine\nnetworks:\n  n:\n    attachable: true\nx-anything: {}\n",
     );
     d.write("b/.keep", "");
     let s = d.load(&["compose.yml"], &[]).unwrap();
@@ -487,10 +487,10 @@ fn ignored_options_warn_once_each() {
         [
             "Ignoring unsupported options: attachable",
             "Ignoring unsupported options: build",
-            "Ignoring unsupported options: cap_add",
             "Ignoring unsupported options: depends_on",
             "Ignoring unsupported options: name",
             "Ignoring unsupported options: restart",
+            "Ignoring unsupported options: sysctls",
             "Ignoring deprecated options: container_name: Setting the container name is not supported.",
         ]
     );
@@ -530,4 +530,34 @@ fn shipped_example_loads() {
     assert_eq!(service(&s, "db").mounts[0].source, "shop_dbdata");
     assert_eq!(service(&s, "db").secret_targets["shop_db_password"], "db_password");
     assert!(service(&s, "frontend").args[2].contains("<h1>The busybox shop</h1>"));
+}
+
+#[test]
+fn capabilities_ulimits_and_seccomp() {
+    let d = Dir::new();
+    d.write("prof.json", r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["getpid"],"action":"SCMP_ACT_ERRNO"}]}"#);
+    d.write(
+        "compose.yml",
+        "services:\n  a:\n    image: busybox\n    cap_add: [net_admin]\n    cap_drop: [ALL]\n    ulimits:\n      nproc: 500\n      nofile: {soft: 100, hard: 200}\n    security_opt: ['seccomp:prof.json', 'no-new-privileges:true']\n  b:\n    image: busybox\n    security_opt: [seccomp=unconfined]\n",
+    );
+    let s = d.load(&["compose.yml"], &[]).unwrap();
+    let a = &s.services.iter().find(|x| x.1.name.ends_with("_a")).unwrap().1;
+    assert_eq!(a.cap_add, ["CAP_NET_ADMIN"]);
+    assert_eq!(a.cap_drop, ["ALL"]);
+    assert_eq!(a.ulimits.len(), 2);
+    assert!(a.ulimits.iter().any(|u| u.name == "nofile" && u.soft == 100 && u.hard == 200));
+    assert!(a.seccomp.contains("getpid"));
+    let b = &s.services.iter().find(|x| x.1.name.ends_with("_b")).unwrap().1;
+    assert_eq!(b.seccomp, "unconfined");
+    for (bad, want) in [
+        ("    cap_add: [FLY]\n", "unknown capability"),
+        ("    ulimits: {nofile: {soft: 9, hard: 1}}\n", "must not exceed"),
+        ("    ulimits: {nofile: {soft: 9}}\n", "both `soft:` and `hard:`"),
+        ("    security_opt: ['apparmor:x']\n", "seccomp:unconfined"),
+        ("    security_opt: ['seccomp:missing.json']\n", "missing.json"),
+    ] {
+        d.write("bad.yml", &format!("services:\n  a:\n    image: busybox\n{bad}"));
+        let e = d.load(&["bad.yml"], &[]).unwrap_err().to_string();
+        assert!(e.contains(want), "{bad}: {e}");
+    }
 }
