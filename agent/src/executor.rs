@@ -105,6 +105,11 @@ impl LinuxExecutor {
         &self.images
     }
 
+    /// The same executor with these image size limits.
+    pub fn with_image_limits(self, limits: crate::image::SizeLimits) -> Self {
+        LinuxExecutor { images: self.images.with_limits(limits), ..self }
+    }
+
     fn supervised(&self, id: &str) -> Result<Option<Supervised>, ExecutorError> {
         let dir = self.runtime.container_dir(id);
         if !dir.is_dir() {

@@ -36,6 +36,8 @@ pub enum ImageError {
     Io { path: PathBuf, source: io::Error },
     #[error("layer {what}: {source}")]
     Unpack { what: String, source: UnpackError },
+    #[error("{what}: unpacks to more than {limit} bytes, the {which} limit (a gzip bomb, or raise it with --max-{which}-size)")]
+    TooLarge { what: String, limit: u64, which: &'static str },
     #[error("{what}: digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { what: String, expected: String, actual: String },
     #[error("invalid digest {0:?}: want sha256:<64 hex digits>")]
@@ -95,6 +97,7 @@ struct Index {
 /// The host's image store.
 pub struct ImageStore {
     root: PathBuf,
+    limits: SizeLimits,
     /// Also keep each layer's uncompressed tar as a blob named by its diff
     /// id (an export store: what `shoal image import|load` sends the
     /// managers).
@@ -122,6 +125,9 @@ pub struct ManifestRefs {
 #[derive(Debug, serde::Deserialize)]
 pub struct BlobDesc {
     pub digest: String,
+    /// As the manifest says (0 when it doesn't); checked as it streams.
+    #[serde(default)]
+    pub size: u64,
 }
 
 impl ManifestRefs {
@@ -215,6 +221,43 @@ pub fn normalize_reference(r: &str) -> Result<String, ImageError> {
     if ok { Ok(full) } else { Err(bad()) }
 }
 
+/// How much unpacking may write: a gzip bomb, or an endless tar, stops at
+/// the limit with an error, and what it wrote is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimits {
+    /// Uncompressed bytes of one layer.
+    pub layer: u64,
+    /// Uncompressed bytes of all of one image's layers.
+    pub image: u64,
+}
+
+impl Default for SizeLimits {
+    /// 4 GiB a layer (the largest blob the managers take), 16 GiB an image.
+    fn default() -> Self {
+        SizeLimits { layer: 4 << 30, image: 16 << 30 }
+    }
+}
+
+/// Counts what passes; fails once more than `left` bytes came through
+/// (and says so in `hit`).
+struct Bounded<'a, R> {
+    inner: R,
+    left: u64,
+    hit: &'a std::cell::Cell<bool>,
+}
+
+impl<R: Read> Read for Bounded<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            self.hit.set(true);
+            return Err(io::Error::other("size limit reached"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// One image found in an archive, before it is committed to the index.
 struct Loaded {
     names: Vec<String>,
@@ -231,7 +274,7 @@ impl ImageStore {
         for d in [root.join("blobs/sha256"), root.join("layers"), root.join("tmp")] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(ioe(&d))?;
         }
-        Ok(ImageStore { root, keep_layer_blobs: false })
+        Ok(ImageStore { root, limits: SizeLimits::default(), keep_layer_blobs: false })
     }
 
     /// Opens a store that also keeps every layer's uncompressed tar as a
@@ -242,6 +285,15 @@ impl ImageStore {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The same store with these size limits.
+    pub fn with_limits(self, limits: SizeLimits) -> Self {
+        ImageStore { limits, ..self }
+    }
+
+    pub fn limits(&self) -> SizeLimits {
+        self.limits
     }
 
     fn lock(&self) -> Result<Flock<fs::File>, ImageError> {
@@ -315,13 +367,16 @@ impl ImageStore {
     /// Unpacks one layer blob (plain or gzip tar) unless its diff id is
     /// already in the store; checks the blob's digest and the diff id when
     /// they are known. Returns the diff id.
+    /// `image_left` is what the image's earlier layers left of its limit;
+    /// returns the diff id and the layer's uncompressed size.
     fn add_layer<R: Read>(
         &self,
         reader: R,
         what: &str,
         blob_digest: Option<&str>,
         diff_id: Option<&str>,
-    ) -> Result<String, ImageError> {
+        image_left: u64,
+    ) -> Result<(String, u64), ImageError> {
         let src = PathBuf::from(what);
         let mut buf = BufReader::new(HashReader::new(reader));
         let gz = buf.fill_buf().map_err(ioe(&src))?.starts_with(&[0x1f, 0x8b]);
@@ -340,18 +395,26 @@ impl ImageStore {
             }
             _ => None,
         };
-        let actual_diff = {
+        let (limit, which) =
+            if image_left < self.limits.layer { (image_left, "image") } else { (self.limits.layer, "layer") };
+        let hit = std::cell::Cell::new(false);
+        let too_large = || ImageError::TooLarge { what: what.to_string(), limit, which };
+        let (actual_diff, size) = {
             let inner: Box<dyn Read + '_> = if gz { Box::new(GzDecoder::new(&mut buf)) } else { Box::new(&mut buf) };
+            let inner: Box<dyn Read + '_> = Box::new(Bounded { inner, left: limit, hit: &hit });
             let inner: Box<dyn Read + '_> = match &kept {
                 Some((f, _)) => Box::new(TeeReader { inner, out: f }),
                 None => inner,
             };
             let mut hr = HashReader::new(inner);
-            if let Some(t) = &tmp {
-                unpack::unpack(&mut hr, t.path(), LAYER_OPTS)
-                    .map_err(|source| ImageError::Unpack { what: what.to_string(), source })?;
+            if let Some(t) = &tmp
+                && let Err(source) = unpack::unpack(&mut hr, t.path(), LAYER_OPTS)
+            {
+                return Err(if hit.get() { too_large() } else { ImageError::Unpack { what: what.to_string(), source } });
             }
-            hr.finish().map_err(|e| ImageError::Unpack { what: what.to_string(), source: UnpackError::Read(e) })?.0
+            hr.finish().map_err(|e| {
+                if hit.get() { too_large() } else { ImageError::Unpack { what: what.to_string(), source: UnpackError::Read(e) } }
+            })?
         };
         let (actual_blob, _) = buf
             .into_inner()
@@ -384,7 +447,7 @@ impl ImageStore {
                 Err(e) => return Err(ioe(&dest)(e)),
             }
         }
-        Ok(actual_diff)
+        Ok((actual_diff, size))
     }
 
     /// A layer's size for the manifests this store writes: known when the
@@ -425,7 +488,7 @@ impl ImageStore {
 
     fn import_rootfs_locked(&self, tar: &Path) -> Result<String, ImageError> {
         let f = fs::File::open(tar).map_err(ioe(tar))?;
-        let diff = self.add_layer(f, &tar.display().to_string(), None, None)?;
+        let (diff, _) = self.add_layer(f, &tar.display().to_string(), None, None, self.limits.image)?;
         let config = serde_json::json!({
             "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
             "os": "linux",
@@ -458,8 +521,15 @@ impl ImageStore {
         let mut buf = BufReader::new(f);
         let gz = buf.fill_buf().map_err(ioe(archive))?.starts_with(&[0x1f, 0x8b]);
         let inner: Box<dyn Read> = if gz { Box::new(GzDecoder::new(buf)) } else { Box::new(buf) };
-        unpack::unpack(inner, work.path(), ARCHIVE_OPTS)
-            .map_err(|source| ImageError::Unpack { what: archive.display().to_string(), source })?;
+        // The archive holds at least its images' layers (compressed or
+        // not) and a little metadata: bounded by the image limit, with room
+        // for a few images' manifests and configs.
+        let hit = std::cell::Cell::new(false);
+        let limit = self.limits.image.saturating_add(64 << 20);
+        if let Err(source) = unpack::unpack(Bounded { inner, left: limit, hit: &hit }, work.path(), ARCHIVE_OPTS) {
+            let what = archive.display().to_string();
+            return Err(if hit.get() { ImageError::TooLarge { what, limit, which: "image" } } else { ImageError::Unpack { what, source } });
+        }
         let dir = work.path();
         if dir.join("manifest.json").is_file() {
             self.load_docker(dir)
@@ -528,6 +598,7 @@ impl ImageStore {
             if diff_ids.len() != manifest.layers().len() {
                 return Err(fmt_err(&digest, "manifest and config disagree on the number of layers"));
             }
+            let mut left = self.limits.image;
             for (layer, diff) in manifest.layers().iter().zip(&diff_ids) {
                 let ld = layer.digest().to_string();
                 let rel = format!("blobs/sha256/{}", digest_hex(&ld)?);
@@ -537,7 +608,8 @@ impl ImageStore {
                 })?;
                 // Check the blob before parsing any of it.
                 let f = verify_file(f, &rel, &ld)?;
-                self.add_layer(f, &rel, Some(&ld), Some(diff))?;
+                let (_, size) = self.add_layer(f, &rel, Some(&ld), Some(diff), left)?;
+                left -= size.min(left);
             }
             let manifest_digest = self.put_image(&config, &diff_ids)?;
             let annotations = desc.annotations().clone().unwrap_or_default();
@@ -583,6 +655,7 @@ impl ImageStore {
             if diff_ids.len() != e.layers.len() {
                 return Err(fmt_err(&e.config, "manifest.json and config disagree on the number of layers"));
             }
+            let mut left = self.limits.image;
             for (rel, diff) in e.layers.iter().zip(&diff_ids) {
                 let f = Self::archive_file(dir, rel)?;
                 // Newer docker names layers blobs/sha256/<digest>: check that too.
@@ -591,7 +664,8 @@ impl ImageStore {
                     Some(d) => verify_file(f, rel, d)?,
                     None => f,
                 };
-                self.add_layer(f, rel, named.as_deref(), Some(diff))?;
+                let (_, size) = self.add_layer(f, rel, named.as_deref(), Some(diff), left)?;
+                left -= size.min(left);
             }
             let manifest_digest = self.put_image(&config, &diff_ids)?;
             let names =
@@ -631,7 +705,7 @@ impl ImageStore {
     pub fn add_layer_tar(&self, tar: &Path, diff_id: &str) -> Result<(), ImageError> {
         let _lock = self.lock()?;
         let f = fs::File::open(tar).map_err(ioe(tar))?;
-        self.add_layer(f, diff_id, Some(diff_id), Some(diff_id)).map(|_| ())
+        self.add_layer(f, diff_id, Some(diff_id), Some(diff_id), self.limits.image).map(|_| ())
     }
 
     /// Records an image fetched from the cluster under `reference`, once

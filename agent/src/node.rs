@@ -38,6 +38,8 @@ pub struct AgentConfig {
     /// The overlay: WireGuard on this UDP port at this node's address. A
     /// node without one refuses tasks on networks.
     pub overlay: Option<OverlayOpts>,
+    /// How much one image layer, and one image, may unpack to here.
+    pub image_limits: crate::image::SizeLimits,
 }
 
 #[derive(Clone, Debug)]
@@ -55,6 +57,7 @@ impl AgentConfig {
             stop_grace: Duration::from_secs(10),
             exec_max_output: EXEC_MAX_OUTPUT,
             overlay: None,
+            image_limits: crate::image::SizeLimits::default(),
         }
     }
 }
@@ -85,7 +88,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig, tls: Arc<Trust>) -> Result<Agent, AgentError> {
-        let executor = Arc::new(LinuxExecutor::new(&cfg.data_dir, &cfg.shoal_bin)?);
+        let executor = Arc::new(LinuxExecutor::new(&cfg.data_dir, &cfg.shoal_bin)?.with_image_limits(cfg.image_limits));
         Ok(Agent { cfg, tls, executor })
     }
 

@@ -674,6 +674,7 @@ async fn ensure_image(ctx: &Ctx, a: &Assignment) -> Result<(), String> {
     let tmp_dir = ctx.data_dir.join("tmp");
     tokio::fs::create_dir_all(&tmp_dir).await.map_err(|e| e.to_string())?;
     let (mut fetched, mut bytes) = (0, 0u64);
+    let limits = ctx.executor.images().limits();
     for layer in &refs.layers {
         let have = {
             let (exec, d) = (ctx.executor.clone(), layer.digest.clone());
@@ -685,7 +686,12 @@ async fn ensure_image(ctx: &Ctx, a: &Assignment) -> Result<(), String> {
         let tmp = tmp_dir.join(format!("layer-{}", a.task_id));
         let res = async {
             let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| e.to_string())?;
-            let n = fetch_blob(ctx, &addr, &layer.digest, &mut f, u64::MAX).await?;
+            // Layers come uncompressed: the limits bound the download too.
+            let limit = limits.layer.min(limits.image.saturating_sub(bytes));
+            if layer.size > limit {
+                return Err(format!("image {reference}: layer {} is {} bytes, more than the node's limit of {limit} (--max-layer-size, --max-image-size)", layer.digest, layer.size));
+            }
+            let n = fetch_blob(ctx, &addr, &layer.digest, &mut f, limit).await?;
             f.sync_all().await.map_err(|e| e.to_string())?;
             let (exec, path, d) = (ctx.executor.clone(), tmp.clone(), layer.digest.clone());
             tokio::task::spawn_blocking(move || exec.images().add_layer_tar(&path, &d))

@@ -51,6 +51,8 @@ pub struct DaemonArgs {
     /// cluster's; ignored when joining).
     #[arg(long, default_value = "100.64.0.0/10")]
     address_pool: String,
+    #[command(flatten)]
+    image_limits: crate::cmd::image::SizeLimitArgs,
     /// A node that misses heartbeats this long is marked down.
     #[arg(long, default_value = "5s", value_parser = parse_secs)]
     heartbeat_timeout: std::time::Duration,
@@ -188,6 +190,7 @@ async fn run_node(
         bail!("the overlay needs an IPv4 address: --advertise {} is not one", args.advertise.unwrap_or(args.listen));
     };
     cfg.overlay = Some(OverlayOpts { port: args.overlay_port, endpoint_ip });
+    cfg.image_limits = args.image_limits.limits();
     let agent = Agent::new(cfg, tls.clone())?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

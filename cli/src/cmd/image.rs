@@ -3,7 +3,27 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use shoal_agent::image::ImageStore;
+use shoal_agent::image::{ImageStore, SizeLimits};
+
+/// How much an image may unpack to on this host (`shoal daemon`, `shoal
+/// image import|load`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SizeLimitArgs {
+    /// The most one image layer may unpack to (default 4G): a gzip bomb
+    /// stops there with an error, and what it wrote is removed.
+    #[arg(long = "max-layer-size", value_name = "SIZE", value_parser = shoal_agent::spec::parse_bytes)]
+    pub max_layer_size: Option<u64>,
+    /// The most all of one image's layers may unpack to (default 16G).
+    #[arg(long = "max-image-size", value_name = "SIZE", value_parser = shoal_agent::spec::parse_bytes)]
+    pub max_image_size: Option<u64>,
+}
+
+impl SizeLimitArgs {
+    pub fn limits(&self) -> SizeLimits {
+        let d = SizeLimits::default();
+        SizeLimits { layer: self.max_layer_size.unwrap_or(d.layer), image: self.max_image_size.unwrap_or(d.image) }
+    }
+}
 
 #[derive(clap::Subcommand, Debug)]
 pub enum LocalImageCmd {
@@ -13,9 +33,15 @@ pub enum LocalImageCmd {
         rootfs: PathBuf,
         /// NAME[:TAG] to give it.
         reference: String,
+        #[command(flatten)]
+        limits: SizeLimitArgs,
     },
     /// Load an OCI image-layout or `docker save` archive (plain or gzip).
-    Load { archive: PathBuf },
+    Load {
+        archive: PathBuf,
+        #[command(flatten)]
+        limits: SizeLimitArgs,
+    },
     /// List images.
     #[command(alias = "list")]
     Ls {
@@ -34,13 +60,17 @@ pub enum LocalImageCmd {
 /// Runs one `shoal image` verb against the store under `data_dir`.
 pub fn image(cmd: LocalImageCmd, data_dir: &Path) -> anyhow::Result<()> {
     let store = ImageStore::open(data_dir).context("opening the image store")?;
+    let store = match &cmd {
+        LocalImageCmd::Import { limits, .. } | LocalImageCmd::Load { limits, .. } => store.with_limits(limits.limits()),
+        _ => store,
+    };
     match cmd {
-        LocalImageCmd::Import { rootfs, reference } => {
+        LocalImageCmd::Import { rootfs, reference, .. } => {
             let img =
                 store.import_rootfs(&rootfs, &reference).with_context(|| format!("importing {}", rootfs.display()))?;
             println!("{}", img.manifest_digest);
         }
-        LocalImageCmd::Load { archive } => {
+        LocalImageCmd::Load { archive, .. } => {
             let imgs = store.load(&archive).with_context(|| format!("loading {}", archive.display()))?;
             for img in imgs {
                 let names = if img.names.is_empty() { "<none>".to_string() } else { img.names.join(", ") };

@@ -25,9 +25,9 @@ struct Staging {
 }
 
 impl Staging {
-    fn new() -> anyhow::Result<Self> {
+    fn new(limits: shoal_agent::image::SizeLimits) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("shoal-image-{}-{}", std::process::id(), shoal_agent::image::random_hex(4)));
-        let store = ImageStore::open_export(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let store = ImageStore::open_export(&dir).with_context(|| format!("creating {}", dir.display()))?.with_limits(limits);
         Ok(Staging { dir, store })
     }
 }
@@ -40,8 +40,8 @@ impl Drop for Staging {
 
 /// Loads `path` into a staging store; returns the store and the
 /// references it holds.
-fn stage(path: &Path, kind: &str, reference: Option<&str>) -> anyhow::Result<(Staging, Vec<String>)> {
-    let staging = Staging::new()?;
+fn stage(path: &Path, kind: &str, reference: Option<&str>, limits: shoal_agent::image::SizeLimits) -> anyhow::Result<(Staging, Vec<String>)> {
+    let staging = Staging::new(limits)?;
     let refs = if kind == "rootfs" {
         let r = reference.unwrap_or_default();
         let img = staging.store.import_rootfs(path, r).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -111,16 +111,16 @@ fn image_json(i: &shoal_proto::control::Image) -> Value {
 
 pub async fn run(ctx: &Ctx, cmd: LocalImageCmd) -> anyhow::Result<()> {
     match cmd {
-        LocalImageCmd::Import { rootfs, reference } => {
-            let (staging, refs) = stage(&rootfs, "rootfs", Some(&reference))
+        LocalImageCmd::Import { rootfs, reference, limits } => {
+            let (staging, refs) = stage(&rootfs, "rootfs", Some(&reference), limits.limits())
                 .with_context(|| format!("checking {}", rootfs.display()))?;
             let r = refs.first().cloned().unwrap_or(reference);
             let v = upload(ctx, &staging.store, &r).await?;
             println!("{}", v["reference"].as_str().unwrap_or_default());
         }
-        LocalImageCmd::Load { archive } => {
+        LocalImageCmd::Load { archive, limits } => {
             let (staging, refs) =
-                stage(&archive, "archive", None).with_context(|| format!("checking {}", archive.display()))?;
+                stage(&archive, "archive", None, limits.limits()).with_context(|| format!("checking {}", archive.display()))?;
             if refs.is_empty() {
                 bail!("{} names no image (no repo tag): the cluster needs a NAME:TAG", archive.display());
             }
