@@ -25,6 +25,7 @@ pub mod spec;
 pub mod supervisor;
 mod sys;
 pub mod unpack;
+pub mod userns;
 mod worker;
 
 pub use node::{Agent, AgentConfig, AgentError, AgentExit, OverlayOpts};

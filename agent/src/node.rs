@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub overlay: Option<OverlayOpts>,
     /// How much one image layer, and one image, may unpack to here.
     pub image_limits: crate::image::SizeLimits,
+    /// `--userns-remap`: run every task in a user namespace over this range.
+    pub userns: Option<crate::userns::IdMap>,
 }
 
 #[derive(Clone, Debug)]
@@ -58,6 +60,7 @@ impl AgentConfig {
             exec_max_output: EXEC_MAX_OUTPUT,
             overlay: None,
             image_limits: crate::image::SizeLimits::default(),
+            userns: None,
         }
     }
 }
@@ -159,6 +162,7 @@ impl Agent {
                 manager: current_rx.clone(),
                 shutdown: stop_rx.clone(),
                 volumes: volumes.clone(),
+                userns: self.cfg.userns,
             }
             .run(),
         );

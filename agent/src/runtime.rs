@@ -274,6 +274,14 @@ impl Runtime {
         let dir = self.container_dir(&spec.id);
         // Built before the clone so the child only has to install it.
         let policy = security::Policy::new(&spec.security)?;
+        let userns = match spec.userns {
+            Some(map) => Some(crate::userns::create(map).map_err(|e| RuntimeError::Io {
+                id: spec.id.clone(),
+                path: PathBuf::from("/proc/self/ns/user"),
+                source: e,
+            })?),
+            None => None,
+        };
         let cgroup = self.cgroups.create(&spec.id, &spec.limits)?;
         let cgroup = CgroupGuard(Some(cgroup));
         if opts.forward_signals {
@@ -308,6 +316,7 @@ impl Runtime {
                     spec,
                     dir: &dir,
                     policy: &policy,
+                    userns: userns.as_ref(),
                     sync: sync_r,
                     err: std::cell::Cell::new(Some(err_w)),
                     no_devices: !cgroup.get().is_some_and(|g| g.limits_devices()),
@@ -373,6 +382,10 @@ impl Runtime {
         // Open everything first: once in the mount namespace, /proc/<pid>
         // of the host is out of reach.
         let root = fs::File::open(proc_dir.join("root")).map_err(|e| io("root", e))?;
+        let userns = match spec.userns {
+            Some(_) => Some(OwnedFd::from(fs::File::open(proc_dir.join("ns/user")).map_err(|e| io("ns/user", e))?)),
+            None => None,
+        };
         let mut namespaces = Vec::new();
         for (name, flag) in [
             ("ipc", CloneFlags::CLONE_NEWIPC),
@@ -397,6 +410,9 @@ impl Runtime {
         }
         nix::unistd::fchdir(&root).map_err(sys_err("enter the container's root"))?;
         nix::unistd::chroot(".").map_err(sys_err("enter the container's root"))?;
+        if let Some(ns) = &userns {
+            crate::userns::enter(ns).map_err(sys_err("join the container's user namespace"))?;
+        }
         match sys::fork().map_err(|e| io("fork", e))? {
             Forked::Child => {
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
@@ -559,6 +575,8 @@ struct Child<'a> {
     spec: &'a ContainerSpec,
     dir: &'a Path,
     policy: &'a Policy,
+    /// The user namespace to join last (`--userns-remap`).
+    userns: Option<&'a OwnedFd>,
     sync: OwnedFd,
     err: std::cell::Cell<Option<OwnedFd>>,
     /// No devices cgroup (cgroup v2): CAP_MKNOD could make a node for a
@@ -594,6 +612,13 @@ impl Child<'_> {
                 nix::unistd::dup2_stderr(&stderr).ctx("stderr")?;
             }
         }
+        if self.userns.is_some() {
+            // The network namespace stays the host user namespace's: let
+            // container root bind low ports and ping in it anyway.
+            for (k, v) in [("ip_unprivileged_port_start", "0"), ("ping_group_range", "0 2147483647")] {
+                fs::write(format!("/proc/sys/net/ipv4/{k}"), v).ctx(format!("set net.ipv4.{k} for the remapped container"))?;
+            }
+        }
         umask(Mode::empty());
         let root = self.dir.join("rootfs");
         self.mount_rootfs(&root)?;
@@ -605,6 +630,9 @@ impl Child<'_> {
         // workload does must be charged to it.
         let mut b = [0u8; 1];
         let _ = fs::File::from(self.sync.try_clone().ctx("sync pipe")?).read(&mut b);
+        if let Some(ns) = self.userns {
+            crate::userns::enter(ns).ctx("join the container's user namespace")?;
+        }
         if !self.spec.init {
             return self.exec_workload();
         }
@@ -628,7 +656,20 @@ impl Child<'_> {
         // Not `volatile`: it saves the sync of the upper filesystem at
         // unmount, but measured slower here under load (the unmount is then
         // deferred and the removal of the upper dir waits for it).
-        let lower: Vec<String> = self.spec.layers.iter().rev().map(|p| p.display().to_string()).collect();
+        let mut lower: Vec<String> = self.spec.layers.iter().rev().map(|p| p.display().to_string()).collect();
+        if let (Some(ns), Some(map)) = (self.userns, self.spec.userns) {
+            // Each layer idmapped into the container's range: shared as
+            // unpacked, owned by the container's ids inside.
+            for (i, l) in lower.iter_mut().enumerate() {
+                let at = self.dir.join("idmap").join(format!("l{i}"));
+                fs::create_dir_all(&at).ctx("create idmap dir")?;
+                sys::idmapped_bind(Path::new(l.as_str()), &at, std::os::fd::AsFd::as_fd(ns))
+                    .ctx(format!("idmap layer {l} (user namespaces need Linux 5.19+ and a filesystem with idmapped mounts)"))?;
+                *l = at.display().to_string();
+            }
+            let upper = self.dir.join("upper");
+            nix::unistd::chown(&upper, Some(Uid::from_raw(map.uid)), Some(Gid::from_raw(map.gid))).ctx("chown upper dir")?;
+        }
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.join(":"),
@@ -647,12 +688,14 @@ impl Child<'_> {
         mount(Some("sysfs"), &sys_dir, Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None::<&str>)
             .ctx("mount /sys")?;
         let dev = mkdir_in(root, "/dev")?;
+        // Remapped, /dev belongs to container root, as it does in Docker.
+        let owner = self.spec.userns.map(|m| format!(",uid={},gid={}", m.uid, m.gid)).unwrap_or_default();
         mount(
             Some("tmpfs"),
             &dev,
             Some("tmpfs"),
             MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
-            Some("mode=755,size=65536k"),
+            Some(format!("mode=755,size=65536k{owner}").as_str()),
         )
         .ctx("mount /dev")?;
         make_dev(&dev)?;
@@ -666,8 +709,8 @@ impl Child<'_> {
             )
             .ctx("make /dev read-only")?;
         }
-        for m in &self.spec.mounts {
-            self.mount_one(root, m)?;
+        for (i, m) in self.spec.mounts.iter().enumerate() {
+            self.mount_one(root, i, m)?;
         }
         if self.spec.read_only {
             restrict_mount(root, false, sys::MOUNT_ATTR_RDONLY).ctx("make rootfs read-only")?;
@@ -675,9 +718,30 @@ impl Child<'_> {
         Ok(())
     }
 
-    fn mount_one(&self, root: &Path, m: &Mount) -> ChildResult<()> {
+    fn mount_one(&self, root: &Path, index: usize, m: &Mount) -> ChildResult<()> {
         match m {
             Mount::Bind { source, destination, read_only, seed } => {
+                let is_dir = fs::metadata(source).ctx(format!("bind source {}", source.display()))?.is_dir();
+                // Remapped: the source is idmapped first (at a staging
+                // point in the container's dir), so its files keep their
+                // owners as the container sees them, and seeding writes
+                // through the same mapping.
+                let source: PathBuf = match self.userns {
+                    Some(ns) => {
+                        let at = self.dir.join("idmap").join(format!("m{index}"));
+                        if is_dir {
+                            fs::create_dir_all(&at).ctx("create idmap dir")?;
+                        } else {
+                            fs::create_dir_all(self.dir.join("idmap")).ctx("create idmap dir")?;
+                            fs::File::create(&at).ctx("create idmap file")?;
+                        }
+                        sys::idmapped_bind(source, &at, std::os::fd::AsFd::as_fd(ns))
+                            .ctx(format!("idmap {} (user namespaces need a filesystem with idmapped mounts)", source.display()))?;
+                        at
+                    }
+                    None => source.clone(),
+                };
+                let source = &source;
                 if *seed {
                     // The image's files at the mount point seed an empty
                     // volume, owners and modes kept.
@@ -686,7 +750,6 @@ impl Child<'_> {
                         crate::volume::copy_tree(&from, source).ctx(format!("copy the image's {destination} into its volume"))?;
                     }
                 }
-                let is_dir = fs::metadata(source).ctx(format!("bind source {}", source.display()))?.is_dir();
                 let target = if is_dir {
                     mkdir_in(root, destination)?
                 } else {
@@ -717,10 +780,13 @@ impl Child<'_> {
             Mount::Tmpfs { destination, size_bytes, mode, read_only } => {
                 let target = mkdir_in(root, destination)?;
                 let mode = mode.unwrap_or(0o1777);
-                let opts = match size_bytes {
+                let mut opts = match size_bytes {
                     Some(s) => format!("mode={mode:o},size={s}"),
                     None => format!("mode={mode:o}"),
                 };
+                if let Some(map) = self.spec.userns {
+                    opts.push_str(&format!(",uid={},gid={}", map.uid, map.gid));
+                }
                 let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
                 if *read_only {
                     flags |= MsFlags::MS_RDONLY;

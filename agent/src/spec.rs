@@ -34,6 +34,9 @@ pub struct ContainerSpec {
     /// older shoal: Docker's defaults.
     #[serde(default)]
     pub security: Security,
+    /// Run in a user namespace: container ids 0.. are these host ids.
+    #[serde(default)]
+    pub userns: Option<crate::userns::IdMap>,
 }
 
 /// What confines the workload beyond namespaces and cgroups.
@@ -109,6 +112,7 @@ pub struct RunRequest {
     /// the overlay) instead of a new one of the container's own.
     pub netns: Option<PathBuf>,
     pub security: Security,
+    pub userns: Option<crate::userns::IdMap>,
 }
 
 /// Why a request can't become a spec.
@@ -154,6 +158,7 @@ impl RunRequest {
             init: !self.no_init,
             netns: self.netns.clone(),
             security: self.security.clone(),
+            userns: self.userns,
         })
     }
 }

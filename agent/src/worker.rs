@@ -38,6 +38,8 @@ pub(crate) struct Worker {
     /// The node's named volumes (shared with the session, which reports
     /// them and deletes removed ones).
     pub volumes: Arc<crate::volume::Volumes>,
+    /// `--userns-remap`: every task in a user namespace over this range.
+    pub userns: Option<crate::userns::IdMap>,
 }
 
 /// One task this node runs: the controller's handle.
@@ -61,6 +63,7 @@ struct Ctx {
     /// `DATA/taskdata` is a tmpfs: secrets may be written there.
     secrets_on_tmpfs: bool,
     volumes: Arc<crate::volume::Volumes>,
+    userns: Option<crate::userns::IdMap>,
 }
 
 fn status(task: &str, state: &str, message: &str) -> TaskStatus {
@@ -97,6 +100,7 @@ impl Worker {
             fetching: Default::default(),
             secrets_on_tmpfs,
             volumes: self.volumes.clone(),
+            userns: self.userns,
         };
         tokio::spawn(report_loop(ctx.clone(), rx, self.shutdown.clone()));
         let mut tasks: HashMap<String, Local> = HashMap::new();
@@ -408,6 +412,7 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
             }
             report(status(&id, "preparing", "preparing container"));
             let mut req = run_request(&a);
+            req.userns = ctx.userns;
             let mounts = a.spec.as_ref().map_or(&[][..], |s| &s.mounts[..]);
             match crate::volume::resolve_mounts(&ctx.volumes, &ctx.data_dir, mounts, &a.volumes, true) {
                 Ok((m, _)) => req.mounts = m,

@@ -53,6 +53,11 @@ pub struct DaemonArgs {
     address_pool: String,
     #[command(flatten)]
     image_limits: crate::cmd::image::SizeLimitArgs,
+    /// Run every task in a user namespace: container root is an
+    /// unprivileged host id. `default` takes (or adds) the `shoal` entries
+    /// of /etc/subuid and /etc/subgid; `START:SIZE` names a range.
+    #[arg(long = "userns-remap", value_name = "default|START:SIZE", value_parser = shoal_agent::userns::parse_remap)]
+    userns_remap: Option<shoal_agent::userns::IdMap>,
     /// A node that misses heartbeats this long is marked down.
     #[arg(long, default_value = "5s", value_parser = parse_secs)]
     heartbeat_timeout: std::time::Duration,
@@ -191,6 +196,10 @@ async fn run_node(
     };
     cfg.overlay = Some(OverlayOpts { port: args.overlay_port, endpoint_ip });
     cfg.image_limits = args.image_limits.limits();
+    cfg.userns = args.userns_remap;
+    if let Some(m) = cfg.userns {
+        tracing::info!(node = %identity.name, uid = m.uid, gid = m.gid, size = m.size, "tasks run in user namespaces: container root is host uid {}", m.uid);
+    }
     let agent = Agent::new(cfg, tls.clone())?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -428,6 +428,20 @@ mod tests {
         }
     }
 
+    /// The OCI form another runtime would take compiles to the same program.
+    #[test]
+    fn oci_form_is_the_same_filter() {
+        for caps in [vec![], vec!["CAP_SYS_ADMIN".to_string()]] {
+            let ctx = Context { caps, kernel: (6, 1) };
+            let p = default_profile();
+            let oci = p.to_oci(&ctx).unwrap();
+            assert!(oci.syscalls.iter().flatten().all(|r| r.includes.is_none() && r.excludes.is_none()));
+            let json = serde_json::to_string(&oci).unwrap();
+            let back = Profile::from_json(&json).unwrap();
+            assert_eq!(crate::compile(&back, &ctx).unwrap(), crate::compile(&p, &ctx).unwrap());
+        }
+    }
+
     #[test]
     fn bad_profiles_are_refused() {
         for (json, want) in [

@@ -415,33 +415,11 @@ impl Profile {
         let (native, goarch) = Arch::native().ok_or(Error::NoNativeArch)?;
         let arches = self.arches(native)?;
         let default = Action::parse(&self.default_action, self.default_errno_ret)?;
-        let has_cap = |c: &String| ctx.caps.iter().any(|h| h.eq_ignore_ascii_case(c));
         let mut out: BTreeMap<Arch, BTreeMap<u32, Vec<(Vec<Cond>, Action)>>> =
             arches.iter().map(|a| (*a, BTreeMap::new())).collect();
         for r in self.syscalls.iter().flatten() {
-            if let Some(inc) = &r.includes {
-                if !inc.caps.iter().flatten().all(has_cap) {
-                    continue;
-                }
-                if let Some(list) = &inc.arches
-                    && !list.is_empty()
-                    && !list.iter().any(|a| a == goarch)
-                {
-                    continue;
-                }
-                if let Some(k) = &inc.min_kernel
-                    && parse_version(k).is_some_and(|v| ctx.kernel < v)
-                {
-                    continue;
-                }
-            }
-            if let Some(exc) = &r.excludes {
-                if exc.caps.iter().flatten().any(has_cap) {
-                    continue;
-                }
-                if exc.arches.iter().flatten().any(|a| a == goarch) {
-                    continue;
-                }
+            if !r.applies(ctx, goarch) {
+                continue;
             }
             let action = Action::parse(&r.action, r.errno_ret)?;
             let conds: Vec<Cond> = r
@@ -467,6 +445,72 @@ impl Profile {
             }
         }
         Ok(Resolved { default, arches: out })
+    }
+}
+
+impl Rule {
+    /// Whether the rule's `includes` all hold and none of its `excludes`
+    /// does, for `ctx` on the machine Go calls `goarch`.
+    fn applies(&self, ctx: &Context, goarch: &str) -> bool {
+        let has_cap = |c: &String| ctx.caps.iter().any(|h| h.eq_ignore_ascii_case(c));
+        if let Some(inc) = &self.includes {
+            if !inc.caps.iter().flatten().all(has_cap) {
+                return false;
+            }
+            if let Some(list) = &inc.arches
+                && !list.is_empty()
+                && !list.iter().any(|a| a == goarch)
+            {
+                return false;
+            }
+            if let Some(k) = &inc.min_kernel
+                && parse_version(k).is_some_and(|v| ctx.kernel < v)
+            {
+                return false;
+            }
+        }
+        if let Some(exc) = &self.excludes {
+            if exc.caps.iter().flatten().any(has_cap) || exc.arches.iter().flatten().any(|a| a == goarch) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Profile {
+    /// The profile as a plain OCI `linux.seccomp` for this machine and
+    /// `ctx`: the rules that apply, without `includes`/`excludes`, and the
+    /// architectures listed. What another runtime (crun, runc) would need
+    /// to apply the same filter.
+    pub fn to_oci(&self, ctx: &Context) -> Result<Profile, Error> {
+        self.check()?;
+        let (native, goarch) = Arch::native().ok_or(Error::NoNativeArch)?;
+        let arches = self
+            .arches(native)?
+            .into_iter()
+            .map(|a| match a {
+                Arch::X86_64 => "SCMP_ARCH_X86_64",
+                Arch::X86 => "SCMP_ARCH_X86",
+                Arch::X32 => "SCMP_ARCH_X32",
+                Arch::Aarch64 => "SCMP_ARCH_AARCH64",
+            })
+            .map(str::to_string)
+            .collect();
+        let syscalls = self
+            .syscalls
+            .iter()
+            .flatten()
+            .filter(|r| r.applies(ctx, goarch))
+            .map(|r| Rule { includes: None, excludes: None, comment: None, ..r.clone() })
+            .collect();
+        Ok(Profile {
+            default_action: self.default_action.clone(),
+            default_errno_ret: self.default_errno_ret,
+            architectures: Some(arches),
+            syscalls: Some(syscalls),
+            ..Profile::default()
+        })
     }
 }
 

@@ -288,7 +288,7 @@ fn services_by_name_and_virtual_ip() {
     c.cli_ok(0, &["network", "create", "front"]).unwrap();
     c.cli_ok(0, &["network", "create", "other"]).unwrap();
     let serve_hostname = "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 80 -h /www";
-    create(&c, &["--name", "b", "--network", "front", "--replicas", "3", "--constraint", "node.role==worker", "busybox:latest", "sh", "-c", serve_hostname]);
+    create(&c, &["--name", "b", "--network", "name=front,alias=backend", "--replicas", "3", "--constraint", "node.role==worker", "busybox:latest", "sh", "-c", serve_hostname]);
     create(&c, &["--name", "a", "--network", "front", "--constraint", "node.name==n1", "busybox:latest", "sleep", "1d"]);
     create(&c, &["--name", "o", "--network", "other", "--constraint", "node.name==n1", "busybox:latest", "sleep", "1d"]);
     let bs = running(&c, "b", 3);
@@ -304,6 +304,8 @@ fn services_by_name_and_virtual_ip() {
     let mut tasks = lookup(&c, "a.1", "tasks.b").unwrap();
     tasks.sort();
     assert_eq!(tasks, task_ips);
+    // An alias given with --network name=front,alias=backend answers too.
+    assert_eq!(lookup(&c, "a.1", "backend"), Some(vec![vip.clone()]));
     // Not on a network the asker shares: no answer.
     assert_eq!(lookup(&c, "o.1", "b"), None);
     // /etc/hosts names the task (its hostname on its address), and lo is up.

@@ -819,6 +819,72 @@ fn caps_and_ulimits() {
     }
 }
 
+/// --userns-remap: container root is host uid START. Inside, it is root
+/// and owns its files (the image's layers are idmapped, not copied);
+/// outside, its processes and the files it writes to its rootfs are START.
+/// Volumes and binds keep their owners as the container sees them (host
+/// root's 0600 file is readable by container root, and what it writes to a
+/// volume is root's on the host). It can still bind port 80, and the
+/// default seccomp profile still applies.
+#[test]
+fn userns_remap_maps_root_to_an_unprivileged_range() {
+    use std::os::unix::fs::MetadataExt;
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let id = h.name("userns");
+    let start = 1_000_000 + (std::process::id() % 1000) * 65536;
+    let remap = format!("{start}:65536");
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    fs::write(&secret, "s3cret").unwrap();
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let vol = format!("{}-uvol", h.prefix);
+    let bind = format!("{}:/secret:ro", secret.display());
+    let script = "id -u; cat /proc/self/uid_map | tr -s ' '; stat -c %u /bin/busybox /dev /tmp; cat /secret; echo; \
+                  echo data > /data/f && stat -c %u /data/f; \
+                  nc -l -p 80 </dev/null & sleep 0.2; netstat -ltn | grep -q ':80 ' && echo port-80-ok; kill %1; \
+                  /bin/sh -c 'mount -t tmpfs none /mnt' 2>/dev/null || echo mount-refused; grep -E '^Seccomp:' /proc/self/status; \
+                  touch /made-here; sleep 1000";
+    let mut child = h
+        .cmd(&["run", "--rm", "--userns-remap", &remap, "--name", &id, "-v", &format!("{vol}:/data"), "-v", &bind, "bb", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its processes are START on the host.
+    let procs = cgroup_file("pids", &id, "cgroup.procs", "cgroup.procs");
+    let pids: Vec<u32> = wait_for(Duration::from_secs(10), "the container to run", || {
+        let p: Vec<u32> = fs::read_to_string(&procs).unwrap_or_default().lines().filter_map(|l| l.parse().ok()).collect();
+        Ok((p.len() >= 2).then_some(p))
+    })
+    .unwrap();
+    for pid in &pids {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default().to_string();
+        assert!(uid_line.split_whitespace().nth(1) == Some(&start.to_string()) || status.is_empty(), "pid {pid}: {uid_line}");
+    }
+    // What it wrote to its rootfs is START's on the host.
+    let made = h.data_dir.join("containers").join(&id).join("upper/made-here");
+    wait_for(Duration::from_secs(10), "the container's file", || Ok(made.exists().then_some(()))).unwrap();
+    assert_eq!(fs::metadata(&made).unwrap().uid(), start);
+    let vol_file = h.data_dir.join("volumes").join(&vol).join("_data/f");
+    let vol_uid = fs::metadata(&vol_file).map(|m| m.uid());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        text,
+        format!("0\n 0 {start} 65536\n0\n0\n0\ns3cret\n0\nport-80-ok\nmount-refused\nSeccomp:\t2\n"),
+        "{text}"
+    );
+    // Written as container root through the idmapped volume: host root's.
+    assert_eq!(vol_uid.ok(), Some(0), "{}", vol_file.display());
+    assert_clean(&h, &id);
+    for bad in ["0:65536", "100000:10", "lots"] {
+        let o = h.run(&["--rm", "--userns-remap", bad, "bb", "true"]).unwrap();
+        assert!(!o.status.success() && stderr(&o).contains("--userns-remap"), "{bad}: {}", stderr(&o));
+    }
+}
+
 /// Loads `bb-dev`: busybox plus a layer shipping a block device (loop0,
 /// 7:0) and a copy of /dev/null (1:3) at the top of the rootfs.
 fn load_image_with_devices(h: &RtHost) {

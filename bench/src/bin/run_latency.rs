@@ -163,6 +163,11 @@ fn crun_bundle(bundle: &Path, tar: &Path) -> anyhow::Result<()> {
     let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path)?)?;
     cfg["process"]["args"] = serde_json::json!(["/bin/true"]);
     cfg["process"]["terminal"] = serde_json::json!(false);
+    // The same seccomp filter shoal installs (Docker's profile for Docker's
+    // capabilities), in the OCI form crun takes: both pay for it.
+    let caps = shoal_confine::caps::DOCKER_DEFAULT.iter().map(|c| c.to_string()).collect();
+    let profile = shoal_confine::docker::default_profile().to_oci(&shoal_confine::Context::new(caps))?;
+    cfg["linux"]["seccomp"] = serde_json::to_value(&profile)?;
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
     Ok(())
 }

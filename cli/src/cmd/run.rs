@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// An rlimit: NAME=SOFT[:HARD] (nofile, nproc, core, ...; -1 unlimited).
     #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
     pub ulimit: Vec<String>,
+    /// Run in a user namespace: container root is an unprivileged host id
+    /// (default: the `shoal` range of /etc/subuid, added when missing; or
+    /// START:SIZE).
+    #[arg(long = "userns-remap", value_name = "default|START:SIZE", value_parser = shoal_agent::userns::parse_remap)]
+    pub userns_remap: Option<shoal_agent::userns::IdMap>,
     /// Bind mount (/host/path:/dst[:ro]) or named volume (name:/dst[:ro]),
     /// kept under DATA/volumes on this host.
     #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
@@ -269,6 +274,7 @@ fn build_spec(args: &RunArgs, image: &Image) -> anyhow::Result<ContainerSpec> {
         },
         no_init: args.no_init,
         netns: None,
+        userns: args.userns_remap,
         security: shoal_agent::spec::Security {
             cap_add: super::confine::cap_names("cap-add", &args.cap_add)?,
             cap_drop: super::confine::cap_names("cap-drop", &args.cap_drop)?,

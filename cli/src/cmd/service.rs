@@ -255,8 +255,9 @@ pub struct SpecFlags {
     /// between SIGTERM and SIGKILL (default 10s).
     #[arg(long = "stop-grace-period")]
     stop_grace_period: Option<String>,
-    /// An overlay network to attach the tasks to (repeatable; on update,
-    /// replaces the list).
+    /// An overlay network to attach the tasks to: NAME, or
+    /// name=NAME[,alias=ALIAS]... for more names the service answers to in
+    /// DNS (repeatable; on update, replaces the list and the aliases).
     #[arg(long)]
     network: Vec<String>,
     /// vip: the service name resolves to a virtual IP per network,
@@ -525,7 +526,17 @@ impl SpecFlags {
             spec.stop_grace_period_ms = parse_duration("--stop-grace-period", d)?.as_millis() as u64;
         }
         if !self.network.is_empty() {
-            spec.networks = self.network.clone();
+            spec.networks.clear();
+            spec.aliases.clear();
+            for n in &self.network {
+                let (name, aliases) = parse_network("network", n)?;
+                spec.networks.push(name);
+                for a in aliases {
+                    if !spec.aliases.contains(&a) {
+                        spec.aliases.push(a);
+                    }
+                }
+            }
         }
         if let Some(m) = &self.endpoint_mode {
             spec.endpoint_mode = m.clone();
@@ -680,6 +691,26 @@ impl SpecFlags {
 
 fn ulimit_proto(u: shoal_confine::ulimit::Ulimit) -> Ulimit {
     Ulimit { name: u.name, soft: u.soft, hard: u.hard }
+}
+
+/// `--network NAME` or `name=NAME[,alias=A]...` (Docker's long form): the
+/// network and more names the service answers to in DNS.
+fn parse_network(flag: &str, s: &str) -> anyhow::Result<(String, Vec<String>)> {
+    if !s.contains('=') {
+        return Ok((s.to_string(), Vec::new()));
+    }
+    let (mut name, mut aliases) = (String::new(), Vec::new());
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("name" | "target", v)) => name = v.to_string(),
+            Some(("alias", v)) if !v.is_empty() => aliases.push(v.to_string()),
+            _ => bail!("invalid --{flag} {s:?}: unknown option {part:?} (expected NAME or name=NAME[,alias=ALIAS]...)"),
+        }
+    }
+    if name.is_empty() {
+        bail!("invalid --{flag} {s:?}: name=NAME is required");
+    }
+    Ok((name, aliases))
 }
 
 /// `KEY=VALUE` (or `KEY`, an empty value) for a label.
@@ -1076,10 +1107,16 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> anyhow::Result<()> {
                 s.networks.retain(|x| x != n);
             }
             for n in &a.network_add {
-                if s.networks.contains(n) {
-                    return Err(anyhow!("--network-add {n}: the service is on network {n:?} already"));
+                let (name, aliases) = parse_network("network-add", n)?;
+                if s.networks.contains(&name) {
+                    return Err(anyhow!("--network-add {n}: the service is on network {name:?} already"));
                 }
-                s.networks.push(n.clone());
+                s.networks.push(name);
+                for al in aliases {
+                    if !s.aliases.contains(&al) {
+                        s.aliases.push(al);
+                    }
+                }
             }
             for p in &a.publish_rm {
                 let (port, proto) = p.split_once('/').unwrap_or((p, "tcp"));

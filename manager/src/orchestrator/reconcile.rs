@@ -569,11 +569,18 @@ impl<'a> Planner<'a> {
     fn rolling_update(&mut self, svc: &ServiceObj, views: &mut [View], slots: &[(Option<u64>, usize, Class)], successors: &BTreeSet<u64>) -> bool {
         let mut cache = HashMap::new();
         let live = |c: &Class| matches!(c, Class::OnNode(_) | Class::Unassigned);
-        // Slots whose successor is already starting (start-first) wait.
+        // Slots whose successor is already starting (start-first) wait. A
+        // slot whose task ended for good (restart condition none, or
+        // attempts used up) on an older spec is updated too, as Swarm's
+        // updater takes every dirty slot: a rollback after a failed
+        // update then brings back every slot, not only the running ones.
         let outdated: Vec<usize> = slots
             .iter()
             .filter(|(slot, cur, c)| {
-                live(c) && views[*cur].current() && Self::outdated(svc, views[*cur].t, &mut cache) && !slot.is_some_and(|s| successors.contains(&s))
+                (live(c) || matches!(c, Class::Done))
+                    && views[*cur].current()
+                    && Self::outdated(svc, views[*cur].t, &mut cache)
+                    && !slot.is_some_and(|s| successors.contains(&s))
             })
             .map(|(_, cur, _)| *cur)
             .collect();

@@ -772,11 +772,37 @@ fn a_failing_new_spec_pauses_the_update() {
     sim.settle();
     let old: Vec<_> = sim.running("web").into_iter().filter(|t| t.spec.image == "bb:1").collect();
     assert_eq!(old.len(), 3);
-    // A new update (the fix) goes on.
+    // A new update (the fix) goes on, and takes the failed slot too.
     sim.now += 1_000;
     update_image(&mut sim, "web", "bb:2");
     sim.settle();
-    assert_eq!(sim.running("web").iter().filter(|t| t.spec.image == "bb:2").count(), 3);
+    assert_eq!(sim.running("web").iter().filter(|t| t.spec.image == "bb:2").count(), 4);
+}
+
+/// With restart condition none, the slot whose new task failed is not
+/// restarted by the policy; the rollback still brings it back on the old
+/// spec, as Swarm's updater does with every dirty slot.
+#[test]
+fn a_rollback_restores_a_slot_that_restart_none_left_failed() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    let mut s = with_restart(spec("web", 4), "none", 0, 0, 0);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, failure_action: "rollback".into(), ..Default::default() });
+    sim.service(s);
+    sim.settle();
+    sim.now += 1_000;
+    update_image(&mut sim, "web", "bb:broken");
+    assert_eq!(sim.orchestrate().create.len(), 1);
+    sim.schedule();
+    let new = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:broken").map(|t| t.id.clone()).unwrap();
+    sim.report(&new, TaskState::Failed, Some(1));
+    sim.agents();
+    assert_eq!(sim.orchestrate().rollbacks.len(), 1);
+    sim.settle();
+    let running = sim.running("web");
+    assert_eq!(running.len(), 4, "{:?}", running.iter().map(|t| (t.slot, &t.spec.image)).collect::<Vec<_>>());
+    assert!(running.iter().all(|t| t.spec.image == "bb:1"));
+    assert!(sim.orchestrate().is_empty());
 }
 
 #[test]
