@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_tests::{sh, wait_for, Cluster};
+use shoal_tests::{sh, wait_for, Cluster, DaemonOpts};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -335,4 +335,35 @@ fn services_by_name_and_virtual_ip() {
     let out = c.cli(0, &["exec", "a.1", "sh", "-c", &script.replace("seq 60", "seq 20")]);
     let seen: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
     assert_eq!(seen.len(), 2, "after scale-down: {seen:?}");
+}
+
+/// `shoal daemon --userns-remap`: every task runs in a user namespace
+/// (root inside, an unprivileged id on the host), and still serves port 80
+/// on an overlay network to tasks on other hosts, reads its secret, and
+/// answers `shoal exec` as root of its own namespace.
+#[test]
+fn remapped_tasks_serve_on_the_overlay() {
+    let mut c = Cluster::hosts(2).unwrap();
+    let start = 1_000_000 + (std::process::id() % 1000) * 65536;
+    let opts = DaemonOpts { extra: vec!["--userns-remap".into(), format!("{start}:65536")] };
+    c.init(0, &opts).unwrap();
+    c.join(1, 0, "worker", &opts).unwrap();
+    c.wait_converged(0, 1, 2).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("token");
+    std::fs::write(&f, "t0ken").unwrap();
+    c.cli_ok(0, &["secret", "create", "token", &f.display().to_string()]).unwrap();
+    let mut args = vec!["--name", "web", "--network", "front", "--secret", "token", "--constraint", "node.name==n1"];
+    let w = web("remapped");
+    args.extend(w.iter().map(String::as_str));
+    create(&c, &args);
+    create(&c, &["--name", "client", "--network", "front", "--constraint", "node.name==n0", "busybox:latest", "sleep", "1d"]);
+    running(&c, "web", 1);
+    running(&c, "client", 1);
+    fetch_ok(&c, "client.1", "http://web", "remapped");
+    let out = c.cli(0, &["exec", "web.1", "sh", "-c", "id -u; tr -s ' ' < /proc/self/uid_map; cat /run/secrets/token"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(text, format!("0\n 0 {start} 65536\nt0ken"), "{}", String::from_utf8_lossy(&out.stderr));
 }
