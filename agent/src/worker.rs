@@ -270,7 +270,8 @@ fn attachments(a: &Assignment) -> Result<Vec<Attachment>, String> {
         .collect()
 }
 
-/// The task's `/etc/resolv.conf` (this node's DNS server) and `/etc/hosts`
+/// The task's `/etc/resolv.conf` (this node's DNS server), `/etc/hostname`
+/// and `/etc/hosts`
 /// (localhost, and the task's hostname on its first network's address, as
 /// Docker writes it), under `DATA/netconf/<task>/`; bind-mounted read-only
 /// into the container.
@@ -279,7 +280,7 @@ fn write_netconf(
     task: &str,
     hostname: &str,
     atts: &[Attachment],
-) -> Result<(PathBuf, PathBuf), shoal_overlay::OverlayError> {
+) -> Result<(PathBuf, PathBuf, PathBuf), shoal_overlay::OverlayError> {
     let dir = data_dir.join("netconf").join(task);
     let write = |name: &str, text: &str| {
         let path = dir.join(name);
@@ -294,7 +295,8 @@ fn write_netconf(
         hosts.push_str(&format!("{}\t{hostname}\n", a.address));
     }
     let hosts = write("hosts", &hosts)?;
-    Ok((resolv, hosts))
+    let name = write("hostname", &format!("{hostname}\n"))?;
+    Ok((resolv, hosts, name))
 }
 
 /// Takes the task's interfaces and namespace down (its addresses go back
@@ -439,10 +441,11 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
             if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty()) {
                 let hostname = req.hostname.clone().unwrap_or_default();
                 match o.attach(&id, &atts).await.and_then(|path| Ok((path, write_netconf(&ctx.data_dir, &id, &hostname, &atts)?))) {
-                    Ok((path, (resolv, hosts))) => {
+                    Ok((path, (resolv, hosts, name))) => {
                         req.netns = Some(path);
                         req.mounts.push(Mount::Bind { source: resolv, destination: "/etc/resolv.conf".into(), read_only: true, seed: false });
                         req.mounts.push(Mount::Bind { source: hosts, destination: "/etc/hosts".into(), read_only: true, seed: false });
+                        req.mounts.push(Mount::Bind { source: name, destination: "/etc/hostname".into(), read_only: true, seed: false });
                     }
                     Err(e) => {
                         tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected: its networks could not be wired");

@@ -303,7 +303,13 @@ impl Cluster {
             let members = st["members"].as_array().cloned().unwrap_or_default();
             let ok_voters = members.iter().filter(|m| m["voter"] == true && m["reachable"] == true).count();
             let ns = self.cli_ok(via, &["node", "ls", "--format", "json"])?;
-            let ready = ns.as_array().map(|a| a.iter().filter(|n| n["status"] == "ready").count()).unwrap_or(0);
+            // A node is listed ready from the moment the managers admit it,
+            // before its daemon has saved its certificate and key; the
+            // resources its first heartbeat reports show it is running.
+            let ready = ns
+                .as_array()
+                .map(|a| a.iter().filter(|n| n["status"] == "ready" && n["memory_bytes"].as_u64().unwrap_or(0) > 0).count())
+                .unwrap_or(0);
             Ok((ok_voters == voters && ready == nodes && st["leader"] != "").then_some(()))
         })
         .with_context(|| self.log_tails())

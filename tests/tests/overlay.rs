@@ -310,9 +310,10 @@ fn services_by_name_and_virtual_ip() {
     assert_eq!(lookup(&c, "o.1", "b"), None);
     // /etc/hosts names the task (its hostname on its address), and lo is up.
     let a = running(&c, "a", 1);
-    let out = c.cli(0, &["exec", "a.1", "sh", "-c", "cat /etc/hosts; ping -c 1 -W 2 127.0.0.1 >/dev/null && echo lo-ok"]);
+    let out = c.cli(0, &["exec", "a.1", "sh", "-c", "cat /etc/hosts; ping -c 1 -W 2 127.0.0.1 >/dev/null && echo lo-ok; cat /etc/hostname"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains(&format!("{}\ta-1", ip(&a[0], 0))) && text.contains("localhost") && text.contains("lo-ok"), "{text}");
+    assert!(text.ends_with("lo-ok\na-1\n"), "/etc/hostname names the task: {text}");
 
     // Through the VIP: 60 connections reach all three tasks.
     wait_for(T, "the VIP to answer", || Ok(fetch(&c, "a.1", &format!("http://{vip}/")))).unwrap();
