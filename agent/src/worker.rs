@@ -289,7 +289,13 @@ fn write_netconf(
             .map_err(|source| shoal_overlay::OverlayError::Io { what: format!("writing {}", path.display()), source })?;
         Ok::<_, shoal_overlay::OverlayError>(path)
     };
-    let resolv = write("resolv.conf", &Overlay::resolv_conf(atts).unwrap_or_default())?;
+    // A task on no network has only `lo`: the host's resolvers minus the
+    // loopback ones (which would be the task's own), as Docker does.
+    let resolv = match Overlay::resolv_conf(atts) {
+        Some(r) => r,
+        None => host_resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+    };
+    let resolv = write("resolv.conf", &resolv)?;
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if let Some(a) = atts.first() {
         hosts.push_str(&format!("{}\t{hostname}\n", a.address));
@@ -299,13 +305,22 @@ fn write_netconf(
     Ok((resolv, hosts, name))
 }
 
+/// The host's `resolv.conf` without nameservers on loopback.
+fn host_resolv_conf(host: &str) -> String {
+    host.lines()
+        .filter(|l| {
+            let mut w = l.split_whitespace();
+            !(w.next() == Some("nameserver")
+                && w.next().and_then(|a| a.parse::<std::net::IpAddr>().ok()).is_some_and(|a| a.is_loopback()))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Takes the task's interfaces and namespace down (its addresses go back
 /// to the managers once the task is reported finished).
 async fn release_networks(ctx: &Ctx, id: &str, atts: &[Attachment]) {
-    if atts.is_empty() {
-        return;
-    }
-    if let Some(o) = &ctx.overlay
+    if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty())
         && let Err(e) = o.detach(id, atts.len()).await
     {
         tracing::warn!(task = %id, error = %e, "could not remove the task's network interfaces");
@@ -313,7 +328,7 @@ async fn release_networks(ctx: &Ctx, id: &str, atts: &[Attachment]) {
     if let Err(e) = tokio::fs::remove_dir_all(ctx.data_dir.join("netconf").join(id)).await
         && e.kind() != std::io::ErrorKind::NotFound
     {
-        tracing::warn!(task = %id, error = %e, "could not remove the task's resolv.conf and hosts");
+        tracing::warn!(task = %id, error = %e, "could not remove the task's resolv.conf, hosts and hostname");
     }
 }
 
@@ -438,22 +453,26 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                     return;
                 }
             }
-            if let Some(o) = ctx.overlay.as_ref().filter(|_| !atts.is_empty()) {
-                let hostname = req.hostname.clone().unwrap_or_default();
-                match o.attach(&id, &atts).await.and_then(|path| Ok((path, write_netconf(&ctx.data_dir, &id, &hostname, &atts)?))) {
-                    Ok((path, (resolv, hosts, name))) => {
-                        req.netns = Some(path);
-                        req.mounts.push(Mount::Bind { source: resolv, destination: "/etc/resolv.conf".into(), read_only: true, seed: false });
-                        req.mounts.push(Mount::Bind { source: hosts, destination: "/etc/hosts".into(), read_only: true, seed: false });
-                        req.mounts.push(Mount::Bind { source: name, destination: "/etc/hostname".into(), read_only: true, seed: false });
+            // The task's namespace (a task on no network gets the runtime's
+            // own, with only `lo`), then its resolv.conf, hosts and hostname.
+            let hostname = req.hostname.clone().unwrap_or_default();
+            let netns = match ctx.overlay.as_ref().filter(|_| !atts.is_empty()) {
+                Some(o) => o.attach(&id, &atts).await.map(Some),
+                None => Ok(None),
+            };
+            match netns.and_then(|netns| Ok((netns, write_netconf(&ctx.data_dir, &id, &hostname, &atts)?))) {
+                Ok((netns, (resolv, hosts, name))) => {
+                    req.netns = netns;
+                    for (source, destination) in [(resolv, "/etc/resolv.conf"), (hosts, "/etc/hosts"), (name, "/etc/hostname")] {
+                        req.mounts.push(Mount::Bind { source, destination: destination.into(), read_only: true, seed: false });
                     }
-                    Err(e) => {
-                        tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected: its networks could not be wired");
-                        let _ = std::fs::remove_dir_all(&data_dir);
-                        release_networks(&ctx, &id, &atts).await;
-                        report(TaskStatus { error: e.to_string(), ..status(&id, "rejected", "networks") });
-                        return;
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(task = %id, service = %a.service, error = %e, "task rejected: its networks could not be wired");
+                    let _ = std::fs::remove_dir_all(&data_dir);
+                    release_networks(&ctx, &id, &atts).await;
+                    report(TaskStatus { error: e.to_string(), ..status(&id, "rejected", "networks") });
+                    return;
                 }
             }
             // Outer mounts before the ones inside them.

@@ -303,6 +303,12 @@ fn logs_follow_and_exec_reach_tasks_on_other_hosts() -> anyhow::Result<()> {
     let out = c.cli(0, &["exec", "ticker.1", "hostname"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ticker-1");
+    // A task on no network still gets /etc/hostname and /etc/hosts (only
+    // localhost: it has no other address), as Docker writes them, and no
+    // loopback resolver of the host's in resolv.conf.
+    let out = c.cli(0, &["exec", "ticker.1", "sh", "-c", "cat /etc/hostname; cat /etc/hosts; grep -c 'nameserver 127' /etc/resolv.conf"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("ticker-1\n127.0.0.1\tlocalhost\n") && text.ends_with("ip6-loopback\n0\n"), "{text}");
     let out = c.cli(0, &["exec", "ticker.1", "sh", "-c", "echo oops >&2; exit 7"]);
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "oops");
