@@ -59,6 +59,10 @@ pub(crate) async fn run(mut s: Session) {
     let mut preferred: Option<String> = None;
     // The peer set applied to the overlay (0: none yet).
     let mut peers_version = 0u64;
+    // The manager list in `s.managers` as the managers versioned it (0: not
+    // from them yet); they send the list only when it changed.
+    let mut managers_version = 0u64;
+    let mut jitter = Jitter::new(s.node_id);
     let mut volumes_at: Option<std::time::Instant> = None;
     loop {
         let target = preferred.clone().or_else(|| s.managers.get(idx % s.managers.len().max(1)).cloned());
@@ -72,7 +76,7 @@ pub(crate) async fn run(mut s: Session) {
                 None
             };
             let volumes_sent = volumes.is_some();
-            match heartbeat(&s, &addr, &res, peers_version, load, volumes).await {
+            match heartbeat(&s, &addr, &res, (peers_version, managers_version), load, volumes).await {
                 Ok(r) => {
                     ok = true;
                     if !r.remove_volumes.is_empty() {
@@ -93,7 +97,7 @@ pub(crate) async fn run(mut s: Session) {
                         if pool.is_none() && !r.address_pool.is_empty() {
                             tracing::warn!(pool = %r.address_pool, "the managers sent an address pool that is no IPv4 CIDR: routing-mesh clients are refused");
                         }
-                        match o.set_peers(peer_configs(&r.peers), pool).await {
+                        match o.set_peers(peer_configs(s.node_id, &r.peers), pool).await {
                             Ok(()) => peers_version = r.peers_version,
                             Err(e) => tracing::warn!(error = %e, "could not apply the overlay peers; retrying"),
                         }
@@ -118,9 +122,12 @@ pub(crate) async fn run(mut s: Session) {
                             Err(e) => tracing::warn!(error = %e, "could not record the new role"),
                         }
                     }
-                    if !managers.is_empty() && managers != s.managers {
-                        s.managers = managers;
-                        remember_managers(&s);
+                    if !managers.is_empty() {
+                        managers_version = r.managers_version;
+                        if managers != s.managers {
+                            s.managers = managers;
+                            remember_managers(&s);
+                        }
                     }
                     s.current.send_if_modified(|c| {
                         let changed = c.as_deref() != Some(addr.as_str());
@@ -140,7 +147,9 @@ pub(crate) async fn run(mut s: Session) {
                 }
             }
         }
-        let wait = if ok { period } else { Duration::from_millis(200) };
+        // Jittered, so that a cluster's agents spread over the period
+        // instead of arriving together (after a leader change, say).
+        let wait = if ok { jitter.within(period) } else { Duration::from_millis(200) };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = s.shutdown.changed() => return,
@@ -194,7 +203,7 @@ async fn heartbeat(
     s: &Session,
     addr: &str,
     res: &Resources,
-    peers_version: u64,
+    (peers_version, managers_version): (u64, u64),
     (usage, rates): (Vec<TaskUsage>, Vec<ServiceRate>),
     volumes: Option<Vec<crate::volume::LocalVolume>>,
 ) -> Result<HeartbeatResponse, HbError> {
@@ -207,6 +216,7 @@ async fn heartbeat(
         overlay_key: s.overlay.as_ref().map(|o| o.public_key().to_string()).unwrap_or_default(),
         overlay_endpoint: s.overlay.as_ref().map(|o| o.endpoint().to_string()).unwrap_or_default(),
         peers_version,
+        managers_version,
         usage,
         rates,
         volumes_sent: volumes.is_some(),
@@ -230,9 +240,10 @@ async fn heartbeat(
 
 /// The managers' peers as the data plane takes them; a peer the managers
 /// describe badly is left out (and said so), never half-applied.
-fn peer_configs(peers: &[Peer]) -> Vec<PeerConfig> {
+fn peer_configs(me: u64, peers: &[Peer]) -> Vec<PeerConfig> {
     peers
         .iter()
+        .filter(|p| p.node_id != me)
         .filter_map(|p| {
             let parsed = (|| {
                 let public_key = shoal_overlay::keys::decode_key(&p.public_key)?;
@@ -261,5 +272,24 @@ fn remember_managers(s: &Session) {
     });
     if let Err(e) = saved {
         tracing::warn!(error = %e, "could not record the manager list");
+    }
+}
+
+/// Heartbeat waits between 3/4 of the period and all of it (xorshift, seeded
+/// by the node and the clock: no two agents in step).
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(node: u64) -> Self {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        Jitter((node ^ t.rotate_left(17)) | 1)
+    }
+
+    fn within(&mut self, period: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let quarter = period / 4;
+        period - quarter.mul_f64((self.0 % 1024) as f64 / 1024.0)
     }
 }

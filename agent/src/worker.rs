@@ -136,10 +136,14 @@ impl Worker {
         let channel = self.tls.channel(addr).map_err(|e| e.to_string())?;
         let mut stream = DispatcherClient::new(channel)
             .max_decoding_message_size(64 << 20)
-            .assignments(AssignmentsRequest { node_id: self.node_id })
+            // What it has already: a reconnect is sent those tasks' states,
+            // not their specs and secrets again.
+            .assignments(AssignmentsRequest { node_id: self.node_id, known: tasks.keys().cloned().collect() })
             .await
             .map_err(|s| s.message().to_string())?
             .into_inner();
+        // The tasks of a whole set that arrives in several messages.
+        let mut whole: std::collections::HashSet<String> = std::collections::HashSet::new();
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m.map_err(|s| s.message().to_string())?,
@@ -147,9 +151,10 @@ impl Worker {
                 _ = shutdown.changed() => return Ok(()),
             };
             let Some(msg) = msg else { return Ok(()) };
-            let mut seen = Vec::new();
             for a in msg.updated {
-                seen.push(a.task_id.clone());
+                if msg.full {
+                    whole.insert(a.task_id.clone());
+                }
                 match tasks.get(&a.task_id) {
                     Some(local) => {
                         local.desired.send_if_modified(|d| {
@@ -158,6 +163,12 @@ impl Worker {
                             changed
                         });
                     }
+                    // Only the state of a task this agent should have had:
+                    // a new stream will send it whole.
+                    None if a.spec.is_none() => {
+                        tracing::warn!(task = %a.task_id, service = %a.service, "the managers sent only the state of a task this node does not have; reconnecting for its spec");
+                        return Err(format!("task {} arrived without its spec", a.task_id));
+                    }
                     None => {
                         let (tx, rx) = watch::channel(a.desired_state.clone());
                         tasks.insert(a.task_id.clone(), Local { desired: tx });
@@ -165,8 +176,12 @@ impl Worker {
                     }
                 }
             }
-            let gone: Vec<String> = if msg.full {
-                tasks.keys().filter(|id| !seen.contains(id)).cloned().collect()
+            let gone: Vec<String> = if msg.full && msg.more {
+                continue;
+            } else if msg.full {
+                let gone = tasks.keys().filter(|id| !whole.contains(*id)).cloned().collect();
+                whole.clear();
+                gone
             } else {
                 msg.removed
             };

@@ -164,7 +164,7 @@ impl Autoscaler {
                         .values()
                         .filter_map(|svc| {
                             let cfg = svc.spec.autoscale.clone()?;
-                            let running = s.tasks.values().filter(|t| t.service_id == svc.id && t.state == TaskState::Running);
+                            let running = s.service_tasks(&svc.id).filter(|t| t.state == TaskState::Running);
                             let cpu_pct = running.filter_map(|t| metrics.task_cpu_pct(&t.id)).sum();
                             let rps = metrics.service_rate(&svc.spec.name);
                             Some((svc.id.clone(), cfg, Sample { at_ms: now, cpu_pct, rps }))
@@ -184,7 +184,7 @@ impl Autoscaler {
                     let Some(w) = windows.get_mut(id) else { continue };
                     let facts = self.manager.store.read(|s: &State| {
                         let svc = s.services.get(id)?;
-                        let ready = s.tasks.values().filter(|t| t.service_id == *id && t.state == TaskState::Running && t.desired_state == TaskState::Running).count() as u64;
+                        let ready = s.service_tasks(id).filter(|t| t.state == TaskState::Running && t.desired_state == TaskState::Running).count() as u64;
                         let cpus = svc.spec.limits.as_ref().map_or(0, |l| l.nano_cpus);
                         let last = svc.last_autoscale.as_ref().map_or(svc.created_at_ms, |d| d.at_ms);
                         Some((svc.spec.name.clone(), svc.spec.replicas, ready, if cpus == 0 { 1.0 } else { cpus as f64 / 1e9 }, last))

@@ -277,10 +277,7 @@ fn node_proto(n: &NodeObj, leader: Option<u64>, reachable: bool) -> Node {
 }
 
 fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metrics) -> Service {
-    let live = state
-        .tasks
-        .values()
-        .filter(|t| t.service_id == s.id && t.desired_state == TaskState::Running);
+    let live = state.service_tasks(&s.id).filter(|t| t.desired_state == TaskState::Running);
     let (mut wanted, mut running, mut outdated) = (0u64, 0u64, 0u64);
     for t in live {
         wanted += 1;
@@ -309,9 +306,8 @@ fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metric
             reason: d.reason.clone(),
         }),
         cpu_pct: state
-            .tasks
-            .values()
-            .filter(|t| t.service_id == s.id && t.state == TaskState::Running)
+            .service_tasks(&s.id)
+            .filter(|t| t.state == TaskState::Running)
             .filter_map(|t| metrics.task_cpu_pct(&t.id))
             .sum(),
         request_rate: metrics.service_rate(&s.spec.name),
@@ -845,10 +841,11 @@ impl Control for ControlService {
         let r = req.into_inner();
         let tasks = self.manager.store.read(|s| {
             let service = if r.service.is_empty() { None } else { Some(s.resolve_service(&r.service).map_err(apply_status)?) };
-            let mut tasks: Vec<Task> = s
-                .tasks
-                .values()
-                .filter(|t| service.as_ref().is_none_or(|id| &t.service_id == id))
+            let all: Box<dyn Iterator<Item = &crate::store::task::TaskObj>> = match &service {
+                Some(id) => Box::new(s.service_tasks(id)),
+                None => Box::new(s.tasks.values()),
+            };
+            let mut tasks: Vec<Task> = all
                 .filter(|t| r.all || t.desired_state == TaskState::Running || !t.state.is_terminal())
                 .map(|t| task_proto(t, s, &self.manager.metrics))
                 .collect();

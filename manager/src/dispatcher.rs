@@ -55,6 +55,36 @@ pub struct DispatcherService {
     /// What every heartbeat compares against, worked out once per cluster
     /// object version instead of per heartbeat.
     ca: Arc<Mutex<Option<CaFacts>>>,
+    /// What heartbeats answer with, worked out once per topology version.
+    facts: Arc<Mutex<Option<Arc<HeartbeatFacts>>>>,
+    hub: Arc<Hub>,
+    views: tokio::sync::watch::Receiver<Arc<ServiceView>>,
+}
+
+/// The parts of a heartbeat's answer that are the same for every node, at
+/// one topology version: handling a heartbeat is then O(1) in the size of
+/// the cluster.
+struct HeartbeatFacts {
+    topology: u64,
+    period: Duration,
+    managers: Vec<String>,
+    managers_version: u64,
+    /// Every ready node with an overlay identity (an agent leaves itself
+    /// out).
+    peers: Vec<Peer>,
+    peers_version: u64,
+    address_pool: String,
+}
+
+/// Heartbeats the leader answers per second at most: the period grows with
+/// the cluster past this (Nomad's `max_heartbeats_per_second` idea).
+const MAX_HEARTBEATS_PER_SEC: u64 = 2000;
+
+/// The heartbeat period for a cluster of `nodes` with base period `base`:
+/// `base` until the leader would answer more than
+/// [`MAX_HEARTBEATS_PER_SEC`], then long enough that it answers that many.
+pub fn heartbeat_period(base: Duration, nodes: usize) -> Duration {
+    base.max(Duration::from_millis(nodes as u64 * 1000 / MAX_HEARTBEATS_PER_SEC))
 }
 
 /// The current CA's name and the CA bundle's digest, at a cluster version.
@@ -66,8 +96,49 @@ struct CaFacts {
 }
 
 impl DispatcherService {
+    /// Also starts the assignment router and the service view builder
+    /// (call inside a tokio runtime).
     pub fn new(manager: Arc<Manager>, config: DispatcherConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        DispatcherService { manager, config, last_seen: Default::default(), shutdown, ca: Default::default() }
+        let hub = Arc::new(Hub::default());
+        let store = manager.store.clone();
+        tokio::spawn(hub.clone().route(store.clone(), store.watch(), shutdown.clone()));
+        let (views_tx, views) = tokio::sync::watch::channel(Arc::new(ServiceView::default()));
+        tokio::spawn(build_views(store.clone(), store.watch(), views_tx, shutdown.clone()));
+        DispatcherService { manager, config, last_seen: Default::default(), shutdown, ca: Default::default(), facts: Default::default(), hub, views }
+    }
+
+    fn heartbeat_facts(&self) -> Arc<HeartbeatFacts> {
+        let topology = self.manager.store.topology_version();
+        let mut cache = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.as_ref().filter(|f| f.topology == topology) {
+            return f.clone();
+        }
+        let facts = self.manager.store.read(|s| {
+            use std::hash::{Hash, Hasher};
+            let managers: Vec<String> = s.nodes.values().filter(|n| n.role == Role::Manager).map(|n| n.address.clone()).collect();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            managers.hash(&mut h);
+            let (peers_version, peers) = peers_of(s);
+            Arc::new(HeartbeatFacts {
+                topology,
+                period: heartbeat_period(self.config.period, s.nodes.len()),
+                managers,
+                managers_version: h.finish().max(1),
+                peers,
+                peers_version,
+                address_pool: s.address_pool().to_string(),
+            })
+        });
+        *cache = Some(facts.clone());
+        facts
+    }
+
+    /// How long a node may stay silent before it is marked down: the
+    /// configured time, or two periods where the period grew past half of
+    /// it.
+    fn down_after(&self) -> Duration {
+        let nodes = self.manager.store.read(|s| s.nodes.len());
+        self.config.down_after.max(2 * heartbeat_period(self.config.period, nodes))
     }
 
     fn ca_facts(&self) -> Result<CaFacts, Status> {
@@ -115,13 +186,14 @@ impl DispatcherService {
                 continue;
             }
             self.finish_ca_rotation().await;
+            let down_after = self.down_after();
             let down: Vec<(u64, NodeStatus)> = {
                 let seen = self.seen();
                 self.manager.store.read(|s| {
                     s.nodes
                         .values()
                         .filter(|n| n.status == NodeStatus::Ready && n.id != self.manager.id)
-                        .filter(|n| seen.get(&n.id).is_none_or(|t| t.elapsed() > self.config.down_after))
+                        .filter(|n| seen.get(&n.id).is_none_or(|t| t.elapsed() > down_after))
                         .map(|n| (n.id, NodeStatus::Down))
                         .collect()
                 })
@@ -131,7 +203,7 @@ impl DispatcherService {
             }
             let names: Vec<String> = down.iter().map(|(id, _)| format_node_id(*id)).collect();
             match self.manager.propose(Command::SetNodeStatus { changes: down }).await {
-                Ok(_) => tracing::warn!(nodes = ?names, after = ?self.config.down_after, "nodes missed heartbeats: marked down"),
+                Ok(_) => tracing::warn!(nodes = ?names, after = ?down_after, "nodes missed heartbeats: marked down"),
                 Err(e) => tracing::warn!(nodes = ?names, error = %e, "could not mark nodes down"),
             }
         }
@@ -223,15 +295,15 @@ fn attachments(t: &TaskObj, s: &State) -> Vec<NetworkAttachment> {
         .collect()
 }
 
-/// Every other ready node with an overlay identity, with its slices of
-/// every network; and a version of that set (a hash: any leader computes
-/// the same one).
-fn peers_of(s: &State, node: u64) -> (u64, Vec<Peer>) {
+/// Every ready node with an overlay identity, with its slices of every
+/// network; and a version of that set (a hash: any leader computes the
+/// same one). Each agent leaves itself out.
+fn peers_of(s: &State) -> (u64, Vec<Peer>) {
     use std::hash::{Hash, Hasher};
     let mut peers: Vec<Peer> = s
         .nodes
         .values()
-        .filter(|n| n.id != node && n.status == NodeStatus::Ready && !n.overlay_key.is_empty())
+        .filter(|n| n.status == NodeStatus::Ready && !n.overlay_key.is_empty())
         .map(|n| Peer {
             node_id: n.id,
             name: n.name.clone(),
@@ -258,9 +330,8 @@ fn service_view(s: &State) -> ServiceView {
     for svc in s.services.values() {
         for network in &svc.spec.networks {
             let addresses = s
-                .tasks
-                .values()
-                .filter(|t| t.service_id == svc.id && t.state == TaskState::Running && t.desired_state == TaskState::Running)
+                .service_tasks(&svc.id)
+                .filter(|t| t.state == TaskState::Running && t.desired_state == TaskState::Running)
                 // A task's addresses follow its own spec's networks (an older
                 // task may be on other ones than the service now).
                 .filter_map(|t| t.spec.networks.iter().position(|n| n == network).and_then(|j| t.addresses.get(j)))
@@ -281,105 +352,299 @@ fn service_view(s: &State) -> ServiceView {
     ServiceView { records }
 }
 
-impl DispatcherService {
-    /// Streams the service view: now, then again whenever a service, a
-    /// task or a network changes it (changes in one burst are sent once).
-    async fn stream_services(self, tx: tokio::sync::mpsc::Sender<Result<ServiceView, Status>>) {
-        let mut events = self.manager.store.watch();
-        let mut shutdown = self.shutdown.clone();
-        let mut last: Option<ServiceView> = None;
-        loop {
-            let view = self.manager.store.read(service_view);
-            if last.as_ref() != Some(&view) {
-                if tx.send(Ok(view.clone())).await.is_err() {
-                    return;
-                }
-                last = Some(view);
+/// What the router hands one node's assignment stream.
+enum Routed {
+    /// These of the node's tasks changed or went away.
+    Tasks(Vec<String>),
+    /// The router fell behind the store: compare the whole set again.
+    Resync,
+}
+
+type Subscribers = HashMap<u64, Vec<(u64, tokio::sync::mpsc::UnboundedSender<Routed>)>>;
+
+/// Routes the store's task changes to the assignment streams of the nodes
+/// they concern. One reader of the event stream for the whole cluster: a
+/// change costs the same with 5 nodes connected as with 5,000 (each stream
+/// reading every event was O(nodes × changes)).
+#[derive(Default)]
+struct Hub {
+    next: std::sync::atomic::AtomicU64,
+    subs: Mutex<Subscribers>,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subscribers> {
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn subscribe(self: &Arc<Self>, node: u64) -> (Subscription, tokio::sync::mpsc::UnboundedReceiver<Routed>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.lock().entry(node).or_default().push((id, tx));
+        (Subscription { hub: self.clone(), node, id }, rx)
+    }
+
+    fn send(&self, per_node: HashMap<u64, Vec<String>>) {
+        let subs = self.lock();
+        for (node, ids) in per_node {
+            for (_, tx) in subs.get(&node).into_iter().flatten() {
+                let _ = tx.send(Routed::Tasks(ids.clone()));
             }
-            loop {
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
-                    ev = events.recv() => match ev {
-                        Ok(ev) if ev.changes.iter().any(|c| matches!(c,
-                            Change::Service(_) | Change::ServiceRemoved(_) | Change::Task(_) | Change::TaskRemoved(_) | Change::Network(_) | Change::NetworkRemoved(_))) => break,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(_) => return,
-                    },
-                }
-            }
-            // Let the rest of a burst land first.
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
-    /// Streams node `node`'s assignments: the full set, then what changes.
-    async fn stream_assignments(self, node: u64, tx: tokio::sync::mpsc::Sender<Result<AssignmentsMessage, Status>>) {
-        let mut events = self.manager.store.watch();
-        let mut shutdown = self.shutdown.clone();
-        let mut sent: HashSet<String> = HashSet::new();
-        let full = self.manager.store.read(|s| {
-            s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s, true)).collect::<Vec<_>>()
-        });
-        sent.extend(full.iter().map(|a| a.task_id.clone()));
-        if tx.send(Ok(AssignmentsMessage { full: true, updated: full, removed: vec![] })).await.is_err() {
-            return;
+    fn resync_all(&self) {
+        for (_, tx) in self.lock().values().flatten() {
+            let _ = tx.send(Routed::Resync);
         }
+    }
+
+    /// Follows the store and routes each entry's task changes by node.
+    async fn route(self: Arc<Self>, store: crate::store::Store, mut events: tokio::sync::broadcast::Receiver<Arc<crate::store::Event>>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        use tokio::sync::broadcast::error::RecvError;
         loop {
-            let ids: Vec<String> = tokio::select! {
-                _ = tx.closed() => return,
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
                 _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
-                ev = events.recv() => match ev {
-                    Ok(ev) => ev.changes.iter().filter_map(|c| match c {
-                        Change::Task(id) | Change::TaskRemoved(id) => Some(id.clone()),
-                        _ => None,
-                    }).collect(),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Fell behind: start over with a full set.
-                        let full = self.manager.store.read(|s| {
-                            s.tasks.values().filter(|t| assigned_to(t, node)).map(|t| assignment(t, s, true)).collect::<Vec<_>>()
-                        });
-                        sent = full.iter().map(|a| a.task_id.clone()).collect();
-                        if tx.send(Ok(AssignmentsMessage { full: true, updated: full, removed: vec![] })).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    Err(_) => return,
-                },
             };
-            if ids.is_empty() {
-                continue;
-            }
-            let (updated, removed) = self.manager.store.read(|s| {
-                let mut updated = Vec::new();
-                let mut removed = Vec::new();
-                for id in ids {
-                    match s.tasks.get(&id) {
-                        // The agent has a task's secrets and configs from the
-                        // first time it saw it: changes carry only the state.
-                        Some(t) if assigned_to(t, node) => updated.push(assignment(t, s, !sent.contains(&id))),
-                        _ if sent.contains(&id) => removed.push(id),
-                        _ => {}
+            match ev {
+                Ok(ev) => {
+                    let mut per_node: HashMap<u64, Vec<String>> = HashMap::new();
+                    store.read(|s| {
+                        for c in &ev.changes {
+                            let (id, node) = match c {
+                                // A task removed since is routed by its own
+                                // removal.
+                                Change::Task(id) => (id, s.tasks.get(id).and_then(|t| t.node_id)),
+                                Change::TaskRemoved(id, node) => (id, *node),
+                                _ => continue,
+                            };
+                            if let Some(n) = node {
+                                per_node.entry(n).or_default().push(id.clone());
+                            }
+                        }
+                    });
+                    if !per_node.is_empty() {
+                        self.send(per_node);
                     }
                 }
-                (updated, removed)
-            });
-            for a in &updated {
-                sent.insert(a.task_id.clone());
-            }
-            for r in &removed {
-                sent.remove(r);
-            }
-            if updated.is_empty() && removed.is_empty() {
-                continue;
-            }
-            if tx.send(Ok(AssignmentsMessage { full: false, updated, removed })).await.is_err() {
-                return;
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "assignment router fell behind the store: every connected node compares its whole task set");
+                    self.resync_all();
+                }
+                Err(RecvError::Closed) => return,
             }
         }
     }
+}
+
+/// Removes a stream from the hub when it ends.
+struct Subscription {
+    hub: Arc<Hub>,
+    node: u64,
+    id: u64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut subs = self.hub.lock();
+        if let Some(v) = subs.get_mut(&self.node) {
+            v.retain(|(id, _)| *id != self.id);
+            if v.is_empty() {
+                subs.remove(&self.node);
+            }
+        }
+    }
+}
+
+/// Builds the service view once for every connected node: again after a
+/// burst of changes that can move it (a service, a network, or a task of
+/// a service on a network).
+async fn build_views(
+    store: crate::store::Store,
+    mut events: tokio::sync::broadcast::Receiver<Arc<crate::store::Event>>,
+    out: tokio::sync::watch::Sender<Arc<ServiceView>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let view = store.read(service_view);
+        out.send_if_modified(|v| {
+            let changed = **v != view;
+            if changed {
+                *v = Arc::new(view);
+            }
+            changed
+        });
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
+            };
+            match ev {
+                Ok(ev) => {
+                    let moves = store.read(|s| {
+                        ev.changes.iter().any(|c| match c {
+                            Change::Service(_) | Change::ServiceRemoved(_) | Change::Network(_) | Change::NetworkRemoved(_) => true,
+                            Change::Task(id) => s.tasks.get(id).is_none_or(|t| !t.spec.networks.is_empty()),
+                            Change::TaskRemoved(..) => true,
+                            _ => false,
+                        })
+                    });
+                    if moves {
+                        break;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => break,
+                Err(RecvError::Closed) => return,
+            }
+        }
+        // Let the rest of a burst land first.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// At most this many task ids an agent may say it has.
+const MAX_KNOWN: usize = 100_000;
+
+/// At most this many assignments in one message: a node with a big task
+/// set gets it in several.
+const ASSIGNMENTS_PER_MESSAGE: usize = 1000;
+
+/// Only what an agent needs about a task it already has: its desired
+/// state (a task's spec, networks and data never change).
+fn light_assignment(t: &TaskObj) -> Assignment {
+    Assignment {
+        task_id: t.id.clone(),
+        service: t.service_name.clone(),
+        slot: t.slot,
+        desired_state: t.desired_state.as_str().into(),
+        state: t.state.as_str().into(),
+        ..Default::default()
+    }
+}
+
+impl DispatcherService {
+    /// Streams the service view: now, then whenever it changes.
+    async fn stream_services(self, tx: tokio::sync::mpsc::Sender<Result<ServiceView, Status>>) {
+        let mut views = self.views.clone();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let view = views.borrow_and_update().clone();
+            if tx.send(Ok((*view).clone())).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
+                r = views.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Streams node `node`'s assignments: the whole set (in messages of at
+    /// most [`ASSIGNMENTS_PER_MESSAGE`], the last with `more` false), then
+    /// what changes. Tasks the agent says it `known`s already get only
+    /// their desired state, and later changes to a task only when its
+    /// desired state moved, it ended or it went away.
+    async fn stream_assignments(self, node: u64, known: HashSet<String>, tx: tokio::sync::mpsc::Sender<Result<AssignmentsMessage, Status>>) {
+        let (_subscription, mut routed) = self.hub.subscribe(node);
+        let mut shutdown = self.shutdown.clone();
+        // What the agent has: task → desired state.
+        let mut sent: HashMap<String, TaskState> = HashMap::new();
+        let mut known = known;
+        let mut resync = true;
+        loop {
+            let (updated, removed, full) = if resync {
+                resync = false;
+                let full = self.manager.store.read(|s| {
+                    s.node_tasks(node)
+                        .filter(|t| assigned_to(t, node))
+                        .map(|t| (t.desired_state, if known.contains(&t.id) { light_assignment(t) } else { assignment(t, s, true) }))
+                        .collect::<Vec<_>>()
+                });
+                sent.clear();
+                known.clear();
+                (full, Vec::new(), true)
+            } else {
+                let first = tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
+                    r = routed.recv() => match r {
+                        Some(r) => r,
+                        None => return,
+                    },
+                };
+                // Everything routed meanwhile, at once.
+                let mut ids: HashSet<String> = HashSet::new();
+                let mut next = Some(first);
+                while let Some(r) = next {
+                    match r {
+                        Routed::Tasks(t) => ids.extend(t),
+                        Routed::Resync => resync = true,
+                    }
+                    next = routed.try_recv().ok();
+                }
+                if resync {
+                    // The agent has what was sent: those get their state only.
+                    known = sent.keys().cloned().collect();
+                    continue;
+                }
+                let (updated, removed) = self.manager.store.read(|s| {
+                    let mut updated = Vec::new();
+                    let mut removed = Vec::new();
+                    for id in ids {
+                        match s.tasks.get(&id) {
+                            Some(t) if assigned_to(t, node) => match sent.get(&id) {
+                                None => updated.push((t.desired_state, assignment(t, s, true))),
+                                Some(d) if *d != t.desired_state => updated.push((t.desired_state, light_assignment(t))),
+                                Some(_) => {}
+                            },
+                            _ if sent.contains_key(&id) => removed.push(id),
+                            _ => {}
+                        }
+                    }
+                    (updated, removed)
+                });
+                (updated, removed, false)
+            };
+            for r in &removed {
+                sent.remove(r);
+            }
+            let assignments = updated
+                .into_iter()
+                .map(|(desired, a)| {
+                    sent.insert(a.task_id.clone(), desired);
+                    a
+                })
+                .collect();
+            for m in messages(assignments, removed, full) {
+                if tx.send(Ok(m)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `updated` and `removed` as messages of at most
+/// [`ASSIGNMENTS_PER_MESSAGE`] assignments. A whole set (`full`) is always
+/// sent, even empty, and every message of it but the last says `more`.
+fn messages(updated: Vec<Assignment>, removed: Vec<String>, full: bool) -> Vec<AssignmentsMessage> {
+    let mut out: Vec<AssignmentsMessage> = Vec::new();
+    let mut updated = updated.into_iter().peekable();
+    while updated.peek().is_some() {
+        let chunk = updated.by_ref().take(ASSIGNMENTS_PER_MESSAGE).collect();
+        out.push(AssignmentsMessage { full, more: full, updated: chunk, removed: Vec::new() });
+    }
+    if out.is_empty() && (full || !removed.is_empty()) {
+        out.push(AssignmentsMessage { full, more: full, updated: Vec::new(), removed: Vec::new() });
+    }
+    if let Some(last) = out.last_mut() {
+        last.more = false;
+        last.removed = removed;
+    }
+    out
 }
 
 #[tonic::async_trait]
@@ -393,8 +658,12 @@ impl Dispatcher for DispatcherService {
         if caller != format_node_id(node) {
             return Err(Status::permission_denied("a node may only read its own assignments"));
         }
+        if req.get_ref().known.len() > MAX_KNOWN {
+            return Err(Status::invalid_argument(format!("{} known tasks: at most {MAX_KNOWN}", req.get_ref().known.len())));
+        }
+        let known = req.into_inner().known.into_iter().collect();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(self.clone().stream_assignments(node, tx));
+        tokio::spawn(self.clone().stream_assignments(node, known, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -497,7 +766,7 @@ impl Dispatcher for DispatcherService {
             }
             let ca_pem = self.manager.store.read(|s| s.cluster.as_ref().map(|c| c.trust_bundle().to_string())).unwrap_or_default();
             return Ok(Response::new(HeartbeatResponse {
-                period_ms: self.config.period.as_millis() as u64,
+                period_ms: self.heartbeat_facts().period.as_millis() as u64,
                 role: node.role.as_str().into(),
                 cert_pem,
                 ca_pem,
@@ -530,9 +799,7 @@ impl Dispatcher for DispatcherService {
                 .map_err(status)?;
             tracing::info!(node = %node.name, "node is heartbeating again: marked ready");
         }
-        let managers = self.manager.store.read(|s| {
-            s.nodes.values().filter(|n| n.role == Role::Manager).map(|n| n.address.clone()).collect()
-        });
+        let facts = self.heartbeat_facts();
         let cert_pem = self.node_cert(&node, &peer).await?;
         // A node speaks only for its own tasks and for services that exist
         // (a misbehaving one can't inflate another node's load).
@@ -543,11 +810,8 @@ impl Dispatcher for DispatcherService {
         });
         self.manager.metrics.record(r.node_id, &usage, &rates);
         let remove_volumes = if r.volumes_sent { self.record_volumes(&node.name, r.node_id, &r.volumes).await? } else { Vec::new() };
-        let (peers_version, peers, address_pool) = self.manager.store.read(|s| {
-            let (v, p) = peers_of(s, r.node_id);
-            (v, p, s.address_pool().to_string())
-        });
-        let peers_changed = peers_version != r.peers_version;
+        let peers_changed = facts.peers_version != r.peers_version;
+        let managers_changed = facts.managers_version != r.managers_version;
         let (revoked_version, revoked) = self.manager.store.read(|s| {
             let changed = s.revoked_version != r.revoked_version;
             (s.revoked_version, if changed { s.revoked.keys().cloned().collect() } else { Vec::new() })
@@ -560,14 +824,15 @@ impl Dispatcher for DispatcherService {
             String::new()
         };
         Ok(Response::new(HeartbeatResponse {
-            period_ms: self.config.period.as_millis() as u64,
-            managers,
+            period_ms: facts.period.as_millis() as u64,
+            managers: if managers_changed { facts.managers.clone() } else { Vec::new() },
+            managers_version: facts.managers_version,
             role: node.role.as_str().into(),
             cert_pem,
-            peers_version,
+            peers_version: facts.peers_version,
             peers_changed,
-            peers: if peers_changed { peers } else { Vec::new() },
-            address_pool: if peers_changed { address_pool } else { String::new() },
+            peers: if peers_changed { facts.peers.clone() } else { Vec::new() },
+            address_pool: if peers_changed { facts.address_pool.clone() } else { String::new() },
             remove_volumes,
             revoked_version,
             revoked_changed,

@@ -54,9 +54,8 @@ pub async fn stream_service(
     let mut parts = tokio::task::JoinSet::new();
     loop {
         let tasks: Vec<(String, String, String, (String, String))> = manager.store.read(|s| {
-            s.tasks
-                .values()
-                .filter(|t| t.service_id == service_id && t.state >= crate::store::task::TaskState::Starting)
+            s.service_tasks(&service_id)
+                .filter(|t| t.state >= crate::store::task::TaskState::Starting)
                 .filter_map(|t| {
                     let node = s.nodes.get(&t.node_id?)?;
                     let at = (node.address.clone(), crate::store::state::format_node_id(node.id));

@@ -84,7 +84,7 @@ fn assignments_carry_secret_data_only_the_first_time() {
         let task_id = task_id.clone();
         node.rt.spawn(async move {
             let mut stream = DispatcherClient::new(tls.channel(&addr).unwrap())
-                .assignments(AssignmentsRequest { node_id })
+                .assignments(AssignmentsRequest { node_id, ..Default::default() })
                 .await
                 .unwrap()
                 .into_inner();
@@ -139,7 +139,7 @@ mod misbehaving_manager {
         }
         type AssignmentsStream = Stream<AssignmentsMessage>;
         async fn assignments(&self, _: Request<AssignmentsRequest>) -> Result<Response<Self::AssignmentsStream>, Status> {
-            let first = AssignmentsMessage { full: true, updated: self.assignments.clone(), removed: vec![] };
+            let first = AssignmentsMessage { full: true, updated: self.assignments.clone(), ..Default::default() };
             let stream = tokio_stream::StreamExt::chain(tokio_stream::iter([Ok(first)]), tokio_stream::pending());
             Ok(Response::new(Box::pin(stream)))
         }

@@ -97,7 +97,7 @@ fn revoked_certificates_are_refused_by_every_service() -> anyhow::Result<()> {
         rt.block_on(async move {
             let m = channel(&addr, &dir, pki::CLUSTER_DNS_NAME).await?;
             let raft = refusal(RaftClient::new(m.clone()).vote(RaftPayload { data: vec![] }).await);
-            let dispatcher = refusal(DispatcherClient::new(m.clone()).assignments(AssignmentsRequest { node_id: victim_id }).await);
+            let dispatcher = refusal(DispatcherClient::new(m.clone()).assignments(AssignmentsRequest { node_id: victim_id, ..Default::default() }).await);
             let exec = |ch: tonic::transport::Channel| async move {
                 let req = ExecRequest { task_id: "none".into(), cmd: vec!["true".into()], ..Default::default() };
                 refusal(AgentClient::new(ch).exec(req).await)
@@ -129,7 +129,7 @@ fn revoked_certificates_are_refused_by_every_service() -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {
             let w = channel(&addr, &old_worker, pki::CLUSTER_DNS_NAME).await?;
-            anyhow::Ok(refusal(DispatcherClient::new(w).assignments(AssignmentsRequest { node_id: victim_id }).await))
+            anyhow::Ok(refusal(DispatcherClient::new(w).assignments(AssignmentsRequest { node_id: victim_id, ..Default::default() }).await))
         })
     })?;
     assert!(r.contains("revoked"), "dispatcher accepted a removed node's certificate: {r}");
@@ -180,7 +180,7 @@ fn a_worker_certificate_cannot_pose_as_a_manager() -> anyhow::Result<()> {
     let (as_manager, as_node) = rt.block_on(async {
         let me = Trust::new(manager)?;
         let ask = |ch: tonic::transport::Channel| async move {
-            refusal(DispatcherClient::new(ch).assignments(AssignmentsRequest { node_id: 1 }).await)
+            refusal(DispatcherClient::new(ch).assignments(AssignmentsRequest { node_id: 1, ..Default::default() }).await)
         };
         anyhow::Ok((ask(me.channel(&addr)?).await, ask(me.node_channel(&addr, &worker_id)?).await))
     })?;

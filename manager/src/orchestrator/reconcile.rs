@@ -49,15 +49,6 @@ pub enum Scope {
     Services(BTreeSet<String>),
 }
 
-impl Scope {
-    fn contains(&self, service_id: &str) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Services(s) => s.contains(service_id),
-        }
-    }
-}
-
 /// One pass's decisions.
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
@@ -173,12 +164,22 @@ struct Planner<'a> {
 /// Decides what the orchestrators do about the services in `scope`.
 pub fn reconcile(state: &State, scope: &Scope, now_ms: u64, config: &OrchestratorConfig) -> Plan {
     let mut by_service: BTreeMap<&str, Vec<View>> = BTreeMap::new();
-    for t in state.tasks.values() {
-        if scope.contains(&t.service_id) {
-            by_service
-                .entry(t.service_id.as_str())
-                .or_default()
-                .push(View { t, state: t.state, desired: t.desired_state, touched: false });
+    let view = |t| View { t, state: t.state, desired: t.desired_state, touched: false };
+    match scope {
+        Scope::All => {
+            for t in state.tasks.values() {
+                by_service.entry(t.service_id.as_str()).or_default().push(view(t));
+            }
+        }
+        // Only the services in scope, through the index (in id order, as
+        // the full scan gives them).
+        Scope::Services(ids) => {
+            for id in ids {
+                let views: Vec<View> = state.service_tasks(id).map(view).collect();
+                if let Some(first) = views.first() {
+                    by_service.insert(first.t.service_id.as_str(), views);
+                }
+            }
         }
     }
     let mut ids: BTreeSet<&str> = by_service.keys().copied().collect();

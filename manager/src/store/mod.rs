@@ -4,6 +4,7 @@
 //! proposing commands.
 
 pub mod command;
+pub mod index;
 pub mod objects;
 pub mod state;
 pub mod task;
@@ -30,6 +31,10 @@ pub struct Store {
     /// The revoked serials, apart from the state: every RPC checks them,
     /// and must not wait while a big entry is applied.
     revoked: Arc<RwLock<Arc<std::collections::HashSet<String>>>>,
+    /// Bumped whenever a node, a network or the cluster object changes:
+    /// what every heartbeat answers from (managers, peers) is worked out
+    /// once per value instead of per heartbeat.
+    topology: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Store {
@@ -43,7 +48,7 @@ impl Store {
         // Watchers that fall this far behind get `Lagged` and must re-read
         // the whole state; 4096 entries is seconds of the busiest load.
         let (events, _) = broadcast::channel(4096);
-        Store { state: Arc::new(RwLock::new(State::default())), events, revoked: Default::default() }
+        Store { state: Arc::new(RwLock::new(State::default())), events, revoked: Default::default(), topology: Default::default() }
     }
 
     /// Whether the certificate with `serial` (hex) is revoked; never waits
@@ -67,6 +72,11 @@ impl Store {
         // A poisoned lock means a panic while applying; the state may be
         // half-changed, but reading it is still the best we can do.
         self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes whenever a node, a network or the cluster object changes.
+    pub fn topology_version(&self) -> u64 {
+        self.topology.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Subscribes to what each applied entry changes.
@@ -97,6 +107,11 @@ impl Store {
             }
             res
         };
+        if changes.iter().any(|c| {
+            matches!(c, Change::Node(_) | Change::NodeRemoved(_) | Change::Network(_) | Change::NetworkRemoved(_) | Change::Cluster)
+        }) {
+            self.topology.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         if !changes.is_empty() {
             // No receivers is fine: nobody watches yet.
             let _ = self.events.send(Arc::new(Event { version: index, changes }));
@@ -105,9 +120,11 @@ impl Store {
     }
 
     /// Replaces the whole state (snapshot install or restart).
-    pub(crate) fn replace(&self, state: State) {
+    pub(crate) fn replace(&self, mut state: State) {
+        state.rebuild_index();
         self.publish_revoked(&state);
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        self.topology.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub(crate) fn snapshot_bytes(&self) -> Result<Vec<u8>, postcard::Error> {

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, ApplyError, Command, NodePatch, Refusal};
 use super::objects::{ClientObj, ClusterObj, DataKind, DataObj, ImageObj, IssuedCert, NetworkObj, NodeObj, NodeStatus, Role, ServiceObj, VolumeObj, VolumeReplica, MAX_DATA};
+use super::index::{Key, TaskIndex};
 use super::task::{TaskObj, TaskState, TaskUpdate};
 
 /// Everything the managers agree on. Cloned only to build snapshots.
@@ -40,6 +41,10 @@ pub struct State {
     /// Client identities by name.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientObj>,
+    /// Lookups over `tasks`, kept in step by `apply` (rebuilt after a
+    /// snapshot is read: [`State::rebuild_index`]).
+    #[serde(skip)]
+    pub index: TaskIndex,
 }
 
 /// The last [`super::command::RECENT_REQUESTS`] request ids and what each
@@ -86,7 +91,8 @@ pub enum Change {
     Service(String),
     ServiceRemoved(String),
     Task(String),
-    TaskRemoved(String),
+    /// A task's id, and the node it had (its assignment stream learns).
+    TaskRemoved(String, Option<u64>),
     Image(String),
     ImageRemoved(String),
     Network(String),
@@ -98,6 +104,42 @@ pub enum Change {
 }
 
 impl State {
+    /// Rebuilds the task indexes from the tasks (after a snapshot or a
+    /// restart: they are not part of the replicated state).
+    pub fn rebuild_index(&mut self) {
+        self.index = TaskIndex::build(self.tasks.values());
+    }
+
+    /// Service `id`'s tasks (every state), through the index.
+    pub fn service_tasks<'a>(&'a self, id: &str) -> impl Iterator<Item = &'a TaskObj> + use<'a> {
+        self.index.service_tasks(id).filter_map(|t| self.tasks.get(t))
+    }
+
+    /// The tasks that have node `id` (every state), through the index.
+    pub fn node_tasks(&self, id: u64) -> impl Iterator<Item = &TaskObj> {
+        self.index.node_tasks(id).filter_map(|t| self.tasks.get(t))
+    }
+
+    fn insert_task(&mut self, t: TaskObj) {
+        self.index.add(&t.id, &Key::of(&t));
+        self.tasks.insert(t.id.clone(), t);
+    }
+
+    fn remove_task(&mut self, id: &str) -> Option<TaskObj> {
+        let t = self.tasks.remove(id)?;
+        self.index.remove(id, &Key::of(&t));
+        Some(t)
+    }
+
+    /// Changes task `id` in place, keeping the indexes in step.
+    fn modify_task<R>(&mut self, id: &str, f: impl FnOnce(&mut TaskObj) -> R) -> Option<R> {
+        let t = self.tasks.get_mut(id)?;
+        let before = Key::of(t);
+        let r = f(t);
+        self.index.update(id, &before, &Key::of(t));
+        Some(r)
+    }
+
     /// Adds `certs` to the revocation list and drops the entries that
     /// expired (an expired certificate is refused anyway).
     fn revoke(&mut self, certs: Vec<IssuedCert>, index: u64, now: u64) {
@@ -144,7 +186,7 @@ impl State {
                     let id = t.id.clone();
                     applied.ids.push(id.clone());
                     changes.push(Change::Task(id.clone()));
-                    self.tasks.insert(id.clone(), t);
+                    self.insert_task(t);
                     // Global tasks are created on their node.
                     self.address_task(&id, index, now, changes);
                     self.volume_task(&id, index, changes);
@@ -153,13 +195,17 @@ impl State {
             Command::UpdateTasks { from_node, updates } => {
                 for u in updates {
                     let id = u.id.clone();
-                    if let Some(t) = self.tasks.get_mut(&id) {
-                        if apply_task_update(t, from_node, u, now) {
+                    let changed = self.modify_task(&id, |t| {
+                        let changed = apply_task_update(t, from_node, u, now);
+                        if changed {
                             t.version = index;
                             t.updated_at_ms = now;
-                            applied.ids.push(t.id.clone());
-                            changes.push(Change::Task(t.id.clone()));
                         }
+                        changed
+                    });
+                    if changed == Some(true) {
+                        applied.ids.push(id.clone());
+                        changes.push(Change::Task(id.clone()));
                     }
                     // A task placed on a node gets its overlay addresses
                     // there, in the same entry, and its volumes count the
@@ -303,8 +349,8 @@ impl State {
             }
             Command::RemoveTasks { ids } => {
                 for id in ids {
-                    if self.tasks.remove(&id).is_some() {
-                        changes.push(Change::TaskRemoved(id));
+                    if let Some(t) = self.remove_task(&id) {
+                        changes.push(Change::TaskRemoved(id, t.node_id));
                     }
                 }
             }
@@ -856,12 +902,14 @@ impl State {
                     addresses.push(addr);
                 }
                 Err(why) => {
-                    if let Some(t) = self.tasks.get_mut(id) {
+                    let rejected = self.modify_task(id, |t| {
                         t.state = TaskState::Rejected;
                         t.state_at_ms = now;
                         t.error = why;
                         t.message = "no overlay address".into();
                         t.version = index;
+                    });
+                    if rejected.is_some() {
                         changes.push(Change::Task(id.to_string()));
                     }
                     return;
@@ -875,9 +923,13 @@ impl State {
                 changes.push(Change::Network(name));
             }
         }
-        if let Some(t) = self.tasks.get_mut(id) {
-            t.addresses = addresses;
-            t.version = index;
+        if self
+            .modify_task(id, |t| {
+                t.addresses = addresses;
+                t.version = index;
+            })
+            .is_some()
+        {
             changes.push(Change::Task(id.to_string()));
         }
     }
@@ -887,21 +939,12 @@ impl State {
     fn free_address(&self, name: &str, node: u64, pending: &[(String, String)]) -> Result<(String, Option<String>), String> {
         let net = self.networks.get(name).ok_or_else(|| format!("network {name:?} does not exist"))?;
         let subnet = crate::spec::parse_cidr(&net.subnet).map_err(|e| e.to_string())?;
-        // Addresses held by live tasks on this network.
-        let used: std::collections::HashSet<u32> = self
-            .tasks
-            .values()
-            .filter(|t| !t.state.is_terminal())
-            .flat_map(|t| t.spec.networks.iter().zip(&t.addresses).filter(|(n, _)| *n == name).map(|(_, a)| a))
-            .filter_map(|a| a.split('/').next()?.parse::<std::net::Ipv4Addr>().ok())
-            .map(u32::from)
-            .collect();
         let size = 1u32 << (32 - SLICE_PREFIX);
         let mine = net.slices.get(&node).into_iter().flatten().chain(pending.iter().filter(|(n, _)| n == name).map(|(_, s)| s));
         for slice in mine {
             let Ok((base, _)) = crate::spec::parse_cidr(slice) else { continue };
             // .0 and the last address of a slice stay unused, .1 is the gateway.
-            if let Some(a) = (2..size - 1).map(|o| u32::from(base) + o).find(|a| !used.contains(a)) {
+            if let Some(a) = (2..size - 1).map(|o| u32::from(base) + o).find(|a| !self.index.address_used(name, *a)) {
                 return Ok((format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(a)), None));
             }
         }
@@ -1427,5 +1470,102 @@ mod tests {
         let err = apply(&mut st, 3, net("three", "")).unwrap_err();
         assert_eq!(err.to_string(), "the network pool 100.70.0.0/19 has no free /20 left");
         assert_eq!(st.networks.len(), 2);
+    }
+
+    /// After any sequence of commands, the task indexes equal a recount
+    /// from the tasks (and from a snapshot's rebuild).
+    #[test]
+    fn task_indexes_equal_a_full_recount_after_any_commands() {
+        use crate::store::index::TaskIndex;
+        use crate::store::objects::{NodeObj, Role};
+        // xorshift64*: reproducible without a dependency.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+        };
+        let mut st = State::default();
+        let mut index = 1u64;
+        let mut run = |st: &mut State, cmd: Command| {
+            index += 1;
+            let _ = st.apply(index, 1000 + index, cmd, &mut Vec::new());
+        };
+        run(&mut st, net("front", ""));
+        for id in 1..=4 {
+            run(&mut st, Command::AddNode { node: NodeObj::new(id, &format!("n{id}"), Role::Worker, "198.18.0.1:7700") });
+        }
+        let mut task_no = 0u64;
+        for step in 0..3000 {
+            let services: Vec<String> = st.services.keys().cloned().collect();
+            let tasks: Vec<String> = st.tasks.keys().cloned().collect();
+            let pick = |v: &[String], i: u64| v.get(i as usize).cloned();
+            let cmd = match next(8) {
+                0 if services.len() < 6 => {
+                    let id = format!("s{step}");
+                    let mut spec = ServiceSpec { name: format!("svc{step}"), image: "bb:1".into(), mode: "replicated".into(), replicas: 3, ..Default::default() };
+                    if next(2) == 0 {
+                        spec.networks = vec!["front".into()];
+                    }
+                    Command::CreateService { service: Box::new(ServiceObj::new(id, spec)) }
+                }
+                1 if !services.is_empty() && next(10) == 0 => {
+                    let Some(svc) = pick(&services, next(services.len() as u64)) else { continue };
+                    Command::RemoveServices { services: vec![svc] }
+                }
+                0..=2 if !services.is_empty() => {
+                    let Some(svc) = pick(&services, next(services.len() as u64)).and_then(|id| st.services.get(&id)) else { continue };
+                    let tasks = (0..1 + next(3))
+                        .map(|_| {
+                            task_no += 1;
+                            let node = (next(3) == 0).then(|| 1 + next(4));
+                            let mut t = TaskObj::new(svc, 1 + next(3), node, 0, "created");
+                            t.id = format!("t{task_no}");
+                            t
+                        })
+                        .collect();
+                    Command::CreateTasks { tasks }
+                }
+                3..=6 if !tasks.is_empty() => {
+                    let updates = (0..1 + next(4))
+                        .filter_map(|_| {
+                            let id = pick(&tasks, next(tasks.len() as u64))?;
+                            let state = TaskState::ALL[next(TaskState::ALL.len() as u64) as usize];
+                            Some(TaskUpdate {
+                                id,
+                                state: Some(state),
+                                node_id: (next(2) == 0).then(|| 1 + next(4)),
+                                desired_state: (next(5) == 0).then_some(TaskState::Shutdown),
+                                ..Default::default()
+                            })
+                        })
+                        .collect();
+                    Command::UpdateTasks { from_node: None, updates }
+                }
+                7 if !tasks.is_empty() => {
+                    let ids = (0..1 + next(3)).filter_map(|_| pick(&tasks, next(tasks.len() as u64))).collect();
+                    Command::RemoveTasks { ids }
+                }
+                _ => continue,
+            };
+            run(&mut st, cmd);
+            assert_eq!(st.index, TaskIndex::build(st.tasks.values()), "after step {step}");
+        }
+        assert!(st.tasks.len() > 50, "the sequence must leave tasks to check: {}", st.tasks.len());
+        assert!(st.tasks.values().any(|t| !t.addresses.is_empty()), "some tasks must hold overlay addresses");
+        for svc in st.services.keys() {
+            let running = st.tasks.values().filter(|t| &t.service_id == svc && t.state == TaskState::Running).count();
+            assert_eq!(st.index.running(svc), running);
+            assert_eq!(st.service_tasks(svc).count(), st.tasks.values().filter(|t| &t.service_id == svc).count());
+        }
+        for node in 1..=4 {
+            assert_eq!(st.node_tasks(node).count(), st.tasks.values().filter(|t| t.node_id == Some(node)).count());
+        }
+        // A snapshot round trip rebuilds the same indexes.
+        let mut copy: State = crate::codec::decode(&crate::codec::encode(&st).unwrap()).unwrap();
+        assert_eq!(copy.index, TaskIndex::default());
+        copy.rebuild_index();
+        assert_eq!(copy.index, st.index);
     }
 }
