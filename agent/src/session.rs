@@ -63,6 +63,10 @@ pub(crate) async fn run(mut s: Session) {
     // from them yet); they send the list only when it changed.
     let mut managers_version = 0u64;
     let mut jitter = Jitter::new(s.node_id);
+    // One connection for every heartbeat to the same manager (a TLS
+    // handshake per heartbeat was most of a big cluster's leader CPU); made
+    // again after an error or a new certificate or CA bundle.
+    let mut conn: Option<(String, tonic::transport::Channel)> = None;
     let mut volumes_at: Option<std::time::Instant> = None;
     loop {
         let target = preferred.clone().or_else(|| s.managers.get(idx % s.managers.len().max(1)).cloned());
@@ -76,7 +80,21 @@ pub(crate) async fn run(mut s: Session) {
                 None
             };
             let volumes_sent = volumes.is_some();
-            match heartbeat(&s, &addr, &res, (peers_version, managers_version), load, volumes).await {
+            let channel = match conn.as_ref().filter(|(a, _)| *a == addr) {
+                Some((_, c)) => Ok(c.clone()),
+                None => s.tls.channel(&addr).map_err(|e| HbError::Other(e.to_string())),
+            };
+            let result = match channel {
+                Ok(channel) => {
+                    conn = Some((addr.clone(), channel.clone()));
+                    heartbeat(&s, channel, &addr, &res, (peers_version, managers_version), load, volumes).await
+                }
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                conn = None;
+            }
+            match result {
                 Ok(r) => {
                     ok = true;
                     if !r.remove_volumes.is_empty() {
@@ -108,9 +126,11 @@ pub(crate) async fn run(mut s: Session) {
                     }
                     if !r.ca_pem.is_empty() {
                         trust_bundle(&s, &r.ca_pem);
+                        conn = None;
                     }
                     if !cert.is_empty() && role == Some(s.role) {
                         renew(&s, &cert);
+                        conn = None;
                     }
                     if let Some(new_role) = role.filter(|r| *r != s.role && !cert.is_empty()) {
                         match identity::apply_role_change(&s.data_dir, new_role, &cert) {
@@ -201,13 +221,13 @@ enum HbError {
 
 async fn heartbeat(
     s: &Session,
+    channel: tonic::transport::Channel,
     addr: &str,
     res: &Resources,
     (peers_version, managers_version): (u64, u64),
     (usage, rates): (Vec<TaskUsage>, Vec<ServiceRate>),
     volumes: Option<Vec<crate::volume::LocalVolume>>,
 ) -> Result<HeartbeatResponse, HbError> {
-    let channel = s.tls.channel(addr).map_err(|e| HbError::Other(e.to_string()))?;
     let mut client = DispatcherClient::new(channel);
     let call = client.heartbeat(HeartbeatRequest {
         node_id: s.node_id,

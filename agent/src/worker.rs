@@ -802,6 +802,9 @@ async fn fetch_blob<W: tokio::io::AsyncWrite + Unpin>(
 /// report per task while the manager is unreachable.
 async fn report_loop(ctx: Ctx, mut rx: mpsc::UnboundedReceiver<TaskStatus>, mut shutdown: watch::Receiver<bool>) {
     let pending: Arc<Mutex<Vec<TaskStatus>>> = Default::default();
+    // One connection while the manager stays the same (no handshake per
+    // report); made again after an error.
+    let mut conn: Option<(String, tonic::transport::Channel)> = None;
     loop {
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => return },
@@ -825,15 +828,23 @@ async fn report_loop(ctx: Ctx, mut rx: mpsc::UnboundedReceiver<TaskStatus>, mut 
                 break;
             }
             let addr = ctx.manager.borrow().clone();
-            let sent = match addr {
-                Some(addr) => match ctx.tls.channel(&addr) {
-                    Ok(ch) => DispatcherClient::new(ch)
+            let channel = match (addr, conn.take()) {
+                (Some(addr), Some((a, ch))) if a == addr => Ok((addr, ch)),
+                (Some(addr), _) => ctx.tls.channel(&addr).map(|ch| (addr, ch)).map_err(|e| e.to_string()),
+                (None, _) => Err("no manager".into()),
+            };
+            let sent = match channel {
+                Ok((addr, ch)) => {
+                    let r = DispatcherClient::new(ch.clone())
                         .update_task_status(TaskStatusBatch { node_id: ctx.node_id, statuses: batch.clone() })
                         .await
-                        .map_err(|s| s.message().to_string()),
-                    Err(e) => Err(e.to_string()),
-                },
-                None => Err("no manager".into()),
+                        .map_err(|s| s.message().to_string());
+                    if r.is_ok() {
+                        conn = Some((addr, ch));
+                    }
+                    r
+                }
+                Err(e) => Err(e),
             };
             match sent {
                 Ok(_) => {

@@ -188,12 +188,15 @@ impl DispatcherService {
             self.finish_ca_rotation().await;
             let down_after = self.down_after();
             let down: Vec<(u64, NodeStatus)> = {
-                let seen = self.seen();
+                let mut seen = self.seen();
+                let now = Instant::now();
                 self.manager.store.read(|s| {
                     s.nodes
                         .values()
                         .filter(|n| n.status == NodeStatus::Ready && n.id != self.manager.id)
-                        .filter(|n| seen.get(&n.id).is_none_or(|t| t.elapsed() > down_after))
+                        // A node that joined since is given the whole time
+                        // from now: its first heartbeat may be on its way.
+                        .filter(|n| seen.entry(n.id).or_insert(now).elapsed() > down_after)
                         .map(|n| (n.id, NodeStatus::Down))
                         .collect()
                 })

@@ -2,10 +2,14 @@
 //! private bridge, with an address in 198.18.0.0/15, running a real
 //! `shoal daemon` started with `nsenter --net=`. Everything a cluster makes
 //! (namespaces, veths, bridge, data dirs, processes) carries a unique prefix
-//! and is removed when the [`Cluster`] is dropped, also when a test panics.
+//! and is removed when the [`Cluster`] is dropped, also when a test panics,
+//! and — in a program that called [`cleanup_on_signals`] — on SIGINT,
+//! SIGTERM or SIGHUP and on a panic on any thread (see [`cleanup`]).
 
+pub mod cleanup;
 pub mod linearizability;
 pub mod netns;
+pub mod sim;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -15,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
+
+pub use cleanup::cleanup_on_signals;
 
 pub const GRPC_PORT: u16 = 7700;
 
@@ -102,7 +108,9 @@ pub struct Cluster {
     pub bridge: String,
     pub dir: PathBuf,
     pub hosts: Vec<Host>,
-    forward_rule: bool,
+    /// Everything this cluster made, in the process-wide registry of
+    /// [`cleanup`]; dropping it (with the cluster) removes all of it.
+    resources: cleanup::Registration,
 }
 
 impl Cluster {
@@ -110,15 +118,25 @@ impl Cluster {
     pub fn hosts(n: usize) -> anyhow::Result<Self> {
         let id = unique_id();
         let dir = std::env::temp_dir().join(format!("shoal-test-{id}"));
-        std::fs::create_dir_all(&dir)?;
         let bridge = format!("shb{id}");
-        let mut c = Cluster { id: id.clone(), bridge: bridge.clone(), dir, hosts: Vec::new(), forward_rule: false };
-        sh("ip", &["link", "add", &bridge, "type", "bridge"])?;
-        sh("ip", &["link", "set", &bridge, "up"])?;
-        c.forward_rule = netns::allow_bridge_forwarding(&bridge);
-        for i in 0..n {
+        // Recorded before anything is made, so that a failure or a signal
+        // from here on finds all of it.
+        let resources = cleanup::register(cleanup::Resources {
+            label: format!("cluster {id}"),
+            bridge: Some(bridge.clone()),
+            dir: Some(dir.clone()),
+            ..Default::default()
+        });
+        let mut c = Cluster { id, bridge, dir, hosts: Vec::new(), resources };
+        c.resources.update(|r| -> anyhow::Result<()> {
+            std::fs::create_dir_all(c.tmp_dir())?;
+            sh("ip", &["link", "add", &c.bridge, "type", "bridge"])?;
+            sh("ip", &["link", "set", &c.bridge, "up"])?;
+            r.forward_rule = netns::allow_bridge_forwarding(&c.bridge);
+            Ok(())
+        })?;
+        for _ in 0..n {
             c.add_host()?;
-            let _ = i;
         }
         Ok(c)
     }
@@ -129,7 +147,13 @@ impl Cluster {
         let netns = format!("sh{}-h{i}", self.id);
         let veth = format!("sh{}h{i}", self.id);
         let ip = Ipv4Addr::new(198, 18, 0, 10 + i as u8);
-        sh("ip", &["netns", "add", &netns])?;
+        self.resources.update(|r| -> anyhow::Result<()> {
+            r.netns.push(netns.clone());
+            r.veths.push(veth.clone());
+            sh("ip", &["netns", "add", &netns])?;
+            sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            Ok(())
+        })?;
         let host = Host {
             index: i,
             name: format!("n{i}"),
@@ -141,7 +165,6 @@ impl Cluster {
             process: None,
         };
         self.hosts.push(host);
-        sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
         sh("ip", &["link", "set", &veth, "master", &self.bridge, "up"])?;
         let ns = |args: &[&str]| -> anyhow::Result<String> {
             let mut a = vec!["-n", netns.as_str()];
@@ -172,18 +195,35 @@ impl Cluster {
                 });
             }
         }
-        let child = cmd
-            .arg(format!("--net=/run/netns/{}", h.netns))
+        cmd.arg(format!("--net=/run/netns/{}", h.netns))
             .arg(shoal_bin())
             .args(&args)
             .env("SHOAL_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting shoal daemon")?;
+            .stderr(log);
+        // Started and recorded in one step: no cleanup can run between.
+        let child = self.resources.update(|r| -> anyhow::Result<Child> {
+            let child = cmd.spawn().context("starting shoal daemon")?;
+            r.pids.push(child.id());
+            if !r.data_dirs.contains(&h.data_dir) {
+                r.data_dirs.push(h.data_dir.clone());
+            }
+            Ok(child)
+        })?;
         h.process = Some(child);
         Ok(())
+    }
+
+    /// The CLI's TMPDIR: a CLI call ended by the cleanup (a signal) leaves
+    /// its staging dirs here, inside the cluster's dir, not in /tmp.
+    fn tmp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// Forgets a daemon this cluster has reaped (its PID may be reused).
+    fn reaped(&self, pid: u32) {
+        self.resources.update(|r| r.pids.retain(|p| *p != pid));
     }
 
     fn daemon_args(&self, i: usize) -> Vec<String> {
@@ -223,8 +263,10 @@ impl Cluster {
     /// Waits up to `timeout` for host `i`'s daemon to exit on its own.
     pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let child = self.hosts[i].process.as_mut().context("no daemon started")?;
+        let pid = child.id();
         let status = wait_for(timeout, "the daemon to exit", || Ok(child.try_wait()?))?;
         self.hosts[i].process = None;
+        self.reaped(pid);
         Ok(status)
     }
 
@@ -251,6 +293,7 @@ impl Cluster {
         if let Some(mut c) = self.hosts[i].process.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.reaped(c.id());
         }
     }
 
@@ -262,14 +305,18 @@ impl Cluster {
                 nix::sys::signal::Signal::SIGTERM,
             );
             let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
+            let mut exited = false;
+            while !exited && Instant::now() < deadline {
+                exited = matches!(c.try_wait(), Ok(Some(_)));
+                if !exited {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            if !exited {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            self.reaped(c.id());
         }
     }
 
@@ -327,8 +374,8 @@ impl Cluster {
     pub fn cli_with(&self, i: usize, host: &str, cert_dir: &Path, args: &[&str]) -> Output {
         // A CLI call that hangs must fail the test, not stall the suite:
         // coreutils `timeout` bounds it (the cluster's cleanup then runs).
-        let out = Command::new("timeout")
-            .args(["--kill-after=5", "150", "nsenter"])
+        let mut cmd = Command::new("timeout");
+        cmd.args(["--kill-after=5", "150", "nsenter"])
             .arg(format!("--net=/run/netns/{}", self.hosts[i].netns))
             .arg(shoal_bin())
             .arg("--host")
@@ -336,8 +383,14 @@ impl Cluster {
             .arg("--cert-dir")
             .arg(cert_dir)
             .args(args)
+            .env("TMPDIR", self.tmp_dir())
             .stdin(Stdio::null())
-            .output();
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Started under the registry's lock: once a signal's cleanup has
+        // begun, no new call starts against the cluster it is removing
+        // (calls already running name the cluster's dir: it ends them).
+        let out = self.resources.update(|_| cmd.spawn()).and_then(Child::wait_with_output);
         spawned(out)
     }
 
@@ -390,24 +443,22 @@ pub fn cli_json(args: &[&str], out: Output) -> anyhow::Result<Value> {
 }
 
 /// Stops and removes every container under `data_dir` (their supervisors
-/// outlive the daemon by design, so killing the daemon is not enough), then
-/// ends any supervisor of that data dir that is still there.
-pub fn remove_containers(data_dir: &Path) {
+/// outlive the daemon by design, so killing the daemon is not enough), ends
+/// any supervisor of that data dir that is still there, and unmounts what
+/// the agent mounted under it (the tmpfs for task secrets, the pinned
+/// network namespaces of its tasks, volumes: all outlive a killed daemon).
+/// Returns what it removed, one phrase each.
+pub fn remove_containers(data_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
     if let Ok(exec) = shoal_agent::executor::LinuxExecutor::new(data_dir, &shoal_bin()) {
         use shoal_agent::executor::{ContainerState, Executor};
         for id in exec.list().unwrap_or_default() {
             if let Ok(ContainerState::Running) = exec.state(&id) {
                 let _ = exec.shutdown(&id, Duration::from_millis(200));
             }
-            let _ = exec.remove(&id);
-        }
-    }
-    // The agent's tmpfs for task secrets outlives a killed daemon, and so
-    // do the pinned network namespaces of its tasks.
-    let _ = nix::mount::umount2(&data_dir.join("taskdata"), nix::mount::MntFlags::MNT_DETACH);
-    if let Ok(rd) = std::fs::read_dir(data_dir.join("netns")) {
-        for e in rd.flatten() {
-            let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+            if exec.remove(&id).is_ok() {
+                done.push(format!("removed container {id}"));
+            }
         }
     }
     // Supervisors this test's daemons started: their command line names the
@@ -418,33 +469,17 @@ pub fn remove_containers(data_dir: &Path) {
             let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
             let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&needle) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            if cmd.contains(&needle)
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok()
+            {
+                done.push(format!("killed supervisor {pid}"));
             }
         }
     }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.hosts.len() {
-            self.kill(i);
-        }
-        for h in &self.hosts {
-            remove_containers(&h.data_dir);
-        }
-        for h in &self.hosts {
-            let _ = sh("ip", &["link", "del", &h.veth]);
-            let _ = sh("ip", &["netns", "del", &h.netns]);
-        }
-        if self.forward_rule {
-            netns::remove_bridge_forwarding(&self.bridge);
-        }
-        let _ = sh("ip", &["link", "del", &self.bridge]);
-        if std::env::var_os("SHOAL_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+    for m in cleanup::unmount_under(data_dir) {
+        done.push(format!("unmounted {}", m.display()));
     }
+    done
 }
 
 /// A gRPC Control API client for bulk work (benchmarks, the compaction
@@ -507,12 +542,28 @@ pub mod runtime_support;
 pub fn busybox_rootfs() -> anyhow::Result<PathBuf> {
     static PATH: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
-        // One shared file: built to a private name, then renamed into place,
-        // so parallel test processes never see half a tarball.
+        // One shared file: built in a private dir, then renamed into place,
+        // so parallel test processes never see half a tarball. The dir (the
+        // script's TMPDIR too) is registered: a signal mid-build ends the
+        // script and removes it.
         let out = std::env::temp_dir().join("shoal-test-busybox.tar");
-        let tmp = std::env::temp_dir().join(format!("shoal-test-busybox-{}.tar", unique_id()));
+        let work = std::env::temp_dir().join(format!("shoal-test-busybox-{}", unique_id()));
+        let build = cleanup::register(cleanup::Resources {
+            label: format!("busybox rootfs build in {}", work.display()),
+            dir: Some(work.clone()),
+            ..Default::default()
+        });
+        let tmp = work.join("busybox.tar");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/busybox-rootfs");
-        sh(&script.display().to_string(), &[&tmp.display().to_string()]).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&script);
+        cmd.arg(&tmp).env("TMPDIR", &work).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let built = build
+            .update(|_| std::fs::create_dir_all(&work).and_then(|()| cmd.spawn()))
+            .and_then(Child::wait_with_output)
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        if !built.status.success() {
+            return Err(format!("{}: {}", script.display(), String::from_utf8_lossy(&built.stderr).trim()));
+        }
         std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
         Ok(out)
     })

@@ -15,19 +15,25 @@ pub fn allow_bridge_forwarding(bridge: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Removes the rule [`allow_bridge_forwarding`] added.
-pub fn remove_bridge_forwarding(bridge: &str) {
+/// Removes the rule [`allow_bridge_forwarding`] added; returns whether
+/// there was one.
+pub fn remove_bridge_forwarding(bridge: &str) -> bool {
     let comment = format!("shoal-test-{bridge}");
     let Ok(out) = Command::new("nft").args(["-a", "list", "chain", "ip", "filter", "FORWARD"]).output() else {
-        return;
+        return false;
     };
+    let mut removed = false;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        if line.contains(&comment) {
-            if let Some(handle) = line.rsplit("handle ").next().map(str::trim) {
-                let _ = Command::new("nft").args(["delete", "rule", "ip", "filter", "FORWARD", "handle", handle]).output();
-            }
+        if line.contains(&comment)
+            && let Some(handle) = line.rsplit("handle ").next().map(str::trim)
+        {
+            removed |= Command::new("nft")
+                .args(["delete", "rule", "ip", "filter", "FORWARD", "handle", handle])
+                .output()
+                .is_ok_and(|o| o.status.success());
         }
     }
+    removed
 }
 
 /// Runs `f` on a new thread that has entered network namespace `netns`

@@ -53,7 +53,7 @@ async fn agent(manager: String, node_id: u64, tls: NodeTls) -> anyhow::Result<()
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
-    let mut stream = DispatcherClient::new(channel).assignments(AssignmentsRequest { node_id }).await?.into_inner();
+    let mut stream = DispatcherClient::new(channel).assignments(AssignmentsRequest { node_id, ..Default::default() }).await?.into_inner();
     while let Some(msg) = stream.message().await? {
         let mut statuses = Vec::new();
         for a in msg.updated {
@@ -85,10 +85,13 @@ fn usage(pid: u32) -> (u64, u64) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // First, before any thread starts: SIGINT/SIGTERM remove the cluster.
+    shoal_tests::cleanup_on_signals()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let n = arg("--agents", 1000);
     let seconds = arg("--seconds", 20);
     let c = Cluster::start(3, 0)?;
+    println!("cluster {} ready: 3 managers, bridge {}, dir {}", c.id, c.bridge, c.dir.display());
     c.import_busybox(0, "bb:1")?;
     let token = c.cli_ok(0, &["join-token", "worker", "--format", "json"])?["token"].as_str().unwrap_or_default().to_string();
     let leader = c.leader(0)?;

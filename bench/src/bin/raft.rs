@@ -37,6 +37,8 @@ fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // First, before any thread starts: SIGINT/SIGTERM remove the cluster.
+    shoal_tests::cleanup_on_signals()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let samples = arg("--writes", 2000);
     let total = arg("--throughput-writes", 50_000);

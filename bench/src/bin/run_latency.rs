@@ -11,7 +11,7 @@
 //! into a private mount namespace and detaches that cgroup2 mount there;
 //! both runtimes then see the same v1 hierarchy.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ use nix::sched::{CloneFlags, unshare};
 use shoal_tests::runtime_support::busybox_layer;
 
 fn main() -> anyhow::Result<()> {
+    // First, before any thread starts: SIGINT/SIGTERM remove the scratch
+    // dir and the containers started under it.
+    shoal_tests::cleanup_on_signals()?;
     let runs: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(50);
     let shoal = shoal_tests::shoal_bin();
     if !shoal.exists() {
@@ -28,9 +31,15 @@ fn main() -> anyhow::Result<()> {
     }
     private_cgroup_view()?;
     let work = std::env::temp_dir().join(format!("shoal-bench-run-{}", std::process::id()));
-    let _cleanup = Cleanup(work.clone());
-    std::fs::create_dir_all(&work)?;
     let data = work.join("data");
+    // Removed (containers first) on return, panic or signal.
+    let _cleanup = shoal_tests::cleanup::register(shoal_tests::cleanup::Resources {
+        label: format!("run_latency scratch {}", work.display()),
+        data_dirs: vec![data.clone()],
+        dir: Some(work.clone()),
+        ..Default::default()
+    });
+    std::fs::create_dir_all(&work)?;
     let tar = work.join("rootfs.tar");
     std::fs::write(&tar, busybox_layer(&[])?)?;
     check(Command::new(&shoal).args(["image", "import", "--data-dir"]).arg(&data).arg(&tar).arg("bench"))?;
@@ -202,12 +211,4 @@ fn p90(v: &mut [Duration]) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

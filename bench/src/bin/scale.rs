@@ -15,6 +15,8 @@ use shoal_tests::{netns::in_netns, Cluster};
 const FINAL: [&str; 5] = ["complete", "shutdown", "failed", "rejected", "orphaned"];
 
 fn main() -> anyhow::Result<()> {
+    // First, before any thread starts: SIGINT/SIGTERM remove the cluster.
+    shoal_tests::cleanup_on_signals()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let trials = arg("--trials", 5);
     let c = Cluster::start(3, 2)?;

@@ -1,0 +1,186 @@
+//! Simulated agents: many real nodes in one process, without containers.
+//! Each joins with the worker token (CSR, certificate), heartbeats with the
+//! period and jitter the managers ask for, follows the leader, reads its
+//! assignment stream (resuming with the tasks it has after a reconnect) and
+//! reports its tasks running, or shut down, at once. The managers can't
+//! tell them from real agents; the scale test and the `agents` benchmark
+//! run thousands of them on this machine's two cores.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
+use shoal_proto::dispatcher::{AssignmentsRequest, HeartbeatRequest, Resources, TaskStatus, TaskStatusBatch};
+use shoal_proto::join::JoinRequest;
+use shoal_proto::join::join_client::JoinClient;
+use shoal_security::pki;
+use shoal_security::tls::NodeTls;
+use tokio::sync::watch;
+
+/// A joined simulated node.
+pub struct SimNode {
+    pub id: u64,
+    pub tls: NodeTls,
+    pub managers: Vec<String>,
+}
+
+/// Joins as worker `sim-{i}` through `manager`.
+pub async fn join(manager: &str, token: &str, ca_pem: &str, i: u64) -> anyhow::Result<SimNode> {
+    let (csr, key_pem) = pki::new_csr()?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .domain_name(pki::CLUSTER_DNS_NAME);
+    let channel = shoal_security::tls::endpoint(manager)?.tls_config(tls)?.connect().await?;
+    let resp = JoinClient::new(channel)
+        .join(JoinRequest {
+            token: token.to_string(),
+            csr_pem: csr,
+            node_name: format!("sim-{i}"),
+            advertise_addr: format!("198.18.1.1:{}", 10000 + i),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(SimNode { id: resp.node_id, tls: NodeTls { ca_pem: resp.ca_pem, cert_pem: resp.cert_pem, key_pem }, managers: resp.managers })
+}
+
+/// Runs node `n` until the process ends: heartbeats, follows its
+/// assignments and reports on its tasks.
+pub async fn run(n: SimNode) -> anyhow::Result<()> {
+    let trust = shoal_security::Trust::new(n.tls)?;
+    let first = n.managers.first().cloned().ok_or_else(|| anyhow::anyhow!("the join named no manager"))?;
+    let (current_tx, current) = watch::channel(first);
+    tokio::spawn(heartbeats(trust.clone(), n.id, n.managers, current_tx));
+    follow(trust, n.id, current).await
+}
+
+/// Heartbeats forever; `current` names the manager that answered last
+/// (the leader, or one to try next).
+async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut managers: Vec<String>, current: watch::Sender<String>) {
+    let res = Resources { nano_cpus: 2_000_000_000, memory_bytes: 1 << 30 };
+    let mut managers_version = 0;
+    let mut idx = 0usize;
+    let mut target = current.borrow().clone();
+    let mut rng = node_id | 1;
+    // One connection per manager, as the real agent keeps.
+    let mut conn: Option<(String, tonic::transport::Channel)> = None;
+    loop {
+        let channel = match conn.as_ref().filter(|(a, _)| *a == target) {
+            Some((_, c)) => c.clone(),
+            None => match trust.channel(&target) {
+                Ok(c) => c,
+                Err(_) => {
+                    idx += 1;
+                    target = managers.get(idx % managers.len().max(1)).cloned().unwrap_or_default();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+        };
+        conn = Some((target.clone(), channel.clone()));
+        let call = async {
+            let mut c = DispatcherClient::new(channel);
+            let r = c.heartbeat(HeartbeatRequest { node_id, resources: Some(res), managers_version, ..Default::default() }).await;
+            anyhow::Ok(r)
+        };
+        let wait = match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(Ok(r))) => {
+                let r = r.into_inner();
+                if !r.managers.is_empty() {
+                    managers = r.managers;
+                    managers_version = r.managers_version;
+                }
+                current.send_if_modified(|c| std::mem::replace(c, target.clone()) != target);
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let period = Duration::from_millis(r.period_ms.clamp(100, 10_000));
+                period - (period / 4).mul_f64((rng % 1024) as f64 / 1024.0)
+            }
+            Ok(Ok(Err(st))) => {
+                conn = None;
+                match st.metadata().get("shoal-leader").and_then(|v| v.to_str().ok()) {
+                    Some(l) if !l.is_empty() && l != target => target = l.to_string(),
+                    _ => {
+                        idx += 1;
+                        target = managers.get(idx % managers.len().max(1)).cloned().unwrap_or_default();
+                    }
+                }
+                Duration::from_millis(100)
+            }
+            _ => {
+                conn = None;
+                idx += 1;
+                target = managers.get(idx % managers.len().max(1)).cloned().unwrap_or_default();
+                Duration::from_millis(200)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Follows the assignment stream of the current manager; reports every
+/// task's state as it should be (running while desired running, else
+/// shutdown), retrying reports that fail until one is taken.
+async fn follow(trust: Arc<shoal_security::Trust>, node_id: u64, mut current: watch::Receiver<String>) -> anyhow::Result<()> {
+    // What this node holds: task → the state it reported (or will).
+    let mut tasks: HashMap<String, &'static str> = HashMap::new();
+    let mut unreported: HashMap<String, &'static str> = HashMap::new();
+    loop {
+        let addr = current.borrow_and_update().clone();
+        let streamed = async {
+            let channel = trust.channel(&addr)?;
+            let mut stream = DispatcherClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20)
+                .assignments(AssignmentsRequest { node_id, known: tasks.keys().cloned().collect() })
+                .await?
+                .into_inner();
+            let mut reports = DispatcherClient::new(channel);
+            let mut whole: HashSet<String> = HashSet::new();
+            loop {
+                let msg = tokio::select! {
+                    m = stream.message() => m?,
+                    _ = current.changed() => return anyhow::Ok(()),
+                    // Retry reports that failed (a leader change).
+                    _ = tokio::time::sleep(Duration::from_millis(500)), if !unreported.is_empty() => None,
+                };
+                if let Some(msg) = msg {
+                    for a in msg.updated {
+                        let want = if a.desired_state == "running" { "running" } else { "shutdown" };
+                        if msg.full {
+                            whole.insert(a.task_id.clone());
+                        }
+                        if tasks.insert(a.task_id.clone(), want) != Some(want) {
+                            unreported.insert(a.task_id, want);
+                        }
+                    }
+                    let gone: Vec<String> = if msg.full && !msg.more {
+                        let gone = tasks.keys().filter(|t| !whole.contains(*t)).cloned().collect();
+                        whole.clear();
+                        gone
+                    } else {
+                        msg.removed
+                    };
+                    for t in gone {
+                        tasks.remove(&t);
+                        unreported.remove(&t);
+                    }
+                }
+                if !unreported.is_empty() {
+                    let statuses = unreported.iter().map(|(t, s)| TaskStatus { task_id: t.clone(), state: s.to_string(), ..Default::default() }).collect();
+                    if reports.update_task_status(TaskStatusBatch { node_id, statuses }).await.is_ok() {
+                        unreported.clear();
+                    }
+                }
+            }
+        };
+        if streamed.await.is_err() {
+            // The manager went away: the heartbeats find the next one.
+            tokio::select! {
+                _ = current.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        }
+    }
+}
