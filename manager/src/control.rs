@@ -24,11 +24,12 @@ const REACHABLE_WITHIN: Duration = Duration::from_secs(2);
 
 pub struct ControlService {
     manager: Arc<Manager>,
+    heartbeats: crate::DispatcherConfig,
 }
 
 impl ControlService {
-    pub fn new(manager: Arc<Manager>) -> Self {
-        ControlService { manager }
+    pub fn new(manager: Arc<Manager>, heartbeats: crate::DispatcherConfig) -> Self {
+        ControlService { manager, heartbeats }
     }
 }
 
@@ -435,6 +436,8 @@ impl ControlService {
             log_last_index: last,
             answered_by: name(self.manager.id),
             settings: self.manager.store.read(settings),
+            heartbeat_period_ms: self.heartbeats.period_for(names.len()).as_millis() as u64,
+            down_after_ms: self.heartbeats.down_after_for(names.len()).as_millis() as u64,
         }
     }
 }

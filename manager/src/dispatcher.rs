@@ -38,6 +38,20 @@ pub struct DispatcherConfig {
     pub down_after: Duration,
 }
 
+impl DispatcherConfig {
+    /// The heartbeat period for a cluster of `nodes`.
+    pub fn period_for(&self, nodes: usize) -> Duration {
+        heartbeat_period(self.period, nodes)
+    }
+
+    /// How long a node may stay silent before it is marked down, in a
+    /// cluster of `nodes`: the configured time, or two periods where the
+    /// period grew past half of it.
+    pub fn down_after_for(&self, nodes: usize) -> Duration {
+        self.down_after.max(2 * self.period_for(nodes))
+    }
+}
+
 impl Default for DispatcherConfig {
     fn default() -> Self {
         DispatcherConfig { period: Duration::from_millis(500), down_after: Duration::from_secs(5) }
@@ -121,7 +135,7 @@ impl DispatcherService {
             let (peers_version, peers) = peers_of(s);
             Arc::new(HeartbeatFacts {
                 topology,
-                period: heartbeat_period(self.config.period, s.nodes.len()),
+                period: self.config.period_for(s.nodes.len()),
                 managers,
                 managers_version: h.finish().max(1),
                 peers,
@@ -133,12 +147,13 @@ impl DispatcherService {
         facts
     }
 
-    /// How long a node may stay silent before it is marked down: the
-    /// configured time, or two periods where the period grew past half of
-    /// it.
     fn down_after(&self) -> Duration {
         let nodes = self.manager.store.read(|s| s.nodes.len());
-        self.config.down_after.max(2 * heartbeat_period(self.config.period, nodes))
+        self.config.down_after_for(nodes)
+    }
+
+    pub fn config(&self) -> DispatcherConfig {
+        self.config
     }
 
     fn ca_facts(&self) -> Result<CaFacts, Status> {

@@ -57,7 +57,7 @@ pub async fn serve(
     let mut stop = shutdown.clone();
     tonic::transport::Server::builder()
         .add_routes(agent)
-        .add_service(ControlServer::new(control::ControlService::new(manager.clone())))
+        .add_service(ControlServer::new(control::ControlService::new(manager.clone(), dispatcher.config())))
         .add_service(
             RaftServer::new(raft::server::RaftService::new(manager.clone()))
                 .max_decoding_message_size(MAX_MSG)

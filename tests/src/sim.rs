@@ -45,14 +45,17 @@ pub async fn join(manager: &str, token: &str, ca_pem: &str, i: u64) -> anyhow::R
     Ok(SimNode { id: resp.node_id, tls: NodeTls { ca_pem: resp.ca_pem, cert_pem: resp.cert_pem, key_pem }, managers: resp.managers })
 }
 
-/// Runs node `n` until the process ends: heartbeats, follows its
-/// assignments and reports on its tasks.
+/// Runs node `n` until the future is dropped (a dead node: aborting its
+/// task stops it all): heartbeats, follows its assignments and reports on
+/// its tasks.
 pub async fn run(n: SimNode) -> anyhow::Result<()> {
     let trust = shoal_security::Trust::new(n.tls)?;
     let first = n.managers.first().cloned().ok_or_else(|| anyhow::anyhow!("the join named no manager"))?;
     let (current_tx, current) = watch::channel(first);
-    tokio::spawn(heartbeats(trust.clone(), n.id, n.managers, current_tx));
-    follow(trust, n.id, current).await
+    tokio::select! {
+        () = heartbeats(trust.clone(), n.id, n.managers, current_tx) => Ok(()),
+        r = follow(trust, n.id, current) => r,
+    }
 }
 
 /// Heartbeats forever; `current` names the manager that answered last

@@ -1,73 +1,19 @@
-//! Many agents on 3 managers (BENCHMARKS.md, issue 4): N simulated agents in
-//! this one process, each a real node — it joins with the worker token
-//! (CSR, certificate), heartbeats, follows its assignment stream and reports
-//! its tasks running at once (no containers: the `SimExecutor` idea at the
-//! session level). Then one service with one task per agent is scheduled
-//! onto them, and the managers' CPU and RSS are sampled at steady state.
+//! Scale (BENCHMARKS.md, issue 14): N simulated agents in this one process
+//! (`shoal_tests::sim`: each a real node to the managers — it joins with the
+//! worker token, heartbeats with the period and jitter it is given, follows
+//! its assignment stream and reports its tasks running at once, without
+//! containers) on 3 managers. Measures: join → all ready; T tasks (services
+//! of at most 50,000 replicas) create → all running; the managers' CPU and
+//! RSS at steady state; then one agent dies and the time until it is marked
+//! down.
 //!
-//! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/agents [--agents 1000] [--seconds 20]`
+//! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/agents [--agents 1000] [--tasks N] [--seconds 20]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_bench::arg;
-use shoal_security::pki;
-use shoal_security::tls::NodeTls;
-use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
-use shoal_proto::dispatcher::{AssignmentsRequest, HeartbeatRequest, Resources, TaskStatus, TaskStatusBatch};
-use shoal_proto::join::join_client::JoinClient;
-use shoal_proto::join::JoinRequest;
-use shoal_tests::{netns::in_netns, wait_for, Cluster};
-
-/// Joins as a worker and returns the node's id and TLS material.
-async fn join(manager: &str, token: &str, ca_pem: &str, i: u64) -> anyhow::Result<(u64, NodeTls)> {
-    let (csr, key_pem) = pki::new_csr()?;
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
-        .domain_name(pki::CLUSTER_DNS_NAME);
-    let channel = shoal_security::tls::endpoint(manager)?.tls_config(tls)?.connect().await?;
-    let resp = JoinClient::new(channel)
-        .join(JoinRequest {
-            token: token.to_string(),
-            csr_pem: csr,
-            node_name: format!("sim-{i}"),
-            advertise_addr: format!("198.18.1.1:{}", 10000 + i),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok((resp.node_id, NodeTls { ca_pem: resp.ca_pem, cert_pem: resp.cert_pem, key_pem }))
-}
-
-/// One simulated agent: heartbeats and runs whatever it is assigned.
-async fn agent(manager: String, node_id: u64, tls: NodeTls) -> anyhow::Result<()> {
-    let channel = shoal_security::Trust::new(tls)?.channel(&manager)?;
-    let mut hb = DispatcherClient::new(channel.clone());
-    let mut reports = DispatcherClient::new(channel.clone());
-    let res = Resources { nano_cpus: 2_000_000_000, memory_bytes: 1 << 30 };
-    tokio::spawn(async move {
-        loop {
-            let _ = hb
-                .heartbeat(HeartbeatRequest { node_id, resources: Some(res), ..Default::default() })
-                .await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
-    let mut stream = DispatcherClient::new(channel).assignments(AssignmentsRequest { node_id, ..Default::default() }).await?.into_inner();
-    while let Some(msg) = stream.message().await? {
-        let mut statuses = Vec::new();
-        for a in msg.updated {
-            let state = if a.desired_state == "running" { "running" } else { "shutdown" };
-            if a.state != state {
-                statuses.push(TaskStatus { task_id: a.task_id, state: state.into(), ..Default::default() });
-            }
-        }
-        if !statuses.is_empty() {
-            reports.update_task_status(TaskStatusBatch { node_id, statuses }).await?;
-        }
-    }
-    Ok(())
-}
+use shoal_tests::{Cluster, netns::in_netns, sim, wait_for};
 
 /// (utime + stime in clock ticks, RSS in KiB) of `pid`.
 fn usage(pid: u32) -> (u64, u64) {
@@ -89,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     shoal_tests::cleanup_on_signals()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let n = arg("--agents", 1000);
+    let total = arg("--tasks", n);
     let seconds = arg("--seconds", 20);
     let c = Cluster::start(3, 0)?;
     println!("cluster {} ready: 3 managers, bridge {}, dir {}", c.id, c.bridge, c.dir.display());
@@ -98,60 +45,100 @@ fn main() -> anyhow::Result<()> {
     let manager = c.hosts[leader].addr();
     let ns = c.hosts[leader].netns.clone();
     let ca = std::fs::read_to_string(c.cert_dir().join("ca.pem"))?;
+    let pids: Vec<u32> = (0..3).filter_map(|i| c.hosts[i].pid()).collect();
+    let idle: Vec<(u64, u64)> = pids.iter().map(|p| usage(*p)).collect();
     let t0 = Instant::now();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<String>();
     // The agents live on a thread inside a host's namespace for the whole run.
     let agents = std::thread::spawn(move || {
         in_netns(&ns, move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async move {
-                let sem = Arc::new(tokio::sync::Semaphore::new(16));
+                let sem = Arc::new(tokio::sync::Semaphore::new(64));
                 let mut joins = Vec::new();
                 for i in 0..n {
                     let (m, t, ca, sem) = (manager.clone(), token.clone(), ca.clone(), sem.clone());
                     joins.push(tokio::spawn(async move {
                         let _p = sem.acquire().await?;
-                        join(&m, &t, &ca, i).await
+                        let node = sim::join(&m, &t, &ca, i).await?;
+                        // Each runs as soon as it has joined.
+                        anyhow::Ok(tokio::spawn(sim::run(node)))
                     }));
                 }
+                let mut running = Vec::new();
                 for j in joins {
-                    let (id, tls) = j.await??;
-                    tokio::spawn(agent(manager.clone(), id, tls));
+                    running.push(j.await??);
                 }
-                // Run until the measurement is done.
-                tokio::task::spawn_blocking(move || rx.recv()).await?.ok();
+                // One agent dies when asked (the last to join: sim-{n-1}).
+                tokio::task::spawn_blocking(move || kill_rx.recv()).await?.ok();
+                if let Some(h) = running.pop() {
+                    h.abort();
+                    let _ = killed_tx.send(format!("sim-{}", n - 1));
+                }
+                tokio::task::spawn_blocking(move || stop_rx.recv()).await?.ok();
                 anyhow::Ok(())
             })
         })
     });
-    wait_for(Duration::from_secs(600), "every simulated agent ready", || {
+    wait_for(Duration::from_secs(900), "every simulated agent ready", || {
         let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
-        let ready = nodes.as_array().map(|a| a.iter().filter(|n| n["status"] == "ready").count()).unwrap_or(0);
+        let ready = nodes.as_array().map(|a| a.iter().filter(|n| n["status"] == "ready" && n["memory_bytes"].as_u64().unwrap_or(0) > 0).count()).unwrap_or(0);
         Ok((ready == n as usize + 3).then_some(()))
     })?;
     println!("{n} agents joined and ready in {:.1} s", t0.elapsed().as_secs_f64());
+    let joined: Vec<(u64, u64)> = pids.iter().map(|p| usage(*p)).collect();
     let t1 = Instant::now();
-    let replicas = n.to_string();
-    c.cli_ok(0, &["service", "create", "--detach", "--name", "sim", "--replicas", &replicas, "--constraint", "node.role==worker", "bb:1", "sleep", "3600"])?;
-    wait_for(Duration::from_secs(600), "every task running", || {
-        let s = c.cli_ok(0, &["service", "inspect", "sim", "--format", "json"])?;
-        Ok((s["replicas_running"].as_u64() == Some(n)).then_some(()))
+    let per_service = 50_000u64;
+    let mut left = total;
+    let mut k = 0;
+    while left > 0 {
+        let r = left.min(per_service);
+        let name = format!("sim{k}");
+        c.cli_ok(0, &["service", "create", "--detach", "--name", &name, "--replicas", &r.to_string(), "--constraint", "node.role==worker", "bb:1", "sleep", "1d"])?;
+        left -= r;
+        k += 1;
+    }
+    wait_for(Duration::from_secs(1800), "every task running", || {
+        let ls = c.cli_ok(0, &["service", "ls", "--format", "json"])?;
+        let running: u64 = ls.as_array().into_iter().flatten().map(|s| s["replicas_running"].as_u64().unwrap_or(0)).sum();
+        Ok((running == total).then_some(()))
     })?;
-    println!("{n} tasks on {n} agents running {:.2} s after create", t1.elapsed().as_secs_f64());
-    let pids: Vec<u32> = (0..3).filter_map(|i| c.hosts[i].pid()).collect();
+    println!("{total} tasks ({k} services) on {n} agents running {:.2} s after the first create", t1.elapsed().as_secs_f64());
     let before: Vec<(u64, u64)> = pids.iter().map(|p| usage(*p)).collect();
     std::thread::sleep(Duration::from_secs(seconds));
     let after: Vec<(u64, u64)> = pids.iter().map(|p| usage(*p)).collect();
     let hz = 100.0; // USER_HZ
     for (i, ((b, _), (a, rss))) in before.iter().zip(&after).enumerate() {
         let role = if i == leader { "leader" } else { "follower" };
+        let (idle_rss, joined_rss) = (idle[i].1, joined[i].1);
         println!(
-            "manager n{i} ({role}): {:.1}% of a core, RSS {:.1} MiB, steady state over {seconds} s with {n} agents heartbeating every 500 ms",
+            "manager n{i} ({role}): {:.1}% of a core, RSS {:.1} MiB (idle {:.1}, with the agents {:.1}: {:.0} bytes per task) over {seconds} s with {n} agents and {total} tasks",
             (a - b) as f64 / hz / seconds as f64 * 100.0,
-            *rss as f64 / 1024.0
+            *rss as f64 / 1024.0,
+            idle_rss as f64 / 1024.0,
+            joined_rss as f64 / 1024.0,
+            (rss.saturating_sub(joined_rss) * 1024) as f64 / total.max(1) as f64,
         );
     }
-    let _ = tx.send(());
+    // One agent dies: how long until the leader marks it down.
+    let period = c.cli_ok(0, &["cluster", "status", "--format", "json"])?;
+    let _ = kill_tx.send(());
+    let name = killed_rx.recv_timeout(Duration::from_secs(60))?;
+    let t2 = Instant::now();
+    wait_for(Duration::from_secs(300), "the dead agent marked down", || {
+        let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
+        let down = nodes.as_array().into_iter().flatten().any(|x| x["name"] == name.as_str() && x["status"] == "down");
+        Ok(down.then_some(()))
+    })?;
+    println!(
+        "{name} marked down {:.2} s after it stopped (heartbeat period {} ms at {} nodes)",
+        t2.elapsed().as_secs_f64(),
+        period["heartbeat_period_ms"].as_u64().unwrap_or(0),
+        n + 3
+    );
+    let _ = stop_tx.send(());
     let _ = agents.join();
     Ok(())
 }

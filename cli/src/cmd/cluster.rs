@@ -145,6 +145,8 @@ fn status_json(s: &ClusterStatusResponse) -> Value {
         "log_first_index": s.log_first_index,
         "log_last_index": s.log_last_index,
         "settings": settings_json(s.settings.as_ref()),
+        "heartbeat_period_ms": s.heartbeat_period_ms,
+        "down_after_ms": s.down_after_ms,
     })
 }
 
@@ -155,6 +157,10 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
         Format::Json => output::object(Format::Json, &v),
         Format::Table => {
             println!("leader: {}  term: {}  commit index: {}", s.leader, s.term, s.commit_index);
+            println!(
+                "heartbeats every {} ms; a node silent for {} ms is marked down",
+                s.heartbeat_period_ms, s.down_after_ms
+            );
             if let Some(st) = &s.settings {
                 println!("node certificates valid for: {}s  CA: {}  autolock: {}", st.cert_expiry_ms / 1000, st.ca, if st.autolock { "on" } else { "off" });
                 if st.ca_rotating {
