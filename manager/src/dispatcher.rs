@@ -272,7 +272,7 @@ fn assignment(t: &TaskObj, s: &State, with_data: bool) -> Assignment {
         task_id: t.id.clone(),
         service: t.service_name.clone(),
         slot: t.slot,
-        spec: Some(t.spec.clone()),
+        spec: Some((*t.spec).clone()),
         desired_state: t.desired_state.as_str().into(),
         state: t.state.as_str().into(),
         image_digest: image.map(|i| i.digest.clone()).unwrap_or_default(),
@@ -421,10 +421,7 @@ impl Hub {
     async fn route(self: Arc<Self>, store: crate::store::Store, mut events: tokio::sync::broadcast::Receiver<Arc<crate::store::Event>>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         use tokio::sync::broadcast::error::RecvError;
         loop {
-            let ev = tokio::select! {
-                ev = events.recv() => ev,
-                _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
-            };
+            let Some(ev) = next_event(&mut events, &mut shutdown).await else { return };
             match ev {
                 Ok(ev) => {
                     let mut per_node: HashMap<u64, Vec<String>> = HashMap::new();
@@ -453,6 +450,17 @@ impl Hub {
                 Err(RecvError::Closed) => return,
             }
         }
+    }
+}
+
+/// The store's next event, or None once the manager stops.
+async fn next_event(
+    events: &mut tokio::sync::broadcast::Receiver<Arc<crate::store::Event>>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<Result<Arc<crate::store::Event>, tokio::sync::broadcast::error::RecvError>> {
+    tokio::select! {
+        ev = events.recv() => Some(ev),
+        _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => None,
     }
 }
 
@@ -495,10 +503,7 @@ async fn build_views(
             changed
         });
         loop {
-            let ev = tokio::select! {
-                ev = events.recv() => ev,
-                _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => return,
-            };
+            let Some(ev) = next_event(&mut events, &mut shutdown).await else { return };
             match ev {
                 Ok(ev) => {
                     let moves = store.read(|s| {

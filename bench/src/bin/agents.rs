@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_bench::arg;
-use shoal_tests::{Cluster, netns::in_netns, sim, wait_for};
+use shoal_tests::{Cluster, netns::in_netns, sim};
 
 /// (utime + stime in clock ticks, RSS in KiB) of `pid`.
 fn usage(pid: u32) -> (u64, u64) {
@@ -28,6 +28,20 @@ fn usage(pid: u32) -> (u64, u64) {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
     (ticks, rss)
+}
+
+/// Polls `f` every 250 ms until it answers (a listing of thousands of nodes
+/// is real work for the leader: the 100 ms of the tests' `wait_for` would
+/// weigh on what is measured).
+fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(v)) = f() {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,7 +96,7 @@ fn main() -> anyhow::Result<()> {
             })
         })
     });
-    wait_for(Duration::from_secs(900), "every simulated agent ready", || {
+    poll(Duration::from_secs(900), "every simulated agent ready", || {
         let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
         let ready = nodes.as_array().map(|a| a.iter().filter(|n| n["status"] == "ready" && n["memory_bytes"].as_u64().unwrap_or(0) > 0).count()).unwrap_or(0);
         Ok((ready == n as usize + 3).then_some(()))
@@ -100,7 +114,7 @@ fn main() -> anyhow::Result<()> {
         left -= r;
         k += 1;
     }
-    wait_for(Duration::from_secs(1800), "every task running", || {
+    poll(Duration::from_secs(1800), "every task running", || {
         let ls = c.cli_ok(0, &["service", "ls", "--format", "json"])?;
         let running: u64 = ls.as_array().into_iter().flatten().map(|s| s["replicas_running"].as_u64().unwrap_or(0)).sum();
         Ok((running == total).then_some(()))
@@ -127,7 +141,7 @@ fn main() -> anyhow::Result<()> {
     let _ = kill_tx.send(());
     let name = killed_rx.recv_timeout(Duration::from_secs(60))?;
     let t2 = Instant::now();
-    wait_for(Duration::from_secs(300), "the dead agent marked down", || {
+    poll(Duration::from_secs(300), "the dead agent marked down", || {
         let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
         let down = nodes.as_array().into_iter().flatten().any(|x| x["name"] == name.as_str() && x["status"] == "down");
         Ok(down.then_some(()))

@@ -835,7 +835,7 @@ pub fn outdated_spec(svc: &ServiceObj, t: &TaskObj) -> bool {
     if t.spec_version == svc.version {
         return false;
     }
-    let mut old = t.spec.clone();
+    let mut old = (*t.spec).clone();
     old.replicas = svc.spec.replicas;
     old.update = svc.spec.update.clone();
     old.rollback = svc.spec.rollback.clone();

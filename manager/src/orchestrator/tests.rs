@@ -782,21 +782,27 @@ fn a_failing_new_spec_pauses_the_update() {
 /// With restart condition none, the slot whose new task failed is not
 /// restarted by the policy; the rollback still brings it back on the old
 /// spec, as Swarm's updater does with every dirty slot.
+/// Runs `s` on the sim's nodes, updates it to an image whose first new
+/// task fails at once.
+fn fail_an_update(sim: &mut Sim, s: shoal_proto::control::ServiceSpec) {
+    sim.service(s);
+    sim.settle();
+    sim.now += 1_000;
+    update_image(sim, "web", "bb:broken");
+    assert_eq!(sim.orchestrate().create.len(), 1);
+    sim.schedule();
+    let new = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:broken").map(|t| t.id.clone()).unwrap();
+    sim.report(&new, TaskState::Failed, Some(1));
+    sim.agents();
+}
+
 #[test]
 fn a_rollback_restores_a_slot_that_restart_none_left_failed() {
     let mut sim = Sim::default();
     sim.nodes(&["a", "b"]);
     let mut s = with_restart(spec("web", 4), "none", 0, 0, 0);
     s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, failure_action: "rollback".into(), ..Default::default() });
-    sim.service(s);
-    sim.settle();
-    sim.now += 1_000;
-    update_image(&mut sim, "web", "bb:broken");
-    assert_eq!(sim.orchestrate().create.len(), 1);
-    sim.schedule();
-    let new = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:broken").map(|t| t.id.clone()).unwrap();
-    sim.report(&new, TaskState::Failed, Some(1));
-    sim.agents();
+    fail_an_update(&mut sim, s);
     assert_eq!(sim.orchestrate().rollbacks.len(), 1);
     sim.settle();
     let running = sim.running("web");
@@ -828,15 +834,7 @@ fn a_failing_update_rolls_back_when_its_failure_action_says_so() {
     let mut s = spec("web", 4);
     s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, failure_action: "rollback".into(), ..Default::default() });
     s.rollback = Some(shoal_proto::control::UpdateConfig { parallelism: 0, failure_action: "pause".into(), ..Default::default() });
-    sim.service(s);
-    sim.settle();
-    sim.now += 1_000;
-    update_image(&mut sim, "web", "bb:broken");
-    assert_eq!(sim.orchestrate().create.len(), 1);
-    sim.schedule();
-    let new = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:broken").map(|t| t.id.clone()).unwrap();
-    sim.report(&new, TaskState::Failed, Some(1));
-    sim.agents();
+    fail_an_update(&mut sim, s);
     let plan = sim.orchestrate();
     assert_eq!(plan.rollbacks.len(), 1, "{:?}", plan.notes);
     let svc = sim.state.services.values().next().unwrap();

@@ -349,6 +349,19 @@ impl ClusterObj {
 
 /// Specs are protobuf messages; inside the store they travel as their
 /// protobuf encoding so the spec has one definition.
+/// A shared message, as `prost_bytes` writes it.
+pub(crate) mod prost_bytes_arc {
+    use std::sync::Arc;
+
+    pub fn serialize<S: serde::Serializer, M: prost::Message>(m: &Arc<M>, s: S) -> Result<S::Ok, S::Error> {
+        super::prost_bytes::serialize(&**m, s)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>, M: prost::Message + Default>(d: D) -> Result<Arc<M>, D::Error> {
+        super::prost_bytes::deserialize(d).map(Arc::new)
+    }
+}
+
 pub(crate) mod prost_bytes {
     use prost::Message;
     use serde::{Deserialize, Deserializer, Serializer};

@@ -45,6 +45,10 @@ pub struct State {
     /// snapshot is read: [`State::rebuild_index`]).
     #[serde(skip)]
     pub index: TaskIndex,
+    /// One shared spec per service version: a task's spec is the largest
+    /// part of it, and every task of a version has the same one.
+    #[serde(skip)]
+    spec_pool: std::collections::HashMap<(String, u64), std::sync::Arc<shoal_proto::control::ServiceSpec>>,
 }
 
 /// The last [`super::command::RECENT_REQUESTS`] request ids and what each
@@ -108,6 +112,26 @@ impl State {
     /// restart: they are not part of the replicated state).
     pub fn rebuild_index(&mut self) {
         self.index = TaskIndex::build(self.tasks.values());
+        self.spec_pool.clear();
+        let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        for id in ids {
+            if let Some(mut t) = self.tasks.remove(&id) {
+                self.intern_spec(&mut t);
+                self.tasks.insert(id, t);
+            }
+        }
+    }
+
+    /// Points `t`'s spec at the pool's copy for its service version.
+    fn intern_spec(&mut self, t: &mut TaskObj) {
+        let key = (t.service_id.clone(), t.spec_version);
+        match self.spec_pool.get(&key) {
+            Some(shared) if **shared == *t.spec => t.spec = shared.clone(),
+            Some(_) => {}
+            None => {
+                self.spec_pool.insert(key, t.spec.clone());
+            }
+        }
     }
 
     /// Service `id`'s tasks (every state), through the index.
@@ -120,7 +144,8 @@ impl State {
         self.index.node_tasks(id).filter_map(|t| self.tasks.get(t))
     }
 
-    fn insert_task(&mut self, t: TaskObj) {
+    fn insert_task(&mut self, mut t: TaskObj) {
+        self.intern_spec(&mut t);
         self.index.add(&t.id, &Key::of(&t));
         self.tasks.insert(t.id.clone(), t);
     }
@@ -128,6 +153,11 @@ impl State {
     fn remove_task(&mut self, id: &str) -> Option<TaskObj> {
         let t = self.tasks.remove(id)?;
         self.index.remove(id, &Key::of(&t));
+        let key = (t.service_id.clone(), t.spec_version);
+        // The pool's own reference and this task's: the version's last task.
+        if self.spec_pool.get(&key).is_some_and(|p| std::sync::Arc::ptr_eq(p, &t.spec) && std::sync::Arc::strong_count(p) == 2) {
+            self.spec_pool.remove(&key);
+        }
         Some(t)
     }
 
@@ -1562,10 +1592,16 @@ mod tests {
         for node in 1..=4 {
             assert_eq!(st.node_tasks(node).count(), st.tasks.values().filter(|t| t.node_id == Some(node)).count());
         }
+        // Tasks of one service version share one spec.
+        for t in st.tasks.values() {
+            let shared = &st.spec_pool[&(t.service_id.clone(), t.spec_version)];
+            assert!(std::sync::Arc::ptr_eq(shared, &t.spec), "task {} has its own copy of the spec", t.id);
+        }
         // A snapshot round trip rebuilds the same indexes.
         let mut copy: State = crate::codec::decode(&crate::codec::encode(&st).unwrap()).unwrap();
         assert_eq!(copy.index, TaskIndex::default());
         copy.rebuild_index();
         assert_eq!(copy.index, st.index);
+        assert_eq!(copy.spec_pool.len(), st.tasks.values().map(|t| (&t.service_id, t.spec_version)).collect::<std::collections::HashSet<_>>().len());
     }
 }

@@ -85,9 +85,10 @@ pub struct TaskObj {
     /// creation (global).
     pub node_id: Option<u64>,
     /// The spec this task runs (a copy, so a service update does not change
-    /// running tasks under their feet).
-    #[serde(with = "super::objects::prost_bytes")]
-    pub spec: ServiceSpec,
+    /// running tasks under their feet); shared by the tasks of one service
+    /// version (the store interns it).
+    #[serde(with = "super::objects::prost_bytes_arc")]
+    pub spec: std::sync::Arc<ServiceSpec>,
     pub spec_version: u64,
     pub desired_state: TaskState,
     pub state: TaskState,
@@ -116,7 +117,7 @@ impl TaskObj {
             service_name: svc.spec.name.clone(),
             slot,
             node_id,
-            spec: svc.spec.clone(),
+            spec: std::sync::Arc::new(svc.spec.clone()),
             spec_version: svc.version,
             desired_state: TaskState::Running,
             state: TaskState::New,
