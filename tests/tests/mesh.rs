@@ -322,17 +322,8 @@ fn inspect(c: &Cluster, service: &str) -> Value {
 fn the_autoscaler_follows_cpu_load() {
     let c = Cluster::start(3, 2).unwrap();
     c.import_busybox(0, "busybox:latest").unwrap();
-    create(
-        &c,
-        &[
-            "--name", "burn", "--publish", "8080:80",
-            "--autoscale-min", "1", "--autoscale-max", "6", "--autoscale-target-cpu", "15",
-            "--autoscale-cooldown", "3s", "--autoscale-stable-window", "6s",
-        ],
-        &page_server("busybox:latest"),
-    );
+    create(&c, &["--name", "burn", "--publish", "8080:80"], &page_server("busybox:latest"));
     running(&c, "burn", 1);
-    assert_eq!(inspect(&c, "burn")["replicas_desired"], 1, "starts at --min");
     // Every task reports its CPU.
     wait_for(T, "burn.1's CPU in service ps", || {
         let ps = c.cli_ok(0, &["service", "ps", "burn", "--format", "json"])?;
@@ -350,6 +341,21 @@ fn the_autoscaler_follows_cpu_load() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // The autoscaler is turned on once the load shows: its first decision
+    // then sees the whole load (one that fell on the load's first moments
+    // would rightly ask for fewer tasks, and this test is about one
+    // decision going straight to what a steady load needs).
+    wait_for(T, "burn.1 busy", || {
+        let ps = c.cli_ok(0, &["service", "ps", "burn", "--format", "json"])?;
+        Ok(ps[0]["cpu_pct"].as_f64().is_some_and(|p| p >= 60.0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    c.cli_ok(
+        0,
+        &["service", "autoscale", "burn", "--min", "1", "--max", "6", "--target-cpu", "15", "--cooldown", "3s", "--stable-window", "6s"],
+    )
+    .unwrap();
+    assert_eq!(inspect(&c, "burn")["replicas_desired"], 1, "starts at --min");
     let up = wait_for(T, "the autoscaler to scale burn up", || {
         let s = inspect(&c, "burn");
         Ok(s["last_autoscale"]["from"].as_u64().is_some_and(|f| f == 1).then_some(s))

@@ -41,6 +41,18 @@ const RETRY: Duration = Duration::from_millis(500);
 /// anything a watch event could not express.
 const RESYNC: Duration = Duration::from_secs(30);
 
+/// Progress-only changes (a task placed, starting, running) are looked at
+/// after at least this long, and after four times the last pass took: a
+/// 50,000-task service converging sends reports all the time, and a pass
+/// per Raft entry kept the leader's core busy with them.
+const LAZY_MIN: Duration = Duration::from_millis(100);
+
+/// What of a node the orchestrators act on: status, availability, role
+/// and labels (not the resources a heartbeat refreshes).
+fn node_facts(n: &crate::store::objects::NodeObj) -> (crate::store::objects::NodeStatus, &'static str, &'static str, Vec<(String, String)>) {
+    (n.status, n.availability.as_str(), n.role.as_str(), n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
 /// Which services need a look.
 enum Dirty {
     Nothing,
@@ -93,6 +105,12 @@ impl Orchestrator {
         tracing::info!("orchestrator: leading; reconciling every service");
         let mut metrics = self.manager.raft.metrics();
         let mut dirty = Dirty::All;
+        // Services with only progress to look at, and when to.
+        let mut lazy: BTreeSet<String> = BTreeSet::new();
+        let mut lazy_at: Option<tokio::time::Instant> = None;
+        let mut lazy_delay = LAZY_MIN;
+        let mut nodes: std::collections::HashMap<u64, _> =
+            self.manager.store.read(|s| s.nodes.values().map(|n| (n.id, node_facts(n))).collect());
         let mut wake_at: Option<tokio::time::Instant> = None;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut resync = tokio::time::interval(RESYNC);
@@ -101,7 +119,10 @@ impl Orchestrator {
             if retry_at.is_none()
                 && let Some(scope) = dirty.take()
             {
-                match self.pass(&scope).await {
+                let started = std::time::Instant::now();
+                let result = self.pass(&scope).await;
+                lazy_delay = LAZY_MIN.max(started.elapsed() * 4);
+                match result {
                     Ok(wake) => {
                         // A pass over some services only knows their
                         // wake-ups; keep the earlier one.
@@ -124,6 +145,7 @@ impl Orchestrator {
             }
             let retry = sleep_until(retry_at);
             let wake = sleep_until(wake_at);
+            let lazy_due = sleep_until(lazy_at);
             tokio::select! {
                 ev = events.recv() => {
                     let mut evs = Vec::new();
@@ -142,9 +164,18 @@ impl Orchestrator {
                     }
                     self.manager.store.read(|s| {
                         for c in evs.iter().flat_map(|e| e.changes.iter()) {
-                            mark(s, c, &mut dirty);
+                            mark(s, c, &mut dirty, &mut lazy, &mut nodes);
                         }
                     });
+                    if !lazy.is_empty() && lazy_at.is_none() {
+                        lazy_at = Some(tokio::time::Instant::now() + lazy_delay);
+                    }
+                }
+                _ = lazy_due => {
+                    lazy_at = None;
+                    for id in std::mem::take(&mut lazy) {
+                        dirty.mark(&id);
+                    }
                 }
                 _ = retry => retry_at = None,
                 _ = wake => { wake_at = None; dirty = Dirty::All; }
@@ -211,16 +242,43 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Marks the services a change concerns.
-fn mark(s: &State, c: &Change, dirty: &mut Dirty) {
+/// Marks the services a change concerns: now (`dirty`), or for a look a
+/// little later (`lazy`) when a task only made progress.
+fn mark(
+    s: &State,
+    c: &Change,
+    dirty: &mut Dirty,
+    lazy: &mut BTreeSet<String>,
+    nodes: &mut std::collections::HashMap<u64, (crate::store::objects::NodeStatus, &'static str, &'static str, Vec<(String, String)>)>,
+) {
+    use crate::store::task::TaskState;
     match c {
         // A node change can concern every service (down, drain, labels,
-        // global services).
-        Change::Node(_) | Change::NodeRemoved(_) => *dirty = Dirty::All,
+        // global services, a new node to rebalance onto); a refresh of its
+        // resources or certificate does not.
+        Change::Node(id) => {
+            let facts = s.nodes.get(id).map(node_facts);
+            if facts.as_ref() != nodes.get(id) {
+                match facts {
+                    Some(f) => nodes.insert(*id, f),
+                    None => nodes.remove(id),
+                };
+                *dirty = Dirty::All;
+            }
+        }
+        Change::NodeRemoved(id) => {
+            nodes.remove(id);
+            *dirty = Dirty::All;
+        }
         Change::Service(id) | Change::ServiceRemoved(id) => dirty.mark(id),
         Change::Task(id) => {
             if let Some(t) = s.tasks.get(id) {
-                dirty.mark(&t.service_id);
+                let progress = t.desired_state == TaskState::Running && t.state > TaskState::New && !t.state.is_terminal();
+                if progress {
+                    lazy.insert(t.service_id.clone());
+                } else {
+                    dirty.mark(&t.service_id);
+                }
             }
         }
         // Removals of tasks are our own doing; the rest does not concern
