@@ -73,6 +73,9 @@ pub struct DispatcherService {
     facts: Arc<Mutex<Option<Arc<HeartbeatFacts>>>>,
     hub: Arc<Hub>,
     views: tokio::sync::watch::Receiver<Arc<ServiceView>>,
+    /// Heartbeats answered while leading (the down-detector's check on
+    /// itself).
+    answered: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The parts of a heartbeat's answer that are the same for every node, at
@@ -89,6 +92,11 @@ struct HeartbeatFacts {
     peers_version: u64,
     address_pool: String,
 }
+
+/// From this many ready nodes on, a leader that answered fewer than half the
+/// heartbeats it should have marks no node down (Kubernetes'
+/// `--large-cluster-size-threshold` is 50 too).
+const LARGE_CLUSTER: usize = 50;
 
 /// Heartbeats the leader answers per second at most: the period grows with
 /// the cluster past this (Nomad's `max_heartbeats_per_second` idea).
@@ -118,7 +126,7 @@ impl DispatcherService {
         tokio::spawn(hub.clone().route(store.clone(), store.watch(), shutdown.clone()));
         let (views_tx, views) = tokio::sync::watch::channel(Arc::new(ServiceView::default()));
         tokio::spawn(build_views(store.clone(), store.watch(), views_tx, shutdown.clone()));
-        DispatcherService { manager, config, last_seen: Default::default(), shutdown, ca: Default::default(), facts: Default::default(), hub, views }
+        DispatcherService { manager, config, last_seen: Default::default(), shutdown, ca: Default::default(), facts: Default::default(), hub, views, answered: Default::default() }
     }
 
     fn heartbeat_facts(&self) -> Arc<HeartbeatFacts> {
@@ -179,6 +187,9 @@ impl DispatcherService {
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut was_leader = false;
         let mut tick = tokio::time::interval(self.config.period);
+        // (when, heartbeats answered by then): how many this leader answered
+        // over the last down time.
+        let mut answered_at: std::collections::VecDeque<(Instant, u64)> = std::collections::VecDeque::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -195,6 +206,7 @@ impl DispatcherService {
                 for id in ids {
                     seen.insert(id, now);
                 }
+                answered_at.clear();
             }
             was_leader = leader;
             if !leader {
@@ -216,7 +228,36 @@ impl DispatcherService {
                         .collect()
                 })
             };
+            // A leader that answered far fewer heartbeats than its nodes
+            // send stalled itself (a burst of work): its silent nodes are
+            // not down, and marking them so would move their tasks and
+            // make the stall worse. In a large cluster (Kubernetes' node
+            // controller holds evictions the same way when most nodes look
+            // unhealthy at once) it waits until it keeps up again.
+            let now = Instant::now();
+            let answered = self.answered.load(std::sync::atomic::Ordering::Relaxed);
+            answered_at.push_back((now, answered));
+            while answered_at.len() > 1 && answered_at.front().is_some_and(|(t, _)| now.duration_since(*t) > down_after) {
+                answered_at.pop_front();
+            }
+            let (ready, period) = self.manager.store.read(|s| {
+                let ready = s.nodes.values().filter(|n| n.status == NodeStatus::Ready).count();
+                (ready, self.config.period_for(s.nodes.len()))
+            });
+            let window = answered_at.front().map_or(Duration::ZERO, |(t, _)| now.duration_since(*t));
+            let got = answered - answered_at.front().map_or(answered, |(_, n)| *n);
+            let expected = ready as f64 * window.as_secs_f64() / period.as_secs_f64();
             if down.is_empty() {
+                continue;
+            }
+            if ready >= LARGE_CLUSTER && (window < down_after || (got as f64) < expected / 2.0) {
+                tracing::warn!(
+                    silent = down.len(),
+                    ready,
+                    answered = got,
+                    expected = expected as u64,
+                    "this leader answered too few heartbeats lately to tell dead nodes from its own delay: not marking nodes down yet"
+                );
                 continue;
             }
             let names: Vec<String> = down.iter().map(|(id, _)| format_node_id(*id)).collect();
@@ -797,6 +838,7 @@ impl Dispatcher for DispatcherService {
             }));
         }
         self.seen().insert(r.node_id, Instant::now());
+        self.answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let resources = r.resources.map(|x| (x.nano_cpus, x.memory_bytes));
         let changed_resources = resources.is_some_and(|x| x != (node.nano_cpus, node.memory_bytes));
         let overlay = (!r.overlay_key.is_empty()).then(|| (r.overlay_key.clone(), r.overlay_endpoint.clone()));
