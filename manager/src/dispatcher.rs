@@ -98,6 +98,27 @@ struct HeartbeatFacts {
 /// `--large-cluster-size-threshold` is 50 too).
 const LARGE_CLUSTER: usize = 50;
 
+/// Whether this leader answered at least half the heartbeats its `ready`
+/// nodes sent over the last `down_after` (`answered` so far; `history`
+/// holds earlier counts, one older than the window). Small clusters always
+/// pass; without a whole window of history (a new leader) a large one does
+/// not. Err: (answered, expected) over the window.
+fn kept_up(history: &mut std::collections::VecDeque<(Instant, u64)>, now: Instant, answered: u64, (ready, period, down_after): (usize, Duration, Duration)) -> Result<(), (u64, u64)> {
+    history.push_back((now, answered));
+    // Keep the newest count that is at least `down_after` old, drop older.
+    while history.get(1).is_some_and(|(t, _)| now.duration_since(*t) >= down_after) {
+        history.pop_front();
+    }
+    if ready < LARGE_CLUSTER {
+        return Ok(());
+    }
+    let (at, before) = history.front().copied().unwrap_or((now, answered));
+    let window = now.duration_since(at);
+    let got = answered - before;
+    let expected = (ready as f64 * window.as_secs_f64() / period.as_secs_f64()) as u64;
+    if window < down_after || got < expected / 2 { Err((got, expected)) } else { Ok(()) }
+}
+
 /// Heartbeats the leader answers per second at most: the period grows with
 /// the cluster past this (Nomad's `max_heartbeats_per_second` idea).
 const MAX_HEARTBEATS_PER_SEC: u64 = 2000;
@@ -155,11 +176,6 @@ impl DispatcherService {
         facts
     }
 
-    fn down_after(&self) -> Duration {
-        let nodes = self.manager.store.read(|s| s.nodes.len());
-        self.config.down_after_for(nodes)
-    }
-
     pub fn config(&self) -> DispatcherConfig {
         self.config
     }
@@ -213,7 +229,8 @@ impl DispatcherService {
                 continue;
             }
             self.finish_ca_rotation().await;
-            let down_after = self.down_after();
+            let (nodes, ready) = self.manager.store.read(|s| (s.nodes.len(), s.nodes.values().filter(|n| n.status == NodeStatus::Ready).count()));
+            let (down_after, period) = (self.config.down_after_for(nodes), self.config.period_for(nodes));
             let down: Vec<(u64, NodeStatus)> = {
                 let mut seen = self.seen();
                 let now = Instant::now();
@@ -234,28 +251,17 @@ impl DispatcherService {
             // make the stall worse. In a large cluster (Kubernetes' node
             // controller holds evictions the same way when most nodes look
             // unhealthy at once) it waits until it keeps up again.
-            let now = Instant::now();
             let answered = self.answered.load(std::sync::atomic::Ordering::Relaxed);
-            answered_at.push_back((now, answered));
-            while answered_at.len() > 1 && answered_at.front().is_some_and(|(t, _)| now.duration_since(*t) > down_after) {
-                answered_at.pop_front();
-            }
-            let (ready, period) = self.manager.store.read(|s| {
-                let ready = s.nodes.values().filter(|n| n.status == NodeStatus::Ready).count();
-                (ready, self.config.period_for(s.nodes.len()))
-            });
-            let window = answered_at.front().map_or(Duration::ZERO, |(t, _)| now.duration_since(*t));
-            let got = answered - answered_at.front().map_or(answered, |(_, n)| *n);
-            let expected = ready as f64 * window.as_secs_f64() / period.as_secs_f64();
+            let kept_up = kept_up(&mut answered_at, Instant::now(), answered, (ready, period, down_after));
             if down.is_empty() {
                 continue;
             }
-            if ready >= LARGE_CLUSTER && (window < down_after || (got as f64) < expected / 2.0) {
+            if let Err((got, expected)) = kept_up {
                 tracing::warn!(
                     silent = down.len(),
                     ready,
                     answered = got,
-                    expected = expected as u64,
+                    expected,
                     "this leader answered too few heartbeats lately to tell dead nodes from its own delay: not marking nodes down yet"
                 );
                 continue;
@@ -1006,5 +1012,41 @@ impl DispatcherService {
             self.manager.propose(Command::VolumeReport { node, volumes: report }).await.map_err(status)?;
         }
         Ok(gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_leader_marks_no_node_down_in_a_large_cluster() {
+        let (period, down_after) = (Duration::from_millis(500), Duration::from_secs(5));
+        let t0 = Instant::now();
+        // Ticks drift a little: the window must still fill.
+        let tick = Duration::from_millis(499);
+        // 100 nodes heartbeating every period: 100 answers a tick.
+        let mut h = std::collections::VecDeque::new();
+        let mut answered = 0;
+        let mut last = Ok(());
+        for i in 0..30u32 {
+            answered += 100;
+            last = kept_up(&mut h, t0 + tick * i, answered, (100, period, down_after));
+            // Not a whole window yet: a new leader waits.
+            if tick * i < down_after {
+                assert!(last.is_err(), "tick {i}");
+            }
+        }
+        assert_eq!(last, Ok(()), "a leader that keeps up marks silent nodes down");
+        assert!(h.len() <= 12, "history stays one window long: {}", h.len());
+        // It stalls: a tenth of the answers for a whole window.
+        for i in 30..45u32 {
+            answered += 10;
+            last = kept_up(&mut h, t0 + tick * i, answered, (100, period, down_after));
+        }
+        assert!(matches!(last, Err((got, expected)) if got < expected / 2), "{last:?}");
+        // A small cluster is never held.
+        let mut h = std::collections::VecDeque::new();
+        assert_eq!(kept_up(&mut h, t0, 0, (3, period, down_after)), Ok(()));
     }
 }
