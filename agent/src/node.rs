@@ -48,6 +48,8 @@ pub struct AgentConfig {
 pub struct OverlayOpts {
     pub port: u16,
     pub endpoint_ip: std::net::Ipv4Addr,
+    /// `--dns-upstream`: the resolver for names that are not services.
+    pub dns_upstream: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -131,7 +133,12 @@ impl Agent {
         let (stop_tx, stop_rx) = watch::channel(false);
         let overlay = match &self.cfg.overlay {
             Some(o) => {
-                let cfg = OverlayConfig { data_dir: self.cfg.data_dir.clone(), port: o.port, endpoint_ip: o.endpoint_ip };
+                let cfg = OverlayConfig {
+                    data_dir: self.cfg.data_dir.clone(),
+                    port: o.port,
+                    endpoint_ip: o.endpoint_ip,
+                    dns_upstream: o.dns_upstream,
+                };
                 Some(Arc::new(Overlay::start(cfg, stop_rx.clone()).await?))
             }
             None => None,

@@ -54,6 +54,9 @@ pub struct OverlayConfig {
     pub port: u16,
     /// The address peers reach this node's port at (its underlay IP).
     pub endpoint_ip: Ipv4Addr,
+    /// Where the tasks' DNS server sends names that are not services
+    /// (None: the first non-loopback nameserver of `/etc/resolv.conf`).
+    pub dns_upstream: Option<std::net::SocketAddr>,
 }
 
 /// One of a task's networks, with the task's address on it.
@@ -247,6 +250,11 @@ impl Overlay {
                 "net.ipv4.conf.all.rp_filter is 1 (strict): routing-mesh connections forwarded from other nodes are dropped here; set it to 2 (loose)"
             );
         }
+        let dns_upstream = cfg.dns_upstream.or_else(dns::upstream_from_resolv_conf);
+        match dns_upstream {
+            Some(up) => tracing::info!(upstream = %up, "tasks' DNS forwards other names to {up}"),
+            None => tracing::warn!("no DNS upstream (--dns-upstream, or a non-loopback nameserver in /etc/resolv.conf): tasks resolve only service names"),
+        }
         let overlay = Overlay {
             dp,
             nl,
@@ -255,7 +263,7 @@ impl Overlay {
             endpoint: format!("{}:{}", cfg.endpoint_ip, cfg.port),
             netns_dir: cfg.data_dir.join("netns"),
             state: Mutex::new(State::default()),
-            dns: Arc::new(dns::DnsView::new(dns::upstream_from_resolv_conf())),
+            dns: Arc::new(dns::DnsView::new(dns_upstream)),
             shutdown,
         };
         overlay.apply_rules(&mut *overlay.state.lock().await)?;

@@ -368,3 +368,92 @@ fn remapped_tasks_serve_on_the_overlay() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(text, format!("0\n 0 {start} 65536\nt0ken"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Who asked a fake resolver which name.
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<(std::net::SocketAddr, String)>>>;
+
+/// A fake upstream resolver on the test's own bridge address: answers
+/// `outside.example` with 203.0.113.7 and everything else NXDOMAIN,
+/// and records who asked. Raw DNS, enough for one question.
+fn fake_resolver(c: &Cluster) -> (std::net::SocketAddr, Asked, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    shoal_tests::client_address(c);
+    let sock = std::net::UdpSocket::bind(format!("{}:0", shoal_tests::CLIENT_IP)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let addr = sock.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, st) = (seen.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+            let q = &buf[..n];
+            // The question's name: labels from byte 12 to a zero byte.
+            let (mut at, mut labels) = (12, Vec::new());
+            while at < n && q[at] != 0 {
+                let len = q[at] as usize;
+                labels.push(String::from_utf8_lossy(&q[(at + 1).min(n)..(at + 1 + len).min(n)]).to_string());
+                at += 1 + len;
+            }
+            let end = (at + 5).min(n);
+            let name = labels.join(".");
+            s.lock().unwrap().push((from, name.clone()));
+            // An A question for the one name it knows (AAAA: no records).
+            let is_a = end >= 4 && q[end - 4..end - 2] == [0, 1];
+            let known = name.eq_ignore_ascii_case("outside.example");
+            let found = known && is_a;
+            let mut r = vec![q[0], q[1], 0x81, if known { 0x80 } else { 0x83 }, 0, 1, 0, u8::from(found), 0, 0, 0, 0];
+            r.extend_from_slice(&q[12..end]);
+            if found {
+                r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 7]);
+            }
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    (addr, seen, stop)
+}
+
+/// Names that are not services go to the node's resolver (here a fake
+/// one, named with `--dns-upstream`), and its answers come back to the
+/// task; the node's DNS server also answers over TCP.
+#[test]
+fn other_names_go_to_the_upstream_resolver() {
+    let mut c = Cluster::hosts(1).unwrap();
+    let (upstream, seen, stop) = fake_resolver(&c);
+    c.init(0, &DaemonOpts { extra: vec!["--dns-upstream".into(), upstream.to_string()] }).unwrap();
+    c.wait_converged(0, 1, 1).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    create(&c, &["--name", "a", "--network", "front", "busybox:latest", "sleep", "1d"]);
+    let a = running(&c, "a", 1);
+    wait_for(T, "outside.example to resolve through the upstream", || {
+        if lookup(&c, "a.1", "outside.example") == Some(vec!["203.0.113.7".to_string()]) {
+            return Ok(Some(()));
+        }
+        let out = c.cli(0, &["exec", "a.1", "nslookup", "outside.example"]);
+        let asked = seen.lock().unwrap().len();
+        anyhow::bail!("nslookup said {} {}; the resolver was asked {asked} times", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    // The node asked, from its own address; an unknown name is NXDOMAIN.
+    assert!(seen.lock().unwrap().iter().any(|(from, name)| from.ip() == c.hosts[0].ip && name == "outside.example"), "{:?}", seen.lock().unwrap());
+    assert_eq!(lookup(&c, "a.1", "nothing.example"), None);
+    assert!(seen.lock().unwrap().iter().any(|(_, name)| name == "nothing.example"));
+    // Service names never leave the node.
+    assert_eq!(lookup(&c, "a.1", "a").map(|v| v.len()), Some(1));
+    assert!(!seen.lock().unwrap().iter().any(|(_, name)| name == "a"));
+    // Over TCP: a length-prefixed query for tasks.a gets an answer that
+    // holds the task's address (busybox nslookup only speaks UDP).
+    // The node's DNS server, as the task's resolv.conf names it.
+    let out = c.cli(0, &["exec", "a.1", "cat", "/etc/resolv.conf"]);
+    let resolv = String::from_utf8_lossy(&out.stdout).into_owned();
+    let gateway = resolv.lines().find_map(|l| l.strip_prefix("nameserver ")).unwrap_or_else(|| panic!("resolv.conf: {resolv}")).trim().to_string();
+    let query = r"\000\031\022\064\001\000\000\001\000\000\000\000\000\000\005tasks\001a\000\000\001\000\001";
+    let task_ip: std::net::Ipv4Addr = ip(&a[0], 0).parse().unwrap();
+    let script = format!("printf '{query}' | nc -w 2 {gateway} 53 | od -An -tu1 -v");
+    let out = c.cli(0, &["exec", "a.1", "sh", "-c", &script]);
+    let bytes: Vec<u8> = String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|b| b.parse().ok()).collect();
+    assert!(bytes.len() > 2 + 12 && bytes[2..4] == [0x12, 0x34], "TCP answer {bytes:?} ({})", String::from_utf8_lossy(&out.stderr));
+    assert!(bytes.windows(4).any(|w| w == task_ip.octets()), "TCP answer {bytes:?} lacks {task_ip}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
