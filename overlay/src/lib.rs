@@ -183,6 +183,35 @@ fn publish_rules(services: &[ServiceEntry], here: &BTreeSet<Ipv4Addr>) -> Vec<fi
     out
 }
 
+async fn ensure_host_accepts() -> Result<Vec<firewall::HostChain>, OverlayError> {
+    tokio::task::spawn_blocking(|| firewall::ensure_host_accepts(TUN_NAME, BRIDGE_PREFIX))
+        .await
+        .map_err(|e| OverlayError::Io { what: "checking the host's forward chains".into(), source: std::io::Error::other(e.to_string()) })?
+}
+
+/// How often the host's forward chains are checked for shoal's accepts (a
+/// firewall reload, `systemctl restart docker`, drops them).
+const HOST_RULES_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Puts shoal's accepts back into the host's forward chains when they go,
+/// until `shutdown`.
+async fn keep_host_accepts(mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HOST_RULES_CHECK) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match ensure_host_accepts().await {
+            Ok(added) if !added.is_empty() => {
+                let chains: Vec<String> = added.iter().map(ToString::to_string).collect();
+                tracing::warn!(chains = %chains.join(", "), "shoal's accept rules were missing from the host's forward chains: added again");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not check the host's forward chains"),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Networks with a bridge on this node, by bridge name.
@@ -267,6 +296,15 @@ impl Overlay {
             shutdown,
         };
         overlay.apply_rules(&mut *overlay.state.lock().await)?;
+        // A host firewall that drops forwarded packets (Docker's FORWARD
+        // policy) would drop the overlay's too: accept shoal's interfaces
+        // there, now and again whenever the host's rules are reloaded.
+        let added = ensure_host_accepts().await?;
+        if !added.is_empty() {
+            let chains: Vec<String> = added.iter().map(ToString::to_string).collect();
+            tracing::info!(chains = %chains.join(", "), "the host's forward chains now accept shoal's bridges and tunnel");
+        }
+        tokio::spawn(keep_host_accepts(overlay.shutdown.clone()));
         Ok(overlay)
     }
 

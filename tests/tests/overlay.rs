@@ -457,3 +457,81 @@ fn other_names_go_to_the_upstream_resolver() {
     assert!(bytes.windows(4).any(|w| w == task_ip.octets()), "TCP answer {bytes:?} lacks {task_ip}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// `nft ARGS` (or `nft -f -` with `script`) in host `i`'s namespace.
+fn host_nft(c: &Cluster, i: usize, args: &[&str], script: Option<&str>) -> String {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", c.hosts[i].netns)).arg("nft").args(args);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(s) = script {
+        stdin.write_all(s.as_bytes()).unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "nft {args:?} in {}: {}", c.hosts[i].name, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A host whose firewall drops forwarded packets (Docker's FORWARD policy)
+/// still carries the overlay: shoal accepts its own interfaces at the top
+/// of that chain, leaves the host's rules and policy as they are, puts its
+/// accepts back when the host's rules are reloaded, and removes them with
+/// its table.
+#[test]
+fn overlay_works_where_the_host_drops_forwarded_packets() {
+    let mut c = Cluster::hosts(3).unwrap();
+    // Each host's own firewall, as Docker leaves it (in the host's
+    // namespace only: the root namespace's firewall is never touched).
+    let docker_like = "table ip filter {\n  chain FORWARD {\n    type filter hook forward priority 0; policy drop;\n    iifname \"docker0\" accept\n  }\n}\n";
+    for i in 0..3 {
+        host_nft(&c, i, &["-f", "-"], Some(docker_like));
+    }
+    let opts = DaemonOpts::default();
+    c.init(0, &opts).unwrap();
+    c.join(1, 0, "worker", &opts).unwrap();
+    c.join(2, 0, "worker", &opts).unwrap();
+    c.wait_converged(0, 1, 3).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    let mut args = vec!["--name", "b", "--network", "front", "--constraint", "node.name==n2"];
+    let cmd = web("B-BEHIND-DROP");
+    args.extend(cmd.iter().map(String::as_str));
+    create(&c, &args);
+    create(&c, &["--name", "a", "--network", "front", "--constraint", "node.name==n1", "busybox:latest", "sleep", "1d"]);
+    running(&c, "b", 1);
+    running(&c, "a", 1);
+    // Across hosts, by name (the VIP): through both hosts' FORWARD chains.
+    fetch_ok(&c, "a.1", "http://b/", "B-BEHIND-DROP");
+    // Egress to the underlay.
+    let (url, server, stop) = underlay_server(&c, "EGRESS-BEHIND-DROP");
+    fetch_ok(&c, "a.1", &url, "EGRESS-BEHIND-DROP");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+
+    // The host's chain: its policy and its rule kept, shoal's four accepts
+    // first.
+    let chain = |c: &Cluster, i: usize| host_nft(c, i, &["list", "chain", "ip", "filter", "FORWARD"], None);
+    let listing = chain(&c, 1);
+    assert!(listing.contains("policy drop;") && listing.contains("iifname \"docker0\" accept"), "{listing}");
+    let rules: Vec<&str> = listing.lines().map(str::trim).filter(|l| l.contains("accept")).collect();
+    assert_eq!(rules.len(), 5, "{listing}");
+    assert!(rules[..4].iter().all(|r| r.ends_with("comment \"shoal overlay\"")), "{listing}");
+
+    // A firewall reload drops them: the daemon puts them back.
+    host_nft(&c, 1, &["flush", "chain", "ip", "filter", "FORWARD"], None);
+    wait_for(Duration::from_secs(30), "n1's daemon to accept its interfaces again", || {
+        Ok((chain(&c, 1).matches("shoal overlay").count() == 4).then_some(()))
+    })
+    .unwrap();
+    fetch_ok(&c, "a.1", "http://b/", "B-BEHIND-DROP");
+
+    // Cleanup: with its table, shoal's rules go, and only they.
+    c.stop(2);
+    let ns = c.hosts[2].netns.clone();
+    shoal_tests::netns::in_netns(&ns, || Ok(shoal_overlay::firewall::remove()?)).unwrap();
+    let listing = chain(&c, 2);
+    assert!(!listing.contains("shoal overlay") && listing.contains("iifname \"docker0\" accept") && listing.contains("policy drop;"), "{listing}");
+    assert!(!host_nft(&c, 2, &["list", "tables"], None).contains("inet shoal"));
+}
