@@ -510,7 +510,12 @@ impl Overlay {
         drop(st);
         self.dns.add_asker(task, atts.iter().map(|a| (a.address, a.network.clone())).collect());
         if path.exists() {
-            return Ok(path);
+            if netns::is_pinned(&path)? {
+                return Ok(path);
+            }
+            // The file outlived its mount (a reboot): make the namespace again.
+            tracing::warn!(task = %task, path = %path.display(), "the task's namespace file is not a live namespace: made again");
+            netns::remove(&path)?;
         }
         netns::create(&path)?;
         let made = self.wire(task, atts, &bridges, &path).await;
