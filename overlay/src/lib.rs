@@ -183,10 +183,15 @@ fn publish_rules(services: &[ServiceEntry], here: &BTreeSet<Ipv4Addr>) -> Vec<fi
     out
 }
 
+/// Runs `f` (an `nft` process, a thread that enters a namespace, mount
+/// calls: work that waits on the kernel or a child) on tokio's blocking
+/// pool, so it never holds up a runtime worker: the daemon runs two.
+async fn blocking<T: Send + 'static>(what: &str, f: impl FnOnce() -> Result<T, OverlayError> + Send + 'static) -> Result<T, OverlayError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| OverlayError::Io { what: what.into(), source: std::io::Error::other(e.to_string()) })?
+}
+
 async fn ensure_host_accepts() -> Result<Vec<firewall::HostChain>, OverlayError> {
-    tokio::task::spawn_blocking(|| firewall::ensure_host_accepts(TUN_NAME, BRIDGE_PREFIX))
-        .await
-        .map_err(|e| OverlayError::Io { what: "checking the host's forward chains".into(), source: std::io::Error::other(e.to_string()) })?
+    blocking("checking the host's forward chains", || firewall::ensure_host_accepts(TUN_NAME, BRIDGE_PREFIX)).await
 }
 
 /// How often the host's forward chains are checked for shoal's accepts (a
@@ -295,7 +300,7 @@ impl Overlay {
             dns: Arc::new(dns::DnsView::new(dns_upstream)),
             shutdown,
         };
-        overlay.apply_rules(&mut *overlay.state.lock().await)?;
+        overlay.apply_rules(&mut *overlay.state.lock().await).await?;
         // A host firewall that drops forwarded packets (Docker's FORWARD
         // policy) would drop the overlay's too: accept shoal's interfaces
         // there, now and again whenever the host's rules are reloaded.
@@ -351,12 +356,14 @@ impl Overlay {
             changed = true;
         }
         if changed {
-            self.apply_rules(&mut st)?;
+            self.apply_rules(&mut st).await?;
         }
         Ok(())
     }
 
-    fn apply_rules(&self, st: &mut State) -> Result<(), OverlayError> {
+    /// Writes the rule set `st` calls for, if it changed. The caller holds
+    /// the state lock across the write, so rule sets land in order.
+    async fn apply_rules(&self, st: &mut State) -> Result<(), OverlayError> {
         let nets: Vec<firewall::NetRule> = st.bridges.values().map(|(_, r)| r.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         // A task on a slice this node has no route to yet (its node's new
         // slice reaches us with the next peer update, the service view may
@@ -378,7 +385,8 @@ impl Overlay {
             pool: st.pool.map(|(n, l)| format!("{n}/{l}")),
         };
         if st.rules_applied.as_ref() != Some(&want) {
-            firewall::apply(&want, TUN_NAME, BRIDGE_PREFIX)?;
+            let rules = want.clone();
+            blocking("writing shoal's nftables table", move || firewall::apply(&rules, TUN_NAME, BRIDGE_PREFIX)).await?;
             st.rules_applied = Some(want);
         }
         Ok(())
@@ -390,7 +398,7 @@ impl Overlay {
         self.dns.set_services(entries.clone());
         let mut st = self.state.lock().await;
         st.services = entries;
-        self.apply_rules(&mut st)
+        self.apply_rules(&mut st).await
     }
 
     /// Waits (at most `max`) until the service view no longer lists any of
@@ -506,18 +514,25 @@ impl Overlay {
             }
         }
         st.local.insert(task.to_string(), atts.iter().map(|a| a.address).collect());
-        self.apply_rules(&mut st)?;
+        self.apply_rules(&mut st).await?;
         drop(st);
         self.dns.add_asker(task, atts.iter().map(|a| (a.address, a.network.clone())).collect());
-        if path.exists() {
-            if netns::is_pinned(&path)? {
-                return Ok(path);
+        let (p, t) = (path.clone(), task.to_string());
+        let made = blocking("making the task's namespace", move || {
+            if p.exists() {
+                if netns::is_pinned(&p)? {
+                    return Ok(false);
+                }
+                // The file outlived its mount (a reboot): make the namespace again.
+                tracing::warn!(task = %t, path = %p.display(), "the task's namespace file is not a live namespace: made again");
+                netns::remove(&p)?;
             }
-            // The file outlived its mount (a reboot): make the namespace again.
-            tracing::warn!(task = %task, path = %path.display(), "the task's namespace file is not a live namespace: made again");
-            netns::remove(&path)?;
+            netns::create(&p).map(|()| true)
+        })
+        .await?;
+        if !made {
+            return Ok(path);
         }
-        netns::create(&path)?;
         let made = self.wire(task, atts, &bridges, &path).await;
         if let Err(e) = made {
             let _ = self.detach(task, atts.len()).await;
@@ -537,8 +552,9 @@ impl Overlay {
                 self.nl.set_mtu(h, CONTAINER_MTU).await?;
             }
         }
-        let atts = atts.to_vec();
-        netns::run_in(path, move || {
+        let (atts, path) = (atts.to_vec(), path.to_path_buf());
+        // A thread that enters the namespace, joined: off the workers.
+        blocking("wiring the task's namespace", move || netns::run_in(&path, move || {
             Box::pin(async move {
                 let nl = Netlink::open()?;
                 if let Some(lo) = nl.index("lo").await? {
@@ -561,7 +577,8 @@ impl Overlay {
                 }
                 Ok(())
             })
-        })
+        }))
+        .await
     }
 
     /// Removes task `task`'s interfaces (its `count` veths) and namespace.
@@ -574,13 +591,14 @@ impl Overlay {
                 tasks.remove(task);
             }
             if st.local.remove(task).is_some() {
-                self.apply_rules(&mut st)?;
+                self.apply_rules(&mut st).await?;
             }
         }
         for i in 0..count.max(1) {
             self.nl.delete_named(&format!("shv{short}{i}")).await?;
         }
-        netns::remove(&self.netns_path(task))
+        let path = self.netns_path(task);
+        blocking("removing the task's namespace", move || netns::remove(&path)).await
     }
 
     /// Before a network gets its bridge here: the bridge of a network that
