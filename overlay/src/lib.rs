@@ -233,7 +233,10 @@ struct State {
     /// The cluster's address pool, once the managers said it.
     pool: Option<(Ipv4Addr, u8)>,
     rules_applied: Option<firewall::Rules>,
-    /// Gateways the DNS server listens on.
+    /// Gateways the DNS server listens on. A server stays when its bridge
+    /// goes: its sockets, bound to the address, answer again when a new
+    /// bridge brings the address back (stopping it would race that
+    /// bridge's new server for the port).
     dns_listening: BTreeSet<Ipv4Addr>,
 }
 
@@ -586,11 +589,18 @@ impl Overlay {
         self.dns.remove_asker(task);
         let short = short_id(task);
         {
+            // Under the state lock: a task that attaches meanwhile either
+            // joined the bridge's members first (the bridge stays) or
+            // comes after its removal (and makes it again).
             let mut st = self.state.lock().await;
-            for tasks in st.members.values_mut() {
-                tasks.remove(task);
+            let emptied: Vec<String> =
+                st.members.iter_mut().filter_map(|(bridge, tasks)| (tasks.remove(task) && tasks.is_empty()).then(|| bridge.clone())).collect();
+            let mut changed = st.local.remove(task).is_some();
+            for bridge in emptied {
+                self.remove_bridge(&mut st, &bridge).await?;
+                changed = true;
             }
-            if st.local.remove(task).is_some() {
+            if changed {
                 self.apply_rules(&mut st).await?;
             }
         }
@@ -599,6 +609,19 @@ impl Overlay {
         }
         let path = self.netns_path(task);
         blocking("removing the task's namespace", move || netns::remove(&path)).await
+    }
+
+    /// Deletes the bridge `bridge` (its last local task went): its gateway
+    /// addresses go with it, and the caller's next rule set no longer
+    /// names it.
+    async fn remove_bridge(&self, st: &mut State, bridge: &str) -> Result<(), OverlayError> {
+        if let Some((index, rule)) = st.bridges.get(bridge).cloned() {
+            self.nl.delete(index).await?;
+            st.bridges.remove(bridge);
+            tracing::info!(bridge = %bridge, subnet = %rule.subnet, "the network's last task here is gone: its bridge removed");
+        }
+        st.members.remove(bridge);
+        Ok(())
     }
 
     /// Before a network gets its bridge here: the bridge of a network that

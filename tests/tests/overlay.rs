@@ -535,3 +535,85 @@ fn overlay_works_where_the_host_drops_forwarded_packets() {
     assert!(!listing.contains("shoal overlay") && listing.contains("iifname \"docker0\" accept") && listing.contains("policy drop;"), "{listing}");
     assert!(!host_nft(&c, 2, &["list", "tables"], None).contains("inet shoal"));
 }
+
+/// Host `i`'s network bridges (`shn…`) and the addresses on them.
+fn bridges(c: &Cluster, i: usize) -> Vec<String> {
+    sh("ip", &["-n", &c.hosts[i].netns, "-o", "addr", "show"])
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|n| n.starts_with("shn")) && l.contains(" inet "))
+        .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// A network's bridge (and its gateway address, and its rules) lives as
+/// long as the network has tasks on the node: it goes with the last one,
+/// and comes back with the next, also when one task stops while another
+/// starts.
+#[test]
+fn bridges_go_with_their_networks_last_task() {
+    let mut c = Cluster::hosts(1).unwrap();
+    c.init(0, &DaemonOpts::default()).unwrap();
+    c.wait_converged(0, 1, 1).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "solo"]).unwrap();
+    let mut args = vec!["--name", "b", "--network", "solo"];
+    let cmd = web("SOLO");
+    args.extend(cmd.iter().map(String::as_str));
+    create(&c, &args);
+    let b = running(&c, "b", 1);
+    let gateway = c.cli_ok(0, &["exec", "b.1", "cat", "/etc/resolv.conf"]).unwrap();
+    let gateway = gateway.as_str().unwrap().lines().find_map(|l| l.strip_prefix("nameserver ")).unwrap().trim().to_string();
+    let held = bridges(&c, 0);
+    assert!(held.len() == 1 && held[0].contains(&format!("{gateway}/")), "{held:?}");
+    let bridge = held[0].split_whitespace().nth(1).unwrap().to_string();
+    let resolves_to = |want: &[String]| {
+        wait_for(T, &format!("tasks.b to be {want:?} from inside"), || {
+            let mut got = lookup(&c, "b.1", "tasks.b").unwrap_or_default();
+            got.sort();
+            if got != want {
+                anyhow::bail!("got {got:?}; tasks {:?}", tasks(&c, "b").iter().map(|t| format!("{} {} {}", t["id"], t["state"], t["address"])).collect::<Vec<_>>());
+            }
+            Ok(Some(()))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    };
+    resolves_to(&[ip(&b[0], 0)]);
+    let mut previous = b[0]["id"].as_str().unwrap().to_string();
+
+    // Replaced in place, one stopping as the next starts (both orders):
+    // the new task has its bridge, gateway and DNS.
+    for (i, order) in ["stop-first", "start-first"].iter().enumerate() {
+        let env = format!("ROUND={i}");
+        c.cli_ok(0, &["service", "update", "--detach", "--update-order", order, "--env-add", &env, "b"]).unwrap();
+        let b = wait_for(T, "b's new task to run", || {
+            let all = tasks(&c, "b");
+            let t: Vec<Value> = all.iter().filter(|t| t["state"] == "running").cloned().collect();
+            Ok((t.len() == 1 && t[0]["id"] != previous.as_str()).then_some(t))
+        })
+        .unwrap();
+        previous = b[0]["id"].as_str().unwrap().to_string();
+        resolves_to(&[ip(&b[0], 0)]);
+    }
+    // All gone, then back at once: tasks stopping while others start.
+    c.cli_ok(0, &["service", "scale", "--detach", "b=0"]).unwrap();
+    c.cli_ok(0, &["service", "scale", "--detach", "b=2"]).unwrap();
+    let b = running(&c, "b", 2);
+    let mut ips: Vec<String> = b.iter().map(|t| ip(t, 0)).collect();
+    ips.sort();
+    resolves_to(&ips);
+    assert_eq!(bridges(&c, 0).len(), 1, "{:?}", bridges(&c, 0));
+
+    // The last task goes: the bridge, its address and its rules go too.
+    c.cli_ok(0, &["service", "rm", "b"]).unwrap();
+    wait_for(T, "the network's bridge to go", || Ok(bridges(&c, 0).is_empty().then_some(()))).unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    let links = sh("ip", &["-n", &c.hosts[0].netns, "link", "show"]).unwrap();
+    assert!(!links.contains(&bridge), "{links}");
+    let table = host_nft(&c, 0, &["list", "table", "inet", "shoal"], None);
+    assert!(!table.contains(&bridge), "{table}");
+    // And a new task brings them back.
+    create(&c, &["--name", "again", "--network", "solo", "busybox:latest", "sleep", "1d"]);
+    running(&c, "again", 1);
+    assert_eq!(bridges(&c, 0).len(), 1);
+    wait_for(T, "again to resolve itself", || Ok(lookup(&c, "again.1", "again").map(|_| ()))).unwrap();
+}
