@@ -617,3 +617,122 @@ fn bridges_go_with_their_networks_last_task() {
     assert_eq!(bridges(&c, 0).len(), 1);
     wait_for(T, "again to resolve itself", || Ok(lookup(&c, "again.1", "again").map(|_| ()))).unwrap();
 }
+
+/// The interfaces in task `from`'s namespace, `lo` aside.
+fn interfaces(c: &Cluster, from: &str) -> Vec<String> {
+    let out = c.cli(0, &["exec", from, "cat", "/proc/net/dev"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
+        .filter(|n| n != "lo")
+        .collect()
+}
+
+/// `service update --network-add` gives the service's new task an
+/// interface and a name on that network; `--network-rm` takes both away.
+#[test]
+fn networks_added_and_removed_by_update() {
+    let mut c = Cluster::hosts(1).unwrap();
+    c.init(0, &DaemonOpts::default()).unwrap();
+    c.wait_converged(0, 1, 1).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    c.cli_ok(0, &["network", "create", "back"]).unwrap();
+    let mut args = vec!["--name", "b", "--network", "back"];
+    let cmd = web("ON-BACK");
+    args.extend(cmd.iter().map(String::as_str));
+    create(&c, &args);
+    create(&c, &["--name", "a", "--network", "front", "busybox:latest", "sleep", "1d"]);
+    running(&c, "b", 1);
+    let a = running(&c, "a", 1);
+    assert_eq!(interfaces(&c, "a.1"), ["eth0"]);
+    assert_eq!(lookup(&c, "a.1", "b"), None, "b is not on a's network");
+    assert_eq!(lookup(&c, "b.1", "a"), None);
+    let svc = c.cli_ok(0, &["service", "inspect", "b", "--format", "json"]).unwrap();
+    let b_vip = svc["vips"]["back"].as_str().unwrap().to_string();
+
+    // A new task of a, on both networks (the old one may still be
+    // stopping: stop-first lets it drain).
+    let replaced = |old: &[&Value], addresses: usize| {
+        wait_for(T, &format!("a's task on {addresses} networks"), || {
+            let t: Vec<Value> = tasks(&c, "a")
+                .into_iter()
+                .filter(|t| t["state"] == "running" && t["desired_state"] == "running" && old.iter().all(|o| o["id"] != t["id"]))
+                .collect();
+            Ok((t.len() == 1 && t[0]["address"].as_array().map(Vec::len) == Some(addresses)).then(|| t[0].clone()))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()))
+    };
+    c.cli_ok(0, &["service", "update", "--detach", "--network-add", "back", "a"]).unwrap();
+    let a2 = replaced(&[&a[0]], 2);
+    wait_for(T, "a to see eth0 and eth1", || Ok((interfaces(&c, "a.1") == ["eth0", "eth1"]).then_some(()))).unwrap();
+    wait_for(T, "b to resolve from a", || Ok((lookup(&c, "a.1", "b") == Some(vec![b_vip.clone()])).then_some(()))).unwrap();
+    fetch_ok(&c, "a.1", "http://b/", "ON-BACK");
+    // a answers to its name on back now: b finds it at its VIP there.
+    let svc = c.cli_ok(0, &["service", "inspect", "a", "--format", "json"]).unwrap();
+    let a_vip_back = svc["vips"]["back"].as_str().unwrap().to_string();
+    wait_for(T, "a to resolve from b", || Ok((lookup(&c, "b.1", "a") == Some(vec![a_vip_back.clone()])).then_some(()))).unwrap();
+
+    // And off back again.
+    c.cli_ok(0, &["service", "update", "--detach", "--network-rm", "back", "a"]).unwrap();
+    let a3 = replaced(&[&a[0], &a2], 1);
+    assert!(a3["address"][0].as_str().unwrap().starts_with(&ip(&a[0], 0)[..7]), "front address: {a3}");
+    wait_for(T, "a to have eth0 only", || Ok((interfaces(&c, "a.1") == ["eth0"]).then_some(()))).unwrap();
+    wait_for(T, "a to leave b's DNS", || Ok(lookup(&c, "b.1", "a").is_none().then_some(()))).unwrap();
+    assert_eq!(lookup(&c, "a.1", "b"), None);
+    assert_eq!(fetch(&c, "a.1", &format!("http://{b_vip}/")), None, "a still reaches back");
+    // Bad input changes nothing.
+    for (args, want) in [
+        (&["service", "update", "--detach", "--network-rm", "back", "a"][..], "not on network"),
+        (&["service", "update", "--detach", "--network-add", "front", "a"], "already"),
+        (&["service", "update", "--detach", "--network-add", "nosuch", "a"], "nosuch"),
+    ] {
+        let out = c.cli(0, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+    let now: Vec<Value> = tasks(&c, "a").into_iter().filter(|t| t["desired_state"] == "running").collect();
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0]["id"], a3["id"], "a refused update replaced the task: {:#?}", tasks(&c, "a"));
+}
+
+/// Running out of room is a clear error that changes nothing: a pool
+/// with no /20 left at `network create`, a network with no slice left for
+/// another node at task start.
+#[test]
+fn exhausted_pools_and_networks_are_clear_errors() {
+    let mut c = Cluster::hosts(2).unwrap();
+    // Room for two networks of the pool.
+    c.init(0, &DaemonOpts { extra: vec!["--address-pool".into(), "100.70.0.0/19".into()] }).unwrap();
+    c.join(1, 0, "worker", &DaemonOpts::default()).unwrap();
+    c.wait_converged(0, 1, 2).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "one"]).unwrap();
+    c.cli_ok(0, &["network", "create", "two"]).unwrap();
+    let before = c.cli_ok(0, &["network", "ls", "--format", "json"]).unwrap();
+    let out = c.cli(0, &["network", "create", "three"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the network pool 100.70.0.0/19 has no free /20 left"), "{err}");
+    assert_eq!(c.cli_ok(0, &["network", "ls", "--format", "json"]).unwrap(), before);
+
+    // A /25 has one slice for tasks (the other holds the VIPs): the first
+    // node to run a task there takes it, another node has none.
+    c.cli_ok(0, &["network", "create", "--subnet", "100.70.32.0/25", "small"]).unwrap();
+    create(&c, &["--name", "first", "--network", "small", "--constraint", "node.name==n0", "busybox:latest", "sleep", "1d"]);
+    running(&c, "first", 1);
+    create(&c, &["--name", "late", "--network", "small", "--constraint", "node.name==n1", "--restart-condition", "none", "busybox:latest", "sleep", "1d"]);
+    let rejected = wait_for(T, "late's task to be rejected", || {
+        Ok(tasks(&c, "late").into_iter().find(|t| t["state"] == "rejected"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    let error = rejected["error"].as_str().unwrap();
+    assert!(error.contains("network \"small\" (100.70.32.0/25) has no free address"), "{rejected}");
+    assert!(rejected["address"].as_array().is_none_or(Vec::is_empty), "{rejected}");
+    // Nothing changed: n1 holds no slice, first still runs and resolves.
+    let small = c.cli_ok(0, &["network", "inspect", "small", "--format", "json"]).unwrap();
+    assert!(small["slices"]["n0"].is_array() && small["slices"].get("n1").is_none_or(Value::is_null), "{small}");
+    assert_eq!(tasks(&c, "late").iter().filter(|t| t["state"] == "running").count(), 0);
+    running(&c, "first", 1);
+    assert!(lookup(&c, "first.1", "first").is_some());
+}
