@@ -624,6 +624,30 @@ impl Overlay {
         Ok(())
     }
 
+    /// On a clean stop: when no task here has a network namespace (none
+    /// attached, none pinned under the data dir), takes shoal's pieces out
+    /// of the host's firewall and routing: its nftables table, its accepts
+    /// in the host's forward chains, the mesh's policy rule. Tasks that
+    /// outlive the daemon (they do, by design) keep them. Returns whether
+    /// it removed them.
+    pub async fn release_if_idle(&self) -> Result<bool, OverlayError> {
+        let mut st = self.state.lock().await;
+        let dir = self.netns_dir.clone();
+        let pinned = blocking("listing the tasks' namespaces", move || match std::fs::read_dir(&dir) {
+            Ok(mut entries) => Ok(entries.next().is_some()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(OverlayError::Io { what: format!("listing {}", dir.display()), source }),
+        })
+        .await?;
+        if !st.local.is_empty() || pinned {
+            return Ok(false);
+        }
+        blocking("removing shoal's nftables table", firewall::remove).await?;
+        st.rules_applied = None;
+        self.nl.del_rules_for_table(MESH_TABLE).await?;
+        Ok(true)
+    }
+
     /// Before a network gets its bridge here: the bridge of a network that
     /// had the same subnet and was removed (a network made again gets its
     /// subnet back) goes, once no local task uses it, so two bridges never

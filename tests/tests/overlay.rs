@@ -478,7 +478,7 @@ fn host_nft(c: &Cluster, i: usize, args: &[&str], script: Option<&str>) -> Strin
 /// still carries the overlay: shoal accepts its own interfaces at the top
 /// of that chain, leaves the host's rules and policy as they are, puts its
 /// accepts back when the host's rules are reloaded, and removes them with
-/// its table.
+/// its table when it stops with no task on a network.
 #[test]
 fn overlay_works_where_the_host_drops_forwarded_packets() {
     let mut c = Cluster::hosts(3).unwrap();
@@ -527,12 +527,18 @@ fn overlay_works_where_the_host_drops_forwarded_packets() {
     .unwrap();
     fetch_ok(&c, "a.1", "http://b/", "B-BEHIND-DROP");
 
-    // Cleanup: with its table, shoal's rules go, and only they.
+    // Cleanup: a node that stops with no task on a network takes its
+    // table and its accepts out, and only them.
+    c.cli_ok(0, &["service", "rm", "b"]).unwrap();
+    let namespaces = c.hosts[2].data_dir.join("netns");
+    wait_for(T, "n2's last task to go", || {
+        let left = std::fs::read_dir(&namespaces).map(|d| d.count()).unwrap_or(0);
+        Ok((bridges(&c, 2).is_empty() && left == 0).then_some(()))
+    })
+    .unwrap();
     c.stop(2);
-    let ns = c.hosts[2].netns.clone();
-    shoal_tests::netns::in_netns(&ns, || Ok(shoal_overlay::firewall::remove()?)).unwrap();
     let listing = chain(&c, 2);
-    assert!(!listing.contains("shoal overlay") && listing.contains("iifname \"docker0\" accept") && listing.contains("policy drop;"), "{listing}");
+    assert!(!listing.contains("shoal overlay") && listing.contains("iifname \"docker0\" accept") && listing.contains("policy drop;"), "{listing}\n{}", c.log_tail(2));
     assert!(!host_nft(&c, 2, &["list", "tables"], None).contains("inet shoal"));
 }
 
