@@ -200,11 +200,17 @@ const HOST_RULES_CHECK: std::time::Duration = std::time::Duration::from_secs(10)
 
 /// Puts shoal's accepts back into the host's forward chains when they go,
 /// until `shutdown`.
-async fn keep_host_accepts(mut shutdown: watch::Receiver<bool>) {
+async fn keep_host_accepts(released: Arc<Mutex<bool>>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(HOST_RULES_CHECK) => {}
             _ = shutdown.wait_for(|s| *s) => return,
+        }
+        // Held across the check: `release_if_idle` can't remove the rules
+        // while they are being put back.
+        let released = released.lock().await;
+        if *released {
+            return;
         }
         match ensure_host_accepts().await {
             Ok(added) if !added.is_empty() => {
@@ -250,6 +256,9 @@ pub struct Overlay {
     state: Mutex<State>,
     dns: Arc<dns::DnsView>,
     shutdown: watch::Receiver<bool>,
+    /// Whether `release_if_idle` took shoal's rules out of the host (the
+    /// 10 s check then stops putting them back).
+    host_rules_released: Arc<Mutex<bool>>,
 }
 
 impl Overlay {
@@ -302,6 +311,7 @@ impl Overlay {
             state: Mutex::new(State::default()),
             dns: Arc::new(dns::DnsView::new(dns_upstream)),
             shutdown,
+            host_rules_released: Arc::new(Mutex::new(false)),
         };
         overlay.apply_rules(&mut *overlay.state.lock().await).await?;
         // A host firewall that drops forwarded packets (Docker's FORWARD
@@ -312,7 +322,7 @@ impl Overlay {
             let chains: Vec<String> = added.iter().map(ToString::to_string).collect();
             tracing::info!(chains = %chains.join(", "), "the host's forward chains now accept shoal's bridges and tunnel");
         }
-        tokio::spawn(keep_host_accepts(overlay.shutdown.clone()));
+        tokio::spawn(keep_host_accepts(overlay.host_rules_released.clone(), overlay.shutdown.clone()));
         Ok(overlay)
     }
 
@@ -642,6 +652,8 @@ impl Overlay {
         if !st.local.is_empty() || pinned {
             return Ok(false);
         }
+        let mut released = self.host_rules_released.lock().await;
+        *released = true;
         blocking("removing shoal's nftables table", firewall::remove).await?;
         st.rules_applied = None;
         self.nl.del_rules_for_table(MESH_TABLE).await?;
