@@ -607,8 +607,11 @@ impl Overlay {
                 st.members.iter_mut().filter_map(|(bridge, tasks)| (tasks.remove(task) && tasks.is_empty()).then(|| bridge.clone())).collect();
             let mut changed = st.local.remove(task).is_some();
             for bridge in emptied {
-                self.remove_bridge(&mut st, &bridge).await?;
-                changed = true;
+                // Not fatal: the task's own interfaces and namespace still go.
+                match self.remove_bridge(&mut st, &bridge).await {
+                    Ok(()) => changed = true,
+                    Err(e) => tracing::warn!(task = %task, bridge = %bridge, error = %e, "could not remove the network's bridge: kept"),
+                }
             }
             if changed {
                 self.apply_rules(&mut st).await?;
