@@ -48,6 +48,8 @@ pub struct AgentConfig {
 pub struct OverlayOpts {
     pub port: u16,
     pub endpoint_ip: std::net::Ipv4Addr,
+    /// `--dns-upstream`: the resolver for names that are not services.
+    pub dns_upstream: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -131,7 +133,12 @@ impl Agent {
         let (stop_tx, stop_rx) = watch::channel(false);
         let overlay = match &self.cfg.overlay {
             Some(o) => {
-                let cfg = OverlayConfig { data_dir: self.cfg.data_dir.clone(), port: o.port, endpoint_ip: o.endpoint_ip };
+                let cfg = OverlayConfig {
+                    data_dir: self.cfg.data_dir.clone(),
+                    port: o.port,
+                    endpoint_ip: o.endpoint_ip,
+                    dns_upstream: o.dns_upstream,
+                };
                 Some(Arc::new(Overlay::start(cfg, stop_rx.clone()).await?))
             }
             None => None,
@@ -147,6 +154,7 @@ impl Agent {
         overlay: Option<Arc<Overlay>>,
     ) -> AgentExit {
         let id = &self.cfg.identity;
+        let overlay_at_exit = overlay.clone();
         let (role_tx, mut role_rx) = watch::channel(None);
         let (current_tx, current_rx) = watch::channel(None);
         let volumes = Arc::new(crate::volume::Volumes::new(&self.cfg.data_dir));
@@ -214,6 +222,18 @@ impl Agent {
         for (what, handle) in handles {
             if let Err(e) = handle.await {
                 tracing::error!(node = %id.name, error = %e, "the agent's {what} panicked");
+            }
+        }
+        // A node that stops with no task on a network leaves nothing of
+        // shoal's in the host's firewall (a role change starts the agent
+        // again at once: nothing to clean then).
+        if matches!(exit, AgentExit::Shutdown)
+            && let Some(o) = overlay_at_exit
+        {
+            match o.release_if_idle().await {
+                Ok(true) => tracing::info!(node = %id.name, "no task here is on a network: shoal's nftables table and forward accepts removed"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(node = %id.name, error = %e, "could not remove shoal's firewall rules"),
             }
         }
         exit

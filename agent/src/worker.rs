@@ -475,7 +475,20 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
                 Some(o) => o.attach(&id, &atts).await.map(Some),
                 None => Ok(None),
             };
-            match netns.and_then(|netns| Ok((netns, write_netconf(&ctx.data_dir, &id, &hostname, &atts)?))) {
+            let wired = match netns {
+                // Files on disk: off the runtime's workers.
+                Ok(netns) => {
+                    let (dir, task, a) = (ctx.data_dir.clone(), id.clone(), atts.clone());
+                    tokio::task::spawn_blocking(move || write_netconf(&dir, &task, &hostname, &a))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(shoal_overlay::OverlayError::Io { what: "writing the task's network files".into(), source: std::io::Error::other(e.to_string()) })
+                        })
+                        .map(|files| (netns, files))
+                }
+                Err(e) => Err(e),
+            };
+            match wired {
                 Ok((netns, (resolv, hosts, name))) => {
                     req.netns = netns;
                     for (source, destination) in [(resolv, "/etc/resolv.conf"), (hosts, "/etc/hosts"), (name, "/etc/hostname")] {

@@ -51,6 +51,11 @@ pub struct DaemonArgs {
     /// cluster's; ignored when joining).
     #[arg(long, default_value = "100.64.0.0/10")]
     address_pool: String,
+    /// The resolver the tasks' DNS server asks for names that are not
+    /// services (IPv4, port 53 unless given). Default: the first
+    /// nameserver of this host's /etc/resolv.conf that is not on loopback.
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_dns_upstream)]
+    dns_upstream: Option<SocketAddr>,
     #[command(flatten)]
     image_limits: crate::cmd::image::SizeLimitArgs,
     /// Run every task in a user namespace: container root is an
@@ -75,6 +80,22 @@ pub struct DaemonArgs {
     /// linearizability checker can be shown to catch it.
     #[arg(long, hide = true)]
     fault_stale_reads: bool,
+}
+
+fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
+    let addr = match s.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => s
+            .parse::<std::net::Ipv4Addr>()
+            .map(|ip| SocketAddr::from((ip, 53)))
+            .map_err(|_| format!("invalid DNS upstream {s:?}: expected IP or IP:PORT"))?,
+    };
+    if !addr.is_ipv4() || addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(format!("invalid DNS upstream {s:?}: expected an IPv4 address and a port other than 0"));
+    }
+    // Loopback is fine here: the daemon asks from the node's own
+    // namespace (unlike resolv.conf's, which tasks would read).
+    Ok(addr)
 }
 
 fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
@@ -194,7 +215,7 @@ async fn run_node(
     let std::net::IpAddr::V4(endpoint_ip) = args.advertise.unwrap_or(args.listen).ip() else {
         bail!("the overlay needs an IPv4 address: --advertise {} is not one", args.advertise.unwrap_or(args.listen));
     };
-    cfg.overlay = Some(OverlayOpts { port: args.overlay_port, endpoint_ip });
+    cfg.overlay = Some(OverlayOpts { port: args.overlay_port, endpoint_ip, dns_upstream: args.dns_upstream });
     cfg.image_limits = args.image_limits.limits();
     cfg.userns = args.userns_remap;
     if let Some(m) = cfg.userns {
@@ -290,5 +311,19 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_upstream_takes_an_ipv4_address_with_or_without_a_port() {
+        assert_eq!(parse_dns_upstream("198.18.0.1"), Ok(SocketAddr::from(([198, 18, 0, 1], 53))));
+        assert_eq!(parse_dns_upstream("198.18.0.1:5353"), Ok(SocketAddr::from(([198, 18, 0, 1], 5353))));
+        for bad in ["", "resolver", "::1", "[::1]:53", "0.0.0.0", "198.18.0.1:0", "198.18.0.1:x"] {
+            assert!(parse_dns_upstream(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

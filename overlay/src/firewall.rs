@@ -223,9 +223,145 @@ pub fn apply(rules: &Rules, tun: &str, bridge_prefix: &str) -> Result<(), Overla
     nft(&ruleset(rules, tun, bridge_prefix))
 }
 
-/// Removes the table, if it is there.
+/// Removes the table, if it is there, and the accept rules shoal put in
+/// the host's forward chains.
 pub fn remove() -> Result<(), OverlayError> {
+    remove_host_accepts()?;
     nft(&format!("add table inet {TABLE}\ndelete table inet {TABLE}\n"))
+}
+
+// A packet passes a netfilter hook only if every base chain on it accepts
+// (an accept ends one chain, not the hook): a host whose own forward chain
+// drops by default (Docker sets `ip filter FORWARD` to policy drop) drops
+// what `inet shoal` let through. As Docker does for its bridges, shoal puts
+// accept rules for its own interfaces at the top of each such chain, marked
+// with a comment; its own chain (at a lower priority, so first) has already
+// dropped what it must, and nothing else of the host's rules changes.
+
+/// The comment that marks the rules shoal adds to the host's chains.
+pub const HOST_RULE_COMMENT: &str = "shoal overlay";
+
+/// A base chain of another table on the forward hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostChain {
+    pub family: String,
+    pub table: String,
+    pub chain: String,
+}
+
+impl std::fmt::Display for HostChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.family, self.table, self.chain)
+    }
+}
+
+/// The IPv4 base chains on the forward hook in `nft list chains` output,
+/// shoal's own table excepted.
+pub fn forward_chains(listing: &str) -> Vec<HostChain> {
+    let (mut table, mut chain): (Option<(String, String)>, Option<String>) = (None, None);
+    let mut out = Vec::new();
+    for line in listing.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["table", family, name, "{"] => table = Some((family.to_string(), name.to_string())),
+            ["chain", name, "{", ..] => chain = Some(name.to_string()),
+            _ if line.starts_with("type ") && words.windows(2).any(|w| w == ["hook", "forward"]) => {
+                if let (Some((family, t)), Some(c)) = (&table, &chain)
+                    && (family == "ip" || family == "inet")
+                    && !(family == "inet" && t == TABLE)
+                {
+                    out.push(HostChain { family: family.clone(), table: t.clone(), chain: c.clone() });
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Handles of shoal's rules in a `nft -a list chain` listing.
+fn marked_handles(listing: &str) -> Vec<u64> {
+    listing
+        .lines()
+        .filter(|l| l.contains(&format!("comment \"{HOST_RULE_COMMENT}\"")))
+        .filter_map(|l| l.rsplit_once("# handle ").and_then(|(_, h)| h.trim().parse().ok()))
+        .collect()
+}
+
+/// What shoal needs every forward chain to accept: its bridges and its
+/// tunnel, both ways.
+fn host_accepts(tun: &str, bridge_prefix: &str) -> Vec<String> {
+    let ifs = [format!("{bridge_prefix}*"), tun.to_string()];
+    ifs.iter()
+        .flat_map(|i| ["iifname", "oifname"].map(|dir| format!("{dir} \"{i}\" accept comment \"{HOST_RULE_COMMENT}\"")))
+        .collect()
+}
+
+/// The `nft -f` script that puts shoal's accepts at the top of each chain
+/// (dropping an incomplete earlier set) or, with `install` false, only
+/// removes them. Chains that already hold the whole set are left alone.
+fn host_accepts_script(chains: &[(HostChain, Vec<u64>)], tun: &str, bridge_prefix: &str, install: bool) -> String {
+    let rules = host_accepts(tun, bridge_prefix);
+    let mut s = String::new();
+    for (c, handles) in chains {
+        if install && handles.len() == rules.len() {
+            continue;
+        }
+        for h in handles {
+            s.push_str(&format!("delete rule {} {} {} handle {h}\n", c.family, c.table, c.chain));
+        }
+        if install {
+            // Each insert goes to the top: the last one ends up first.
+            for r in rules.iter().rev() {
+                s.push_str(&format!("insert rule {} {} {} {r}\n", c.family, c.table, c.chain));
+            }
+        }
+    }
+    s
+}
+
+fn nft_output(args: &[&str]) -> Result<String, OverlayError> {
+    let err = |source| OverlayError::Io { what: "running nft".into(), source };
+    let out = Command::new("nft").args(args).stderr(Stdio::piped()).output().map_err(err)?;
+    if !out.status.success() {
+        return Err(OverlayError::Nft(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The host's forward chains with the handles of shoal's rules in each.
+fn host_chains() -> Result<Vec<(HostChain, Vec<u64>)>, OverlayError> {
+    let mut out = Vec::new();
+    for c in forward_chains(&nft_output(&["list", "chains"])?) {
+        let listing = nft_output(&["-a", "list", "chain", &c.family, &c.table, &c.chain])?;
+        out.push((c, marked_handles(&listing)));
+    }
+    Ok(out)
+}
+
+/// Makes every other base chain on the forward hook accept shoal's
+/// interfaces; returns the chains it had to change (none when all were
+/// in place).
+pub fn ensure_host_accepts(tun: &str, bridge_prefix: &str) -> Result<Vec<HostChain>, OverlayError> {
+    let chains = host_chains()?;
+    let script = host_accepts_script(&chains, tun, bridge_prefix, true);
+    if script.is_empty() {
+        return Ok(Vec::new());
+    }
+    nft(&script)?;
+    let n = host_accepts(tun, bridge_prefix).len();
+    Ok(chains.into_iter().filter(|(_, h)| h.len() != n).map(|(c, _)| c).collect())
+}
+
+/// Removes the rules [`ensure_host_accepts`] added; returns the chains it
+/// removed them from.
+pub fn remove_host_accepts() -> Result<Vec<HostChain>, OverlayError> {
+    let chains: Vec<(HostChain, Vec<u64>)> = host_chains()?.into_iter().filter(|(_, h)| !h.is_empty()).collect();
+    if chains.is_empty() {
+        return Ok(Vec::new());
+    }
+    nft(&host_accepts_script(&chains, "", "", false))?;
+    Ok(chains.into_iter().map(|(c, _)| c).collect())
 }
 
 #[cfg(test)]
@@ -277,6 +413,38 @@ mod tests {
         let forward = &r[r.find("chain forward").unwrap()..];
         // Mesh traffic is let in before isolation drops what is left.
         assert!(forward.find("ct mark 0x53480001 accept").unwrap() < forward.find("ip daddr { 100.64.0.0/20 } drop").unwrap());
+    }
+
+    #[test]
+    fn host_forward_chains_get_accepts_for_shoals_interfaces_only() {
+        let listing = "table ip filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n\tchain DOCKER-USER {\n\t}\n\tchain INPUT {\n\t\ttype filter hook input priority filter; policy accept;\n\t}\n}\n\
+                       table inet shoal {\n\tchain forward {\n\t\ttype filter hook forward priority filter - 5; policy accept;\n\t}\n}\n\
+                       table inet fw {\n\tchain forwarding {\n\t\ttype filter hook forward priority filter + 10; policy accept;\n\t}\n}\n\
+                       table ip6 filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n\
+                       table bridge filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n";
+        let chains = forward_chains(listing);
+        let names: Vec<String> = chains.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["ip filter FORWARD", "inet fw forwarding"]);
+        let chain = "table ip filter {\n\tchain FORWARD { # handle 1\n\t\ttype filter hook forward priority filter; policy drop;\n\
+                     \t\tiifname \"shn*\" accept comment \"shoal overlay\" # handle 7\n\t\tiifname \"docker0\" accept # handle 3\n\t}\n}\n";
+        assert_eq!(marked_handles(chain), vec![7]);
+        // An incomplete set is replaced, a complete one left alone.
+        let with = vec![(chains[0].clone(), vec![7]), (chains[1].clone(), vec![1, 2, 3, 4])];
+        let script = host_accepts_script(&with, "shoal0", "shn", true);
+        assert_eq!(
+            script,
+            "delete rule ip filter FORWARD handle 7\n\
+             insert rule ip filter FORWARD oifname \"shoal0\" accept comment \"shoal overlay\"\n\
+             insert rule ip filter FORWARD iifname \"shoal0\" accept comment \"shoal overlay\"\n\
+             insert rule ip filter FORWARD oifname \"shn*\" accept comment \"shoal overlay\"\n\
+             insert rule ip filter FORWARD iifname \"shn*\" accept comment \"shoal overlay\"\n"
+        );
+        // Removal deletes only shoal's rules.
+        assert_eq!(
+            host_accepts_script(&with, "", "", false),
+            "delete rule ip filter FORWARD handle 7\ndelete rule inet fw forwarding handle 1\ndelete rule inet fw forwarding handle 2\n\
+             delete rule inet fw forwarding handle 3\ndelete rule inet fw forwarding handle 4\n"
+        );
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct OverlayConfig {
     pub port: u16,
     /// The address peers reach this node's port at (its underlay IP).
     pub endpoint_ip: Ipv4Addr,
+    /// Where the tasks' DNS server sends names that are not services
+    /// (None: the first non-loopback nameserver of `/etc/resolv.conf`).
+    pub dns_upstream: Option<std::net::SocketAddr>,
 }
 
 /// One of a task's networks, with the task's address on it.
@@ -180,6 +183,46 @@ fn publish_rules(services: &[ServiceEntry], here: &BTreeSet<Ipv4Addr>) -> Vec<fi
     out
 }
 
+/// Runs `f` (an `nft` process, a thread that enters a namespace, mount
+/// calls: work that waits on the kernel or a child) on tokio's blocking
+/// pool, so it never holds up a runtime worker: the daemon runs two.
+async fn blocking<T: Send + 'static>(what: &str, f: impl FnOnce() -> Result<T, OverlayError> + Send + 'static) -> Result<T, OverlayError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| OverlayError::Io { what: what.into(), source: std::io::Error::other(e.to_string()) })?
+}
+
+async fn ensure_host_accepts() -> Result<Vec<firewall::HostChain>, OverlayError> {
+    blocking("checking the host's forward chains", || firewall::ensure_host_accepts(TUN_NAME, BRIDGE_PREFIX)).await
+}
+
+/// How often the host's forward chains are checked for shoal's accepts (a
+/// firewall reload, `systemctl restart docker`, drops them).
+const HOST_RULES_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Puts shoal's accepts back into the host's forward chains when they go,
+/// until `shutdown`.
+async fn keep_host_accepts(released: Arc<Mutex<bool>>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HOST_RULES_CHECK) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        // Held across the check: `release_if_idle` can't remove the rules
+        // while they are being put back.
+        let released = released.lock().await;
+        if *released {
+            return;
+        }
+        match ensure_host_accepts().await {
+            Ok(added) if !added.is_empty() => {
+                let chains: Vec<String> = added.iter().map(ToString::to_string).collect();
+                tracing::warn!(chains = %chains.join(", "), "shoal's accept rules were missing from the host's forward chains: added again");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not check the host's forward chains"),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Networks with a bridge on this node, by bridge name.
@@ -196,7 +239,10 @@ struct State {
     /// The cluster's address pool, once the managers said it.
     pool: Option<(Ipv4Addr, u8)>,
     rules_applied: Option<firewall::Rules>,
-    /// Gateways the DNS server listens on.
+    /// Gateways the DNS server listens on. A server stays when its bridge
+    /// goes: its sockets, bound to the address, answer again when a new
+    /// bridge brings the address back (stopping it would race that
+    /// bridge's new server for the port).
     dns_listening: BTreeSet<Ipv4Addr>,
 }
 
@@ -210,6 +256,9 @@ pub struct Overlay {
     state: Mutex<State>,
     dns: Arc<dns::DnsView>,
     shutdown: watch::Receiver<bool>,
+    /// Whether `release_if_idle` took shoal's rules out of the host (the
+    /// 10 s check then stops putting them back).
+    host_rules_released: Arc<Mutex<bool>>,
 }
 
 impl Overlay {
@@ -247,6 +296,11 @@ impl Overlay {
                 "net.ipv4.conf.all.rp_filter is 1 (strict): routing-mesh connections forwarded from other nodes are dropped here; set it to 2 (loose)"
             );
         }
+        let dns_upstream = cfg.dns_upstream.or_else(dns::upstream_from_resolv_conf);
+        match dns_upstream {
+            Some(up) => tracing::info!(upstream = %up, "tasks' DNS forwards other names to {up}"),
+            None => tracing::warn!("no DNS upstream (--dns-upstream, or a non-loopback nameserver in /etc/resolv.conf): tasks resolve only service names"),
+        }
         let overlay = Overlay {
             dp,
             nl,
@@ -255,10 +309,20 @@ impl Overlay {
             endpoint: format!("{}:{}", cfg.endpoint_ip, cfg.port),
             netns_dir: cfg.data_dir.join("netns"),
             state: Mutex::new(State::default()),
-            dns: Arc::new(dns::DnsView::new(dns::upstream_from_resolv_conf())),
+            dns: Arc::new(dns::DnsView::new(dns_upstream)),
             shutdown,
+            host_rules_released: Arc::new(Mutex::new(false)),
         };
-        overlay.apply_rules(&mut *overlay.state.lock().await)?;
+        overlay.apply_rules(&mut *overlay.state.lock().await).await?;
+        // A host firewall that drops forwarded packets (Docker's FORWARD
+        // policy) would drop the overlay's too: accept shoal's interfaces
+        // there, now and again whenever the host's rules are reloaded.
+        let added = ensure_host_accepts().await?;
+        if !added.is_empty() {
+            let chains: Vec<String> = added.iter().map(ToString::to_string).collect();
+            tracing::info!(chains = %chains.join(", "), "the host's forward chains now accept shoal's bridges and tunnel");
+        }
+        tokio::spawn(keep_host_accepts(overlay.host_rules_released.clone(), overlay.shutdown.clone()));
         Ok(overlay)
     }
 
@@ -305,12 +369,14 @@ impl Overlay {
             changed = true;
         }
         if changed {
-            self.apply_rules(&mut st)?;
+            self.apply_rules(&mut st).await?;
         }
         Ok(())
     }
 
-    fn apply_rules(&self, st: &mut State) -> Result<(), OverlayError> {
+    /// Writes the rule set `st` calls for, if it changed. The caller holds
+    /// the state lock across the write, so rule sets land in order.
+    async fn apply_rules(&self, st: &mut State) -> Result<(), OverlayError> {
         let nets: Vec<firewall::NetRule> = st.bridges.values().map(|(_, r)| r.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         // A task on a slice this node has no route to yet (its node's new
         // slice reaches us with the next peer update, the service view may
@@ -332,7 +398,8 @@ impl Overlay {
             pool: st.pool.map(|(n, l)| format!("{n}/{l}")),
         };
         if st.rules_applied.as_ref() != Some(&want) {
-            firewall::apply(&want, TUN_NAME, BRIDGE_PREFIX)?;
+            let rules = want.clone();
+            blocking("writing shoal's nftables table", move || firewall::apply(&rules, TUN_NAME, BRIDGE_PREFIX)).await?;
             st.rules_applied = Some(want);
         }
         Ok(())
@@ -344,7 +411,7 @@ impl Overlay {
         self.dns.set_services(entries.clone());
         let mut st = self.state.lock().await;
         st.services = entries;
-        self.apply_rules(&mut st)
+        self.apply_rules(&mut st).await
     }
 
     /// Waits (at most `max`) until the service view no longer lists any of
@@ -460,13 +527,25 @@ impl Overlay {
             }
         }
         st.local.insert(task.to_string(), atts.iter().map(|a| a.address).collect());
-        self.apply_rules(&mut st)?;
+        self.apply_rules(&mut st).await?;
         drop(st);
         self.dns.add_asker(task, atts.iter().map(|a| (a.address, a.network.clone())).collect());
-        if path.exists() {
+        let (p, t) = (path.clone(), task.to_string());
+        let made = blocking("making the task's namespace", move || {
+            if p.exists() {
+                if netns::is_pinned(&p)? {
+                    return Ok(false);
+                }
+                // The file outlived its mount (a reboot): make the namespace again.
+                tracing::warn!(task = %t, path = %p.display(), "the task's namespace file is not a live namespace: made again");
+                netns::remove(&p)?;
+            }
+            netns::create(&p).map(|()| true)
+        })
+        .await?;
+        if !made {
             return Ok(path);
         }
-        netns::create(&path)?;
         let made = self.wire(task, atts, &bridges, &path).await;
         if let Err(e) = made {
             let _ = self.detach(task, atts.len()).await;
@@ -486,8 +565,9 @@ impl Overlay {
                 self.nl.set_mtu(h, CONTAINER_MTU).await?;
             }
         }
-        let atts = atts.to_vec();
-        netns::run_in(path, move || {
+        let (atts, path) = (atts.to_vec(), path.to_path_buf());
+        // A thread that enters the namespace, joined: off the workers.
+        blocking("wiring the task's namespace", move || netns::run_in(&path, move || {
             Box::pin(async move {
                 let nl = Netlink::open()?;
                 if let Some(lo) = nl.index("lo").await? {
@@ -510,7 +590,8 @@ impl Overlay {
                 }
                 Ok(())
             })
-        })
+        }))
+        .await
     }
 
     /// Removes task `task`'s interfaces (its `count` veths) and namespace.
@@ -518,18 +599,68 @@ impl Overlay {
         self.dns.remove_asker(task);
         let short = short_id(task);
         {
+            // Under the state lock: a task that attaches meanwhile either
+            // joined the bridge's members first (the bridge stays) or
+            // comes after its removal (and makes it again).
             let mut st = self.state.lock().await;
-            for tasks in st.members.values_mut() {
-                tasks.remove(task);
+            let emptied: Vec<String> =
+                st.members.iter_mut().filter_map(|(bridge, tasks)| (tasks.remove(task) && tasks.is_empty()).then(|| bridge.clone())).collect();
+            let mut changed = st.local.remove(task).is_some();
+            for bridge in emptied {
+                // Not fatal: the task's own interfaces and namespace still go.
+                match self.remove_bridge(&mut st, &bridge).await {
+                    Ok(()) => changed = true,
+                    Err(e) => tracing::warn!(task = %task, bridge = %bridge, error = %e, "could not remove the network's bridge: kept"),
+                }
             }
-            if st.local.remove(task).is_some() {
-                self.apply_rules(&mut st)?;
+            if changed {
+                self.apply_rules(&mut st).await?;
             }
         }
         for i in 0..count.max(1) {
             self.nl.delete_named(&format!("shv{short}{i}")).await?;
         }
-        netns::remove(&self.netns_path(task))
+        let path = self.netns_path(task);
+        blocking("removing the task's namespace", move || netns::remove(&path)).await
+    }
+
+    /// Deletes the bridge `bridge` (its last local task went): its gateway
+    /// addresses go with it, and the caller's next rule set no longer
+    /// names it.
+    async fn remove_bridge(&self, st: &mut State, bridge: &str) -> Result<(), OverlayError> {
+        if let Some((index, rule)) = st.bridges.get(bridge).cloned() {
+            self.nl.delete(index).await?;
+            st.bridges.remove(bridge);
+            tracing::info!(bridge = %bridge, subnet = %rule.subnet, "the network's last task here is gone: its bridge removed");
+        }
+        st.members.remove(bridge);
+        Ok(())
+    }
+
+    /// On a clean stop: when no task here has a network namespace (none
+    /// attached, none pinned under the data dir), takes shoal's pieces out
+    /// of the host's firewall and routing: its nftables table, its accepts
+    /// in the host's forward chains, the mesh's policy rule. Tasks that
+    /// outlive the daemon (they do, by design) keep them. Returns whether
+    /// it removed them.
+    pub async fn release_if_idle(&self) -> Result<bool, OverlayError> {
+        let mut st = self.state.lock().await;
+        let dir = self.netns_dir.clone();
+        let pinned = blocking("listing the tasks' namespaces", move || match std::fs::read_dir(&dir) {
+            Ok(mut entries) => Ok(entries.next().is_some()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(OverlayError::Io { what: format!("listing {}", dir.display()), source }),
+        })
+        .await?;
+        if !st.local.is_empty() || pinned {
+            return Ok(false);
+        }
+        let mut released = self.host_rules_released.lock().await;
+        *released = true;
+        blocking("removing shoal's nftables table", firewall::remove).await?;
+        st.rules_applied = None;
+        self.nl.del_rules_for_table(MESH_TABLE).await?;
+        Ok(true)
     }
 
     /// Before a network gets its bridge here: the bridge of a network that

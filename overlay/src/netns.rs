@@ -38,6 +38,19 @@ pub fn create(path: &Path) -> Result<(), OverlayError> {
     made
 }
 
+/// Whether `path` pins a live namespace: an nsfs bind mount. A file the
+/// namespace was pinned on outlives the mount (the data dir survives a
+/// reboot, mounts don't): such a file is no namespace, and joining it
+/// would fail or, worse, wire nothing.
+pub fn is_pinned(path: &Path) -> Result<bool, OverlayError> {
+    use nix::sys::statfs::{statfs, NSFS_MAGIC};
+    match statfs(path) {
+        Ok(fs) => Ok(fs.filesystem_type() == NSFS_MAGIC),
+        Err(nix::Error::ENOENT) => Ok(false),
+        Err(e) => Err(sys(format!("checking {}", path.display()))(e)),
+    }
+}
+
 /// Unpins and removes the namespace at `path` (nothing if it is gone).
 pub fn remove(path: &Path) -> Result<(), OverlayError> {
     if !path.exists() {
@@ -137,7 +150,28 @@ fn count_served(tables: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn only_a_live_mount_counts_as_a_pinned_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("task");
+        assert!(!is_pinned(&path).unwrap(), "no file");
+        // A file left from before a reboot: not a namespace.
+        std::fs::write(&path, "").unwrap();
+        assert!(!is_pinned(&path).unwrap(), "a plain file");
+        // The kernel's own handle to a namespace is one.
+        assert!(is_pinned(Path::new("/proc/self/ns/net")).unwrap());
+        // Pinned by create (needs root, as the overlay does): live; gone
+        // after remove.
+        if nix::unistd::geteuid().is_root() {
+            create(&path).unwrap();
+            assert!(is_pinned(&path).unwrap());
+            remove(&path).unwrap();
+            assert!(!is_pinned(&path).unwrap() && !path.exists());
+        }
+    }
 
     #[test]
     fn served_connections_are_counted_the_rest_is_not() {

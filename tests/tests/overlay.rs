@@ -368,3 +368,377 @@ fn remapped_tasks_serve_on_the_overlay() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(text, format!("0\n 0 {start} 65536\nt0ken"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Who asked a fake resolver which name.
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<(std::net::SocketAddr, String)>>>;
+
+/// A fake upstream resolver on the test's own bridge address: answers
+/// `outside.example` with 203.0.113.7 and everything else NXDOMAIN,
+/// and records who asked. Raw DNS, enough for one question.
+fn fake_resolver(c: &Cluster) -> (std::net::SocketAddr, Asked, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    shoal_tests::client_address(c);
+    let sock = std::net::UdpSocket::bind(format!("{}:0", shoal_tests::CLIENT_IP)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let addr = sock.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, st) = (seen.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+            let q = &buf[..n];
+            // The question's name: labels from byte 12 to a zero byte.
+            let (mut at, mut labels) = (12, Vec::new());
+            while at < n && q[at] != 0 {
+                let len = q[at] as usize;
+                labels.push(String::from_utf8_lossy(&q[(at + 1).min(n)..(at + 1 + len).min(n)]).to_string());
+                at += 1 + len;
+            }
+            let end = (at + 5).min(n);
+            let name = labels.join(".");
+            s.lock().unwrap().push((from, name.clone()));
+            // An A question for the one name it knows (AAAA: no records).
+            let is_a = end >= 4 && q[end - 4..end - 2] == [0, 1];
+            let known = name.eq_ignore_ascii_case("outside.example");
+            let found = known && is_a;
+            let mut r = vec![q[0], q[1], 0x81, if known { 0x80 } else { 0x83 }, 0, 1, 0, u8::from(found), 0, 0, 0, 0];
+            r.extend_from_slice(&q[12..end]);
+            if found {
+                r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 7]);
+            }
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    (addr, seen, stop)
+}
+
+/// Names that are not services go to the node's resolver (here a fake
+/// one, named with `--dns-upstream`), and its answers come back to the
+/// task; the node's DNS server also answers over TCP.
+#[test]
+fn other_names_go_to_the_upstream_resolver() {
+    let mut c = Cluster::hosts(1).unwrap();
+    let (upstream, seen, stop) = fake_resolver(&c);
+    c.init(0, &DaemonOpts { extra: vec!["--dns-upstream".into(), upstream.to_string()] }).unwrap();
+    c.wait_converged(0, 1, 1).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    create(&c, &["--name", "a", "--network", "front", "busybox:latest", "sleep", "1d"]);
+    let a = running(&c, "a", 1);
+    wait_for(T, "outside.example to resolve through the upstream", || {
+        if lookup(&c, "a.1", "outside.example") == Some(vec!["203.0.113.7".to_string()]) {
+            return Ok(Some(()));
+        }
+        let out = c.cli(0, &["exec", "a.1", "nslookup", "outside.example"]);
+        let asked = seen.lock().unwrap().len();
+        anyhow::bail!("nslookup said {} {}; the resolver was asked {asked} times", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    // The node asked, from its own address; an unknown name is NXDOMAIN.
+    assert!(seen.lock().unwrap().iter().any(|(from, name)| from.ip() == c.hosts[0].ip && name == "outside.example"), "{:?}", seen.lock().unwrap());
+    assert_eq!(lookup(&c, "a.1", "nothing.example"), None);
+    assert!(seen.lock().unwrap().iter().any(|(_, name)| name == "nothing.example"));
+    // Service names never leave the node.
+    assert_eq!(lookup(&c, "a.1", "a").map(|v| v.len()), Some(1));
+    assert!(!seen.lock().unwrap().iter().any(|(_, name)| name == "a"));
+    // Over TCP: a length-prefixed query for tasks.a gets an answer that
+    // holds the task's address (busybox nslookup only speaks UDP).
+    // The node's DNS server, as the task's resolv.conf names it.
+    let out = c.cli(0, &["exec", "a.1", "cat", "/etc/resolv.conf"]);
+    let resolv = String::from_utf8_lossy(&out.stdout).into_owned();
+    let gateway = resolv.lines().find_map(|l| l.strip_prefix("nameserver ")).unwrap_or_else(|| panic!("resolv.conf: {resolv}")).trim().to_string();
+    let query = r"\000\031\022\064\001\000\000\001\000\000\000\000\000\000\005tasks\001a\000\000\001\000\001";
+    let task_ip: std::net::Ipv4Addr = ip(&a[0], 0).parse().unwrap();
+    let script = format!("printf '{query}' | nc -w 2 {gateway} 53 | od -An -tu1 -v");
+    let out = c.cli(0, &["exec", "a.1", "sh", "-c", &script]);
+    let bytes: Vec<u8> = String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|b| b.parse().ok()).collect();
+    assert!(bytes.len() > 2 + 12 && bytes[2..4] == [0x12, 0x34], "TCP answer {bytes:?} ({})", String::from_utf8_lossy(&out.stderr));
+    assert!(bytes.windows(4).any(|w| w == task_ip.octets()), "TCP answer {bytes:?} lacks {task_ip}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `nft ARGS` (or `nft -f -` with `script`) in host `i`'s namespace.
+fn host_nft(c: &Cluster, i: usize, args: &[&str], script: Option<&str>) -> String {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", c.hosts[i].netns)).arg("nft").args(args);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(s) = script {
+        stdin.write_all(s.as_bytes()).unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "nft {args:?} in {}: {}", c.hosts[i].name, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A host whose firewall drops forwarded packets (Docker's FORWARD policy)
+/// still carries the overlay: shoal accepts its own interfaces at the top
+/// of that chain, leaves the host's rules and policy as they are, puts its
+/// accepts back when the host's rules are reloaded, and removes them with
+/// its table when it stops with no task on a network.
+#[test]
+fn overlay_works_where_the_host_drops_forwarded_packets() {
+    let mut c = Cluster::hosts(3).unwrap();
+    // Each host's own firewall, as Docker leaves it (in the host's
+    // namespace only: the root namespace's firewall is never touched).
+    let docker_like = "table ip filter {\n  chain FORWARD {\n    type filter hook forward priority 0; policy drop;\n    iifname \"docker0\" accept\n  }\n}\n";
+    for i in 0..3 {
+        host_nft(&c, i, &["-f", "-"], Some(docker_like));
+    }
+    let opts = DaemonOpts::default();
+    c.init(0, &opts).unwrap();
+    c.join(1, 0, "worker", &opts).unwrap();
+    c.join(2, 0, "worker", &opts).unwrap();
+    c.wait_converged(0, 1, 3).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    let mut args = vec!["--name", "b", "--network", "front", "--constraint", "node.name==n2"];
+    let cmd = web("B-BEHIND-DROP");
+    args.extend(cmd.iter().map(String::as_str));
+    create(&c, &args);
+    create(&c, &["--name", "a", "--network", "front", "--constraint", "node.name==n1", "busybox:latest", "sleep", "1d"]);
+    running(&c, "b", 1);
+    running(&c, "a", 1);
+    // Across hosts, by name (the VIP): through both hosts' FORWARD chains.
+    fetch_ok(&c, "a.1", "http://b/", "B-BEHIND-DROP");
+    // Egress to the underlay.
+    let (url, server, stop) = underlay_server(&c, "EGRESS-BEHIND-DROP");
+    fetch_ok(&c, "a.1", &url, "EGRESS-BEHIND-DROP");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+
+    // The host's chain: its policy and its rule kept, shoal's four accepts
+    // first.
+    let chain = |c: &Cluster, i: usize| host_nft(c, i, &["list", "chain", "ip", "filter", "FORWARD"], None);
+    let listing = chain(&c, 1);
+    assert!(listing.contains("policy drop;") && listing.contains("iifname \"docker0\" accept"), "{listing}");
+    let rules: Vec<&str> = listing.lines().map(str::trim).filter(|l| l.contains("accept")).collect();
+    assert_eq!(rules.len(), 5, "{listing}");
+    assert!(rules[..4].iter().all(|r| r.ends_with("comment \"shoal overlay\"")), "{listing}");
+
+    // A firewall reload drops them: the daemon puts them back.
+    host_nft(&c, 1, &["flush", "chain", "ip", "filter", "FORWARD"], None);
+    wait_for(Duration::from_secs(30), "n1's daemon to accept its interfaces again", || {
+        Ok((chain(&c, 1).matches("shoal overlay").count() == 4).then_some(()))
+    })
+    .unwrap();
+    fetch_ok(&c, "a.1", "http://b/", "B-BEHIND-DROP");
+
+    // Cleanup: a node that stops with no task on a network takes its
+    // table and its accepts out, and only them.
+    c.cli_ok(0, &["service", "rm", "b"]).unwrap();
+    let namespaces = c.hosts[2].data_dir.join("netns");
+    wait_for(T, "n2's last task to go", || {
+        let left = std::fs::read_dir(&namespaces).map(|d| d.count()).unwrap_or(0);
+        Ok((bridges(&c, 2).is_empty() && left == 0).then_some(()))
+    })
+    .unwrap();
+    c.stop(2);
+    let listing = chain(&c, 2);
+    assert!(!listing.contains("shoal overlay") && listing.contains("iifname \"docker0\" accept") && listing.contains("policy drop;"), "{listing}\n{}", c.log_tail(2));
+    assert!(!host_nft(&c, 2, &["list", "tables"], None).contains("inet shoal"));
+}
+
+/// Host `i`'s network bridges (`shn…`) and the addresses on them.
+fn bridges(c: &Cluster, i: usize) -> Vec<String> {
+    sh("ip", &["-n", &c.hosts[i].netns, "-o", "addr", "show"])
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|n| n.starts_with("shn")) && l.contains(" inet "))
+        .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// A network's bridge (and its gateway address, and its rules) lives as
+/// long as the network has tasks on the node: it goes with the last one,
+/// and comes back with the next, also when one task stops while another
+/// starts.
+#[test]
+fn bridges_go_with_their_networks_last_task() {
+    let mut c = Cluster::hosts(1).unwrap();
+    c.init(0, &DaemonOpts::default()).unwrap();
+    c.wait_converged(0, 1, 1).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "solo"]).unwrap();
+    let mut args = vec!["--name", "b", "--network", "solo"];
+    let cmd = web("SOLO");
+    args.extend(cmd.iter().map(String::as_str));
+    create(&c, &args);
+    let b = running(&c, "b", 1);
+    let gateway = c.cli_ok(0, &["exec", "b.1", "cat", "/etc/resolv.conf"]).unwrap();
+    let gateway = gateway.as_str().unwrap().lines().find_map(|l| l.strip_prefix("nameserver ")).unwrap().trim().to_string();
+    let held = bridges(&c, 0);
+    assert!(held.len() == 1 && held[0].contains(&format!("{gateway}/")), "{held:?}");
+    let bridge = held[0].split_whitespace().nth(1).unwrap().to_string();
+    let resolves_to = |want: &[String]| {
+        wait_for(T, &format!("tasks.b to be {want:?} from inside"), || {
+            let mut got = lookup(&c, "b.1", "tasks.b").unwrap_or_default();
+            got.sort();
+            if got != want {
+                anyhow::bail!("got {got:?}; tasks {:?}", tasks(&c, "b").iter().map(|t| format!("{} {} {}", t["id"], t["state"], t["address"])).collect::<Vec<_>>());
+            }
+            Ok(Some(()))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    };
+    resolves_to(&[ip(&b[0], 0)]);
+    let mut previous = b[0]["id"].as_str().unwrap().to_string();
+
+    // Replaced in place, one stopping as the next starts (both orders):
+    // the new task has its bridge, gateway and DNS.
+    for (i, order) in ["stop-first", "start-first"].iter().enumerate() {
+        let env = format!("ROUND={i}");
+        c.cli_ok(0, &["service", "update", "--detach", "--update-order", order, "--env-add", &env, "b"]).unwrap();
+        let b = wait_for(T, "b's new task to run", || {
+            let all = tasks(&c, "b");
+            let t: Vec<Value> = all.iter().filter(|t| t["state"] == "running").cloned().collect();
+            Ok((t.len() == 1 && t[0]["id"] != previous.as_str()).then_some(t))
+        })
+        .unwrap();
+        previous = b[0]["id"].as_str().unwrap().to_string();
+        resolves_to(&[ip(&b[0], 0)]);
+    }
+    // All gone, then back at once: tasks stopping while others start.
+    c.cli_ok(0, &["service", "scale", "--detach", "b=0"]).unwrap();
+    c.cli_ok(0, &["service", "scale", "--detach", "b=2"]).unwrap();
+    let b = running(&c, "b", 2);
+    let mut ips: Vec<String> = b.iter().map(|t| ip(t, 0)).collect();
+    ips.sort();
+    resolves_to(&ips);
+    assert_eq!(bridges(&c, 0).len(), 1, "{:?}", bridges(&c, 0));
+
+    // The last task goes: the bridge, its address and its rules go too.
+    c.cli_ok(0, &["service", "rm", "b"]).unwrap();
+    wait_for(T, "the network's bridge to go", || Ok(bridges(&c, 0).is_empty().then_some(()))).unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    let links = sh("ip", &["-n", &c.hosts[0].netns, "link", "show"]).unwrap();
+    assert!(!links.contains(&bridge), "{links}");
+    let table = host_nft(&c, 0, &["list", "table", "inet", "shoal"], None);
+    assert!(!table.contains(&bridge), "{table}");
+    // And a new task brings them back.
+    create(&c, &["--name", "again", "--network", "solo", "busybox:latest", "sleep", "1d"]);
+    running(&c, "again", 1);
+    assert_eq!(bridges(&c, 0).len(), 1);
+    wait_for(T, "again to resolve itself", || Ok(lookup(&c, "again.1", "again").map(|_| ()))).unwrap();
+}
+
+/// The interfaces in task `from`'s namespace, `lo` aside.
+fn interfaces(c: &Cluster, from: &str) -> Vec<String> {
+    let out = c.cli(0, &["exec", from, "cat", "/proc/net/dev"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
+        .filter(|n| n != "lo")
+        .collect()
+}
+
+/// `service update --network-add` gives the service's new task an
+/// interface and a name on that network; `--network-rm` takes both away.
+#[test]
+fn networks_added_and_removed_by_update() {
+    let mut c = Cluster::hosts(1).unwrap();
+    c.init(0, &DaemonOpts::default()).unwrap();
+    c.wait_converged(0, 1, 1).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "front"]).unwrap();
+    c.cli_ok(0, &["network", "create", "back"]).unwrap();
+    let mut args = vec!["--name", "b", "--network", "back"];
+    let cmd = web("ON-BACK");
+    args.extend(cmd.iter().map(String::as_str));
+    create(&c, &args);
+    create(&c, &["--name", "a", "--network", "front", "busybox:latest", "sleep", "1d"]);
+    running(&c, "b", 1);
+    let a = running(&c, "a", 1);
+    assert_eq!(interfaces(&c, "a.1"), ["eth0"]);
+    assert_eq!(lookup(&c, "a.1", "b"), None, "b is not on a's network");
+    assert_eq!(lookup(&c, "b.1", "a"), None);
+    let svc = c.cli_ok(0, &["service", "inspect", "b", "--format", "json"]).unwrap();
+    let b_vip = svc["vips"]["back"].as_str().unwrap().to_string();
+
+    // A new task of a, on both networks (the old one may still be
+    // stopping: stop-first lets it drain).
+    let replaced = |old: &[&Value], addresses: usize| {
+        wait_for(T, &format!("a's task on {addresses} networks"), || {
+            let t: Vec<Value> = tasks(&c, "a")
+                .into_iter()
+                .filter(|t| t["state"] == "running" && t["desired_state"] == "running" && old.iter().all(|o| o["id"] != t["id"]))
+                .collect();
+            Ok((t.len() == 1 && t[0]["address"].as_array().map(Vec::len) == Some(addresses)).then(|| t[0].clone()))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()))
+    };
+    c.cli_ok(0, &["service", "update", "--detach", "--network-add", "back", "a"]).unwrap();
+    let a2 = replaced(&[&a[0]], 2);
+    wait_for(T, "a to see eth0 and eth1", || Ok((interfaces(&c, "a.1") == ["eth0", "eth1"]).then_some(()))).unwrap();
+    wait_for(T, "b to resolve from a", || Ok((lookup(&c, "a.1", "b") == Some(vec![b_vip.clone()])).then_some(()))).unwrap();
+    fetch_ok(&c, "a.1", "http://b/", "ON-BACK");
+    // a answers to its name on back now: b finds it at its VIP there.
+    let svc = c.cli_ok(0, &["service", "inspect", "a", "--format", "json"]).unwrap();
+    let a_vip_back = svc["vips"]["back"].as_str().unwrap().to_string();
+    wait_for(T, "a to resolve from b", || Ok((lookup(&c, "b.1", "a") == Some(vec![a_vip_back.clone()])).then_some(()))).unwrap();
+
+    // And off back again.
+    c.cli_ok(0, &["service", "update", "--detach", "--network-rm", "back", "a"]).unwrap();
+    let a3 = replaced(&[&a[0], &a2], 1);
+    assert!(a3["address"][0].as_str().unwrap().starts_with(&ip(&a[0], 0)[..7]), "front address: {a3}");
+    wait_for(T, "a to have eth0 only", || Ok((interfaces(&c, "a.1") == ["eth0"]).then_some(()))).unwrap();
+    wait_for(T, "a to leave b's DNS", || Ok(lookup(&c, "b.1", "a").is_none().then_some(()))).unwrap();
+    assert_eq!(lookup(&c, "a.1", "b"), None);
+    assert_eq!(fetch(&c, "a.1", &format!("http://{b_vip}/")), None, "a still reaches back");
+    // Bad input changes nothing.
+    for (args, want) in [
+        (&["service", "update", "--detach", "--network-rm", "back", "a"][..], "not on network"),
+        (&["service", "update", "--detach", "--network-add", "front", "a"], "already"),
+        (&["service", "update", "--detach", "--network-add", "nosuch", "a"], "nosuch"),
+    ] {
+        let out = c.cli(0, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+    let now: Vec<Value> = tasks(&c, "a").into_iter().filter(|t| t["desired_state"] == "running").collect();
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0]["id"], a3["id"], "a refused update replaced the task: {:#?}", tasks(&c, "a"));
+}
+
+/// Running out of room is a clear error that changes nothing: a pool
+/// with no /20 left at `network create`, a network with no slice left for
+/// another node at task start.
+#[test]
+fn exhausted_pools_and_networks_are_clear_errors() {
+    let mut c = Cluster::hosts(2).unwrap();
+    // Room for two networks of the pool.
+    c.init(0, &DaemonOpts { extra: vec!["--address-pool".into(), "100.70.0.0/19".into()] }).unwrap();
+    c.join(1, 0, "worker", &DaemonOpts::default()).unwrap();
+    c.wait_converged(0, 1, 2).unwrap();
+    c.import_busybox(0, "busybox:latest").unwrap();
+    c.cli_ok(0, &["network", "create", "one"]).unwrap();
+    c.cli_ok(0, &["network", "create", "two"]).unwrap();
+    let before = c.cli_ok(0, &["network", "ls", "--format", "json"]).unwrap();
+    let out = c.cli(0, &["network", "create", "three"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the network pool 100.70.0.0/19 has no free /20 left"), "{err}");
+    assert_eq!(c.cli_ok(0, &["network", "ls", "--format", "json"]).unwrap(), before);
+
+    // A /25 has one slice for tasks (the other holds the VIPs): the first
+    // node to run a task there takes it, another node has none.
+    c.cli_ok(0, &["network", "create", "--subnet", "100.70.32.0/25", "small"]).unwrap();
+    create(&c, &["--name", "first", "--network", "small", "--constraint", "node.name==n0", "busybox:latest", "sleep", "1d"]);
+    running(&c, "first", 1);
+    create(&c, &["--name", "late", "--network", "small", "--constraint", "node.name==n1", "--restart-condition", "none", "busybox:latest", "sleep", "1d"]);
+    let rejected = wait_for(T, "late's task to be rejected", || {
+        Ok(tasks(&c, "late").into_iter().find(|t| t["state"] == "rejected"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    let error = rejected["error"].as_str().unwrap();
+    assert!(error.contains("network \"small\" (100.70.32.0/25) has no free address"), "{rejected}");
+    assert!(rejected["address"].as_array().is_none_or(Vec::is_empty), "{rejected}");
+    // Nothing changed: n1 holds no slice, first still runs and resolves.
+    let small = c.cli_ok(0, &["network", "inspect", "small", "--format", "json"]).unwrap();
+    assert!(small["slices"]["n0"].is_array() && small["slices"].get("n1").is_none_or(Value::is_null), "{small}");
+    assert_eq!(tasks(&c, "late").iter().filter(|t| t["state"] == "running").count(), 0);
+    running(&c, "first", 1);
+    assert!(lookup(&c, "first.1", "first").is_some());
+}
