@@ -78,7 +78,7 @@ impl Discovery {
     }
 
     async fn follow(&mut self, addr: &str) -> Result<(), String> {
-        let channel = self.tls.channel(addr).map_err(|e| e.to_string())?;
+        let channel = self.tls.shared_channel(addr).map_err(|e| e.to_string())?;
         let mut stream = DispatcherClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .services(ServicesRequest { node_id: self.node_id })

@@ -63,10 +63,6 @@ pub(crate) async fn run(mut s: Session) {
     // from them yet); they send the list only when it changed.
     let mut managers_version = 0u64;
     let mut jitter = Jitter::new(s.node_id);
-    // One connection for every heartbeat to the same manager (a TLS
-    // handshake per heartbeat was most of a big cluster's leader CPU); made
-    // again after an error or a new certificate or CA bundle.
-    let mut conn: Option<(String, tonic::transport::Channel)> = None;
     let mut volumes_at: Option<std::time::Instant> = None;
     loop {
         let target = preferred.clone().or_else(|| s.managers.get(idx % s.managers.len().max(1)).cloned());
@@ -80,20 +76,19 @@ pub(crate) async fn run(mut s: Session) {
                 None
             };
             let volumes_sent = volumes.is_some();
-            let channel = match conn.as_ref().filter(|(a, _)| *a == addr) {
-                Some((_, c)) => Ok(c.clone()),
-                None => s.tls.channel(&addr).map_err(|e| HbError::Other(e.to_string())),
-            };
+            // One connection per manager for heartbeats, reports and streams
+            // (a TLS handshake per heartbeat was most of a big cluster's
+            // leader CPU), kept through errors and timeouts: dropping it on
+            // a slow answer made every agent handshake again just when the
+            // leader was busiest. A new certificate or CA bundle starts a
+            // new one.
+            let channel = s.tls.shared_channel(&addr).map_err(|e| HbError::Other(e.to_string()));
             let result = match channel {
                 Ok(channel) => {
-                    conn = Some((addr.clone(), channel.clone()));
                     heartbeat(&s, channel, &addr, &res, (peers_version, managers_version), load, volumes).await
                 }
                 Err(e) => Err(e),
             };
-            if result.is_err() {
-                conn = None;
-            }
             match result {
                 Ok(r) => {
                     ok = true;
@@ -126,11 +121,9 @@ pub(crate) async fn run(mut s: Session) {
                     }
                     if !r.ca_pem.is_empty() {
                         trust_bundle(&s, &r.ca_pem);
-                        conn = None;
                     }
                     if !cert.is_empty() && role == Some(s.role) {
                         renew(&s, &cert);
-                        conn = None;
                     }
                     if let Some(new_role) = role.filter(|r| *r != s.role && !cert.is_empty()) {
                         match identity::apply_role_change(&s.data_dir, new_role, &cert) {

@@ -133,7 +133,7 @@ impl Worker {
         manager: &mut watch::Receiver<Option<String>>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
-        let channel = self.tls.channel(addr).map_err(|e| e.to_string())?;
+        let channel = self.tls.shared_channel(addr).map_err(|e| e.to_string())?;
         let mut stream = DispatcherClient::new(channel)
             .max_decoding_message_size(64 << 20)
             // What it has already: a reconnect is sent those tasks' states,
@@ -815,9 +815,6 @@ async fn fetch_blob<W: tokio::io::AsyncWrite + Unpin>(
 /// report per task while the manager is unreachable.
 async fn report_loop(ctx: Ctx, mut rx: mpsc::UnboundedReceiver<TaskStatus>, mut shutdown: watch::Receiver<bool>) {
     let pending: Arc<Mutex<Vec<TaskStatus>>> = Default::default();
-    // One connection while the manager stays the same (no handshake per
-    // report); made again after an error.
-    let mut conn: Option<(String, tonic::transport::Channel)> = None;
     loop {
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => return },
@@ -841,22 +838,17 @@ async fn report_loop(ctx: Ctx, mut rx: mpsc::UnboundedReceiver<TaskStatus>, mut 
                 break;
             }
             let addr = ctx.manager.borrow().clone();
-            let channel = match (addr, conn.take()) {
-                (Some(addr), Some((a, ch))) if a == addr => Ok((addr, ch)),
-                (Some(addr), _) => ctx.tls.channel(&addr).map(|ch| (addr, ch)).map_err(|e| e.to_string()),
-                (None, _) => Err("no manager".into()),
+            // The connection the heartbeats and streams to this manager use
+            // (no handshake per report).
+            let channel = match addr {
+                Some(addr) => ctx.tls.shared_channel(&addr).map_err(|e| e.to_string()),
+                None => Err("no manager".into()),
             };
             let sent = match channel {
-                Ok((addr, ch)) => {
-                    let r = DispatcherClient::new(ch.clone())
-                        .update_task_status(TaskStatusBatch { node_id: ctx.node_id, statuses: batch.clone() })
-                        .await
-                        .map_err(|s| s.message().to_string());
-                    if r.is_ok() {
-                        conn = Some((addr, ch));
-                    }
-                    r
-                }
+                Ok(ch) => DispatcherClient::new(ch)
+                    .update_task_status(TaskStatusBatch { node_id: ctx.node_id, statuses: batch.clone() })
+                    .await
+                    .map_err(|s| s.message().to_string()),
                 Err(e) => Err(e),
             };
             match sent {

@@ -2,6 +2,7 @@
 //! state through Raft, and read back; they never schedule anything
 //! themselves.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -277,13 +278,28 @@ fn node_proto(n: &NodeObj, leader: Option<u64>, reachable: bool) -> Node {
     }
 }
 
-fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metrics) -> Service {
-    let live = state.service_tasks(&s.id).filter(|t| t.desired_state == TaskState::Running);
+/// Each service's CPU in percent of one CPU: the sum over its running
+/// tasks that reported lately, in one pass over the reports.
+fn cpu_by_service<'a>(state: &'a State, metrics: &crate::metrics::Metrics) -> HashMap<&'a str, f64> {
+    let mut cpu: HashMap<&'a str, f64> = HashMap::new();
+    metrics.each_task_cpu_pct(|task, pct| {
+        if let Some(t) = state.tasks.get(task).filter(|t| t.state == TaskState::Running) {
+            *cpu.entry(t.service_id.as_str()).or_default() += pct;
+        }
+    });
+    cpu
+}
+
+fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metrics, cpu: &HashMap<&str, f64>) -> Service {
+    // Counted by the store's index per spec version: O(versions), not
+    // O(tasks), so polling `service ls` stays cheap at any scale.
     let (mut wanted, mut running, mut outdated) = (0u64, 0u64, 0u64);
-    for t in live {
-        wanted += 1;
-        running += u64::from(t.state == TaskState::Running);
-        outdated += u64::from(!t.state.is_terminal() && crate::orchestrator::reconcile::outdated_spec(s, t));
+    for (version, w) in state.wanted_tasks(&s.id) {
+        wanted += w.tasks as u64;
+        running += w.running as u64;
+        if state.task_spec(&s.id, version).is_some_and(|spec| crate::orchestrator::reconcile::outdated_version(s, version, spec)) {
+            outdated += w.live as u64;
+        }
     }
     Service {
         id: s.id.clone(),
@@ -306,11 +322,7 @@ fn service_proto(s: &ServiceObj, state: &State, metrics: &crate::metrics::Metric
             to: d.to,
             reason: d.reason.clone(),
         }),
-        cpu_pct: state
-            .service_tasks(&s.id)
-            .filter(|t| t.state == TaskState::Running)
-            .filter_map(|t| metrics.task_cpu_pct(&t.id))
-            .sum(),
+        cpu_pct: cpu.get(s.id.as_str()).copied().unwrap_or(0.0),
         request_rate: metrics.service_rate(&s.spec.name),
     }
 }
@@ -363,7 +375,8 @@ impl ControlService {
     fn read_service(&self, what: &str) -> Result<Service, Status> {
         self.manager.store.read(|s| {
             let id = s.resolve_service(what).map_err(apply_status)?;
-            Ok(service_proto(&s.services[&id], s, &self.manager.metrics))
+            let cpu = cpu_by_service(s, &self.manager.metrics);
+            Ok(service_proto(&s.services[&id], s, &self.manager.metrics, &cpu))
         })
     }
 
@@ -769,7 +782,10 @@ impl Control for ControlService {
         let services = self
             .manager
             .store
-            .read(|s| s.services.values().map(|svc| service_proto(svc, s, &self.manager.metrics)).collect());
+            .read(|s| {
+                let cpu = cpu_by_service(s, &self.manager.metrics);
+                s.services.values().map(|svc| service_proto(svc, s, &self.manager.metrics, &cpu)).collect()
+            });
         Ok(Response::new(ServiceList { services }))
     }
 

@@ -43,6 +43,8 @@ pub enum ManagerError {
     Blobs(#[from] BlobError),
     #[error("keys at rest: {0}")]
     AtRest(#[from] shoal_security::at_rest::AtRestError),
+    #[error("raft threads: {0}")]
+    Threads(String),
     #[error("this manager is locked (autolock): give it the unlock key with `shoal cluster unlock`")]
     Locked,
 }
@@ -66,6 +68,8 @@ pub enum ProposeError {
 }
 
 pub struct Manager {
+    /// The threads Raft runs on (see [`RaftRuntime`]).
+    _raft_rt: RaftRuntime,
     pub id: NodeId,
     pub raft: Raft,
     pub store: Store,
@@ -103,6 +107,33 @@ impl Faults {
     pub fn drop_reply(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.drop_forwarded_replies.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+/// A tokio runtime of two threads (`raft`) for the Raft core, its
+/// replication streams, the state machine and the write batcher. Dropping
+/// it (the manager is gone) stops them without blocking the caller.
+struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+impl RaftRuntime {
+    fn new() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("raft").enable_all().build()?;
+        Ok(RaftRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -161,11 +192,23 @@ impl Manager {
         let health = PeerHealth::default();
         let network = Network::new(tls.clone(), health.clone());
         let config = Arc::new(raft::config().validate()?);
-        let raft = Raft::new(id, config, network, log.clone(), sm.clone()).await?;
+        // Raft runs on threads of its own: a leader busy with thousands of
+        // agents (TLS handshakes, heartbeats, assignment streams) on the
+        // main runtime must still send its Raft heartbeats on time, or its
+        // followers call elections in the middle of the burst.
+        let raft_rt = RaftRuntime::new().map_err(|e| ManagerError::Threads(e.to_string()))?;
+        let raft = raft_rt
+            .handle()
+            .spawn({
+                let (log, sm) = (log.clone(), sm.clone());
+                async move { Raft::new(id, config, network, log, sm).await }
+            })
+            .await
+            .map_err(|e| ManagerError::Threads(e.to_string()))??;
         let (batcher, rx) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(batch_loop(raft.clone(), rx));
+        raft_rt.handle().spawn(batch_loop(raft.clone(), rx));
         let blobs = BlobStore::open(data_dir)?;
-        Ok(Arc::new(Manager { id, raft, store, tls, health, log, sm, batcher, blobs, metrics: Default::default(), faults: Faults::default(), data_dir: data_dir.to_path_buf(), data_key, sealed_with: Default::default() }))
+        Ok(Arc::new(Manager { _raft_rt: raft_rt, id, raft, store, tls, health, log, sm, batcher, blobs, metrics: Default::default(), faults: Faults::default(), data_dir: data_dir.to_path_buf(), data_key, sealed_with: Default::default() }))
     }
 
     /// Makes this node a one-member cluster (`--init`).

@@ -70,6 +70,9 @@ pub struct Trust {
     live: RwLock<Arc<Live>>,
     revoked: Arc<RwLock<Revoked>>,
     check: RwLock<Option<RevocationCheck>>,
+    /// [`Trust::shared_channel`]'s channels, by manager address; emptied
+    /// when new TLS settings are installed.
+    shared: std::sync::Mutex<std::collections::HashMap<String, Channel>>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -129,7 +132,7 @@ impl Trust {
     pub fn new(files: NodeTls) -> Result<Arc<Trust>, TrustError> {
         let revoked = Arc::new(RwLock::new(Revoked::default()));
         let live = Live::build(files, revoked.clone())?;
-        Ok(Arc::new(Trust { live: RwLock::new(Arc::new(live)), revoked, check: RwLock::new(None) }))
+        Ok(Arc::new(Trust { live: RwLock::new(Arc::new(live)), revoked, check: RwLock::new(None), shared: Default::default() }))
     }
 
     fn live(&self) -> Arc<Live> {
@@ -151,6 +154,9 @@ impl Trust {
     pub fn install(&self, files: NodeTls) -> Result<(), TrustError> {
         let live = Live::build(files, self.revoked.clone())?;
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+        // Connections made with the old settings present the old
+        // certificate: new ones from here on.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
 
@@ -184,6 +190,25 @@ impl Trust {
     /// server must prove it is a manager.
     pub fn channel(self: &Arc<Self>, addr: &str) -> Result<Channel, tonic::transport::Error> {
         Ok(plain_endpoint(addr)?.connect_with_connector_lazy(self.connector(CLUSTER_DNS_NAME)))
+    }
+
+    /// One channel per manager address for all of this node's calls and
+    /// streams to it (HTTP/2 multiplexes them over one TLS connection): an
+    /// agent handshakes once per manager, not once per loop, and keeps the
+    /// connection through errors (the channel reconnects by itself). New TLS
+    /// settings ([`Trust::install`]) start new channels.
+    pub fn shared_channel(self: &Arc<Self>, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = shared.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = self.channel(addr)?;
+        if shared.len() >= 16 {
+            // Managers come and go: forget the old ones.
+            shared.clear();
+        }
+        shared.insert(addr.to_string(), c.clone());
+        Ok(c)
     }
 
     /// A lazily connected channel to the node `node_id` (hex) at `addr`:

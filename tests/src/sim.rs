@@ -66,22 +66,18 @@ async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut manager
     let mut idx = 0usize;
     let mut target = current.borrow().clone();
     let mut rng = node_id | 1;
-    // One connection per manager, as the real agent keeps.
-    let mut conn: Option<(String, tonic::transport::Channel)> = None;
     loop {
-        let channel = match conn.as_ref().filter(|(a, _)| *a == target) {
-            Some((_, c)) => c.clone(),
-            None => match trust.channel(&target) {
-                Ok(c) => c,
-                Err(_) => {
-                    idx += 1;
-                    target = managers.get(idx % managers.len().max(1)).cloned().unwrap_or_default();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            },
+        // One connection per manager for everything, kept through errors,
+        // as the real agent keeps it.
+        let channel = match trust.shared_channel(&target) {
+            Ok(c) => c,
+            Err(_) => {
+                idx += 1;
+                target = managers.get(idx % managers.len().max(1)).cloned().unwrap_or_default();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
-        conn = Some((target.clone(), channel.clone()));
         let call = async {
             let mut c = DispatcherClient::new(channel);
             let r = c.heartbeat(HeartbeatRequest { node_id, resources: Some(res), managers_version, ..Default::default() }).await;
@@ -102,7 +98,6 @@ async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut manager
                 period - (period / 4).mul_f64((rng % 1024) as f64 / 1024.0)
             }
             Ok(Ok(Err(st))) => {
-                conn = None;
                 match st.metadata().get("shoal-leader").and_then(|v| v.to_str().ok()) {
                     Some(l) if !l.is_empty() && l != target => target = l.to_string(),
                     _ => {
@@ -113,7 +108,6 @@ async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut manager
                 Duration::from_millis(100)
             }
             _ => {
-                conn = None;
                 idx += 1;
                 target = managers.get(idx % managers.len().max(1)).cloned().unwrap_or_default();
                 Duration::from_millis(200)
@@ -132,8 +126,9 @@ async fn follow(trust: Arc<shoal_security::Trust>, node_id: u64, mut current: wa
     let mut unreported: HashMap<String, &'static str> = HashMap::new();
     loop {
         let addr = current.borrow_and_update().clone();
+        let channel = trust.shared_channel(&addr);
         let streamed = async {
-            let channel = trust.channel(&addr)?;
+            let channel = channel?;
             let mut stream = DispatcherClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20)
                 .assignments(AssignmentsRequest { node_id, known: tasks.keys().cloned().collect() })

@@ -832,10 +832,16 @@ fn rollout_config(svc: &ServiceObj) -> Option<&shoal_proto::control::UpdateConfi
 /// Whether task `t` runs a spec that differs from its service's in what
 /// makes a task (not the count, the rollout settings, labels or aliases).
 pub fn outdated_spec(svc: &ServiceObj, t: &TaskObj) -> bool {
-    if t.spec_version == svc.version {
+    outdated_version(svc, t.spec_version, &t.spec)
+}
+
+/// Whether tasks made from `spec` (service version `version`) must be
+/// replaced to run `svc`'s current spec.
+pub fn outdated_version(svc: &ServiceObj, version: u64, spec: &shoal_proto::control::ServiceSpec) -> bool {
+    if version == svc.version {
         return false;
     }
-    let mut old = (*t.spec).clone();
+    let mut old = spec.clone();
     old.replicas = svc.spec.replicas;
     old.update = svc.spec.update.clone();
     old.rollback = svc.spec.rollback.clone();

@@ -101,7 +101,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // Serialize under the lock so the state matches last_applied.
         let (meta, data) = {
             let mut inner = self.inner.lock().await;
-            let data = self.store.snapshot_bytes().map_err(sm_read_err)?;
+            // Encoding a large state takes a while: off the Raft threads.
+            let store = self.store.clone();
+            let data = tokio::task::spawn_blocking(move || store.snapshot_bytes()).await.map_err(sm_read_err)?.map_err(sm_read_err)?;
             inner.snapshot_seq += 1;
             let snapshot_id = match inner.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.snapshot_seq),

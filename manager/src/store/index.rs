@@ -5,7 +5,7 @@
 //! follower or a restarted manager rebuilds them from the tasks
 //! ([`TaskIndex::build`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::task::{TaskObj, TaskState};
 
@@ -14,8 +14,22 @@ pub struct TaskIndex {
     by_service: HashMap<String, BTreeSet<String>>,
     by_node: HashMap<u64, BTreeSet<String>>,
     running: HashMap<String, usize>,
+    /// Service → spec version → counts of the tasks the orchestrator wants
+    /// running (`service ls` reads its replica columns from these).
+    wanted: HashMap<String, BTreeMap<u64, Wanted>>,
     /// Network name → addresses (as u32) held by tasks that have not ended.
     addresses: HashMap<String, HashSet<u32>>,
+}
+
+/// Counts of one service version's tasks whose desired state is running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wanted {
+    /// Every one of them.
+    pub tasks: usize,
+    /// Those running.
+    pub running: usize,
+    /// Those that have not ended.
+    pub live: usize,
 }
 
 /// What of a task the indexes depend on.
@@ -24,6 +38,8 @@ pub struct Key {
     service: String,
     node: Option<u64>,
     running: bool,
+    /// Desired running: (spec version, not ended).
+    wanted: Option<(u64, bool)>,
     addresses: Vec<(String, u32)>,
 }
 
@@ -39,7 +55,8 @@ impl Key {
                 .filter_map(|(n, a)| Some((n.clone(), u32::from(a.split('/').next()?.parse::<std::net::Ipv4Addr>().ok()?))))
                 .collect()
         };
-        Key { service: t.service_id.clone(), node: t.node_id, running: t.state == TaskState::Running, addresses }
+        let wanted = (t.desired_state == TaskState::Running).then_some((t.spec_version, !t.state.is_terminal()));
+        Key { service: t.service_id.clone(), node: t.node_id, running: t.state == TaskState::Running, wanted, addresses }
     }
 }
 
@@ -60,6 +77,12 @@ impl TaskIndex {
         }
         if k.running {
             *self.running.entry(k.service.clone()).or_default() += 1;
+        }
+        if let Some((version, live)) = k.wanted {
+            let w = self.wanted.entry(k.service.clone()).or_default().entry(version).or_default();
+            w.tasks += 1;
+            w.running += usize::from(k.running);
+            w.live += usize::from(live);
         }
         for (net, a) in &k.addresses {
             self.addresses.entry(net.clone()).or_default().insert(*a);
@@ -87,6 +110,21 @@ impl TaskIndex {
             *c -= 1;
             if *c == 0 {
                 self.running.remove(&k.service);
+            }
+        }
+        if let Some((version, live)) = k.wanted
+            && let Some(versions) = self.wanted.get_mut(&k.service)
+        {
+            if let Some(w) = versions.get_mut(&version) {
+                w.tasks -= 1;
+                w.running -= usize::from(k.running);
+                w.live -= usize::from(live);
+                if w.tasks == 0 {
+                    versions.remove(&version);
+                }
+            }
+            if versions.is_empty() {
+                self.wanted.remove(&k.service);
             }
         }
         for (net, a) in &k.addresses {
@@ -120,6 +158,12 @@ impl TaskIndex {
     /// How many of service `id`'s tasks are running.
     pub fn running(&self, id: &str) -> usize {
         self.running.get(id).copied().unwrap_or(0)
+    }
+
+    /// Service `id`'s tasks with desired state running, counted per spec
+    /// version.
+    pub fn wanted(&self, id: &str) -> impl Iterator<Item = (u64, Wanted)> + '_ {
+        self.wanted.get(id).into_iter().flatten().map(|(v, w)| (*v, *w))
     }
 
     /// Whether a task that has not ended holds `addr` on network `net`.

@@ -134,6 +134,18 @@ impl State {
         }
     }
 
+    /// The spec shared by service `id`'s tasks of spec version `version`,
+    /// while any of them exists.
+    pub fn task_spec(&self, id: &str, version: u64) -> Option<&shoal_proto::control::ServiceSpec> {
+        self.spec_pool.get(&(id.to_string(), version)).map(|s| &**s)
+    }
+
+    /// Service `id`'s tasks with desired state running, counted per spec
+    /// version (through the index).
+    pub fn wanted_tasks(&self, id: &str) -> impl Iterator<Item = (u64, super::index::Wanted)> + '_ {
+        self.index.wanted(id)
+    }
+
     /// Service `id`'s tasks (every state), through the index.
     pub fn service_tasks<'a>(&'a self, id: &str) -> impl Iterator<Item = &'a TaskObj> + use<'a> {
         self.index.service_tasks(id).filter_map(|t| self.tasks.get(t))
@@ -1587,6 +1599,17 @@ mod tests {
         for svc in st.services.keys() {
             let running = st.tasks.values().filter(|t| &t.service_id == svc && t.state == TaskState::Running).count();
             assert_eq!(st.index.running(svc), running);
+            let wanted: Vec<&TaskObj> = st.tasks.values().filter(|t| &t.service_id == svc && t.desired_state == TaskState::Running).collect();
+            let counted = st.wanted_tasks(svc).fold((0, 0, 0), |(a, b, c), (_, w)| (a + w.tasks, b + w.running, c + w.live));
+            let recount = (
+                wanted.len(),
+                wanted.iter().filter(|t| t.state == TaskState::Running).count(),
+                wanted.iter().filter(|t| !t.state.is_terminal()).count(),
+            );
+            assert_eq!(counted, recount, "service {svc}: desired-running counts");
+            for (v, _) in st.wanted_tasks(svc) {
+                assert!(st.task_spec(svc, v).is_some(), "service {svc} version {v} has tasks but no pooled spec");
+            }
             assert_eq!(st.service_tasks(svc).count(), st.tasks.values().filter(|t| &t.service_id == svc).count());
         }
         for node in 1..=4 {
