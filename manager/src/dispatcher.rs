@@ -76,6 +76,28 @@ pub struct DispatcherService {
     /// Heartbeats answered while leading (the down-detector's check on
     /// itself).
     answered: Arc<std::sync::atomic::AtomicU64>,
+    /// Nodes whose heartbeat is writing to the store right now.
+    writing: Arc<Mutex<HashSet<u64>>>,
+}
+
+/// A node write from a heartbeat in flight; the node is free again when
+/// this drops (committed, refused or abandoned by a cancelled call).
+struct NodeWrite {
+    set: Arc<Mutex<HashSet<u64>>>,
+    id: u64,
+}
+
+impl NodeWrite {
+    /// None when this node already has a write in flight.
+    fn begin(set: &Arc<Mutex<HashSet<u64>>>, id: u64) -> Option<NodeWrite> {
+        set.lock().unwrap_or_else(|e| e.into_inner()).insert(id).then(|| NodeWrite { set: set.clone(), id })
+    }
+}
+
+impl Drop for NodeWrite {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
 }
 
 /// The parts of a heartbeat's answer that are the same for every node, at
@@ -147,7 +169,7 @@ impl DispatcherService {
         tokio::spawn(hub.clone().route(store.clone(), store.watch(), shutdown.clone()));
         let (views_tx, views) = tokio::sync::watch::channel(Arc::new(ServiceView::default()));
         tokio::spawn(build_views(store.clone(), store.watch(), views_tx, shutdown.clone()));
-        DispatcherService { manager, config, last_seen: Default::default(), shutdown, ca: Default::default(), facts: Default::default(), hub, views, answered: Default::default() }
+        DispatcherService { manager, config, last_seen: Default::default(), shutdown, ca: Default::default(), facts: Default::default(), hub, views, answered: Default::default(), writing: Default::default() }
     }
 
     fn heartbeat_facts(&self) -> Arc<HeartbeatFacts> {
@@ -852,23 +874,29 @@ impl Dispatcher for DispatcherService {
         if changed_overlay {
             overlay_identity_ok(&r.overlay_key, &r.overlay_endpoint).map_err(Status::invalid_argument)?;
         }
-        if changed_resources || changed_overlay {
-            let patch = NodePatch {
-                resources: resources.filter(|_| changed_resources),
-                overlay: overlay.filter(|_| changed_overlay),
-                ..Default::default()
-            };
-            self.manager.propose(Command::UpdateNode { id: r.node_id, patch }).await.map_err(status)?;
-            if changed_overlay {
-                tracing::info!(node = %node.name, endpoint = %r.overlay_endpoint, "node's overlay identity recorded");
+        // One node write from heartbeats at a time per node: while a write
+        // waits for its commit (seconds, on a leader under load), the
+        // node's next heartbeats must not propose it again.
+        let wants_write = changed_resources || changed_overlay || node.status == NodeStatus::Down;
+        if let Some(_writing) = wants_write.then(|| NodeWrite::begin(&self.writing, r.node_id)).flatten() {
+            if changed_resources || changed_overlay {
+                let patch = NodePatch {
+                    resources: resources.filter(|_| changed_resources),
+                    overlay: overlay.filter(|_| changed_overlay),
+                    ..Default::default()
+                };
+                self.manager.propose(Command::UpdateNode { id: r.node_id, patch }).await.map_err(status)?;
+                if changed_overlay {
+                    tracing::info!(node = %node.name, endpoint = %r.overlay_endpoint, "node's overlay identity recorded");
+                }
             }
-        }
-        if node.status == NodeStatus::Down {
-            self.manager
-                .propose(Command::SetNodeStatus { changes: vec![(r.node_id, NodeStatus::Ready)] })
-                .await
-                .map_err(status)?;
-            tracing::info!(node = %node.name, "node is heartbeating again: marked ready");
+            if node.status == NodeStatus::Down {
+                self.manager
+                    .propose(Command::SetNodeStatus { changes: vec![(r.node_id, NodeStatus::Ready)] })
+                    .await
+                    .map_err(status)?;
+                tracing::info!(node = %node.name, "node is heartbeating again: marked ready");
+            }
         }
         let facts = self.heartbeat_facts();
         let cert_pem = self.node_cert(&node, &peer).await?;
@@ -1018,6 +1046,17 @@ impl DispatcherService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_has_one_heartbeat_write_in_flight_at_a_time() {
+        let set = Arc::new(Mutex::new(HashSet::new()));
+        let first = NodeWrite::begin(&set, 7);
+        assert!(first.is_some());
+        assert!(NodeWrite::begin(&set, 7).is_none(), "a second write of node 7 while the first waits");
+        assert!(NodeWrite::begin(&set, 8).is_some(), "other nodes are not held up");
+        drop(first);
+        assert!(NodeWrite::begin(&set, 7).is_some(), "free again once the first is done");
+    }
 
     #[test]
     fn a_stalled_leader_marks_no_node_down_in_a_large_cluster() {

@@ -26,7 +26,11 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 pub(crate) fn settings(e: Endpoint) -> Endpoint {
     e.connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        // Generous: a leader that stalls for a few seconds under load must
+        // not see thousands of agents drop their connections at once and
+        // come back as a storm of TLS handshakes. Dead managers are found
+        // by the heartbeats' own 2 s deadline, not by this.
+        .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
 }

@@ -218,9 +218,11 @@ impl Trust {
     }
 
     /// Connects now to a manager at `addr`; `timeout` bounds each request
-    /// (the CLI's).
+    /// (the CLI's). The handshake may take up to 5 s: a leader placing
+    /// 100,000 tasks is slow to answer but not gone (a dead one refuses at
+    /// once).
     pub async fn connect(self: &Arc<Self>, addr: &str, timeout: Option<Duration>) -> Result<Channel, tonic::transport::Error> {
-        let mut endpoint = plain_endpoint(addr)?;
+        let mut endpoint = plain_endpoint(addr)?.connect_timeout(Duration::from_secs(5));
         if let Some(t) = timeout {
             endpoint = endpoint.timeout(t);
         }

@@ -72,15 +72,21 @@ fn hundreds_of_agents_run_thousands_of_tasks_and_a_leader_kill_loses_none() -> a
     c.cli_ok(0, &["service", "create", "--detach", "--name", "sim", "--replicas", &replicas, "--constraint", "node.role==worker", "bb:1", "sleep", "1d"])?;
     wait_for(Duration::from_secs(300), "every task running, each slot once", || exact(&c, 0, "sim", TASKS))
         .map_err(|e| e.context(c.log_tails()))?;
-    // Every agent got its share: spread is even within one.
-    let ps = c.cli_ok(0, &["service", "ps", "sim", "--format", "json"])?;
-    let mut per_node = std::collections::HashMap::new();
-    for t in ps.as_array().into_iter().flatten() {
-        *per_node.entry(t["node"].as_str().unwrap_or_default().to_string()).or_insert(0u64) += 1;
-    }
-    let (min, max) = (per_node.values().min().copied().unwrap_or(0), per_node.values().max().copied().unwrap_or(0));
-    assert_eq!(per_node.len() as u64, AGENTS, "tasks on every agent");
-    assert!(max - min <= 1, "spread {min}..{max}");
+    // Every agent gets its share: spread is even within one. Under load a
+    // node may miss heartbeats and lose tasks to others; the orchestrator
+    // then moves tasks back a few per pass, so this converges too.
+    wait_for(Duration::from_secs(120), "every agent with its share of the tasks (spread within one)", || {
+        let ps = c.cli_ok(0, &["service", "ps", "sim", "--format", "json"])?;
+        let mut per_node = std::collections::HashMap::new();
+        for t in ps.as_array().into_iter().flatten().filter(|t| t["desired_state"] == "running") {
+            *per_node.entry(t["node"].as_str().unwrap_or_default().to_string()).or_insert(0u64) += 1;
+        }
+        let (min, max) = (per_node.values().min().copied().unwrap_or(0), per_node.values().max().copied().unwrap_or(0));
+        Ok((per_node.len() as u64 == AGENTS && max - min <= 1).then_some(()))
+    })
+    .map_err(|e| e.context(c.log_tails()))?;
+    wait_for(Duration::from_secs(300), "every task running, each slot once, after the rebalance", || exact(&c, 0, "sim", TASKS))
+        .map_err(|e| e.context(c.log_tails()))?;
 
     // The leader dies: another takes over, and every task is still
     // accounted for, none lost and none twice.

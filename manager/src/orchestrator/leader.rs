@@ -17,6 +17,8 @@ pub enum LeadError {
     Raft(String),
     #[error("no randomness for task ids")]
     Random,
+    #[error("the planning thread failed: {0}")]
+    Planner(String),
     #[error("{kind} refused: {source}")]
     Refused { kind: &'static str, source: ApplyError },
 }
@@ -66,4 +68,19 @@ pub(crate) async fn propose_all(manager: &Manager, cmds: Vec<Command>) -> Result
         r.map_err(from_local)?.map_err(|source| LeadError::Refused { kind, source })?;
     }
     Ok(())
+}
+
+/// Reads the store on a blocking thread: a pass over 100,000 tasks takes
+/// long enough to stall every RPC sharing its runtime thread.
+pub(crate) async fn plan<R: Send + 'static>(manager: &Manager, f: impl FnOnce(&crate::store::State) -> R + Send + 'static) -> Result<R, LeadError> {
+    let store = manager.store.clone();
+    tokio::task::spawn_blocking(move || store.read(f)).await.map_err(|e| LeadError::Planner(e.to_string()))
+}
+
+/// When the next pass may start, after one that started at `started` and
+/// took `took`: a loop rests twice as long as it worked, so it holds the
+/// store's read lock (which every writer waits behind) at most a third of
+/// the time however big the cluster grows. Quick passes do not rest.
+pub(crate) fn rest_after(started: tokio::time::Instant, took: std::time::Duration) -> Option<tokio::time::Instant> {
+    (took >= std::time::Duration::from_millis(10)).then(|| started + took * 3)
 }

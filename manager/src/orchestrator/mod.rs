@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::manager::{Manager, now_ms};
 use crate::store::{Change, Command, State};
 pub use leader::LeadError;
-pub use reconcile::{OrchestratorConfig, Plan, Restart, Scope, reconcile, restart_decision};
+pub use reconcile::{MAX_CREATE_PER_PASS, OrchestratorConfig, Plan, Restart, Scope, reconcile, restart_decision};
 
 pub struct Orchestrator {
     manager: Arc<Manager>,
@@ -113,15 +113,19 @@ impl Orchestrator {
             self.manager.store.read(|s| s.nodes.values().map(|n| (n.id, node_facts(n))).collect());
         let mut wake_at: Option<tokio::time::Instant> = None;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut rest_at: Option<tokio::time::Instant> = None;
         let mut resync = tokio::time::interval(RESYNC);
         resync.tick().await;
         loop {
             if retry_at.is_none()
+                && rest_at.is_none()
                 && let Some(scope) = dirty.take()
             {
-                let started = std::time::Instant::now();
+                let started = tokio::time::Instant::now();
                 let result = self.pass(&scope).await;
-                lazy_delay = LAZY_MIN.max(started.elapsed() * 4);
+                let took = started.elapsed();
+                lazy_delay = LAZY_MIN.max(took * 4);
+                rest_at = leader::rest_after(started, took);
                 match result {
                     Ok(wake) => {
                         // A pass over some services only knows their
@@ -146,6 +150,7 @@ impl Orchestrator {
             let retry = sleep_until(retry_at);
             let wake = sleep_until(wake_at);
             let lazy_due = sleep_until(lazy_at);
+            let rested = sleep_until(rest_at);
             tokio::select! {
                 ev = events.recv() => {
                     let mut evs = Vec::new();
@@ -178,6 +183,7 @@ impl Orchestrator {
                     }
                 }
                 _ = retry => retry_at = None,
+                _ = rested => rest_at = None,
                 _ = wake => { wake_at = None; dirty = Dirty::All; }
                 _ = resync.tick() => dirty = Dirty::All,
                 r = metrics.changed() => if r.is_err() { return false },
@@ -190,15 +196,18 @@ impl Orchestrator {
     async fn pass(&self, scope: &Scope) -> Result<Option<tokio::time::Instant>, LeadError> {
         let now = now_ms();
         let started = std::time::Instant::now();
-        let mut plan = self.manager.store.read(|s| reconcile(s, scope, now, &self.config));
+        let (scope, config) = (scope.clone(), self.config.clone());
+        let mut plan = leader::plan(&self.manager, move |s| reconcile(s, &scope, now, &config)).await?;
         let took = started.elapsed();
         let wake = plan.wake_at_ms.map(|at| tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now)));
         if plan.is_empty() {
             return Ok(wake);
         }
-        // A big scale is created in steps: each pass's tasks go as a few
-        // Raft entries, and other writes get in between passes. The next
-        // pass (woken by these tasks' changes) creates the rest.
+        // A big scale is created in steps (the planner stops at
+        // `MAX_CREATE_PER_PASS` for replicated services; this also bounds
+        // global ones): each pass's tasks go as a few Raft entries, and
+        // other writes get in between passes. The next pass (woken by
+        // these tasks' changes) creates the rest.
         if plan.create.len() > MAX_CREATE_PER_PASS {
             tracing::info!(
                 created = MAX_CREATE_PER_PASS,
@@ -232,8 +241,6 @@ impl Orchestrator {
     }
 }
 
-/// The most tasks one orchestrator pass creates.
-const MAX_CREATE_PER_PASS: usize = 5_000;
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {

@@ -162,6 +162,10 @@ struct Planner<'a> {
 }
 
 /// Decides what the orchestrators do about the services in `scope`.
+/// The most tasks one orchestrator pass creates: a scale to 50,000 goes as
+/// steps, with other writes in between.
+pub const MAX_CREATE_PER_PASS: usize = 5_000;
+
 pub fn reconcile(state: &State, scope: &Scope, now_ms: u64, config: &OrchestratorConfig) -> Plan {
     let mut by_service: BTreeMap<&str, Vec<View>> = BTreeMap::new();
     let view = |t| View { t, state: t.state, desired: t.desired_state, touched: false };
@@ -526,9 +530,16 @@ impl<'a> Planner<'a> {
             }
         }
 
-        // Scale up: the lowest free slot numbers.
+        // Scale up: the lowest free slot numbers, at most
+        // `MAX_CREATE_PER_PASS` per pass (the next pass, woken by these
+        // tasks' commit, creates more).
         if current.len() < want {
-            let mut missing = want - current.len();
+            let budget = MAX_CREATE_PER_PASS.saturating_sub(self.plan.create.len());
+            let mut missing = (want - current.len()).min(budget);
+            let left = want - current.len() - missing;
+            if left > 0 {
+                *self.tally.entry(format!("scaling up to {want}: {{n}} left for the next passes")).or_default() += left;
+            }
             let mut slot = 1u64;
             let mut created = 0;
             while missing > 0 {

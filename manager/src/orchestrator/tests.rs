@@ -13,6 +13,24 @@ fn slots(tasks: &[&TaskObj]) -> Vec<u64> {
 }
 
 #[test]
+fn a_big_scale_up_is_created_in_bounded_steps() {
+    use super::reconcile::MAX_CREATE_PER_PASS;
+    let mut sim = Sim::default();
+    sim.nodes(&["w1"]);
+    sim.service(spec("web", (2 * MAX_CREATE_PER_PASS + 7) as u64));
+    let plan = sim.orchestrate();
+    assert_eq!(plan.create.len(), MAX_CREATE_PER_PASS);
+    let left = format!("service web: scaling up to {}: {} tasks left for the next passes", 2 * MAX_CREATE_PER_PASS + 7, MAX_CREATE_PER_PASS + 7);
+    assert!(plan.notes.iter().any(|n| *n == left), "{:?}", plan.notes);
+    assert_eq!(sim.orchestrate().create.len(), MAX_CREATE_PER_PASS);
+    assert_eq!(sim.orchestrate().create.len(), 7);
+    assert!(sim.orchestrate().is_empty());
+    let mut got = slots(&sim.live("web"));
+    got.dedup();
+    assert_eq!(got, (1..=(2 * MAX_CREATE_PER_PASS as u64 + 7)).collect::<Vec<_>>());
+}
+
+#[test]
 fn scale_up_creates_the_missing_slots_in_state_new() {
     let mut sim = Sim::default();
     sim.nodes(&["w1", "w2"]);

@@ -396,10 +396,14 @@ impl Scheduler {
         let mut metrics = self.manager.raft.metrics();
         let mut dirty = true;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut rest_at: Option<tokio::time::Instant> = None;
         loop {
-            if dirty && retry_at.is_none() {
+            if dirty && retry_at.is_none() && rest_at.is_none() {
                 dirty = false;
-                if let Err(e) = self.pass().await {
+                let started = tokio::time::Instant::now();
+                let result = self.pass().await;
+                rest_at = leader::rest_after(started, started.elapsed());
+                if let Err(e) = result {
                     tracing::warn!(error = %e, "scheduler: could not write decisions; retrying");
                     dirty = true;
                     retry_at = Some(tokio::time::Instant::now() + RETRY);
@@ -411,6 +415,12 @@ impl Scheduler {
             }
             let retry = async {
                 match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let rested = async {
+                match rest_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -438,6 +448,7 @@ impl Scheduler {
                     }
                 }
                 _ = retry => retry_at = None,
+                _ = rested => rest_at = None,
                 r = metrics.changed() => if r.is_err() { return false },
                 _ = shutdown.changed() => return false,
             }
@@ -446,7 +457,8 @@ impl Scheduler {
 
     async fn pass(&self) -> Result<(), leader::LeadError> {
         let started = std::time::Instant::now();
-        let mut decisions = self.manager.store.read(|s| schedule(s, &self.config));
+        let config = self.config.clone();
+        let mut decisions = leader::plan(&self.manager, move |s| schedule(s, &config)).await?;
         if decisions.is_empty() {
             return Ok(());
         }
