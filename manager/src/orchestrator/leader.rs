@@ -77,10 +77,30 @@ pub(crate) async fn plan<R: Send + 'static>(manager: &Manager, f: impl FnOnce(&c
     tokio::task::spawn_blocking(move || store.read(f)).await.map_err(|e| LeadError::Planner(e.to_string()))
 }
 
+/// Sleeps until `at`; never wakes for `None` (a `select!` branch that is off).
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// When the next pass may start, after one that started at `started` and
 /// took `took`: a loop rests twice as long as it worked, so it holds the
 /// store's read lock (which every writer waits behind) at most a third of
 /// the time however big the cluster grows. Quick passes do not rest.
 pub(crate) fn rest_after(started: tokio::time::Instant, took: std::time::Duration) -> Option<tokio::time::Instant> {
     (took >= std::time::Duration::from_millis(10)).then(|| started + took * 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_loop_rests_twice_as_long_as_a_slow_pass_took() {
+        let t = tokio::time::Instant::now();
+        assert_eq!(super::rest_after(t, Duration::from_millis(3)), None, "quick passes do not rest");
+        assert_eq!(super::rest_after(t, Duration::from_millis(40)), Some(t + Duration::from_millis(120)));
+    }
 }

@@ -26,6 +26,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::watch;
 
 use crate::manager::{Manager, now_ms};
+use leader::sleep_until;
 use crate::store::{Change, Command, State};
 pub use leader::LeadError;
 pub use reconcile::{MAX_CREATE_PER_PASS, OrchestratorConfig, Plan, Restart, Scope, reconcile, restart_decision};
@@ -238,14 +239,6 @@ impl Orchestrator {
         }
         tracing::debug!(created, updated, removed, decided_in = ?took, "orchestrator: pass committed");
         Ok(wake)
-    }
-}
-
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

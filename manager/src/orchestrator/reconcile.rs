@@ -161,11 +161,11 @@ struct Planner<'a> {
     tally: BTreeMap<String, usize>,
 }
 
-/// Decides what the orchestrators do about the services in `scope`.
 /// The most tasks one orchestrator pass creates: a scale to 50,000 goes as
 /// steps, with other writes in between.
 pub const MAX_CREATE_PER_PASS: usize = 5_000;
 
+/// Decides what the orchestrators do about the services in `scope`.
 pub fn reconcile(state: &State, scope: &Scope, now_ms: u64, config: &OrchestratorConfig) -> Plan {
     let mut by_service: BTreeMap<&str, Vec<View>> = BTreeMap::new();
     let view = |t| View { t, state: t.state, desired: t.desired_state, touched: false };

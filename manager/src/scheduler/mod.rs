@@ -413,18 +413,8 @@ impl Scheduler {
                 tracing::info!("scheduler: no longer the leader");
                 return true;
             }
-            let retry = async {
-                match retry_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let rested = async {
-                match rest_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let retry = leader::sleep_until(retry_at);
+            let rested = leader::sleep_until(rest_at);
             tokio::select! {
                 ev = events.recv() => {
                     let mut evs = Vec::new();
