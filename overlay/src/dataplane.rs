@@ -42,6 +42,9 @@ const MAX_GSO_BYTES: usize = 65_000;
 const SOCKET_BUFFER: usize = 8 << 20;
 /// Room for one packet (MTU) in a batch buffer, with the virtio header.
 const PACKET_ROOM: usize = 2048;
+/// Room for a coalesced (GRO) super-packet: an IP packet's 64 KiB and
+/// tun-rs's requirement of twice the virtio header.
+const GRO_ROOM: usize = 2 * VIRTIO_NET_HDR_LEN + 65_535;
 /// Routing-mesh flows remembered at most; past that a new flow's packets
 /// are dropped (the client retries) rather than evicting live ones.
 const MAX_FLOWS: usize = 1 << 18;
@@ -473,7 +476,11 @@ async fn udp_to_tun(inner: Arc<Inner>) {
     let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; 65536]; MSGS];
     let mut metas = vec![quinn_udp::RecvMeta::default(); MSGS];
     let mut reply = vec![0u8; PACKET_ROOM + 64];
-    let mut outs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + PACKET_ROOM)).collect();
+    // GRO coalesces a flow's packets into the first one's buffer, and only
+    // where that buffer can hold a whole super-packet without growing
+    // (tun-rs refuses to reallocate): with less room every packet would be
+    // written to the TUN on its own. Capacity is reserved, not touched.
+    let mut outs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| Vec::with_capacity(GRO_ROOM)).collect();
     let mut gro = GROTable::default();
     loop {
         let got = {
