@@ -674,3 +674,69 @@ fn update_add_rm_pairs_labels_and_confinement() -> anyhow::Result<()> {
     assert_eq!(ls.as_array().map(Vec::len), Some(1), "{ls}");
     Ok(())
 }
+
+/// A stop-first update (the default) starts each successor only once its
+/// old task has stopped: every task logs its start and, on SIGTERM, its
+/// stop to a bind-mounted file (a second after SIGTERM: a task that takes
+/// a while to stop), and at no point do more than the service's replicas
+/// run.
+#[test]
+fn a_stop_first_update_starts_each_successor_after_its_old_task_stopped() -> anyhow::Result<()> {
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir =
+        Dir(std::env::temp_dir().join(format!("shoal-stopfirst-{}", shoal_tests::unique_id())));
+    std::fs::create_dir_all(&dir.0)?;
+    let events = dir.0.join("events");
+    let c = Cluster::start(1, 1)?;
+    c.import_busybox(0, "bb:1")?;
+    let script = "id=$(cat /proc/sys/kernel/random/uuid); trap 'sleep 1; echo stop $id >> /log/events; exit 0' TERM; \
+                  echo start $id >> /log/events; while :; do sleep 1 & wait; done";
+    let mount = format!("type=bind,src={},dst=/log", dir.0.display());
+    c.cli_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--update-parallelism",
+            "1",
+            "--mount",
+            &mount,
+            "bb:1",
+            "sh",
+            "-c",
+            script,
+        ],
+    )?;
+    wait_spread(&c, 0, "web", 2, &["n0", "n1"])?;
+    c.cli_ok(
+        0,
+        &["service", "update", "web", "--detach", "--env-add", "V=2"],
+    )?;
+    let log = wait_for(T, "both tasks replaced: 4 starts and 2 stops", || {
+        let log = std::fs::read_to_string(&events).unwrap_or_default();
+        let starts = log.lines().filter(|l| l.starts_with("start ")).count();
+        let stops = log.lines().filter(|l| l.starts_with("stop ")).count();
+        if starts >= 4 && stops >= 2 {
+            Ok(Some(log))
+        } else {
+            bail!("{log}")
+        }
+    })?;
+    let mut running = 0i32;
+    for line in log.lines() {
+        running += if line.starts_with("start ") { 1 } else { -1 };
+        assert!(running <= 2, "more tasks than replicas ran at once:\n{log}");
+    }
+    assert_eq!(log.lines().count(), 6, "{log}");
+    Ok(())
+}

@@ -66,6 +66,54 @@ fn pid1_no_host_processes_only_lo_own_hostname() {
     assert_clean(&h, &id);
 }
 
+/// A network namespace of the test's own, removed on drop.
+struct TestNetns(String);
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn network_none_host_and_refused_overlay_names() {
+    let h = RtHost::new().unwrap();
+    h.import_busybox("bb").unwrap();
+    let ns = TestNetns(h.name("ns"));
+    let veth = format!("v{}", &h.prefix[2..].chars().take(12).collect::<String>());
+    let peer = format!("{veth}p");
+    shoal_tests::sh("ip", &["netns", "add", &ns.0]).unwrap();
+    shoal_tests::sh("ip", &["-n", &ns.0, "link", "add", &veth, "type", "veth", "peer", "name", &peer]).unwrap();
+    let in_ns = |args: &[&str]| {
+        // nsenter, not `ip netns exec`: that remounts /sys, cgroups and all.
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", ns.0)).arg(shoal_tests::shoal_bin()).arg("run").args(args);
+        c.env("SHOAL_DATA_DIR", &h.data_dir).stdin(Stdio::null()).output().unwrap()
+    };
+    // host: the caller's interfaces; none (the default, and explicit): lo.
+    let o = in_ns(&["--rm", "--network", "host", "bb", "cat", "/proc/net/dev"]);
+    ok(&o);
+    assert!(stdout(&o).contains(&format!("{veth}:")), "{}", stdout(&o));
+    for net in [&["--network", "none"][..], &[]] {
+        let mut args = vec!["--rm"];
+        args.extend_from_slice(net);
+        args.extend_from_slice(&["bb", "cat", "/proc/net/dev"]);
+        let o = in_ns(&args);
+        ok(&o);
+        assert!(!stdout(&o).contains(&veth) && stdout(&o).contains("lo:"), "{}", stdout(&o));
+    }
+    // An overlay network's name, and host with a remapped root: refused,
+    // nothing created.
+    let id = h.name("refused");
+    let o = in_ns(&["--rm", "--name", &id, "--network", "front", "bb", "true"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("shoal service create --network front"), "{}", stderr(&o));
+    let o = in_ns(&["--rm", "--name", &id, "--network", "host", "--userns-remap", "default", "bb", "true"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--userns-remap"), "{}", stderr(&o));
+    assert_clean(&h, &id);
+}
+
 #[test]
 fn user_flag_and_supplementary_groups() {
     let h = RtHost::new().unwrap();

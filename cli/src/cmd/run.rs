@@ -71,6 +71,12 @@ pub struct RunArgs {
     /// Mount a tmpfs (DST[:size=64m]).
     #[arg(long, value_name = "DST[:size=N]")]
     pub tmpfs: Vec<String>,
+    /// The container's network: `none` (a namespace of its own with only
+    /// loopback) or `host` (this host's network namespace, as `docker run
+    /// --network host`). Overlay networks are the cluster's: attach a
+    /// service with `shoal service create --network NAME`.
+    #[arg(long, value_name = "none|host", default_value = "none")]
+    pub network: String,
     /// Container name (also its id on this host); random if not given.
     #[arg(long)]
     pub name: Option<String>,
@@ -273,7 +279,7 @@ fn build_spec(args: &RunArgs, image: &Image) -> anyhow::Result<ContainerSpec> {
             pids: (args.pids_limit > 0).then_some(args.pids_limit as u64),
         },
         no_init: args.no_init,
-        netns: None,
+        netns: run_netns(&args.network, args.userns_remap.is_some())?,
         userns: args.userns_remap,
         security: shoal_agent::spec::Security {
             cap_add: super::confine::cap_names("cap-add", &args.cap_add)?,
@@ -283,6 +289,22 @@ fn build_spec(args: &RunArgs, image: &Image) -> anyhow::Result<ContainerSpec> {
         },
     };
     Ok(req.to_spec(image)?)
+}
+
+/// The network namespace a `shoal run` container joins (`None`: a new one).
+fn run_netns(network: &str, remapped: bool) -> anyhow::Result<Option<PathBuf>> {
+    match network {
+        "none" => Ok(None),
+        "host" if remapped => bail!(
+            "--network host can't be combined with --userns-remap: the remapped root would configure the host's network namespace"
+        ),
+        // Opened by the process that starts the container, which runs in
+        // the caller's namespace.
+        "host" => Ok(Some(PathBuf::from("/proc/self/ns/net"))),
+        other => bail!(
+            "--network {other}: `shoal run` starts a container outside the cluster, so it can use only `none` or `host`; to attach to overlay network {other:?}, run it as a service: shoal service create --network {other} ..."
+        ),
+    }
 }
 
 /// Hidden subcommands the runtime re-executes `shoal` for.

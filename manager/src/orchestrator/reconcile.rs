@@ -450,6 +450,17 @@ impl<'a> Planner<'a> {
             current.insert(slot, (cur, class));
         }
         self.tidy_retired(views);
+        // Stop-first updates: slots whose old task is still stopping. The
+        // successor starts once it has (as Swarm's updater waits), so the
+        // slot is neither empty nor free for a new task meanwhile.
+        let stopping: BTreeSet<u64> = slots
+            .iter()
+            .filter(|(slot, idxs)| !current.contains_key(slot) && idxs.iter().any(|&i| self.stopping_for_update(svc, &views[i], &mut cache)))
+            .map(|(&slot, _)| slot)
+            .collect();
+        if !stopping.is_empty() {
+            *self.tally.entry("update: {n} waiting for their old task to stop".into()).or_default() += stopping.len();
+        }
 
         // Scale down: first slots that are over anyway, then tasks still
         // waiting for a node, then tasks on the busiest nodes.
@@ -533,29 +544,45 @@ impl<'a> Planner<'a> {
         // Scale up: the lowest free slot numbers, at most
         // `MAX_CREATE_PER_PASS` per pass (the next pass, woken by these
         // tasks' commit, creates more).
-        if current.len() < want {
+        let occupied = current.len() + stopping.len();
+        // Tasks created below start now: an update's next batch waits
+        // for them as for its own.
+        let mut starting = 0;
+        if occupied < want {
             let budget = MAX_CREATE_PER_PASS.saturating_sub(self.plan.create.len());
-            let mut missing = (want - current.len()).min(budget);
-            let left = want - current.len() - missing;
+            let mut missing = (want - occupied).min(budget);
+            let left = want - occupied - missing;
             if left > 0 {
                 *self.tally.entry(format!("scaling up to {want}: {{n}} left for the next passes")).or_default() += left;
             }
             let mut slot = 1u64;
-            let mut created = 0;
+            let (mut created, mut successors_now) = (0, 0);
             while missing > 0 {
-                if !current.contains_key(&slot) {
-                    let t = TaskObj::new(svc, slot, None, 0, "created");
-                    self.plan.create.push(t);
+                if !current.contains_key(&slot) && !stopping.contains(&slot) {
+                    // A slot whose old-spec task a stop-first update stopped.
+                    let updated = slots.get(&slot).is_some_and(|idxs| idxs.iter().any(|&i| !views[i].current() && Self::outdated(svc, views[i].t, &mut cache)));
+                    let message = if updated { "updated to the new spec (its old task stopped)" } else { "created" };
+                    self.plan.create.push(TaskObj::new(svc, slot, None, 0, message));
                     missing -= 1;
-                    created += 1;
+                    if updated {
+                        successors_now += 1;
+                    } else {
+                        created += 1;
+                    }
                 }
                 slot += 1;
             }
-            *self.tally.entry(format!("scaled up to {want}: {{n}} created")).or_default() += created;
+            if created > 0 {
+                *self.tally.entry(format!("scaled up to {want}: {{n}} created")).or_default() += created;
+            }
+            if successors_now > 0 {
+                *self.tally.entry("update: {n} replaced with the new spec".into()).or_default() += successors_now;
+            }
+            starting = created + successors_now;
         }
 
         let slots: Vec<(Option<u64>, usize, Class)> = current.iter().map(|(&s, &(cur, c))| (Some(s), cur, c)).collect();
-        let updating = self.rolling_update(svc, views, &slots, &successors);
+        let updating = self.rolling_update(svc, views, &slots, &successors, stopping.len() + starting);
         let converged = current.values().all(|(cur, c)| matches!(c, Class::OnNode(_)) && views[*cur].state == TaskState::Running);
         if self.config.rebalance && !updating && converged && svc.spec.placement_prefs.is_empty() && current.len() == want {
             self.rebalance(svc, views, &current, &req);
@@ -573,12 +600,28 @@ impl<'a> Planner<'a> {
         *cache.entry(t.spec_version).or_insert_with(|| outdated_spec(svc, t))
     }
 
+    /// Whether `v` is an old-spec task retired by a stop-first update that
+    /// has not stopped yet (on a node that still answers).
+    fn stopping_for_update(&self, svc: &ServiceObj, v: &View, cache: &mut HashMap<u64, bool>) -> bool {
+        !v.current() && !v.state.is_terminal() && v.state >= TaskState::Assigned && self.lost(v).is_none() && Self::outdated(svc, v.t, cache)
+    }
+
     /// Rolling update: replaces current tasks that run an older spec,
     /// `update.parallelism` at a time (0: all at once), each batch once
     /// the previous one runs and `update.delay_ms` has passed. Returns
-    /// whether an update is in progress. (Swarm stops the old task first
-    /// too; the successor keeps the slot — or the node, for global.)
-    fn rolling_update(&mut self, svc: &ServiceObj, views: &mut [View], slots: &[(Option<u64>, usize, Class)], successors: &BTreeSet<u64>) -> bool {
+    /// whether an update is in progress. Stop-first (the default, as in
+    /// Swarm): the old task stops and its successor, in the same slot (or
+    /// on the same node, for global), is created once it has stopped.
+    /// `pending` counts slots or nodes still waiting for an old task to
+    /// stop and tasks created this pass: they are in flight too.
+    fn rolling_update(
+        &mut self,
+        svc: &ServiceObj,
+        views: &mut [View],
+        slots: &[(Option<u64>, usize, Class)],
+        successors: &BTreeSet<u64>,
+        pending: usize,
+    ) -> bool {
         let mut cache = HashMap::new();
         let live = |c: &Class| matches!(c, Class::OnNode(_) | Class::Unassigned);
         // Slots whose successor is already starting (start-first) wait. A
@@ -635,7 +678,7 @@ impl<'a> Planner<'a> {
             self.plan.rollbacks.push((svc.id.clone(), svc.version, why));
             return true;
         }
-        if outdated.is_empty() && !successors.is_empty() {
+        if outdated.is_empty() && (!successors.is_empty() || pending > 0) {
             return true;
         }
         if outdated.is_empty() {
@@ -648,7 +691,7 @@ impl<'a> Planner<'a> {
             .filter(|(_, cur, c)| live(c) && views[*cur].current() && !stale.contains(cur))
             .map(|(_, cur, _)| &views[*cur])
             .collect();
-        let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count() + successors.len();
+        let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count() + successors.len() + pending;
         let last_started = fresh
             .iter()
             .filter(|v| v.state == TaskState::Running && v.t.created_at_ms >= svc.updated_at_ms)
@@ -676,10 +719,17 @@ impl<'a> Planner<'a> {
                 self.note("update: {n} successors started before their old tasks stop".into());
                 continue;
             }
-            self.retire(v, "updating to the new spec");
-            let t = TaskObj::new(svc, slot, node, 0, "updated to the new spec");
-            self.plan.create.push(t);
-            self.note("update: {n} replaced with the new spec".into());
+            // Stop-first: the successor is created once this task has
+            // stopped (the slot, or for global the node, waits for it);
+            // at once when it had ended, never started, or its node is lost.
+            self.retire(v, "updating to the new spec (stop-first: its successor starts once it has stopped)");
+            if v.state.is_terminal() {
+                let t = TaskObj::new(svc, slot, node, 0, "updated to the new spec");
+                self.plan.create.push(t);
+                self.note("update: {n} replaced with the new spec".into());
+            } else {
+                self.note("update: {n} stopping before their successors start".into());
+            }
         }
         true
     }
@@ -752,13 +802,18 @@ impl<'a> Planner<'a> {
         }
         let state = self.state;
         let mut live = Vec::new();
+        let mut cache = HashMap::new();
+        let mut stopping = 0;
         for node in state.nodes.values() {
             let idxs = by_node.get(&Some(node.id)).cloned().unwrap_or_default();
             let eligible = req.check_static(node);
             let cur = self.dedupe(views, &idxs);
             let history: Vec<&TaskObj> = idxs.iter().filter(|&&i| Some(i) != cur).map(|&i| views[i].t).collect();
             let Some(cur) = cur else {
-                if eligible.is_ok() {
+                if idxs.iter().any(|&i| self.stopping_for_update(svc, &views[i], &mut cache)) {
+                    stopping += 1;
+                    self.note(format!("update: {{n}} waiting for the old task to stop on node {}", node.name));
+                } else if eligible.is_ok() {
                     let t = TaskObj::new(svc, 0, Some(node.id), 0, "created");
                     self.plan.create.push(t);
                     self.note(format!("{{n}} created for node {}", node.name));
@@ -803,7 +858,7 @@ impl<'a> Planner<'a> {
                 Restart::Never => {}
             }
         }
-        self.rolling_update(svc, views, &live, &BTreeSet::new());
+        self.rolling_update(svc, views, &live, &BTreeSet::new(), stopping);
         self.tidy_retired(views);
     }
 

@@ -1,6 +1,6 @@
 //! Orchestrator unit tests: plain data, no cluster.
 
-use super::reconcile::{Restart, Scope, reconcile, restart_decision};
+use super::reconcile::{Plan, Restart, Scope, reconcile, restart_decision};
 use super::testkit::*;
 use crate::store::Command;
 use crate::store::objects::{Availability, NodeStatus};
@@ -536,6 +536,65 @@ fn update_image(sim: &mut Sim, service: &str, image: &str) {
     sim.apply(Command::UpdateService { service: service.into(), spec: Box::new(spec), expected_version: 0 });
 }
 
+/// One batch of a stop-first update: the pass that stops the old tasks
+/// (and starts nothing), the agents stopping them, then the pass that
+/// creates their successors, returned.
+fn next_batch(sim: &mut Sim) -> Plan {
+    let stop = sim.orchestrate();
+    assert!(stop.create.is_empty(), "stop-first: nothing starts before the old task stops: {:?}", stop.create);
+    sim.agents();
+    sim.orchestrate()
+}
+
+#[test]
+fn stop_first_updates_start_the_successor_once_the_old_task_stopped() {
+    let mut sim = Sim::default();
+    sim.nodes(&["a", "b"]);
+    let mut s = spec("web", 2);
+    s.update = Some(shoal_proto::control::UpdateConfig { parallelism: 1, ..Default::default() });
+    sim.service(s);
+    sim.settle();
+    update_image(&mut sim, "web", "bb:2");
+    let plan = sim.orchestrate();
+    assert_eq!(plan.update.len(), 1, "one old task stops (parallelism 1)");
+    assert!(plan.create.is_empty(), "{:?}", plan.create);
+    // Still stopping: the slot waits, and so does the next batch.
+    for _ in 0..3 {
+        sim.schedule();
+        let plan = sim.orchestrate();
+        assert!(plan.create.is_empty() && plan.update.is_empty(), "{:?} {:?}", plan.create, plan.update);
+        assert!(plan.notes.iter().any(|n| n.contains("waiting for their old task to stop")), "{:?}", plan.notes);
+    }
+    sim.agents();
+    let plan = sim.orchestrate();
+    assert_eq!(plan.create.len(), 1, "the successor, once the old task stopped");
+    assert!(plan.create[0].spec.image == "bb:2");
+    sim.settle();
+    let running = sim.running("web");
+    assert!(running.iter().all(|t| t.spec.image == "bb:2") && running.len() == 2);
+    assert_eq!(slots(&running), vec![1, 2]);
+    // Global: the node waits for its old task too.
+    sim.service(global("mon"));
+    sim.settle();
+    update_image(&mut sim, "mon", "bb:2");
+    let plan = sim.orchestrate();
+    assert_eq!(plan.update.len(), 2);
+    assert!(plan.create.is_empty(), "{:?}", plan.create);
+    assert!(sim.orchestrate().create.is_empty());
+    sim.agents();
+    assert_eq!(sim.orchestrate().create.len(), 2);
+    // A scale-up while an old task stops takes other slots, at once.
+    let mut sim = Sim::default();
+    sim.nodes(&["a"]);
+    sim.service(spec("api", 1));
+    sim.settle();
+    update_image(&mut sim, "api", "bb:2");
+    sim.orchestrate();
+    sim.scale("api", 3);
+    let plan = sim.orchestrate();
+    assert_eq!(slots(&plan.create.iter().collect::<Vec<_>>()), vec![2, 3]);
+}
+
 #[test]
 fn rolling_update_replaces_tasks_parallelism_at_a_time() {
     let mut sim = Sim::default();
@@ -553,9 +612,12 @@ fn rolling_update_replaces_tasks_parallelism_at_a_time() {
 
     update_image(&mut sim, "web", "bb:2");
     let plan = sim.orchestrate();
+    assert_eq!(plan.update.len(), 2);
+    assert!(plan.notes.iter().any(|n| n == "service web: update: 2 tasks stopping before their successors start"), "{:?}", plan.notes);
+    sim.agents();
+    let plan = sim.orchestrate();
     assert_eq!(plan.create.len(), 2);
     assert!(plan.create.iter().all(|t| t.spec.image == "bb:2"));
-    assert!(plan.notes.iter().any(|n| n == "service web: update: 2 tasks replaced with the new spec"), "{:?}", plan.notes);
     // The next batch waits until this one runs.
     sim.schedule();
     assert!(sim.orchestrate().is_empty());
@@ -576,10 +638,10 @@ fn a_rollback_rolls_out_with_the_rollback_config() {
     sim.service(s);
     sim.settle();
     update_image(&mut sim, "web", "bb:2");
-    assert_eq!(sim.orchestrate().create.len(), 1, "the update goes one at a time");
+    assert_eq!(next_batch(&mut sim).create.len(), 1, "the update goes one at a time");
     sim.settle();
     sim.apply(Command::RollbackService { service: "web".into() });
-    let plan = sim.orchestrate();
+    let plan = next_batch(&mut sim);
     assert_eq!(plan.create.len(), 4, "the rollback goes four at a time");
     assert!(plan.create.iter().all(|t| t.spec.image == "bb:1"));
 }
@@ -623,7 +685,7 @@ fn rolling_update_waits_the_delay_between_batches() {
     sim.settle();
     sim.now += 100_000;
     update_image(&mut sim, "web", "bb:2");
-    assert_eq!(sim.orchestrate().create.len(), 1);
+    assert_eq!(next_batch(&mut sim).create.len(), 1);
     sim.schedule();
     sim.agents();
     sim.agents();
@@ -631,7 +693,7 @@ fn rolling_update_waits_the_delay_between_batches() {
     assert!(plan.create.is_empty());
     assert_eq!(plan.wake_at_ms, Some(sim.now + 10_000));
     sim.now += 10_000;
-    assert_eq!(sim.orchestrate().create.len(), 1);
+    assert_eq!(next_batch(&mut sim).create.len(), 1);
 }
 
 #[test]
@@ -778,7 +840,7 @@ fn a_failing_new_spec_pauses_the_update() {
     sim.settle();
     sim.now += 1_000;
     update_image(&mut sim, "web", "bb:broken");
-    assert_eq!(sim.orchestrate().create.len(), 1);
+    assert_eq!(next_batch(&mut sim).create.len(), 1);
     sim.schedule();
     // The first new task fails; the other three stay on the old spec.
     let new = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:broken").map(|t| t.id.clone()).unwrap();
@@ -807,7 +869,7 @@ fn fail_an_update(sim: &mut Sim, s: shoal_proto::control::ServiceSpec) {
     sim.settle();
     sim.now += 1_000;
     update_image(sim, "web", "bb:broken");
-    assert_eq!(sim.orchestrate().create.len(), 1);
+    assert_eq!(next_batch(sim).create.len(), 1);
     sim.schedule();
     let new = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:broken").map(|t| t.id.clone()).unwrap();
     sim.report(&new, TaskState::Failed, Some(1));
@@ -871,11 +933,11 @@ fn a_failing_update_rolls_back_when_its_failure_action_says_so() {
     sim.settle();
     sim.now += 1_000;
     update_image(&mut sim, "web", "bb:2");
-    sim.orchestrate();
+    next_batch(&mut sim);
     sim.schedule();
     sim.agents();
     let first = sim.tasks_of("web").into_iter().find(|t| t.spec.image == "bb:2").map(|t| t.id.clone()).unwrap();
-    sim.orchestrate();
+    next_batch(&mut sim);
     sim.schedule();
     sim.report(&first, TaskState::Failed, Some(1));
     sim.agents();
