@@ -967,6 +967,7 @@ impl Control for ControlService {
             version: 0,
             created_at_ms: 0,
             slices: Default::default(),
+            last_address: Default::default(),
         };
         self.manager.propose(Command::CreateNetwork { network }).await.map_err(status)?;
         let n = self.read_network(&r.name)?;

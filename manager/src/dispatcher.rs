@@ -63,6 +63,9 @@ pub struct DispatcherService {
     manager: Arc<Manager>,
     config: DispatcherConfig,
     last_seen: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// When each node was last warned about reporting another node's
+    /// overlay key or endpoint (at most once a minute per node).
+    identity_warned: Arc<Mutex<HashMap<u64, Instant>>>,
     /// Ends the assignment streams when the manager stops: the server's
     /// graceful shutdown waits for every open stream.
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -169,7 +172,7 @@ impl DispatcherService {
         tokio::spawn(hub.clone().route(store.clone(), store.watch(), shutdown.clone()));
         let (views_tx, views) = tokio::sync::watch::channel(Arc::new(ServiceView::default()));
         tokio::spawn(build_views(store.clone(), store.watch(), views_tx, shutdown.clone()));
-        DispatcherService { manager, config, last_seen: Default::default(), shutdown, ca: Default::default(), facts: Default::default(), hub, views, answered: Default::default(), writing: Default::default() }
+        DispatcherService { manager, config, last_seen: Default::default(), identity_warned: Default::default(), shutdown, ca: Default::default(), facts: Default::default(), hub, views, answered: Default::default(), writing: Default::default() }
     }
 
     fn heartbeat_facts(&self) -> Arc<HeartbeatFacts> {
@@ -870,9 +873,30 @@ impl Dispatcher for DispatcherService {
         let resources = r.resources.map(|x| (x.nano_cpus, x.memory_bytes));
         let changed_resources = resources.is_some_and(|x| x != (node.nano_cpus, node.memory_bytes));
         let overlay = (!r.overlay_key.is_empty()).then(|| (r.overlay_key.clone(), r.overlay_endpoint.clone()));
-        let changed_overlay = overlay.as_ref().is_some_and(|(k, e)| *k != node.overlay_key || *e != node.overlay_endpoint);
+        let mut changed_overlay = overlay.as_ref().is_some_and(|(k, e)| *k != node.overlay_key || *e != node.overlay_endpoint);
         if changed_overlay {
             overlay_identity_ok(&r.overlay_key, &r.overlay_endpoint).map_err(Status::invalid_argument)?;
+            // Another live node's key or endpoint: not recorded (the store
+            // refuses it too), so this node gets no peers' traffic meant
+            // for the other; the heartbeat itself still counts.
+            let taken = self.manager.store.read(|s| {
+                s.overlay_identity_holder(r.node_id, &r.overlay_key, &r.overlay_endpoint)
+                    .filter(|(o, _)| o.status != NodeStatus::Down)
+                    .map(|(o, what)| (o.name.clone(), what))
+            });
+            if let Some((other, what)) = taken {
+                changed_overlay = false;
+                let mut warned = self.identity_warned.lock().unwrap_or_else(|e| e.into_inner());
+                if warned.get(&r.node_id).is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    warned.insert(r.node_id, Instant::now());
+                    tracing::warn!(
+                        node = %node.name,
+                        other = %other,
+                        endpoint = %r.overlay_endpoint,
+                        "node reports an overlay {what} that another node holds: not recorded; the node stays off the overlay until it reports its own"
+                    );
+                }
+            }
         }
         // One node write from heartbeats at a time per node: while a write
         // waits for its commit (seconds, on a leader under load), the

@@ -249,11 +249,23 @@ fn peers_follow_the_cluster() {
     let n2_slice = front["slices"]["n2"][0].as_str().unwrap().to_string();
     assert!(tunnel_routes(&c, 1).contains(&n2_slice));
 
-    // A clean restart of n2's daemon: its container kept running, and
-    // its networking comes back with the new data plane.
+    // b's running task, asked each time: a restart that outlasts the
+    // heartbeat timeout replaces it (on n2 again, with an address of its
+    // own), and its old task may still show as running until n2's report
+    // lands.
+    let fetch_running_b = |c: &Cluster| {
+        wait_for(T, "a.1 to fetch from b's running task", || {
+            let b: Vec<Value> = tasks(c, "b").into_iter().filter(|t| t["state"] == "running").collect();
+            Ok(b.first().and_then(|t| fetch(c, "a.1", &format!("http://{}/", ip(t, 0)))).filter(|body| body == "B-MARKER"))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
+    };
+
+    // A clean restart of n2's daemon: its networking comes back with the
+    // new data plane.
     c.stop(2);
     c.restart(2).unwrap();
-    fetch_ok(&c, "a.1", &url, "B-MARKER");
+    fetch_running_b(&c);
 
     // n2 dies: once it is down, n1 no longer routes its slice.
     c.kill(2);
@@ -261,8 +273,7 @@ fn peers_follow_the_cluster() {
     // It comes back: its slice is routed again and its task reachable.
     c.restart(2).unwrap();
     wait_for(T, "n1 to route n2's slice again", || Ok(tunnel_routes(&c, 1).contains(&n2_slice).then_some(()))).unwrap();
-    let b = running(&c, "b", 1);
-    fetch_ok(&c, "a.1", &format!("http://{}/", ip(&b[0], 0)), "B-MARKER");
+    fetch_running_b(&c);
 }
 
 /// `nslookup NAME` in task `from`: the addresses it answered, or None.
@@ -612,11 +623,17 @@ fn bridges_go_with_their_networks_last_task() {
 
     // The last task goes: the bridge, its address and its rules go too.
     c.cli_ok(0, &["service", "rm", "b"]).unwrap();
-    wait_for(T, "the network's bridge to go", || Ok(bridges(&c, 0).is_empty().then_some(()))).unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
-    let links = sh("ip", &["-n", &c.hosts[0].netns, "link", "show"]).unwrap();
-    assert!(!links.contains(&bridge), "{links}");
-    let table = host_nft(&c, 0, &["list", "table", "inet", "shoal"], None);
-    assert!(!table.contains(&bridge), "{table}");
+    // The bridge goes first, then its rules: wait for both.
+    wait_for(T, "the network's bridge and its rules to go", || {
+        let links = sh("ip", &["-n", &c.hosts[0].netns, "link", "show"])?;
+        let table = host_nft(&c, 0, &["list", "table", "inet", "shoal"], None);
+        if bridges(&c, 0).is_empty() && !links.contains(&bridge) && !table.contains(&bridge) {
+            Ok(Some(()))
+        } else {
+            anyhow::bail!("links:\n{links}\ntable:\n{table}")
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
     // And a new task brings them back.
     create(&c, &["--name", "again", "--network", "solo", "busybox:latest", "sleep", "1d"]);
     running(&c, "again", 1);

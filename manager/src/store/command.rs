@@ -254,6 +254,8 @@ pub enum Refusal {
     RemoveReady { node: String },
     #[error("{kind} {name:?} is used by service {service:?}")]
     InUse { kind: String, name: String, service: String },
+    #[error("node {node:?} reports overlay {what} {value}, which node {other:?} holds: refused (two peers can't share a WireGuard key or endpoint)")]
+    OverlayIdentityTaken { node: String, what: String, value: String, other: String },
     #[error("network {name:?}: subnet {subnet} overlaps network {other:?} ({other_subnet})")]
     SubnetOverlap { name: String, subnet: String, other: String, other_subnet: String },
     #[error("{message}")]

@@ -221,6 +221,11 @@ pub struct NetworkObj {
     /// Each node's slices of the subnet (`a.b.c.d/26`), allocated as its
     /// tasks need addresses; a node's WireGuard peers route them to it.
     pub slices: BTreeMap<u64, Vec<String>>,
+    /// Per node, the address it handed out last: the next task takes the
+    /// next free one after it (wrapping), as Docker's overlay IPAM does,
+    /// so a stopped task's address is not handed out again at once (a
+    /// client's cached DNS answer or open flow would reach the new task).
+    pub last_address: BTreeMap<u64, u32>,
     pub version: u64,
     pub created_at_ms: u64,
 }

@@ -290,6 +290,7 @@ impl State {
                     }));
                 }
                 network.slices.clear();
+                network.last_address.clear();
                 if let Some(other) = self.networks.values().find(|o| {
                     crate::spec::parse_cidr(&o.subnet).is_ok_and(|c| crate::spec::cidrs_overlap(c, net))
                 }) {
@@ -425,6 +426,18 @@ impl State {
                 self.nodes.insert(node.id, node);
             }
             Command::UpdateNode { id, patch } => {
+                if !self.nodes.contains_key(&id) {
+                    return Err(node_not_found(id));
+                }
+                if let Some((key, endpoint)) = &patch.overlay {
+                    for other in self.claim_overlay_identity(id, key, endpoint)? {
+                        if let Some(o) = self.nodes.get_mut(&other) {
+                            o.version = index;
+                            o.updated_at_ms = now;
+                        }
+                        changes.push(Change::Node(other));
+                    }
+                }
                 let node = self.nodes.get_mut(&id).ok_or_else(|| node_not_found(id))?;
                 // A role change revokes the certificates of the old role;
                 // the node's next heartbeat gets one with the new role.
@@ -460,6 +473,7 @@ impl State {
                 }
                 changes.push(Change::NodeRemoved(id));
                 for n in self.networks.values_mut() {
+                    n.last_address.remove(&id);
                     if n.slices.remove(&id).is_some() {
                         n.version = index;
                         changes.push(Change::Network(n.name.clone()));
@@ -790,6 +804,7 @@ impl State {
             internal: false,
             labels: BTreeMap::from([("shoal.network.ingress".to_string(), "true".to_string())]),
             slices: BTreeMap::new(),
+            last_address: BTreeMap::new(),
             version: index,
             created_at_ms: now,
         }))
@@ -935,13 +950,15 @@ impl State {
         let nets = t.spec.networks.clone();
         let mut addresses = Vec::new();
         let mut new_slices = Vec::new();
+        let mut handed_out = Vec::new();
         for name in &nets {
             match self.free_address(name, node, &new_slices) {
-                Ok((addr, slice)) => {
+                Ok((addr, raw, slice)) => {
                     if let Some(sl) = slice {
                         new_slices.push((name.clone(), sl));
                     }
                     addresses.push(addr);
+                    handed_out.push((name.clone(), raw));
                 }
                 Err(why) => {
                     let rejected = self.modify_task(id, |t| {
@@ -965,6 +982,11 @@ impl State {
                 changes.push(Change::Network(name));
             }
         }
+        for (name, raw) in handed_out {
+            if let Some(n) = self.networks.get_mut(&name) {
+                n.last_address.insert(node, raw);
+            }
+        }
         if self
             .modify_task(id, |t| {
                 t.addresses = addresses;
@@ -977,18 +999,25 @@ impl State {
     }
 
     /// A free `ip/SLICE_PREFIX` on network `name` in one of `node`'s slices
-    /// (with `pending` slices this entry is adding), or a new slice for it.
-    fn free_address(&self, name: &str, node: u64, pending: &[(String, String)]) -> Result<(String, Option<String>), String> {
+    /// (with `pending` slices this entry is adding): the first free one
+    /// after the last the node handed out, wrapping; or a new slice for
+    /// it. Also returns the address as an integer.
+    fn free_address(&self, name: &str, node: u64, pending: &[(String, String)]) -> Result<(String, u32, Option<String>), String> {
         let net = self.networks.get(name).ok_or_else(|| format!("network {name:?} does not exist"))?;
         let subnet = crate::spec::parse_cidr(&net.subnet).map_err(|e| e.to_string())?;
         let size = 1u32 << (32 - SLICE_PREFIX);
         let mine = net.slices.get(&node).into_iter().flatten().chain(pending.iter().filter(|(n, _)| n == name).map(|(_, s)| s));
-        for slice in mine {
-            let Ok((base, _)) = crate::spec::parse_cidr(slice) else { continue };
-            // .0 and the last address of a slice stay unused, .1 is the gateway.
-            if let Some(a) = (2..size - 1).map(|o| u32::from(base) + o).find(|a| !self.index.address_used(name, *a)) {
-                return Ok((format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(a)), None));
-            }
+        // .0 and the last address of a slice stay unused, .1 is the gateway.
+        let mut candidates: Vec<u32> = mine
+            .filter_map(|slice| crate::spec::parse_cidr(slice).ok())
+            .flat_map(|(base, _)| (2..size - 1).map(move |o| u32::from(base) + o))
+            .collect();
+        candidates.sort_unstable();
+        let last = net.last_address.get(&node).copied().unwrap_or(0);
+        let after = candidates.partition_point(|a| *a <= last);
+        let (earlier, later) = candidates.split_at(after);
+        if let Some(a) = later.iter().chain(earlier).copied().find(|a| !self.index.address_used(name, *a)) {
+            return Ok((format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(a)), a, None));
         }
         let taken: std::collections::HashSet<u32> = net
             .slices
@@ -1005,7 +1034,7 @@ impl State {
             .find(|b| !taken.contains(b))
             .ok_or_else(|| format!("network {name:?} ({}) has no free address: every /{SLICE_PREFIX} slice is taken", net.subnet))?;
         let slice = format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(base));
-        Ok((format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(base + 2)), Some(slice)))
+        Ok((format!("{}/{SLICE_PREFIX}", std::net::Ipv4Addr::from(base + 2)), base + 2, Some(slice)))
     }
 
     /// A service by exact id, exact name, or unique id prefix.
@@ -1123,6 +1152,50 @@ pub fn mounts_volume(spec: &shoal_proto::control::ServiceSpec, name: &str) -> bo
     spec.mounts.iter().any(|m| m.r#type == "volume" && m.source == name)
 }
 
+impl State {
+    /// The node, other than `id`, that holds overlay `key` or `endpoint`,
+    /// and which of the two it holds.
+    pub fn overlay_identity_holder(&self, id: u64, key: &str, endpoint: &str) -> Option<(&NodeObj, &'static str)> {
+        self.nodes.values().filter(|o| o.id != id).find_map(|o| {
+            if !key.is_empty() && o.overlay_key == key {
+                Some((o, "key"))
+            } else if !endpoint.is_empty() && o.overlay_endpoint == endpoint {
+                Some((o, "endpoint"))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Lets node `id` take overlay `key` and `endpoint`: refused while a
+    /// node that is not down holds either (a peer claiming another's
+    /// endpoint would take its traffic); a down node's identity is
+    /// cleared (a machine reinstalled and joined again as a new node).
+    /// Returns the nodes whose identity was cleared.
+    fn claim_overlay_identity(&mut self, id: u64, key: &str, endpoint: &str) -> Result<Vec<u64>, ApplyError> {
+        let mut cleared = Vec::new();
+        while let Some((other, what)) = self.overlay_identity_holder(id, key, endpoint) {
+            if other.status != NodeStatus::Down {
+                let name = self.nodes.get(&id).map(|n| n.name.clone()).unwrap_or_default();
+                let value = if what == "key" { key } else { endpoint };
+                return Err(ApplyError::Refused(Refusal::OverlayIdentityTaken {
+                    node: name,
+                    what: what.into(),
+                    value: value.into(),
+                    other: other.name.clone(),
+                }));
+            }
+            let other = other.id;
+            if let Some(o) = self.nodes.get_mut(&other) {
+                o.overlay_key.clear();
+                o.overlay_endpoint.clear();
+            }
+            cleared.push(other);
+        }
+        Ok(cleared)
+    }
+}
+
 fn node_not_found(id: u64) -> ApplyError {
     ApplyError::NotFound { kind: "node".into(), what: format_node_id(id) }
 }
@@ -1202,6 +1275,34 @@ mod tests {
         let vol = VolumeObj { id: "v".into(), name: "x".into(), driver: "local".into(), labels: Default::default(), options: Default::default(), nodes: Default::default(), version: 0, created_at_ms: 0 };
         apply(&mut st, 20, Command::CreateVolume { volume: vol.clone() }).unwrap();
         assert!(matches!(apply(&mut st, 21, Command::CreateVolume { volume: vol }), Err(ApplyError::NameTaken { .. })));
+    }
+
+    #[test]
+    fn a_node_cannot_take_a_live_nodes_overlay_key_or_endpoint() {
+        use crate::store::objects::{NodeObj, Role};
+        let mut st = State::default();
+        for id in [1, 2] {
+            apply(&mut st, id, Command::AddNode { node: NodeObj::new(id, &format!("n{id}"), Role::Worker, "198.18.0.1:7700") }).unwrap();
+        }
+        let claim = |st: &mut State, index: u64, id: u64, key: &str, endpoint: &str| {
+            let patch = NodePatch { overlay: Some((key.into(), endpoint.into())), ..Default::default() };
+            apply(st, index, Command::UpdateNode { id, patch })
+        };
+        claim(&mut st, 3, 1, "k1", "198.18.0.1:51820").unwrap();
+        let e = claim(&mut st, 4, 2, "k2", "198.18.0.1:51820").unwrap_err();
+        assert!(e.to_string().contains("reports overlay endpoint 198.18.0.1:51820, which node \"n1\" holds"), "{e}");
+        let e = claim(&mut st, 5, 2, "k1", "198.18.0.2:51820").unwrap_err();
+        assert!(e.to_string().contains("overlay key k1"), "{e}");
+        assert!(st.nodes[&2].overlay_key.is_empty(), "a refused claim changes nothing");
+        // A down node's identity goes to the node that claims it.
+        apply(&mut st, 6, Command::SetNodeStatus { changes: vec![(1, NodeStatus::Down)] }).unwrap();
+        claim(&mut st, 7, 2, "k2", "198.18.0.1:51820").unwrap();
+        assert_eq!((st.nodes[&1].overlay_key.as_str(), st.nodes[&1].overlay_endpoint.as_str()), ("", ""));
+        assert_eq!(st.nodes[&2].overlay_endpoint, "198.18.0.1:51820");
+        // When it comes back it can't take it back while the other holds it.
+        apply(&mut st, 8, Command::SetNodeStatus { changes: vec![(1, NodeStatus::Ready)] }).unwrap();
+        assert!(claim(&mut st, 9, 1, "k1", "198.18.0.1:51820").is_err());
+        claim(&mut st, 10, 1, "k1", "198.18.0.3:51820").unwrap();
     }
 
     #[test]
@@ -1360,6 +1461,7 @@ mod tests {
                 internal: false,
                 labels: Default::default(),
                 slices: Default::default(),
+                last_address: Default::default(),
                 version: 0,
                 created_at_ms: 0,
             },
@@ -1464,11 +1566,18 @@ mod tests {
         assert_eq!(st.tasks["t3"].addresses, ["100.64.0.66/26"], "another node gets its own slice");
         assert_eq!(st.networks["front"].slices[&7], ["100.64.0.0/26"]);
         assert_eq!(st.networks["front"].slices[&9], ["100.64.0.64/26"]);
-        // A finished task's address is free again.
+        // A finished task's address is free again, but handed out only
+        // after the slice's others (round robin, as Docker's IPAM).
         let done = TaskUpdate { id: "t2".into(), state: Some(TaskState::Shutdown), ..Default::default() };
         apply(&mut st, 6, Command::UpdateTasks { from_node: None, updates: vec![done] }).unwrap();
         placed(&mut st, 7, "t4", &["front"], 7);
-        assert_eq!(st.tasks["t4"].addresses, ["100.64.0.3/26"]);
+        assert_eq!(st.tasks["t4"].addresses, ["100.64.0.4/26"], "not the address t2 just gave back");
+        for i in 0..58 {
+            placed(&mut st, 100 + i, &format!("f{i}"), &["front"], 7);
+        }
+        assert_eq!(st.tasks["f57"].addresses, ["100.64.0.62/26"], "the slice's last usable address");
+        placed(&mut st, 200, "t5", &["front"], 7);
+        assert_eq!(st.tasks["t5"].addresses, ["100.64.0.3/26"], "wrapped around to the one free address");
         // A node that goes gives its slices back.
         st.nodes.insert(9, NodeObj { status: NodeStatus::Down, ..NodeObj::new(9, "n9", Role::Worker, "") });
         apply(&mut st, 8, Command::RemoveNode { id: 9, force: true }).unwrap();
