@@ -261,8 +261,8 @@ fn no_request_fails_while_scaling_and_updating() {
     c.cli_ok(0, &["service", "scale", "web=2"]).unwrap();
     running(&c, "web", 2);
     load.wait_more(200);
-    // And up again: the new tasks get the addresses the old ones had (new
-    // veths, new MACs), and all ten serve at once.
+    // And up again: new tasks, new veths and MACs, and addresses handed
+    // out round robin (not at once the ones just freed); all ten serve.
     load.results.lock().unwrap().by_replica.clear();
     c.cli_ok(0, &["service", "scale", "web=10"]).unwrap();
     running(&c, "web", 10);
