@@ -620,7 +620,9 @@ async fn run_task(ctx: Ctx, a: Assignment, mut desired: watch::Receiver<String>)
             o.wait_out_of_view(&addrs, Duration::from_secs(2), Duration::from_secs(1)).await;
             // Then the connections it still serves get up to the grace
             // period to finish before the signal.
-            let open = o.drain(&id, grace).await;
+            // No new connection for a second either: a node that applied
+            // the view late still sends some (within the grace period).
+            let open = o.drain(&id, grace, Duration::from_secs(1).min(grace)).await;
             if open > 0 {
                 tracing::info!(task = %id, service = %a.service, open, "grace period over with connections still open: stopping the task");
             }

@@ -469,10 +469,39 @@ impl Overlay {
     }
 
     /// Waits (at most `max`) until task `task` has no connection still
-    /// carrying a request: a task out of rotation finishes what it serves
-    /// before it is signalled. Returns how many were still open.
-    pub async fn drain(&self, task: &str, max: std::time::Duration) -> usize {
-        self.poll_netns(task, max, std::time::Duration::from_millis(50), netns::open_connections, |n| *n == 0).await.unwrap_or(0)
+    /// carrying a request and has taken no new one for `quiet`: a task out
+    /// of rotation finishes what it serves before it is signalled, and a
+    /// node that applies the view late (a loaded host) still sends it
+    /// connections, which push the signal back. Returns how many were
+    /// still open.
+    pub async fn drain(&self, task: &str, max: std::time::Duration, quiet: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + max;
+        let path = self.netns_path(task);
+        let mut last: Option<u64> = None;
+        let mut quiet_since = tokio::time::Instant::now();
+        loop {
+            let p = path.clone();
+            let (open, accepted) = match tokio::task::spawn_blocking(move || netns::served(&p)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::debug!(task = %task, error = %e, "could not read the task's TCP sockets");
+                    return 0;
+                }
+                Err(_) => return 0,
+            };
+            let now = tokio::time::Instant::now();
+            if open > 0 || last.is_some_and(|l| l != accepted) {
+                quiet_since = now;
+            }
+            last = Some(accepted);
+            if open == 0 && now.duration_since(quiet_since) >= quiet {
+                return 0;
+            }
+            if now >= deadline {
+                return open;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Connections this node's routing mesh forwarded per service, counted

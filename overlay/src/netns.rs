@@ -103,16 +103,22 @@ fn parse_listening(tables: &str) -> std::collections::BTreeSet<u16> {
 
 /// `/proc/net/tcp` and `tcp6` as seen inside the namespace at `path`.
 fn read_tcp_tables(path: &Path) -> Result<String, OverlayError> {
+    read_in_netns(path, &["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"])
+}
+
+/// The contents of `files` (a missing one reads as empty), read from a
+/// thread inside the namespace at `path`, one after the other.
+fn read_in_netns(path: &Path, files: &'static [&'static str]) -> Result<String, OverlayError> {
     let path: PathBuf = path.to_path_buf();
     std::thread::spawn(move || {
         let ns = std::fs::File::open(&path).map_err(|source| OverlayError::Io { what: format!("opening {}", path.display()), source })?;
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(sys(format!("entering {}", path.display())))?;
         let mut text = String::new();
-        for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-            match std::fs::read_to_string(table) {
+        for file in files {
+            match std::fs::read_to_string(file) {
                 Ok(t) => text.push_str(&t),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(OverlayError::Io { what: format!("reading {table}"), source }),
+                Err(source) => return Err(OverlayError::Io { what: format!("reading {file}"), source }),
             }
         }
         Ok(text)
@@ -121,12 +127,24 @@ fn read_tcp_tables(path: &Path) -> Result<String, OverlayError> {
     .map_err(|_| OverlayError::Io { what: "netns thread".into(), source: std::io::Error::other("panicked") })?
 }
 
-/// TCP connections the namespace at `path` serves (on a port it listens
-/// on) that still carry a request or its answer: established, being set
-/// up, or closing with data not yet acknowledged. Connections the task
-/// opened itself, TIME_WAIT and FIN_WAIT2 don't count.
-pub fn open_connections(path: &Path) -> Result<usize, OverlayError> {
-    Ok(count_served(&read_tcp_tables(path)?))
+/// The TCP connections the namespace at `path` serves (on a port it
+/// listens on) that still carry a request or its answer (established,
+/// being set up, or closing with data not yet acknowledged; connections
+/// the task opened itself, TIME_WAIT and FIN_WAIT2 don't count), and how
+/// many it has accepted so far (TCP `PassiveOpens`, which counts those too
+/// short to be seen open).
+pub fn served(path: &Path) -> Result<(usize, u64), OverlayError> {
+    let text = read_in_netns(path, &["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6", "/proc/thread-self/net/snmp"])?;
+    Ok((count_served(&text), passive_opens(&text).unwrap_or(0)))
+}
+
+/// `PassiveOpens` from the `Tcp:` lines of `/proc/net/snmp` (a header
+/// line of names, then one of values).
+fn passive_opens(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let at = names.split_whitespace().position(|n| n == "PassiveOpens")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// Counts the busy served sockets in `/proc/net/tcp` tables: the 2nd
@@ -185,5 +203,17 @@ mod tests {
         // the task's own outgoing connection.
         assert_eq!(count_served(table), 2);
         assert_eq!(parse_listening(table), std::collections::BTreeSet::from([80]));
+    }
+
+    #[test]
+    fn passive_opens_come_from_the_tcp_lines_of_snmp() {
+        let snmp = "Udp: InDatagrams NoPorts\nUdp: 5 0\n\
+Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails\n\
+Tcp: 1 200 120000 -1 164606 581 49\n";
+        assert_eq!(passive_opens(snmp), Some(581));
+        assert_eq!(passive_opens("Tcp: A B\n"), None, "no values line");
+        // The real thing, in this process's namespace.
+        let here = std::fs::read_to_string("/proc/self/net/snmp").unwrap();
+        assert!(passive_opens(&here).is_some(), "{here}");
     }
 }
