@@ -582,7 +582,7 @@ impl<'a> Planner<'a> {
         }
 
         let slots: Vec<(Option<u64>, usize, Class)> = current.iter().map(|(&s, &(cur, c))| (Some(s), cur, c)).collect();
-        let updating = self.rolling_update(svc, views, &slots, &successors, stopping.len() + starting);
+        let updating = self.rolling_update(svc, views, &slots, &successors, stopping.len(), starting);
         let converged = current.values().all(|(cur, c)| matches!(c, Class::OnNode(_)) && views[*cur].state == TaskState::Running);
         if self.config.rebalance && !updating && converged && svc.spec.placement_prefs.is_empty() && current.len() == want {
             self.rebalance(svc, views, &current, &req);
@@ -612,15 +612,16 @@ impl<'a> Planner<'a> {
     /// whether an update is in progress. Stop-first (the default, as in
     /// Swarm): the old task stops and its successor, in the same slot (or
     /// on the same node, for global), is created once it has stopped.
-    /// `pending` counts slots or nodes still waiting for an old task to
-    /// stop and tasks created this pass: they are in flight too.
+    /// `stopping` counts slots or nodes still waiting for an old task to
+    /// stop, `starting` tasks created this pass: both are in flight too.
     fn rolling_update(
         &mut self,
         svc: &ServiceObj,
         views: &mut [View],
         slots: &[(Option<u64>, usize, Class)],
         successors: &BTreeSet<u64>,
-        pending: usize,
+        stopping: usize,
+        starting: usize,
     ) -> bool {
         let mut cache = HashMap::new();
         let live = |c: &Class| matches!(c, Class::OnNode(_) | Class::Unassigned);
@@ -678,7 +679,7 @@ impl<'a> Planner<'a> {
             self.plan.rollbacks.push((svc.id.clone(), svc.version, why));
             return true;
         }
-        if outdated.is_empty() && (!successors.is_empty() || pending > 0) {
+        if outdated.is_empty() && (!successors.is_empty() || stopping > 0) {
             return true;
         }
         if outdated.is_empty() {
@@ -691,7 +692,7 @@ impl<'a> Planner<'a> {
             .filter(|(_, cur, c)| live(c) && views[*cur].current() && !stale.contains(cur))
             .map(|(_, cur, _)| &views[*cur])
             .collect();
-        let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count() + successors.len() + pending;
+        let in_flight = fresh.iter().filter(|v| v.state < TaskState::Running).count() + successors.len() + stopping + starting;
         let last_started = fresh
             .iter()
             .filter(|v| v.state == TaskState::Running && v.t.created_at_ms >= svc.updated_at_ms)
@@ -858,7 +859,7 @@ impl<'a> Planner<'a> {
                 Restart::Never => {}
             }
         }
-        self.rolling_update(svc, views, &live, &BTreeSet::new(), stopping);
+        self.rolling_update(svc, views, &live, &BTreeSet::new(), stopping, 0);
         self.tidy_retired(views);
     }
 
