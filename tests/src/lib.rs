@@ -415,6 +415,22 @@ impl Cluster {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// Every node's log lines stamped between `from` and `to` (seconds
+    /// since the epoch, UTC as the daemons log): what the nodes did around
+    /// a failure, beyond the last lines `log_tails` shows.
+    pub fn logs_between(&self, from: f64, to: f64) -> String {
+        let (a, b) = (log_stamp(from), log_stamp(to));
+        self.hosts
+            .iter()
+            .map(|h| {
+                let text = std::fs::read_to_string(&h.log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().filter(|l| l.get(..23).is_some_and(|t| t >= a.as_str() && t <= b.as_str())).collect();
+                format!("--- {} log, {a} to {b}:\n{}", h.name, lines.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn log_tails(&self) -> String {
         (0..self.hosts.len()).map(|i| format!("--- {} log:\n{}", self.hosts[i].name, self.log_tail(i))).collect::<Vec<_>>().join("\n")
     }
@@ -578,5 +594,33 @@ impl Cluster {
         let tar = tar.display().to_string();
         self.cli_ok(via, &["image", "import", &tar, reference])?;
         Ok(())
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmm` (UTC) for `secs` since the epoch: how the
+/// daemons' log lines begin, to pick the lines around a moment.
+pub fn log_stamp(secs: f64) -> String {
+    let ms = (secs * 1000.0) as i64;
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}", rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000)
+}
+
+#[cfg(test)]
+mod log_stamp_tests {
+    #[test]
+    fn log_stamps_match_the_daemons_clock_format() {
+        assert_eq!(super::log_stamp(0.0), "1970-01-01T00:00:00.000");
+        assert_eq!(super::log_stamp(1_796_320_575.110), "2026-12-03T17:56:15.110");
+        assert_eq!(super::log_stamp(951_782_400.5), "2000-02-29T00:00:00.500");
     }
 }

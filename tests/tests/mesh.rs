@@ -296,17 +296,16 @@ fn no_request_fails_while_scaling_and_updating() {
     // When each failure happened, in the daemons' clock (their logs'
     // timestamps), to line it up with what the nodes did.
     let now_wall = std::time::SystemTime::now();
-    let why: Vec<String> = res
-        .failed
-        .iter()
-        .take(10)
-        .map(|(at, e)| {
-            let wall = now_wall - at.elapsed();
-            let secs = wall.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-            format!("at unix {secs:.3}: {e}")
-        })
-        .collect();
-    assert!(res.failed.is_empty(), "{} of {} requests failed: {why:?}\n{}", res.failed.len(), res.ok + res.failed.len() as u64, c.log_tails());
+    let at_unix = |at: &std::time::Instant| (now_wall - at.elapsed()).duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let why: Vec<String> = res.failed.iter().take(10).map(|(at, e)| format!("at unix {:.3}: {e}", at_unix(at))).collect();
+    // The nodes' logs from 3 s before the first failure to 1 s after the last.
+    let times: Vec<f64> = res.failed.iter().map(|(at, _)| at_unix(at)).collect();
+    let around = if times.is_empty() {
+        String::new()
+    } else {
+        c.logs_between(times.iter().copied().fold(f64::MAX, f64::min) - 3.0, times.iter().copied().fold(0.0, f64::max) + 1.0)
+    };
+    assert!(res.failed.is_empty(), "{} of {} requests failed: {why:?}\n{around}", res.failed.len(), res.ok + res.failed.len() as u64);
     assert!(res.ok >= 1000, "{res:?}");
 }
 
