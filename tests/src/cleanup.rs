@@ -7,11 +7,11 @@
 //! what a record names. It runs:
 //! - when the cluster is dropped (the test or benchmark ended, or panicked
 //!   on the thread that owns the cluster);
-//! - on SIGINT, SIGTERM or SIGHUP, for every registered record, once a
-//!   program has called [`cleanup_on_signals`] (Drop does not run when a
-//!   signal kills a process);
-//! - from the panic hook [`cleanup_on_signals`] also installs, for a panic
-//!   on any other thread, whose unwinding never drops the cluster.
+//! - on SIGINT, SIGTERM or SIGHUP, for every registered record: the first
+//!   [`register`] installs a handler (Drop does not run when a signal ends
+//!   a process, e.g. nextest's SIGTERM to a test that ran too long);
+//! - from the panic hook [`cleanup_on_signals`] installs (benchmarks), for
+//!   a panic on any other thread, whose unwinding never drops the cluster.
 //!
 //! The lock serialises all of these: whoever cleans holds it from start to
 //! end (the signal path until the process exits), so nothing is made behind
@@ -24,7 +24,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -256,6 +256,9 @@ pub struct Registration(u64);
 /// Records `res` (usually still empty: add to it with
 /// [`Registration::update`] as things are made).
 pub fn register(res: Resources) -> Registration {
+    if let Err(e) = clean_on_signals() {
+        eprintln!("shoal-tests: {e:#}: a signal will not clean up {}", res.label);
+    }
     let mut reg = lock();
     let id = reg.0.next;
     reg.0.next += 1;
@@ -301,22 +304,79 @@ fn clean_all(reg: &mut Locked) -> usize {
     n
 }
 
-/// Makes SIGINT, SIGTERM and SIGHUP, and a panic on any thread, remove
-/// every registered cluster before the process ends.
-///
-/// **Call it first thing in `main`, before any thread is started** (a
-/// tokio runtime, `in_netns`, …). It blocks the three signals in the
-/// calling thread's mask, which threads started later inherit; one
-/// dedicated thread takes them with `sigwait`, removes every record, and
-/// exits with 128 + the signal's number. A thread started earlier would
-/// still take the signal's default action and kill the process
-/// uncleaned. (Child processes are unaffected: `std::process::Command`
-/// resets the mask in the child.)
+/// The write end of the pipe the signal handler tells the cleanup thread
+/// through (-1 until [`clean_on_signals`] has run).
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// The signal handler: only async-signal-safe work, one `write` of the
+/// signal's number to the cleanup thread.
+extern "C" fn on_signal(sig: nix::libc::c_int) {
+    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: the pipe's write end stays open for the process's life
+        // (it is never closed once stored).
+        #[allow(unsafe_code)]
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = nix::unistd::write(fd, &[sig as u8]);
+    }
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP remove every registered record before
+/// the process exits (with 128 + the signal's number), whichever thread
+/// the signal lands on: a handler hands it to one dedicated thread, which
+/// takes the registry's lock, removes every record and exits. Every
+/// [`register`] calls it, so a test that nextest ends for running too long
+/// (SIGTERM) leaves nothing behind either. Calling it again does nothing.
+fn clean_on_signals() -> anyhow::Result<()> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    if INSTALLED.get().is_some() {
+        return Ok(());
+    }
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("making the signal pipe")?;
+    let waiter = std::thread::Builder::new().name("shoal-cleanup".into()).spawn(move || {
+        let mut byte = [0u8; 1];
+        let sig = loop {
+            match nix::unistd::read(&read, &mut byte) {
+                Ok(1) => break Signal::try_from(i32::from(byte[0])).unwrap_or(Signal::SIGTERM),
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => {
+                    eprintln!("shoal-tests: the signal pipe failed ({other:?}): signals no longer clean up");
+                    return;
+                }
+            }
+        };
+        // Held until exit: a Drop racing us waits here, and whatever
+        // another thread would make next is never made.
+        let mut reg = lock();
+        eprintln!("shoal-tests: {sig}: cleaning up {} registered cluster(s)/scratch dir(s) before exiting", reg.0.live.len());
+        // Exit even if a cleanup step panics.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| clean_all(&mut reg)));
+        std::process::exit(128 + sig as i32);
+    });
+    waiter.context("starting the signal thread")?;
+    SIGNAL_PIPE.store(std::os::fd::IntoRawFd::into_raw_fd(write), std::sync::atomic::Ordering::Relaxed);
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only loads an atomic and calls write(2),
+        // both async-signal-safe.
+        #[allow(unsafe_code)]
+        let installed = unsafe { sigaction(s, &action) };
+        installed.with_context(|| format!("handling {s}"))?;
+    }
+    let _ = INSTALLED.set(());
+    Ok(())
+}
+
+/// What [`register`] installs for signals, plus a panic hook: a panic on
+/// any thread removes every registered record. For benchmarks, whose
+/// cluster lives on other threads than the one that panics.
 ///
 /// The panic hook removes every record and then runs the previous hook;
 /// if it removed anything it exits with 101, as the run cannot go on
 /// without its cluster. A panic on a thread that holds the registry (one
 /// that is making or cleaning a cluster) is left to that cluster's Drop.
+/// (Tests don't install it: a failing assertion unwinds and drops its own
+/// cluster, and must not end other tests' clusters in the same process.)
 ///
 /// Calling it again does nothing.
 pub fn cleanup_on_signals() -> anyhow::Result<()> {
@@ -324,33 +384,7 @@ pub fn cleanup_on_signals() -> anyhow::Result<()> {
     if INSTALLED.get().is_some() {
         return Ok(());
     }
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block().context("blocking SIGINT, SIGTERM and SIGHUP")?;
-    let waiter = std::thread::Builder::new().name("shoal-cleanup".into()).spawn(move || {
-        let sig = match set.wait() {
-            Ok(sig) => sig,
-            Err(e) => {
-                eprintln!("shoal-tests: sigwait failed ({e}): signals no longer clean up");
-                return;
-            }
-        };
-        // Held until exit: a Drop racing us waits here, and whatever
-        // another thread would make next is never made.
-        let mut reg = lock();
-        eprintln!("shoal-tests: {sig}: cleaning up {} registered cluster(s)/scratch dir(s) before exiting", reg.0.live.len());
-        // Exit even if a cleanup step panics: returning would leave the
-        // signals blocked and the process running.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| clean_all(&mut reg)));
-        std::process::exit(128 + sig as i32);
-    });
-    if let Err(e) = waiter {
-        // Without the thread, blocked signals would be ignored for good.
-        let _ = set.thread_unblock();
-        return Err(e).context("starting the signal thread");
-    }
+    clean_on_signals()?;
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if HOLDING.get() {

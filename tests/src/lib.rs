@@ -3,8 +3,9 @@
 //! `shoal daemon` started with `nsenter --net=`. Everything a cluster makes
 //! (namespaces, veths, bridge, data dirs, processes) carries a unique prefix
 //! and is removed when the [`Cluster`] is dropped, also when a test panics,
-//! and — in a program that called [`cleanup_on_signals`] — on SIGINT,
-//! SIGTERM or SIGHUP and on a panic on any thread (see [`cleanup`]).
+//! on SIGINT, SIGTERM or SIGHUP (nextest's end for a test that runs too
+//! long), and — in a program that called [`cleanup_on_signals`] — on a
+//! panic on any thread (see [`cleanup`]).
 
 pub mod cleanup;
 pub mod linearizability;

@@ -526,3 +526,62 @@ fn a_forwarded_write_whose_answer_is_lost_is_applied_once() -> anyhow::Result<()
     assert!(tasks.as_array().is_some_and(|t| t.len() == 1), "one service, one task: {tasks}");
     Ok(())
 }
+
+/// Run only by `a_test_ended_by_sigterm_leaves_nothing`, as a child: a
+/// one-manager cluster that says where it is, then waits on stdin (which
+/// the parent never writes) until a signal ends it.
+#[test]
+#[ignore = "a helper: a_test_ended_by_sigterm_leaves_nothing runs it"]
+fn helper_a_cluster_waiting_for_a_signal() -> anyhow::Result<()> {
+    use std::io::Read;
+    let c = Cluster::start(1, 0)?;
+    println!("READY {} {}", c.id, c.dir.display());
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+    drop(c);
+    Ok(())
+}
+
+/// nextest ends a test that runs too long with SIGTERM, which skips Drop:
+/// the cluster must still go (its namespaces, bridge, mounts, daemons and
+/// directory). The test thread here is not the one that gets the signal.
+#[test]
+fn a_test_ended_by_sigterm_leaves_nothing() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--ignored", "--exact", "helper_a_cluster_waiting_for_a_signal", "--nocapture", "--test-threads", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("READY ") {
+                let _ = tx.send(rest.to_string());
+            }
+        }
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(120));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+    let Ok(ready) = ready else {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let out = child.wait_with_output()?;
+        anyhow::bail!("the helper never came up: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (id, dir) = ready.split_once(' ').context("READY line")?;
+    let netns_prefix = format!("sh{id}-");
+    let has_netns = || shoal_tests::sh("ip", &["netns", "list"]).map(|l| l.lines().any(|n| n.starts_with(&netns_prefix)));
+    assert!(has_netns()?, "the helper's namespaces exist before the signal");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
+    assert!(!has_netns()?, "namespaces left: {stderr}");
+    assert!(!std::path::Path::new(dir).exists(), "{dir} left: {stderr}");
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    assert!(!mounts.contains(dir), "mounts left under {dir}: {stderr}");
+    let links = shoal_tests::sh("ip", &["-o", "link", "show"])?;
+    assert!(!links.contains(&format!("shb{id}")), "bridge left: {stderr}");
+    Ok(())
+}
