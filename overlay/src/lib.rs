@@ -475,33 +475,18 @@ impl Overlay {
     /// connections, which push the signal back. Returns how many were
     /// still open.
     pub async fn drain(&self, task: &str, max: std::time::Duration, quiet: std::time::Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + max;
-        let path = self.netns_path(task);
-        let mut last: Option<u64> = None;
-        let mut quiet_since = tokio::time::Instant::now();
-        loop {
-            let p = path.clone();
-            let (open, accepted) = match tokio::task::spawn_blocking(move || netns::served(&p)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    tracing::debug!(task = %task, error = %e, "could not read the task's TCP sockets");
-                    return 0;
-                }
-                Err(_) => return 0,
-            };
+        // The accept count last read, and since when nothing was open or new.
+        let last = std::cell::Cell::new(None::<u64>);
+        let quiet_since = std::cell::Cell::new(tokio::time::Instant::now());
+        let done = move |&(open, accepted): &(usize, u64)| {
             let now = tokio::time::Instant::now();
-            if open > 0 || last.is_some_and(|l| l != accepted) {
-                quiet_since = now;
+            if open > 0 || last.get().is_some_and(|l| l != accepted) {
+                quiet_since.set(now);
             }
-            last = Some(accepted);
-            if open == 0 && now.duration_since(quiet_since) >= quiet {
-                return 0;
-            }
-            if now >= deadline {
-                return open;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+            last.set(Some(accepted));
+            open == 0 && now.duration_since(quiet_since.get()) >= quiet
+        };
+        self.poll_netns(task, max, std::time::Duration::from_millis(50), netns::served, done).await.map_or(0, |(open, _)| open)
     }
 
     /// Connections this node's routing mesh forwarded per service, counted
