@@ -15,9 +15,10 @@
 //! connection to a task here with the client's own address as the source
 //! (so the task sees who called). Such a packet is delivered when its
 //! source is outside the cluster's address pool (an overlay address from
-//! the wrong peer is still dropped), and its flow is remembered: the
-//! task's replies, which the kernel routes back into the TUN, go to the
-//! peer the flow came from.
+//! the wrong peer is still dropped), and its flow is remembered per peer
+//! (`meshflow`): the task's replies, which the kernel routes back into the
+//! TUN, go to the peer the flow came from, and two flows with one 4-tuple
+//! from two peers are told apart by the task through a rewritten port.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -32,6 +33,7 @@ use tokio::sync::watch;
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::OverlayError;
+use crate::meshflow::{self, MeshFlows};
 
 /// The TUN's MTU: a 1500-byte underlay less WireGuard's 60 bytes over IPv4
 /// (and some room), as wireguard-go defaults to.
@@ -45,46 +47,6 @@ const PACKET_ROOM: usize = 2048;
 /// Room for a coalesced (GRO) super-packet: an IP packet's 64 KiB and
 /// tun-rs's requirement of twice the virtio header.
 const GRO_ROOM: usize = 2 * VIRTIO_NET_HDR_LEN + 65_535;
-/// Routing-mesh flows remembered at most; past that a new flow's packets
-/// are dropped (the client retries) rather than evicting live ones.
-const MAX_FLOWS: usize = 1 << 18;
-/// A mesh flow with no packet for this long is forgotten (seconds).
-const FLOW_IDLE_SECS: u64 = 600;
-
-/// A mesh flow as seen from this node: (remote client, local task).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FlowKey {
-    remote: u32,
-    remote_port: u16,
-    local: u32,
-    local_port: u16,
-    proto: u8,
-}
-
-/// (source, source port, destination, destination port, protocol) of a
-/// TCP or UDP packet over IPv4.
-fn five_tuple(pkt: &[u8]) -> Option<(u32, u16, u32, u16, u8)> {
-    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(pkt[0] & 0x0f) * 4;
-    let proto = pkt[9];
-    if (proto != 6 && proto != 17) || pkt.len() < ihl + 4 {
-        return None;
-    }
-    let src = u32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
-    let dst = u32::from_be_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]);
-    let sport = u16::from_be_bytes([pkt[ihl], pkt[ihl + 1]]);
-    let dport = u16::from_be_bytes([pkt[ihl + 2], pkt[ihl + 3]]);
-    Some((src, sport, dst, dport, proto))
-}
-
-/// Mesh flows: which peer each one came from, and when it was last used.
-#[derive(Default)]
-struct Flows {
-    map: HashMap<FlowKey, (SocketAddr, u64)>,
-}
-
 /// A peer as the agent's session reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
@@ -137,7 +99,7 @@ struct Inner {
     /// The cluster's address pool as (network, mask); (0, 0) until known,
     /// which holds every address (no mesh traffic is taken before then).
     pool: AtomicU64,
-    flows: Mutex<Flows>,
+    flows: Mutex<MeshFlows>,
     /// Seconds since start, advanced by the timers (a cheap clock for flows).
     now_secs: AtomicU64,
 }
@@ -149,31 +111,40 @@ impl Inner {
         ip & mask == net
     }
 
-    /// Remembers a mesh flow that `peer` brought here; false when the
-    /// table is full.
-    fn learn_flow(&self, pkt: &[u8], from: SocketAddr) -> bool {
-        let Some((src, sport, dst, dport, proto)) = five_tuple(pkt) else { return false };
-        let key = FlowKey { remote: src, remote_port: sport, local: dst, local_port: dport, proto };
+    /// A mesh packet `peer` brought here for a task: remembers its flow
+    /// and gives it the source port the task must see. False when it must
+    /// be dropped (no ports, or no room for another flow).
+    fn mesh_inbound(&self, pkt: &mut [u8], from: SocketAddr) -> bool {
+        let Some(t) = meshflow::tuple(pkt) else {
+            // Later fragments carry no ports: the first one made the way.
+            return is_later_fragment(pkt);
+        };
         let now = self.now_secs.load(Ordering::Relaxed);
-        let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        if flows.map.len() >= MAX_FLOWS && !flows.map.contains_key(&key) {
-            return false;
+        let port = self.flows.lock().unwrap_or_else(|e| e.into_inner()).inbound(&t, from, now);
+        match port {
+            Some(p) => {
+                meshflow::set_port(pkt, &t, true, p);
+                true
+            }
+            None => false,
         }
-        flows.map.insert(key, (from, now));
-        true
     }
 
-    /// The endpoint of the peer a reply belongs to, for a packet whose
-    /// destination is no peer's.
-    fn flow_endpoint(&self, pkt: &[u8]) -> Option<SocketAddr> {
-        let (src, sport, dst, dport, proto) = five_tuple(pkt)?;
-        let key = FlowKey { remote: dst, remote_port: dport, local: src, local_port: sport, proto };
+    /// A task's reply to a mesh client (its destination is no peer's): the
+    /// endpoint of the peer its flow came through, with the client's own
+    /// port put back.
+    fn mesh_reply(&self, pkt: &mut [u8]) -> Option<SocketAddr> {
+        let t = meshflow::tuple(pkt)?;
         let now = self.now_secs.load(Ordering::Relaxed);
-        let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        let e = flows.map.get_mut(&key)?;
-        e.1 = now;
-        Some(e.0)
+        let (peer, port) = self.flows.lock().unwrap_or_else(|e| e.into_inner()).reply(&t, now)?;
+        meshflow::set_port(pkt, &t, false, port);
+        Some(peer)
     }
+}
+
+/// An IPv4 fragment other than the first.
+fn is_later_fragment(pkt: &[u8]) -> bool {
+    pkt.len() >= 20 && pkt[0] >> 4 == 4 && u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff != 0
 }
 
 /// The running data plane; cheap to clone.
@@ -252,7 +223,7 @@ impl DataPlane {
             next_index: AtomicU32::new(1),
             dropped: AtomicU64::new(0),
             pool: AtomicU64::new(0),
-            flows: Mutex::new(Flows::default()),
+            flows: Mutex::new(MeshFlows::default()),
             now_secs: AtomicU64::new(0),
         });
         tokio::spawn(until(shutdown.clone(), tun_to_udp(inner.clone())));
@@ -419,13 +390,13 @@ async fn tun_to_udp(inner: Arc<Inner>) {
         let mut at = 0usize;
         let mut run: Option<Run> = None;
         for i in 0..n {
-            let pkt = &bufs[i][..sizes[i]];
+            let pkt = &mut bufs[i][..sizes[i]];
             let Some(d) = dst_v4(pkt) else { continue };
             let peer = match peers.for_destination(d) {
                 Some(p) => p,
                 // A task's reply to a mesh client: back to the node the
                 // connection came through.
-                None => match inner.flow_endpoint(pkt).and_then(|ep| peers.by_endpoint.get(&ep)) {
+                None => match inner.mesh_reply(pkt).and_then(|ep| peers.by_endpoint.get(&ep)) {
                     Some(i) => &peers.list[*i],
                     None => continue,
                 },
@@ -559,7 +530,7 @@ async fn handle_datagram(inner: &Inner, datagram: &[u8], from: SocketAddr, out: 
                 let src = u32::from(src);
                 if peer.allows(src) {
                     delivered = Some(len);
-                } else if !inner.in_pool(src) && inner.learn_flow(pkt, from) {
+                } else if !inner.in_pool(src) && inner.mesh_inbound(pkt, from) {
                     // A routing-mesh client's packet, its source kept.
                     delivered = Some(len);
                 } else {
@@ -605,8 +576,7 @@ async fn timers(inner: Arc<Inner>) {
         inner.now_secs.store(now, Ordering::Relaxed);
         if now >= last_sweep + 10 {
             last_sweep = now;
-            let mut flows = inner.flows.lock().unwrap_or_else(|e| e.into_inner());
-            flows.map.retain(|_, (_, seen)| now.saturating_sub(*seen) < FLOW_IDLE_SECS);
+            inner.flows.lock().unwrap_or_else(|e| e.into_inner()).sweep(now);
         }
         let peers = inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
         for p in &peers.list {

@@ -160,6 +160,15 @@ pub fn ruleset(r: &Rules, tun: &str, bridge_prefix: &str) -> String {
     }
     s.push_str("  }\n");
     s.push_str("  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n");
+    // A connection this node's mesh hands to a task here keeps the
+    // client's address, with a source port below the ones the data plane
+    // gives flows tunnelled in from other nodes (`meshflow`): one client
+    // port through this node and another can't meet as one 4-tuple at the
+    // task.
+    s.push_str(&format!(
+        "    ct mark {MARK_INGRESS:#x} oifname \"{bridge_prefix}*\" meta l4proto {{ tcp, udp }} snat ip to ip saddr : 1024-{}\n",
+        crate::meshflow::ALIAS_PORTS.start() - 1
+    ));
     if let Some(egress) = set(&|n| !n.internal) {
         s.push_str(&format!("    ip saddr {egress} oifname != \"{tun}\" oifname != \"{bridge_prefix}*\" masquerade\n"));
     }
@@ -410,6 +419,9 @@ mod tests {
         assert!(r.contains("iifname \"shoal0\" ip saddr != 100.64.0.0/10 ct state new ct mark set 0x53480002"));
         assert!(r.contains("iifname \"shn*\" ct mark 0x53480002 meta mark set 0x53480002"));
         assert!(r.contains("iifname \"shoal0\" ct mark 0x53480002 ip daddr { 100.64.0.0/20 } accept"));
+        // To a task here: the client's address, a port below the data
+        // plane's (see meshflow).
+        assert!(r.contains("ct mark 0x53480001 oifname \"shn*\" meta l4proto { tcp, udp } snat ip to ip saddr : 1024-32767"), "{r}");
         let forward = &r[r.find("chain forward").unwrap()..];
         // Mesh traffic is let in before isolation drops what is left.
         assert!(forward.find("ct mark 0x53480001 accept").unwrap() < forward.find("ip daddr { 100.64.0.0/20 } drop").unwrap());

@@ -13,6 +13,7 @@ pub mod dns;
 pub mod firewall;
 pub mod keys;
 pub mod link;
+pub mod meshflow;
 pub mod netns;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -199,7 +199,8 @@ impl Cluster {
         cmd.arg(format!("--net=/run/netns/{}", h.netns))
             .arg(shoal_bin())
             .args(&args)
-            .env("SHOAL_LOG", "info,openraft=warn")
+            // SHOAL_TEST_LOG widens the daemons' logs when chasing a failure.
+            .env("SHOAL_LOG", std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -39,6 +39,34 @@ fn create(c: &Cluster, args: &[&str], cmd: &[String]) {
     c.cli_ok(0, &all).unwrap();
 }
 
+/// A TCP connection from [`CLIENT_IP`]:`port` (shared with other sockets
+/// of this test, as a client's kernel may reuse one port toward several
+/// destinations).
+fn connect_from(port: u16, to: SocketAddr) -> Result<TcpStream, String> {
+    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(|e| e.to_string())?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
+    setsockopt(&fd, sockopt::SendTimeout, &nix::sys::time::TimeVal::new(5, 0)).map_err(|e| e.to_string())?;
+    let ip: std::net::Ipv4Addr = CLIENT_IP.parse().map_err(|e| format!("{e}"))?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(std::net::SocketAddrV4::new(ip, port))).map_err(|e| format!("bind: {e}"))?;
+    let SocketAddr::V4(to) = to else { return Err("IPv4 only".into()) };
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).map_err(|e| format!("connect: {e}"))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// One HTTP/1.0 GET of / on an open connection; the body of a 200 answer.
+fn get_on(s: &mut TcpStream) -> Result<String, String> {
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("send: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| format!("read: {e}"))?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+        _ => Err(format!("answered {:?}", text.lines().next().unwrap_or(""))),
+    }
+}
+
 /// Steady HTTP load on every node's published port from a few client
 /// threads, each request on a new connection, until stopped (and never for
 /// more than five minutes).
@@ -147,6 +175,26 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
     for h in &c.hosts {
         assert!(!logs.contains(&format!("{}]:", h.ip)), "node {}'s address reached a task instead of the client's: {logs}", h.name);
+    }
+
+    // One client port through three nodes to one task, all open at once
+    // (a client picks ports per destination, so this happens under load):
+    // two arrive through the tunnel and one from the task's own node, and
+    // the task must see three connections, not one 4-tuple three times.
+    create(&c, &["--name", "one", "--publish", "9393:80", "--constraint", "node.name==n3"], &page_server("busybox:latest"));
+    running(&c, "one", 1);
+    for i in [0, 1, 3] {
+        wait_for(T, &format!("one through n{i}"), || Ok(http_get(node_addr(&c, i, 9393), "/").ok())).unwrap();
+    }
+    for port in [45_001u16, 2_001] {
+        let conns: Vec<TcpStream> = [0, 1, 3]
+            .iter()
+            .map(|i| connect_from(port, node_addr(&c, *i, 9393)).unwrap_or_else(|e| panic!("port {port} to n{i}: {e}")))
+            .collect();
+        for (mut s, i) in conns.into_iter().zip([0, 1, 3]) {
+            let body = get_on(&mut s).unwrap_or_else(|e| panic!("port {port} through n{i}: {e}\n{}", c.log_tails()));
+            assert_eq!(body, "served by one-1");
+        }
     }
 
     // Host mode: only the node that runs the task accepts.

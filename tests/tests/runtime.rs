@@ -893,7 +893,7 @@ fn userns_remap_maps_root_to_an_unprivileged_range() {
                   nc -l -p 80 </dev/null & sleep 0.2; netstat -ltn | grep -q ':80 ' && echo port-80-ok; kill %1; \
                   /bin/sh -c 'mount -t tmpfs none /mnt' 2>/dev/null || echo mount-refused; grep -E '^Seccomp:' /proc/self/status; \
                   touch /made-here; sleep 1000";
-    let mut child = h
+    let child = h
         .cmd(&["run", "--rm", "--userns-remap", &remap, "--name", &id, "-v", &format!("{vol}:/data"), "-v", &bind, "bb", "sh", "-c", script])
         .stdout(Stdio::piped())
         .spawn()
