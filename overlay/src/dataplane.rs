@@ -62,9 +62,16 @@ struct Peer {
     cfg: PeerConfig,
     /// (network, mask) as integers.
     ranges: Vec<(u32, u32)>,
-    tunn: Mutex<Tunn>,
-    tx_bytes: AtomicU64,
-    rx_bytes: AtomicU64,
+    /// The WireGuard session, shared with this peer's earlier versions: a
+    /// packet loop may still hold the peer list from before an update, and
+    /// each version must drive the same session. (Moving the session into
+    /// the new version and leaving a fresh one in the old let a loop that
+    /// still held the old list start a second handshake; the peer then sent
+    /// on a session the current version didn't have, and every packet from
+    /// it was refused until a rekey 15 s later.)
+    tunn: Arc<Mutex<Tunn>>,
+    tx_bytes: Arc<AtomicU64>,
+    rx_bytes: Arc<AtomicU64>,
 }
 
 impl Peer {
@@ -270,41 +277,7 @@ impl DataPlane {
     /// keeps its session.
     pub fn set_peers(&self, peers: Vec<PeerConfig>) {
         let old = self.inner.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut next = Peers::default();
-        for cfg in peers {
-            let ranges = cfg
-                .allowed
-                .iter()
-                .map(|(net, len)| {
-                    let mask = crate::prefix_mask(*len);
-                    (u32::from(*net) & mask, mask)
-                })
-                .collect();
-            let kept = old.list.iter().find(|p| p.cfg.public_key == cfg.public_key && p.cfg.endpoint == cfg.endpoint);
-            let peer = match kept {
-                Some(p) if p.cfg == cfg => p.clone(),
-                Some(p) => {
-                    // Same session, new allowed IPs: move the Tunn over.
-                    let tunn = std::mem::replace(
-                        &mut *p.tunn.lock().unwrap_or_else(|e| e.into_inner()),
-                        self.new_tunn(&cfg.public_key),
-                    );
-                    Arc::new(Peer { cfg, ranges, tunn: Mutex::new(tunn), tx_bytes: AtomicU64::new(0), rx_bytes: AtomicU64::new(0) })
-                }
-                None => {
-                    tracing::info!(peer = %cfg.name, endpoint = %cfg.endpoint, slices = cfg.allowed.len(), "overlay peer added");
-                    let tunn = self.new_tunn(&cfg.public_key);
-                    Arc::new(Peer { cfg, ranges, tunn: Mutex::new(tunn), tx_bytes: AtomicU64::new(0), rx_bytes: AtomicU64::new(0) })
-                }
-            };
-            next.by_endpoint.insert(peer.cfg.endpoint, next.list.len());
-            next.list.push(peer);
-        }
-        for p in &old.list {
-            if !next.list.iter().any(|n| n.cfg.public_key == p.cfg.public_key) {
-                tracing::info!(peer = %p.cfg.name, endpoint = %p.cfg.endpoint, "overlay peer removed");
-            }
-        }
+        let next = next_peers(&old, peers, |key| self.new_tunn(key));
         *self.inner.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
     }
 
@@ -313,6 +286,42 @@ impl DataPlane {
         let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
         Tunn::new(self.inner.secret.clone(), PublicKey::from(*key), None, Some(25), index, None)
     }
+}
+
+/// The peer list for `peers`, from the list in use: a peer whose key and
+/// endpoint are unchanged keeps its session (shared, not moved: loops may
+/// still hold `old`); a new one gets a session from `new_tunn`.
+fn next_peers(old: &Peers, peers: Vec<PeerConfig>, mut new_tunn: impl FnMut(&[u8; 32]) -> Tunn) -> Peers {
+    let mut next = Peers::default();
+    for cfg in peers {
+        let ranges = cfg
+            .allowed
+            .iter()
+            .map(|(net, len)| {
+                let mask = crate::prefix_mask(*len);
+                (u32::from(*net) & mask, mask)
+            })
+            .collect();
+        let kept = old.list.iter().find(|p| p.cfg.public_key == cfg.public_key && p.cfg.endpoint == cfg.endpoint);
+        let peer = match kept {
+            Some(p) if p.cfg == cfg => p.clone(),
+            // Same session, new allowed IPs: the new version shares it.
+            Some(p) => Arc::new(Peer { cfg, ranges, tunn: p.tunn.clone(), tx_bytes: p.tx_bytes.clone(), rx_bytes: p.rx_bytes.clone() }),
+            None => {
+                tracing::info!(peer = %cfg.name, endpoint = %cfg.endpoint, slices = cfg.allowed.len(), "overlay peer added");
+                let tunn = Arc::new(Mutex::new(new_tunn(&cfg.public_key)));
+                Arc::new(Peer { cfg, ranges, tunn, tx_bytes: Arc::default(), rx_bytes: Arc::default() })
+            }
+        };
+        next.by_endpoint.insert(peer.cfg.endpoint, next.list.len());
+        next.list.push(peer);
+    }
+    for p in &old.list {
+        if !next.list.iter().any(|n| n.cfg.public_key == p.cfg.public_key) {
+            tracing::info!(peer = %p.cfg.name, endpoint = %p.cfg.endpoint, "overlay peer removed");
+        }
+    }
+    next
 }
 
 async fn until(mut shutdown: watch::Receiver<bool>, f: impl std::future::Future<Output = ()>) {
@@ -593,5 +602,39 @@ async fn timers(inner: Arc<Inner>) {
                 tracing::debug!(peer = %p.cfg.name, error = %e, "overlay timer send failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(name: &str, key: [u8; 32], slices: &[(Ipv4Addr, u8)]) -> PeerConfig {
+        PeerConfig { node_id: 1, name: name.into(), public_key: key, endpoint: "198.51.100.2:51820".parse().unwrap(), allowed: slices.to_vec() }
+    }
+
+    #[test]
+    fn a_peer_update_shares_the_session_with_the_list_still_in_use() {
+        let mine = StaticSecret::from([7u8; 32]);
+        let theirs = PublicKey::from(&StaticSecret::from([9u8; 32])).to_bytes();
+        let mut made = 0;
+        let mut new_tunn = |key: &[u8; 32]| {
+            made += 1;
+            Tunn::new(mine.clone(), PublicKey::from(*key), None, None, made, None)
+        };
+        let first = next_peers(&Peers::default(), vec![cfg("n2", theirs, &[(Ipv4Addr::new(100, 64, 0, 0), 26)])], &mut new_tunn);
+        // The node gets a second slice: a new version of the peer...
+        let second = next_peers(&first, vec![cfg("n2", theirs, &[(Ipv4Addr::new(100, 64, 0, 0), 26), (Ipv4Addr::new(100, 64, 0, 128), 26)])], &mut new_tunn);
+        assert!(!Arc::ptr_eq(&first.list[0], &second.list[0]));
+        assert!(second.list[0].allows(u32::from(Ipv4Addr::new(100, 64, 0, 130))));
+        // ...on the same session, which a loop holding `first` still drives.
+        assert!(Arc::ptr_eq(&first.list[0].tunn, &second.list[0].tunn));
+        assert!(Arc::ptr_eq(&first.list[0].tx_bytes, &second.list[0].tx_bytes));
+        // Unchanged: the same peer. A new key: a new session.
+        let third = next_peers(&second, vec![cfg("n2", theirs, &[(Ipv4Addr::new(100, 64, 0, 0), 26), (Ipv4Addr::new(100, 64, 0, 128), 26)])], &mut new_tunn);
+        assert!(Arc::ptr_eq(&second.list[0], &third.list[0]));
+        let rekeyed = next_peers(&third, vec![cfg("n2", [3u8; 32], &[])], &mut new_tunn);
+        assert!(!Arc::ptr_eq(&third.list[0].tunn, &rekeyed.list[0].tunn));
+        assert_eq!(made, 2);
     }
 }

@@ -136,8 +136,14 @@ impl Peer {
         };
         let resp = match tokio::time::timeout(ttl, fut).await {
             Err(_) => {
+                // Slow is not gone: a leader whose CPU is saturated misses
+                // this deadline (one heartbeat interval) often, and an
+                // `Unreachable` would make openraft back off for 500 ms
+                // without sending anything, longer than the followers'
+                // election timeout: they would depose a working leader.
+                // A network error is retried at once (with a smaller batch).
                 let e = TransportError::Timeout { addr: self.addr.clone(), ttl };
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+                return Err(RPCError::Network(NetworkError::new(&e)));
             }
             Ok(Err(source)) => {
                 let e = TransportError::Status { addr: self.addr.clone(), source };
