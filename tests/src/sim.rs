@@ -1,8 +1,9 @@
 //! Simulated agents: many real nodes in one process, without containers.
 //! Each joins with the worker token (CSR, certificate), heartbeats with the
 //! period and jitter the managers ask for, follows the leader, reads its
-//! assignment stream (resuming with the tasks it has after a reconnect) and
-//! reports its tasks running, or shut down, at once. The managers can't
+//! assignment stream (resuming with the tasks it has after a reconnect),
+//! runs its tasks in a `SimExecutor` (the agent's executor seam, no
+//! containers) and reports what it says at once. The managers can't
 //! tell them from real agents; the scale test and the `agents` benchmark
 //! run thousands of them on this machine's two cores.
 
@@ -11,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::dispatcher::dispatcher_client::DispatcherClient;
-use shoal_proto::dispatcher::{AssignmentsRequest, HeartbeatRequest, Resources, TaskStatus, TaskStatusBatch};
+use shoal_agent::executor::{ContainerState, Executor, SimExecutor};
+use shoal_agent::spec::RunRequest;
+use shoal_proto::dispatcher::{Assignment, AssignmentsRequest, HeartbeatRequest, Resources, TaskStatus, TaskStatusBatch};
 use shoal_proto::join::JoinRequest;
 use shoal_proto::join::join_client::JoinClient;
 use shoal_security::pki;
@@ -117,13 +120,19 @@ async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut manager
     }
 }
 
-/// Follows the assignment stream of the current manager; reports every
-/// task's state as it should be (running while desired running, else
-/// shutdown), retrying reports that fail until one is taken.
+/// Follows the assignment stream of the current manager and runs each
+/// task in the node's [`SimExecutor`] (the agent's executor seam, with no
+/// containers behind it): prepared and started while desired running, shut
+/// down and removed when told to stop or when the task is gone. Reports
+/// what the executor says (`running`; `complete` or `failed` with the exit
+/// code for a task whose simulated command exits, `rejected` for one that
+/// can't start: a service of `fail` or `exit N` simulates those), retrying
+/// reports that fail until one is taken.
 async fn follow(trust: Arc<shoal_security::Trust>, node_id: u64, mut current: watch::Receiver<String>) -> anyhow::Result<()> {
-    // What this node holds: task → the state it reported (or will).
-    let mut tasks: HashMap<String, &'static str> = HashMap::new();
-    let mut unreported: HashMap<String, &'static str> = HashMap::new();
+    let exec = SimExecutor::new();
+    // What this node holds: task → the status it reported (or will).
+    let mut tasks: HashMap<String, TaskStatus> = HashMap::new();
+    let mut unreported: HashMap<String, TaskStatus> = HashMap::new();
     loop {
         let addr = current.borrow_and_update().clone();
         let channel = trust.shared_channel(&addr);
@@ -145,12 +154,13 @@ async fn follow(trust: Arc<shoal_security::Trust>, node_id: u64, mut current: wa
                 };
                 if let Some(msg) = msg {
                     for a in msg.updated {
-                        let want = if a.desired_state == "running" { "running" } else { "shutdown" };
                         if msg.full {
                             whole.insert(a.task_id.clone());
                         }
-                        if tasks.insert(a.task_id.clone(), want) != Some(want) {
-                            unreported.insert(a.task_id, want);
+                        let status = apply(&exec, &a);
+                        if tasks.get(&a.task_id).map(|s| &s.state) != Some(&status.state) {
+                            tasks.insert(a.task_id.clone(), status.clone());
+                            unreported.insert(a.task_id, status);
                         }
                     }
                     let gone: Vec<String> = if msg.full && !msg.more {
@@ -161,12 +171,13 @@ async fn follow(trust: Arc<shoal_security::Trust>, node_id: u64, mut current: wa
                         msg.removed
                     };
                     for t in gone {
+                        stop(&exec, &t);
                         tasks.remove(&t);
                         unreported.remove(&t);
                     }
                 }
                 if !unreported.is_empty() {
-                    let statuses = unreported.iter().map(|(t, s)| TaskStatus { task_id: t.clone(), state: s.to_string(), ..Default::default() }).collect();
+                    let statuses = unreported.values().cloned().collect();
                     if reports.update_task_status(TaskStatusBatch { node_id, statuses }).await.is_ok() {
                         unreported.clear();
                     }
@@ -180,5 +191,40 @@ async fn follow(trust: Arc<shoal_security::Trust>, node_id: u64, mut current: wa
                 _ = tokio::time::sleep(Duration::from_millis(300)) => {}
             }
         }
+    }
+}
+
+/// Brings task `a` to its desired state in `exec`; the status to report.
+fn apply(exec: &SimExecutor, a: &Assignment) -> TaskStatus {
+    let id = a.task_id.clone();
+    if a.desired_state != "running" {
+        stop(exec, &id);
+        return TaskStatus { task_id: id, state: "shutdown".into(), ..Default::default() };
+    }
+    let started = match exec.state(&id) {
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let command = a.spec.as_ref().map(|s| s.args.clone()).unwrap_or_default();
+            exec.prepare(&RunRequest { id: id.clone(), command, ..Default::default() }).and_then(|()| exec.start(&id))
+        }
+    };
+    match (started, exec.state(&id)) {
+        (Err(e), _) => TaskStatus { task_id: id, state: "rejected".into(), error: e.to_string(), ..Default::default() },
+        (Ok(()), Ok(ContainerState::Exited(st))) => TaskStatus {
+            task_id: id,
+            state: if st.code == 0 { "complete" } else { "failed" }.into(),
+            has_exit_code: true,
+            exit_code: st.code,
+            ..Default::default()
+        },
+        (Ok(()), _) => TaskStatus { task_id: id, state: "running".into(), ..Default::default() },
+    }
+}
+
+/// Shuts task `id` down and removes it, if the executor holds it.
+fn stop(exec: &SimExecutor, id: &str) {
+    if exec.shutdown(id, Duration::ZERO).is_ok() {
+        // Exited now, so removal can't be refused.
+        let _ = exec.remove(id);
     }
 }

@@ -1,5 +1,5 @@
 //! Scale (issue 14), CI-sized: hundreds of simulated agents (real nodes to
-//! the managers, no containers: `shoal_tests::sim`) and thousands of tasks
+//! the managers, tasks in a `SimExecutor`: `shoal_tests::sim`) and thousands of tasks
 //! converge, and a leader kill loses and duplicates none of them. Speed is
 //! measured by the `agents` benchmark, not asserted here.
 
@@ -87,6 +87,25 @@ fn hundreds_of_agents_run_thousands_of_tasks_and_a_leader_kill_loses_none() -> a
     .map_err(|e| e.context(c.log_tails()))?;
     wait_for(Duration::from_secs(60), "every task running, each slot once, after the rebalance", || exact(&c, 0, "sim", TASKS))
         .map_err(|e| e.context(c.log_tails()))?;
+
+    // The agents run tasks through the agent's executor seam (SimExecutor):
+    // a command that exits is reported failed with its code, and the
+    // orchestrator replaces it.
+    c.cli_ok(0, &["service", "create", "--detach", "--name", "crash", "--replicas", "3", "--constraint", "node.role==worker", "bb:1", "exit", "3"])?;
+    wait_for(Duration::from_secs(60), "crashing tasks reported failed with their exit code, and replaced", || {
+        let ps = c.cli_ok(0, &["service", "ps", "crash", "--format", "json"])?;
+        // `ps` shows each slot's latest task; `attempt` counts the ones
+        // before it.
+        let replaced = ps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["state"] == "failed" && t["exit_code"] == 3 && t["attempt"].as_u64().unwrap_or(0) >= 1)
+            .count();
+        Ok((replaced == 3).then_some(()))
+    })
+    .map_err(|e| e.context(c.log_tails()))?;
+    c.cli_ok(0, &["service", "rm", "crash"])?;
 
     // The leader dies: another takes over, and every task is still
     // accounted for, none lost and none twice.
