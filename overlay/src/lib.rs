@@ -401,6 +401,13 @@ impl Overlay {
         if st.rules_applied.as_ref() != Some(&want) {
             let rules = want.clone();
             blocking("writing shoal's nftables table", move || firewall::apply(&rules, TUN_NAME, BRIDGE_PREFIX)).await?;
+            // For chasing a refused or lost connection: what each published
+            // port was balanced over from here on.
+            tracing::debug!(
+                publish = ?want.publish.iter().map(|p| (p.service.as_str(), p.port, p.backends.len())).collect::<Vec<_>>(),
+                vips = want.vips.len(),
+                "nftables table written"
+            );
             st.rules_applied = Some(want);
         }
         Ok(())
