@@ -21,9 +21,6 @@ use crate::store::{Applied, ApplyError, Command, Outcome, Request, Store};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use shoal_security::{at_rest, Trust};
 
-/// The Raft log's page cache in redb (its default is 1 GiB).
-const REDB_CACHE_BYTES: usize = 64 << 20;
-
 /// How long a write may wait for a quorum before the caller is told it was
 /// not committed. A partitioned manager must answer with an error, not hang.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,12 +167,7 @@ impl Manager {
         let path = data_dir.join("raft.redb");
         let db = tokio::task::spawn_blocking({
             let path = path.clone();
-            // redb caches up to 1 GiB of pages by default, and every entry
-            // the log appends passes through that cache: at 250,000 tasks
-            // it was most of a manager's RSS. The state lives in memory
-            // anyway; the log is written once and read back only for
-            // followers that lag (the kernel's page cache serves those).
-            move || redb::Builder::new().set_cache_size(REDB_CACHE_BYTES).create(&path)
+            move || redb::Database::create(&path)
         })
         .await
         .map_err(|e| ManagerError::Redb(redb::Error::Io(std::io::Error::other(e))))?
