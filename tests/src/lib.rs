@@ -540,15 +540,21 @@ pub fn node_addr(c: &Cluster, i: usize, port: u16) -> std::net::SocketAddr {
 /// One HTTP/1.0 GET of `path`; the body of a 200 answer, or why there was
 /// none.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("connect {addr}: {e}"))?;
+    http_get_on(&mut s, path).map_err(|e| format!("{addr}{path}: {e}"))
+}
+
+/// One HTTP/1.0 GET of `path` on an open connection; the body of a 200
+/// answer, or why there was none.
+pub fn http_get_on(s: &mut std::net::TcpStream, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).map_err(|e| format!("send to {addr}: {e}"))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).map_err(|e| format!("send: {e}"))?;
     let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| format!("read from {addr}: {e}"))?;
+    s.read_to_string(&mut text).map_err(|e| format!("read: {e}"))?;
     match text.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
-        _ => Err(format!("{addr}{path} answered {:?}", text.lines().next().unwrap_or(""))),
+        _ => Err(format!("answered {:?}", text.lines().next().unwrap_or(""))),
     }
 }
 

@@ -157,6 +157,15 @@ async fn follow(trust: Arc<shoal_security::Trust>, node_id: u64, mut current: wa
                         if msg.full {
                             whole.insert(a.task_id.clone());
                         }
+                        // A task that ended on its own (failed, complete,
+                        // rejected) keeps that state: the managers take no
+                        // later "shutdown" for it.
+                        if tasks.get(&a.task_id).is_some_and(|s| s.state != "running") {
+                            if a.desired_state != "running" {
+                                stop(&exec, &a.task_id);
+                            }
+                            continue;
+                        }
                         let status = apply(&exec, &a);
                         if tasks.get(&a.task_id).map(|s| &s.state) != Some(&status.state) {
                             tasks.insert(a.task_id.clone(), status.clone());

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_tests::{client_address, http_get, node_addr, wait_for, Cluster, CLIENT_IP};
+use shoal_tests::{client_address, http_get, http_get_on, node_addr, wait_for, Cluster, CLIENT_IP};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -52,19 +52,6 @@ fn connect_from(port: u16, to: SocketAddr) -> Result<TcpStream, String> {
     let SocketAddr::V4(to) = to else { return Err("IPv4 only".into()) };
     connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).map_err(|e| format!("connect: {e}"))?;
     Ok(TcpStream::from(fd))
-}
-
-/// One HTTP/1.0 GET of / on an open connection; the body of a 200 answer.
-fn get_on(s: &mut TcpStream) -> Result<String, String> {
-    use std::io::{Read, Write};
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("send: {e}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| format!("read: {e}"))?;
-    match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
-        _ => Err(format!("answered {:?}", text.lines().next().unwrap_or(""))),
-    }
 }
 
 /// Steady HTTP load on every node's published port from a few client
@@ -186,13 +173,16 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     for i in [0, 1, 3] {
         wait_for(T, &format!("one through n{i}"), || Ok(http_get(node_addr(&c, i, 9393), "/").ok())).unwrap();
     }
-    for port in [45_001u16, 2_001] {
+    // Ports outside Linux's ephemeral range (32768-60999), so no other
+    // connection of this machine holds them: one the data plane keeps
+    // (32768-65535), one it must move.
+    for port in [61_001u16, 2_001] {
         let conns: Vec<TcpStream> = [0, 1, 3]
             .iter()
             .map(|i| connect_from(port, node_addr(&c, *i, 9393)).unwrap_or_else(|e| panic!("port {port} to n{i}: {e}")))
             .collect();
         for (mut s, i) in conns.into_iter().zip([0, 1, 3]) {
-            let body = get_on(&mut s).unwrap_or_else(|e| panic!("port {port} through n{i}: {e}\n{}", c.log_tails()));
+            let body = http_get_on(&mut s, "/").unwrap_or_else(|e| panic!("port {port} through n{i}: {e}\n{}", c.log_tails()));
             assert_eq!(body, "served by one-1");
         }
     }

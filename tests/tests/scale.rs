@@ -92,17 +92,18 @@ fn hundreds_of_agents_run_thousands_of_tasks_and_a_leader_kill_loses_none() -> a
     // a command that exits is reported failed with its code, and the
     // orchestrator replaces it.
     c.cli_ok(0, &["service", "create", "--detach", "--name", "crash", "--replicas", "3", "--constraint", "node.role==worker", "bb:1", "exit", "3"])?;
+    // `ps` shows each slot's latest task (`attempt` counts the ones before
+    // it), and a replacement may be on its way: every slot is seen failed
+    // with the code after a replacement, over the polls.
+    let mut seen = BTreeSet::new();
     wait_for(Duration::from_secs(60), "crashing tasks reported failed with their exit code, and replaced", || {
         let ps = c.cli_ok(0, &["service", "ps", "crash", "--format", "json"])?;
-        // `ps` shows each slot's latest task; `attempt` counts the ones
-        // before it.
-        let replaced = ps
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|t| t["state"] == "failed" && t["exit_code"] == 3 && t["attempt"].as_u64().unwrap_or(0) >= 1)
-            .count();
-        Ok((replaced == 3).then_some(()))
+        for t in ps.as_array().into_iter().flatten() {
+            if t["state"] == "failed" && t["exit_code"] == 3 && t["attempt"].as_u64().unwrap_or(0) >= 1 {
+                seen.insert(t["slot"].as_u64().unwrap_or(0));
+            }
+        }
+        Ok((seen.len() == 3).then_some(()))
     })
     .map_err(|e| e.context(c.log_tails()))?;
     c.cli_ok(0, &["service", "rm", "crash"])?;
