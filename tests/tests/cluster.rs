@@ -573,8 +573,14 @@ fn a_test_ended_by_sigterm_leaves_nothing() -> anyhow::Result<()> {
     let netns_prefix = format!("sh{id}-");
     let has_netns = || shoal_tests::sh("ip", &["netns", "list"]).map(|l| l.lines().any(|n| n.starts_with(&netns_prefix)));
     assert!(has_netns()?, "the helper's namespaces exist before the signal");
+    // The helper's stdin stays open until it has exited: `wait_with_output`
+    // would close it first, and the helper's read would then return (EOF)
+    // and let the test end normally (exit 0, Drop cleaning up) in a race
+    // with the signal this test is about.
+    let stdin = child.stdin.take();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let out = child.wait_with_output()?;
+    drop(stdin);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
     assert!(!has_netns()?, "namespaces left: {stderr}");
