@@ -30,3 +30,4 @@ mod worker;
 
 pub use node::{Agent, AgentConfig, AgentError, AgentExit, OverlayOpts};
 pub use service::{exec_in_task, AgentService, ExecError, ExecOutput};
+pub use sys::limit_malloc_arenas;

@@ -278,3 +278,37 @@ pub fn bpf_attach_device_filter(cgroup: std::os::fd::BorrowedFd<'_>, prog: std::
     };
     if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
+
+/// Caps glibc's malloc at `arenas` arenas for the rest of the process's
+/// life (glibc's default is 8 per core). A manager allocates a task's
+/// objects on the Raft apply thread and frees them from RPC and planning
+/// threads; with an arena per thread the freed memory stays spread over
+/// many arenas and the process keeps far more than it uses (at 250,000
+/// tasks: 2.5 KB of leader RSS per task with the default, 1.45 KB with 2).
+/// An operator's own `MALLOC_ARENA_MAX` wins. False when malloc refused.
+#[cfg(target_env = "gnu")]
+pub fn limit_malloc_arenas(arenas: i32) -> bool {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return true;
+    }
+    // SAFETY: mallopt only sets one of malloc's tunables, takes no pointers
+    // and is thread-safe; M_ARENA_MAX bounds the arenas created from now on.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) == 1 }
+}
+
+/// Other C libraries have no arenas to cap.
+#[cfg(not(target_env = "gnu"))]
+pub fn limit_malloc_arenas(_arenas: i32) -> bool {
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn malloc_takes_the_arena_cap() {
+        assert!(super::limit_malloc_arenas(2));
+        // Memory still comes and goes afterwards.
+        let v = vec![7u8; 1 << 20];
+        assert_eq!(v.iter().map(|b| u64::from(*b)).sum::<u64>(), 7 << 20);
+    }
+}
