@@ -123,10 +123,10 @@ impl Orchestrator {
                 && let Some(scope) = dirty.take()
             {
                 let started = tokio::time::Instant::now();
-                let result = self.pass(&scope).await;
-                let took = started.elapsed();
-                lazy_delay = LAZY_MIN.max(took * 4);
-                rest_at = leader::rest_after(started, took);
+                let mut held = Duration::ZERO;
+                let result = self.pass(&scope, &mut held).await;
+                lazy_delay = LAZY_MIN.max(held * 4);
+                rest_at = leader::rest_after(started, held);
                 match result {
                     Ok(wake) => {
                         // A pass over some services only knows their
@@ -193,13 +193,13 @@ impl Orchestrator {
         }
     }
 
-    /// One reconcile pass; returns when the next delayed restart is due.
-    async fn pass(&self, scope: &Scope) -> Result<Option<tokio::time::Instant>, LeadError> {
+    /// One reconcile pass; returns when the next delayed restart is due,
+    /// and sets `held` to how long it read the store.
+    async fn pass(&self, scope: &Scope, held: &mut Duration) -> Result<Option<tokio::time::Instant>, LeadError> {
         let now = now_ms();
-        let started = std::time::Instant::now();
         let (scope, config) = (scope.clone(), self.config.clone());
-        let mut plan = leader::plan(&self.manager, move |s| reconcile(s, &scope, now, &config)).await?;
-        let took = started.elapsed();
+        let (mut plan, took) = leader::plan(&self.manager, move |s| reconcile(s, &scope, now, &config)).await?;
+        *held = took;
         let wake = plan.wake_at_ms.map(|at| tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now)));
         if plan.is_empty() {
             return Ok(wake);

@@ -14,7 +14,6 @@ use shoal_proto::control::ServiceSpec;
 use crate::store::State;
 use crate::store::objects::{Availability, NodeObj, NodeStatus};
 use crate::store::state::format_node_id;
-use crate::store::task::{TaskObj, TaskState};
 
 /// What a constraint compares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -226,7 +225,7 @@ impl Rejects {
 /// each. (Ingress ports are reserved cluster-wide when the service is
 /// created, and every node forwards them: they never limit placement.)
 pub fn published_ports(spec: &ServiceSpec) -> Vec<HostPort> {
-    spec.ports.iter().filter(|p| !crate::spec::is_ingress(p)).map(|p| (p.published, p.protocol == "udp")).collect()
+    crate::store::index::host_ports(spec)
 }
 
 /// What the live tasks on one node hold.
@@ -239,28 +238,14 @@ pub struct NodeUsage {
     pub tasks: u32,
 }
 
-/// A task holds a node's resources from assignment until it is over, also
-/// while it is being shut down.
-pub fn holds_resources(t: &TaskObj) -> bool {
-    t.node_id.is_some() && t.state >= TaskState::Assigned && !t.state.is_terminal()
-}
-
-/// A task counts for spreading while it should run and has a node.
-pub fn counts_for_spread(t: &TaskObj) -> bool {
-    holds_resources(t) && t.desired_state <= TaskState::Running
-}
-
 impl NodeUsage {
-    pub fn add(&mut self, t: &TaskObj, host_ports: bool) {
-        if let Some(r) = &t.spec.reservations {
-            self.nano_cpus = self.nano_cpus.saturating_add(r.nano_cpus);
-            self.memory_bytes = self.memory_bytes.saturating_add(r.memory_bytes);
-        }
-        if host_ports {
-            self.ports.extend(published_ports(&t.spec));
-        }
-        if t.desired_state <= TaskState::Running {
-            self.tasks += 1;
+    /// A node's usage from what the store's index says its tasks hold.
+    pub fn from_held(held: &crate::store::index::Held, host_ports: bool) -> NodeUsage {
+        NodeUsage {
+            nano_cpus: held.nano_cpus,
+            memory_bytes: held.memory_bytes,
+            ports: if host_ports { held.ports.keys().copied().collect() } else { Vec::new() },
+            tasks: held.tasks,
         }
     }
 
@@ -275,13 +260,7 @@ impl NodeUsage {
 
 /// Usage of every node by the tasks that hold resources there.
 pub fn usage_by_node(state: &State, host_ports: bool) -> HashMap<u64, NodeUsage> {
-    let mut usage: HashMap<u64, NodeUsage> = HashMap::with_capacity(state.nodes.len());
-    for t in state.tasks.values() {
-        if let (true, Some(n)) = (holds_resources(t), t.node_id) {
-            usage.entry(n).or_default().add(t, host_ports);
-        }
-    }
-    usage
+    state.index.held_by_node().map(|(n, held)| (n, NodeUsage::from_held(held, host_ports))).collect()
 }
 
 fn plural(n: usize, what: &str) -> String {

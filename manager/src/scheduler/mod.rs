@@ -27,7 +27,7 @@ use crate::orchestrator::leader;
 use crate::store::objects::NodeObj;
 use crate::store::task::{TaskObj, TaskState, TaskUpdate};
 use crate::store::{Change, Command, State};
-use filter::{NodeUsage, Rejects, Requirements, counts_for_spread, holds_resources};
+use filter::{NodeUsage, Rejects, Requirements};
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -98,12 +98,6 @@ impl Decisions {
     }
 }
 
-/// Whether the scheduler has to look at `t`: it wants to run and has no
-/// node yet (or, for a global task, a node it was not yet admitted to).
-pub fn wants_node(t: &TaskObj) -> bool {
-    t.state <= TaskState::Pending && t.desired_state <= TaskState::Running
-}
-
 /// The nodes of one label-value combination, for `spread` preferences.
 struct Leaf {
     /// Ids into `level_counts`, one per preference level.
@@ -112,42 +106,57 @@ struct Leaf {
 }
 
 /// Places every task that wants a node. Pure: reads `state`, returns
-/// decisions.
+/// decisions. Incremental: the tasks come from the store's index of those
+/// waiting for a node, and what the nodes hold and how each service is
+/// spread from its running sums, so a pass costs O(nodes + waiting tasks),
+/// not O(every task).
 pub fn schedule(state: &State, config: &SchedulerConfig) -> Decisions {
     let nodes: Vec<&NodeObj> = state.nodes.values().collect();
     let n = nodes.len();
     let index: HashMap<u64, usize> = nodes.iter().enumerate().map(|(i, node)| (node.id, i)).collect();
-    let mut usage: Vec<NodeUsage> = vec![NodeUsage::default(); n];
-    // Tasks of each service per node (index), for spreading.
-    let mut svc_counts: HashMap<&str, Vec<u32>> = HashMap::new();
+    let mut usage: Vec<NodeUsage> = nodes
+        .iter()
+        .map(|node| state.index.held(node.id).map(|h| NodeUsage::from_held(h, config.host_ports)).unwrap_or_default())
+        .collect();
     // Tasks to place, grouped by spec: every task of a group passes the
     // same static filters.
     let mut groups: BTreeMap<(&str, u64), Vec<&TaskObj>> = BTreeMap::new();
     let mut preset: Vec<&TaskObj> = Vec::new();
+    for t in state.index.waiting().filter_map(|id| state.tasks.get(id)) {
+        if t.node_id.is_some() {
+            preset.push(t);
+        } else {
+            groups.entry((t.service_id.as_str(), t.spec_version)).or_default().push(t);
+        }
+    }
+    // Tasks of each service per node (index), for spreading: the services
+    // with tasks to place only.
+    let mut svc_counts: HashMap<&str, Vec<u32>> = HashMap::new();
+    for t in groups.values().flatten().chain(&preset) {
+        svc_counts.entry(t.service_id.as_str()).or_insert_with(|| {
+            let mut counts = vec![0; n];
+            for (node, c) in state.index.spread(&t.service_id).into_iter().flatten() {
+                if let Some(&i) = index.get(node) {
+                    counts[i] = *c;
+                }
+            }
+            counts
+        });
+    }
     // (service, slot) → (created, node) of the slot's latest task that had a
-    // node, for services that mount named volumes: data follows the task.
+    // node, for services whose tasks to place mount named volumes: data
+    // follows the task.
     let mut slot_nodes: HashMap<(&str, u64), (u64, u64)> = HashMap::new();
-    for t in state.tasks.values() {
+    let with_volumes: std::collections::BTreeSet<&str> =
+        groups.values().flatten().filter(|t| mounts_volumes(t)).map(|t| t.service_id.as_str()).collect();
+    for t in with_volumes.into_iter().flat_map(|svc| state.service_tasks(svc)) {
         if let Some(node) = t.node_id
             && t.slot > 0
-            && t.spec.mounts.iter().any(|m| m.r#type == "volume")
+            && mounts_volumes(t)
         {
             let e = slot_nodes.entry((t.service_id.as_str(), t.slot)).or_insert((t.created_at_ms, node));
             if t.created_at_ms >= e.0 {
                 *e = (t.created_at_ms, node);
-            }
-        }
-        if holds_resources(t) {
-            let Some(&i) = t.node_id.and_then(|id| index.get(&id)) else { continue };
-            usage[i].add(t, config.host_ports);
-            if counts_for_spread(t) {
-                svc_counts.entry(t.service_id.as_str()).or_insert_with(|| vec![0; n])[i] += 1;
-            }
-        } else if wants_node(t) {
-            if t.node_id.is_some() {
-                preset.push(t);
-            } else {
-                groups.entry((t.service_id.as_str(), t.spec_version)).or_default().push(t);
             }
         }
     }
@@ -342,6 +351,10 @@ pub fn schedule(state: &State, config: &SchedulerConfig) -> Decisions {
     out
 }
 
+fn mounts_volumes(t: &TaskObj) -> bool {
+    t.spec.mounts.iter().any(|m| m.r#type == "volume")
+}
+
 /// Where a replicated task's data is: the node of its slot's latest task,
 /// when a named volume the task mounts holds data there; with those
 /// volumes' names.
@@ -401,8 +414,9 @@ impl Scheduler {
             if dirty && retry_at.is_none() && rest_at.is_none() {
                 dirty = false;
                 let started = tokio::time::Instant::now();
-                let result = self.pass().await;
-                rest_at = leader::rest_after(started, started.elapsed());
+                let mut held = Duration::ZERO;
+                let result = self.pass(&mut held).await;
+                rest_at = leader::rest_after(started, held);
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "scheduler: could not write decisions; retrying");
                     dirty = true;
@@ -445,10 +459,12 @@ impl Scheduler {
         }
     }
 
-    async fn pass(&self) -> Result<(), leader::LeadError> {
+    /// One pass; sets `held` to how long it read the store.
+    async fn pass(&self, held: &mut Duration) -> Result<(), leader::LeadError> {
         let started = std::time::Instant::now();
         let config = self.config.clone();
-        let mut decisions = leader::plan(&self.manager, move |s| schedule(s, &config)).await?;
+        let (mut decisions, read) = leader::plan(&self.manager, move |s| schedule(s, &config)).await?;
+        *held = read;
         if decisions.is_empty() {
             return Ok(());
         }
@@ -510,7 +526,7 @@ pub fn task_name(t: &TaskObj) -> String {
 fn relevant(s: &State, c: &Change) -> bool {
     match c {
         Change::Node(_) | Change::NodeRemoved(_) => true,
-        Change::Task(id) => s.tasks.get(id).is_some_and(|t| wants_node(t) || t.state.is_terminal()),
+        Change::Task(id) => s.tasks.get(id).is_some_and(|t| t.wants_node() || t.state.is_terminal()),
         _ => false,
     }
 }

@@ -1659,6 +1659,13 @@ mod tests {
                     if next(2) == 0 {
                         spec.networks = vec!["front".into()];
                     }
+                    // What the scheduler's sums count: reservations and
+                    // host-mode ports (an ingress port is not a node's).
+                    if next(2) == 0 {
+                        spec.reservations = Some(shoal_proto::control::Resources { nano_cpus: 100_000_000 * (1 + next(4)), memory_bytes: 1 << 20, ..Default::default() });
+                        let port = |published, mode: &str| shoal_proto::control::Port { published, target: 80, protocol: "tcp".into(), mode: mode.into(), ..Default::default() };
+                        spec.ports = vec![port(8000 + next(3) as u32, "host"), port(9000, "ingress")];
+                    }
                     Command::CreateService { service: Box::new(ServiceObj::new(id, spec)) }
                 }
                 1 if !services.is_empty() && next(10) == 0 => {
@@ -1705,6 +1712,8 @@ mod tests {
         }
         assert!(st.tasks.len() > 50, "the sequence must leave tasks to check: {}", st.tasks.len());
         assert!(st.tasks.values().any(|t| !t.addresses.is_empty()), "some tasks must hold overlay addresses");
+        assert!(st.index.held_by_node().any(|(_, h)| h.nano_cpus > 0 && !h.ports.is_empty()), "some nodes must hold reservations and ports");
+        assert!(st.index.waiting().next().is_some(), "some tasks must wait for a node");
         for svc in st.services.keys() {
             let running = st.tasks.values().filter(|t| &t.service_id == svc && t.state == TaskState::Running).count();
             assert_eq!(st.index.running(svc), running);

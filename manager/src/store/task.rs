@@ -108,6 +108,19 @@ pub struct TaskObj {
 }
 
 impl TaskObj {
+    /// Whether the scheduler has to look at the task: it wants to run and
+    /// has no node yet (or, for a global task, a node it was not yet
+    /// admitted to).
+    pub fn wants_node(&self) -> bool {
+        self.state <= TaskState::Pending && self.desired_state <= TaskState::Running
+    }
+
+    /// A task holds its node's resources from assignment until it is over,
+    /// also while it is being shut down.
+    pub fn holds_resources(&self) -> bool {
+        self.node_id.is_some() && self.state >= TaskState::Assigned && !self.state.is_terminal()
+    }
+
     /// A new task of `svc` for `slot` (state `new`, desired `running`, the
     /// service's current spec); the store stamps id-less fields and times.
     pub fn new(svc: &super::objects::ServiceObj, slot: u64, node_id: Option<u64>, attempt: u64, message: &str) -> Self {
