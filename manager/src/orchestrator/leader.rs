@@ -72,20 +72,32 @@ pub(crate) async fn propose_all(manager: &Manager, cmds: Vec<Command>) -> Result
 
 /// Reads the store on a blocking thread: a pass over 100,000 tasks takes
 /// long enough to stall every RPC sharing its runtime thread. Also returns
-/// how long the store's read lock was held, which is what a loop rests
-/// for ([`rest_after`]).
+/// how long it waited for the store's read lock and how long it held it
+/// (what a loop rests for: [`rest_after`]).
 pub(crate) async fn plan<R: Send + 'static>(
     manager: &Manager,
     f: impl FnOnce(&crate::store::State) -> R + Send + 'static,
-) -> Result<(R, std::time::Duration), LeadError> {
+) -> Result<(R, Reading), LeadError> {
     let store = manager.store.clone();
+    let asked = std::time::Instant::now();
     tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        let r = store.read(f);
-        (r, started.elapsed())
+        store.read(|s| {
+            let got = std::time::Instant::now();
+            let r = f(s);
+            (r, Reading { waited: got - asked, held: got.elapsed() })
+        })
     })
     .await
     .map_err(|e| LeadError::Planner(e.to_string()))
+}
+
+/// How a planning read went.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Reading {
+    /// From asking to holding the read lock (a blocking thread, then the
+    /// writers queued ahead).
+    pub waited: std::time::Duration,
+    pub held: std::time::Duration,
 }
 
 /// Sleeps until `at`; never wakes for `None` (a `select!` branch that is off).

@@ -124,7 +124,15 @@ impl Orchestrator {
             {
                 let started = tokio::time::Instant::now();
                 let mut held = Duration::ZERO;
-                let result = self.pass(&scope, &mut held).await;
+                let mut unfinished = Vec::new();
+                let result = self.pass(&scope, &mut held, &mut unfinished).await;
+                // Services the pass's cap left work for come next, whether
+                // or not anything of theirs changes meanwhile (else they
+                // waited for the 30 s resync once another service's tasks
+                // stopped waking the loop).
+                for id in &unfinished {
+                    dirty.mark(id);
+                }
                 lazy_delay = LAZY_MIN.max(held * 4);
                 rest_at = leader::rest_after(started, held);
                 match result {
@@ -194,12 +202,14 @@ impl Orchestrator {
     }
 
     /// One reconcile pass; returns when the next delayed restart is due,
-    /// and sets `held` to how long it read the store.
-    async fn pass(&self, scope: &Scope, held: &mut Duration) -> Result<Option<tokio::time::Instant>, LeadError> {
+    /// sets `held` to how long it read the store and `unfinished` to the
+    /// services it left tasks to create for.
+    async fn pass(&self, scope: &Scope, held: &mut Duration, unfinished: &mut Vec<String>) -> Result<Option<tokio::time::Instant>, LeadError> {
         let now = now_ms();
         let (scope, config) = (scope.clone(), self.config.clone());
-        let (mut plan, took) = leader::plan(&self.manager, move |s| reconcile(s, &scope, now, &config)).await?;
-        *held = took;
+        let (mut plan, read) = leader::plan(&self.manager, move |s| reconcile(s, &scope, now, &config)).await?;
+        *held = read.held;
+        *unfinished = std::mem::take(&mut plan.unfinished);
         let wake = plan.wake_at_ms.map(|at| tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now)));
         if plan.is_empty() {
             return Ok(wake);
@@ -215,6 +225,9 @@ impl Orchestrator {
                 left = plan.create.len() - MAX_CREATE_PER_PASS,
                 "orchestrator: creating tasks in steps"
             );
+            unfinished.extend(plan.create[MAX_CREATE_PER_PASS..].iter().map(|t| t.service_id.clone()));
+            unfinished.sort();
+            unfinished.dedup();
             plan.create.truncate(MAX_CREATE_PER_PASS);
         }
         name_tasks(&mut plan)?;
@@ -237,7 +250,7 @@ impl Orchestrator {
         for note in &plan.notes {
             tracing::info!("{note}");
         }
-        tracing::debug!(created, updated, removed, decided_in = ?took, "orchestrator: pass committed");
+        tracing::debug!(created, updated, removed, read_wait = ?read.waited, planned_in = ?read.held, "orchestrator: pass committed");
         Ok(wake)
     }
 }

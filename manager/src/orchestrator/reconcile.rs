@@ -64,6 +64,9 @@ pub struct Plan {
     /// Failed updates to roll back (failure action `rollback`): (service
     /// id, its version, why).
     pub rollbacks: Vec<(String, u64, String)>,
+    /// Services with tasks still to create after this pass's cap: the
+    /// next pass must look at them even if nothing of theirs changes.
+    pub unfinished: Vec<String>,
 }
 
 impl Plan {
@@ -554,6 +557,7 @@ impl<'a> Planner<'a> {
             let left = want - occupied - missing;
             if left > 0 {
                 *self.tally.entry(format!("scaling up to {want}: {{n}} left for the next passes")).or_default() += left;
+                self.plan.unfinished.push(svc.id.clone());
             }
             let mut slot = 1u64;
             let (mut created, mut successors_now) = (0, 0);

@@ -17,13 +17,16 @@ fn a_big_scale_up_is_created_in_bounded_steps() {
     use super::reconcile::MAX_CREATE_PER_PASS;
     let mut sim = Sim::default();
     sim.nodes(&["w1"]);
-    sim.service(spec("web", (2 * MAX_CREATE_PER_PASS + 7) as u64));
+    let web = sim.service(spec("web", (2 * MAX_CREATE_PER_PASS + 7) as u64));
     let plan = sim.orchestrate();
     assert_eq!(plan.create.len(), MAX_CREATE_PER_PASS);
+    // The orchestrator looks at `web` again next pass, changes or not.
+    assert_eq!(plan.unfinished, vec![web.clone()]);
     let left = format!("service web: scaling up to {}: {} tasks left for the next passes", 2 * MAX_CREATE_PER_PASS + 7, MAX_CREATE_PER_PASS + 7);
     assert!(plan.notes.iter().any(|n| *n == left), "{:?}", plan.notes);
     assert_eq!(sim.orchestrate().create.len(), MAX_CREATE_PER_PASS);
-    assert_eq!(sim.orchestrate().create.len(), 7);
+    let last = sim.orchestrate();
+    assert_eq!((last.create.len(), last.unfinished.len()), (7, 0));
     assert!(sim.orchestrate().is_empty());
     let mut got = slots(&sim.live("web"));
     got.dedup();

@@ -464,7 +464,7 @@ impl Scheduler {
         let started = std::time::Instant::now();
         let config = self.config.clone();
         let (mut decisions, read) = leader::plan(&self.manager, move |s| schedule(s, &config)).await?;
-        *held = read;
+        *held = read.held;
         if decisions.is_empty() {
             return Ok(());
         }
@@ -474,14 +474,21 @@ impl Scheduler {
         decisions.pending.truncate(MAX_DECISIONS_PER_PASS - decisions.assigned.len());
         let (placed, pending) = (decisions.assigned.len(), decisions.pending.len());
         self.log(&decisions);
-        let took = started.elapsed();
+        let decided = started.elapsed();
         let updates = decisions.into_updates();
         let cmds = updates
             .chunks(self.config.max_updates_per_command.max(1))
             .map(|c| Command::UpdateTasks { from_node: None, updates: c.to_vec() })
             .collect();
         leader::propose_all(&self.manager, cmds).await?;
-        tracing::info!(placed, pending, decided_in = ?took, "scheduler: pass committed");
+        tracing::info!(
+            placed,
+            pending,
+            read_wait = ?read.waited,
+            planned_in = ?read.held,
+            committed_in = ?started.elapsed().saturating_sub(decided),
+            "scheduler: pass committed"
+        );
         Ok(())
     }
 
