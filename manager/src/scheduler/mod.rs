@@ -111,6 +111,11 @@ struct Leaf {
 /// spread from its running sums, so a pass costs O(nodes + waiting tasks),
 /// not O(every task).
 pub fn schedule(state: &State, config: &SchedulerConfig) -> Decisions {
+    // Nothing waits (every node joining wakes a pass): no need to look at
+    // the nodes.
+    if state.index.waiting().next().is_none() {
+        return Decisions::default();
+    }
     let nodes: Vec<&NodeObj> = state.nodes.values().collect();
     let n = nodes.len();
     let index: HashMap<u64, usize> = nodes.iter().enumerate().map(|(i, node)| (node.id, i)).collect();
