@@ -1,10 +1,16 @@
-//! The Raft log and vote in redb. Every append is one durable write
-//! transaction; openraft hands us entries in batches, so a burst of client
-//! writes costs one fsync per batch, not per entry.
+//! The Raft log and vote in redb. Appends go to one writer thread, in
+//! order: it writes every append queued while it was busy in one durable
+//! transaction (one fsync for many entries) and only then reports each
+//! append flushed, so openraft never counts an entry durable before it is.
+//! `append` itself returns at once: openraft hands us one entry per client
+//! write, and waiting for its fsync stalled the Raft core (replication,
+//! heartbeats) for every entry. Until written, entries are served from
+//! memory ([`Pending`]), so a read right after an append sees it.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -26,6 +32,101 @@ const KEY_PURGED: &str = "last_purged";
 pub struct LogStore {
     db: Arc<Database>,
     sealer: Arc<Sealer>,
+    pending: Arc<Mutex<Pending>>,
+    writer: mpsc::Sender<Job>,
+}
+
+/// Appended entries the writer has not yet made durable: index → (the
+/// append's sequence number, the entry).
+#[derive(Default)]
+struct Pending {
+    next_seq: u64,
+    entries: BTreeMap<u64, (u64, Entry<TypeConfig>)>,
+}
+
+/// Called once an append is durable (or failed).
+type Flushed = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
+
+/// Work for the writer thread, done in the order sent.
+enum Job {
+    Append { seq: u64, entries: Vec<(u64, Vec<u8>)>, flushed: Flushed },
+    /// Removes entries `from..` (truncate) or `..=upto` (purge).
+    Remove { range: (Bound<u64>, Bound<u64>), done: tokio::sync::oneshot::Sender<Result<(), StorageError>> },
+}
+
+/// The most appends written in one transaction.
+const MAX_GROUP: usize = 256;
+
+fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    // The map stays consistent between statements: a panic elsewhere
+    // while it was held leaves nothing half-done.
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The writer thread: one transaction per run of queued appends.
+fn write_loop(db: Arc<Database>, pending: Arc<Mutex<Pending>>, jobs: mpsc::Receiver<Job>) {
+    let mut carry: Option<Job> = None;
+    loop {
+        let job = match carry.take() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        match job {
+            Job::Remove { range, done } => {
+                let r = (|| {
+                    let txn = db.begin_write().map_err(write_err)?;
+                    {
+                        let mut table = txn.open_table(LOGS).map_err(write_err)?;
+                        table.retain_in(range, |_, _| false).map_err(write_err)?;
+                    }
+                    txn.commit().map_err(write_err)
+                })();
+                // The caller may have given up waiting: nothing to tell.
+                let _ = done.send(r);
+            }
+            Job::Append { seq, entries, flushed } => {
+                let mut group = vec![(seq, entries, flushed)];
+                while group.len() < MAX_GROUP {
+                    match jobs.try_recv() {
+                        Ok(Job::Append { seq, entries, flushed }) => group.push((seq, entries, flushed)),
+                        Ok(other) => {
+                            carry = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let r = (|| {
+                    let txn = db.begin_write().map_err(write_err)?;
+                    {
+                        let mut table = txn.open_table(LOGS).map_err(write_err)?;
+                        for (idx, bytes) in group.iter().flat_map(|(_, e, _)| e) {
+                            table.insert(*idx, bytes.as_slice()).map_err(write_err)?;
+                        }
+                    }
+                    txn.commit().map_err(write_err)
+                })();
+                if r.is_ok() {
+                    // Durable now: reads find them in redb. An entry a later
+                    // truncate replaced in memory stays.
+                    let mut p = lock(&pending);
+                    for (seq, entries, _) in &group {
+                        for (idx, _) in entries {
+                            if p.entries.get(idx).is_some_and(|(s, _)| s == seq) {
+                                p.entries.remove(idx);
+                            }
+                        }
+                    }
+                }
+                for (_, _, flushed) in group {
+                    flushed(r.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+                }
+            }
+        }
+    }
 }
 
 fn seal(sealer: &Sealer, bytes: &[u8]) -> Result<Vec<u8>, StorageError> {
@@ -53,7 +154,53 @@ impl LogStore {
         txn.open_table(LOGS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(LogStore { db, sealer })
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let (writer, jobs) = mpsc::channel();
+        let (d, p) = (db.clone(), pending.clone());
+        std::thread::Builder::new()
+            .name("raft-log".into())
+            .spawn(move || write_loop(d, p, jobs))
+            .map_err(|e| redb::Error::Io(e))?;
+        Ok(LogStore { db, sealer, pending, writer })
+    }
+
+    /// Queues `entries` for the writer; `flushed` runs once they are
+    /// durable. Readable at once.
+    fn append_entries(&self, entries: Vec<Entry<TypeConfig>>, flushed: Flushed) -> Result<(), StorageError> {
+        let mut encoded = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let bytes = crate::raft::encode(e).map_err(|err| StorageError::from(StorageIOError::write_logs(&err)))?;
+            encoded.push((e.log_id.index, seal(&self.sealer, &bytes)?));
+        }
+        let seq = {
+            let mut p = lock(&self.pending);
+            p.next_seq += 1;
+            let seq = p.next_seq;
+            for e in entries {
+                p.entries.insert(e.log_id.index, (seq, e));
+            }
+            seq
+        };
+        // Sent under no lock, but in the order of the sequence numbers:
+        // openraft calls `append` from one task at a time.
+        self.writer.send(Job::Append { seq, entries: encoded, flushed }).map_err(|_| {
+            StorageError::from(StorageIOError::write_logs(&std::io::Error::other("the raft log writer stopped")))
+        })
+    }
+
+    /// Removes `range` from the log, after every append queued before.
+    async fn remove(&self, range: (Bound<u64>, Bound<u64>)) -> Result<(), StorageError> {
+        {
+            let mut p = lock(&self.pending);
+            let gone: Vec<u64> = p.entries.range(range).map(|(i, _)| *i).collect();
+            for i in gone {
+                p.entries.remove(&i);
+            }
+        }
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let stopped = || StorageError::from(StorageIOError::write_logs(&std::io::Error::other("the raft log writer stopped")));
+        self.writer.send(Job::Remove { range, done }).map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -117,16 +264,30 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if end < start {
             return Ok(Vec::new());
         }
+        // Entries not yet written are read from memory, and win over what
+        // redb holds at their index. Copied before reading redb: the writer
+        // drops them from memory only after they are durable.
+        let unwritten: BTreeMap<u64, Entry<TypeConfig>> =
+            lock(&self.pending).entries.range(start..=end).map(|(i, (_, e))| (*i, e.clone())).collect();
+        // All of the range in memory: no need for redb.
+        if unwritten.len() as u64 == end - start + 1 {
+            return Ok(unwritten.into_values().collect());
+        }
         let (db, sealer) = (self.db.clone(), self.sealer.clone());
         blocking(move || {
             let txn = db.begin_read().map_err(read_err)?;
             let table = txn.open_table(LOGS).map_err(read_err)?;
-            let mut out = Vec::new();
-            for item in table.range(start..=end).map_err(read_err)? {
-                let (_, v) = item.map_err(read_err)?;
-                out.push(open_entry(&sealer, v.value())?);
+            let mut out = unwritten;
+            // Up to the first entry in memory: anything after it that is
+            // not in memory is older than a truncate still being written.
+            let db_end = out.keys().next().map_or(end, |first| first.saturating_sub(1));
+            if db_end >= start && out.keys().next().is_none_or(|f| *f > start) {
+                for item in table.range(start..=db_end).map_err(read_err)? {
+                    let (k, v) = item.map_err(read_err)?;
+                    out.insert(k.value(), open_entry(&sealer, v.value())?);
+                }
             }
-            Ok(out)
+            Ok(out.into_values().collect())
         })
         .await
     }
@@ -141,10 +302,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let last_purged: Option<LogId> = this.get_meta(KEY_PURGED)?;
             let txn = this.db.begin_read().map_err(read_err)?;
             let table = txn.open_table(LOGS).map_err(read_err)?;
-            let last = match table.last().map_err(read_err)? {
+            let written = match table.last().map_err(read_err)? {
                 Some((_, v)) => Some(open_entry(&this.sealer, v.value())?.log_id),
                 None => last_purged,
             };
+            // Read after redb: an entry leaves memory only once written.
+            let unwritten = lock(&this.pending).entries.last_key_value().map(|(_, (_, e))| e.log_id);
+            let last = unwritten.max(written);
             Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
         })
         .await
@@ -174,46 +338,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
-        for e in entries {
-            let bytes = crate::raft::encode(&e).map_err(|err| StorageError::from(StorageIOError::write_logs(&err)))?;
-            encoded.push((e.log_id.index, seal(&self.sealer, &bytes)?));
-        }
-        let db = self.db.clone();
-        let res = blocking(move || {
-            let txn = db.begin_write().map_err(write_err)?;
-            {
-                let mut table = txn.open_table(LOGS).map_err(write_err)?;
-                for (idx, bytes) in &encoded {
-                    table.insert(*idx, bytes.as_slice()).map_err(write_err)?;
-                }
-            }
-            txn.commit().map_err(write_err)
-        })
-        .await;
-        match res {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(e)
-            }
-        }
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        self.append_entries(entries, Box::new(move |r| callback.log_io_completed(r)))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write().map_err(write_err)?;
-            {
-                let mut table = txn.open_table(LOGS).map_err(write_err)?;
-                table.retain_in(log_id.index.., |_, _| false).map_err(write_err)?;
-            }
-            txn.commit().map_err(write_err)
-        })
-        .await
+        self.remove((Bound::Included(log_id.index), Bound::Unbounded)).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -221,14 +351,81 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || {
             // Record the purge point first: if we crash in between, the
             // entries still present below it are simply ignored.
-            this.put_meta(KEY_PURGED, &log_id, true)?;
-            let txn = this.db.begin_write().map_err(write_err)?;
-            {
-                let mut table = txn.open_table(LOGS).map_err(write_err)?;
-                table.retain_in(..=log_id.index, |_, _| false).map_err(write_err)?;
-            }
-            txn.commit().map_err(write_err)
+            this.put_meta(KEY_PURGED, &log_id, true)
         })
-        .await
+        .await?;
+        self.remove((Bound::Unbounded, Bound::Included(log_id.index))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn open(path: &std::path::Path, key: &shoal_security::at_rest::Key) -> LogStore {
+        let db = Arc::new(Database::create(path).expect("create the database"));
+        LogStore::new(db, Arc::new(Sealer::new(key))).expect("open the log")
+    }
+
+    fn ids(es: &[Entry<TypeConfig>]) -> Vec<(u64, u64)> {
+        es.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect()
+    }
+
+    /// Appends not yet durable are readable at once; each is reported
+    /// flushed in order; after a truncate the new entries win, and the log
+    /// read back from disk is what was reported durable.
+    #[tokio::test]
+    async fn appends_are_readable_before_they_are_durable_and_flushed_in_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("raft.redb");
+        let key = shoal_security::at_rest::Key::random().expect("key");
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut log = open(&path, &key);
+            for i in 1..=50 {
+                let tx = tx.clone();
+                log.append_entries(vec![entry(1, i)], Box::new(move |r| tx.send((i, r.is_ok())).expect("send"))).expect("append");
+            }
+            // Readable before the flushes are awaited.
+            let got = log.try_get_log_entries(1..=50).await.expect("read");
+            assert_eq!(ids(&got), (1..=50).map(|i| (1, i)).collect::<Vec<_>>());
+            assert_eq!(log.get_log_state().await.expect("state").last_log_id.map(|l| l.index), Some(50));
+            let flushed: Vec<(u64, bool)> = (0..50).map(|_| rx.recv().expect("flushed")).collect();
+            assert_eq!(flushed, (1..=50).map(|i| (i, true)).collect::<Vec<_>>(), "one report per append, in order");
+
+            // A new leader's entries replace 41.. .
+            log.truncate(LogId::new(CommittedLeaderId::new(1, 1), 41)).await.expect("truncate");
+            let tx2 = tx.clone();
+            log.append_entries(vec![entry(2, 41), entry(2, 42)], Box::new(move |r| tx2.send((42, r.is_ok())).expect("send"))).expect("append");
+            let got = log.try_get_log_entries(38..=45).await.expect("read");
+            assert_eq!(ids(&got), vec![(1, 38), (1, 39), (1, 40), (2, 41), (2, 42)]);
+            assert_eq!(rx.recv().expect("flushed"), (42, true));
+            log.purge(LogId::new(CommittedLeaderId::new(1, 1), 10)).await.expect("purge");
+            let state = log.get_log_state().await.expect("state");
+            assert_eq!((state.last_purged_log_id.map(|l| l.index), state.last_log_id.map(|l| (l.leader_id.term, l.index))), (Some(10), Some((2, 42))));
+        }
+        // What was reported durable is on disk. The writer thread lets go
+        // of the database once the store is dropped: poll for that, up to
+        // a deadline.
+        let mut reopened = None;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            match Database::create(&path) {
+                Ok(db) => {
+                    reopened = Some(db);
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        let mut log = LogStore::new(Arc::new(reopened.expect("reopen the database")), Arc::new(Sealer::new(&key))).expect("open the log");
+        let got = log.try_get_log_entries(0..=100).await.expect("read");
+        assert_eq!(ids(&got), (11..=40).map(|i| (1, i)).chain([(2, 41), (2, 42)]).collect::<Vec<_>>());
+        drop(log);
     }
 }
