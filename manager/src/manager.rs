@@ -396,7 +396,7 @@ impl Manager {
         }
         let (reply, rx) = oneshot::channel();
         self.batcher
-            .send(Pending { cmd, size, reply })
+            .send(Pending { cmd, size, reply, queued: std::time::Instant::now() })
             .await
             .map_err(|_| LocalError::Raft("manager is shutting down".into()))?;
         rx.await.map_err(|_| LocalError::Raft("manager is shutting down".into()))?
@@ -546,6 +546,8 @@ struct Pending {
     /// Its encoded size.
     size: usize,
     reply: oneshot::Sender<Result<Outcome, LocalError>>,
+    /// When it joined the queue.
+    queued: std::time::Instant,
 }
 
 /// Group commit: commands that arrive while earlier batches are in flight
@@ -587,10 +589,21 @@ async fn batch_loop(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
         let raft = raft.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let queued = batch.first().map(|p| p.queued.elapsed()).unwrap_or_default();
+            let started = std::time::Instant::now();
             let (cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+            let commands = cmds.len();
             let req = Request { now_ms: now_ms(), cmds };
             let err = match tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(req)).await {
                 Ok(Ok(resp)) => {
+                    tracing::debug!(
+                        index = resp.log_id.index,
+                        commands,
+                        bytes,
+                        queued = ?queued,
+                        committed_in = ?started.elapsed(),
+                        "raft: batch committed and applied"
+                    );
                     for (reply, outcome) in replies.into_iter().zip(resp.data) {
                         let _ = reply.send(Ok(outcome));
                     }

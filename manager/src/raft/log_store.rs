@@ -41,8 +41,14 @@ pub struct LogStore {
 #[derive(Default)]
 struct Pending {
     next_seq: u64,
-    entries: BTreeMap<u64, (u64, Entry<TypeConfig>)>,
+    entries: BTreeMap<u64, (u64, usize, Entry<TypeConfig>)>,
 }
+
+/// The most entry bytes one AppendEntries carries (at least one entry):
+/// openraft bounds a request by count only (`max_payload_entries`) and
+/// gives it one heartbeat interval, and one command alone may make a
+/// 1 MiB entry.
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
 
 /// Called once an append is durable (or failed).
 type Flushed = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
@@ -115,7 +121,7 @@ fn write_loop(db: Arc<Database>, pending: Arc<Mutex<Pending>>, jobs: mpsc::Recei
                     let mut p = lock(&pending);
                     for (seq, entries, _) in &group {
                         for (idx, _) in entries {
-                            if p.entries.get(idx).is_some_and(|(s, _)| s == seq) {
+                            if p.entries.get(idx).is_some_and(|(s, _, _)| s == seq) {
                                 p.entries.remove(idx);
                             }
                         }
@@ -176,8 +182,8 @@ impl LogStore {
             let mut p = lock(&self.pending);
             p.next_seq += 1;
             let seq = p.next_seq;
-            for e in entries {
-                p.entries.insert(e.log_id.index, (seq, e));
+            for (e, (_, bytes)) in entries.into_iter().zip(&encoded) {
+                p.entries.insert(e.log_id.index, (seq, bytes.len(), e));
             }
             seq
         };
@@ -245,6 +251,51 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?
 }
 
+impl LogStore {
+    /// Entries `start..=end`, stopping once they hold `budget` bytes (at
+    /// least one entry).
+    async fn read_range(&self, start: u64, end: u64, budget: usize) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        if end < start {
+            return Ok(Vec::new());
+        }
+        // Entries not yet written are read from memory, and win over what
+        // redb holds at their index. Copied before reading redb: the writer
+        // drops them from memory only after they are durable.
+        let unwritten: Vec<(u64, usize, Entry<TypeConfig>)> =
+            lock(&self.pending).entries.range(start..=end).map(|(i, (_, n, e))| (*i, *n, e.clone())).collect();
+        let first_unwritten = unwritten.first().map(|(i, _, _)| *i);
+        let (db, sealer) = (self.db.clone(), self.sealer.clone());
+        blocking(move || {
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            // Up to the first entry in memory: anything after it that is
+            // not in memory is older than a truncate still being written.
+            let db_end = first_unwritten.map_or(Some(end), |f| f.checked_sub(1));
+            if let Some(db_end) = db_end.filter(|e| *e >= start) {
+                let txn = db.begin_read().map_err(read_err)?;
+                let table = txn.open_table(LOGS).map_err(read_err)?;
+                for item in table.range(start..=db_end).map_err(read_err)? {
+                    let (_, v) = item.map_err(read_err)?;
+                    if !out.is_empty() && bytes + v.value().len() > budget {
+                        return Ok(out);
+                    }
+                    bytes += v.value().len();
+                    out.push(open_entry(&sealer, v.value())?);
+                }
+            }
+            for (_, n, e) in unwritten {
+                if !out.is_empty() && bytes + n > budget {
+                    break;
+                }
+                bytes += n;
+                out.push(e);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -261,35 +312,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => Some(u64::MAX),
         };
         let Some(end) = end else { return Ok(Vec::new()) };
-        if end < start {
-            return Ok(Vec::new());
-        }
-        // Entries not yet written are read from memory, and win over what
-        // redb holds at their index. Copied before reading redb: the writer
-        // drops them from memory only after they are durable.
-        let unwritten: BTreeMap<u64, Entry<TypeConfig>> =
-            lock(&self.pending).entries.range(start..=end).map(|(i, (_, e))| (*i, e.clone())).collect();
-        // All of the range in memory: no need for redb.
-        if unwritten.len() as u64 == end - start + 1 {
-            return Ok(unwritten.into_values().collect());
-        }
-        let (db, sealer) = (self.db.clone(), self.sealer.clone());
-        blocking(move || {
-            let txn = db.begin_read().map_err(read_err)?;
-            let table = txn.open_table(LOGS).map_err(read_err)?;
-            let mut out = unwritten;
-            // Up to the first entry in memory: anything after it that is
-            // not in memory is older than a truncate still being written.
-            let db_end = out.keys().next().map_or(end, |first| first.saturating_sub(1));
-            if db_end >= start && out.keys().next().is_none_or(|f| *f > start) {
-                for item in table.range(start..=db_end).map_err(read_err)? {
-                    let (k, v) = item.map_err(read_err)?;
-                    out.insert(k.value(), open_entry(&sealer, v.value())?);
-                }
-            }
-            Ok(out.into_values().collect())
-        })
-        .await
+        self.read_range(start, end, usize::MAX).await
+    }
+
+    /// Replication's read: a prefix of `start..end` of at most
+    /// [`MAX_PAYLOAD_BYTES`].
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let Some(last) = end.checked_sub(1) else { return Ok(Vec::new()) };
+        self.read_range(start, last, MAX_PAYLOAD_BYTES).await
     }
 }
 
@@ -307,7 +337,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 None => last_purged,
             };
             // Read after redb: an entry leaves memory only once written.
-            let unwritten = lock(&this.pending).entries.last_key_value().map(|(_, (_, e))| e.log_id);
+            let unwritten = lock(&this.pending).entries.last_key_value().map(|(_, (_, _, e))| e.log_id);
             let last = unwritten.max(written);
             Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
         })
@@ -395,8 +425,15 @@ mod tests {
             let got = log.try_get_log_entries(1..=50).await.expect("read");
             assert_eq!(ids(&got), (1..=50).map(|i| (1, i)).collect::<Vec<_>>());
             assert_eq!(log.get_log_state().await.expect("state").last_log_id.map(|l| l.index), Some(50));
+            // Replication's reads stop at a byte budget, never below one entry.
+            let one = lock(&log.pending).entries.get(&1).map(|(_, n, _)| *n).expect("entry 1 in memory");
+            assert_eq!(log.read_range(1, 50, 3 * one).await.expect("read").len(), 3);
+            assert_eq!(log.read_range(1, 50, 0).await.expect("read").len(), 1);
             let flushed: Vec<(u64, bool)> = (0..50).map(|_| rx.recv().expect("flushed")).collect();
             assert_eq!(flushed, (1..=50).map(|i| (i, true)).collect::<Vec<_>>(), "one report per append, in order");
+            assert!(lock(&log.pending).entries.is_empty(), "written entries leave memory");
+            assert_eq!(log.read_range(1, 50, 3 * one).await.expect("read").len(), 3, "the same budget from redb");
+            assert_eq!(ids(&log.limited_get_log_entries(5, 9).await.expect("read")), (5..9).map(|i| (1, i)).collect::<Vec<_>>());
 
             // A new leader's entries replace 41.. .
             log.truncate(LogId::new(CommittedLeaderId::new(1, 1), 41)).await.expect("truncate");

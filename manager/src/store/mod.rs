@@ -87,8 +87,11 @@ impl Store {
     /// Applies one entry (state machine only).
     pub(crate) fn apply(&self, index: u64, req: Request) -> Response {
         let mut changes = Vec::new();
+        let asked = std::time::Instant::now();
         let res = {
             let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+            let got = std::time::Instant::now();
+            let commands = req.cmds.len();
             let revoked_before = st.revoked_version;
             let res = req
                 .cmds
@@ -105,6 +108,7 @@ impl Store {
             if st.revoked_version != revoked_before {
                 self.publish_revoked(&st);
             }
+            tracing::debug!(index, commands, lock_wait = ?(got - asked), applied_in = ?got.elapsed(), "store: entry applied");
             res
         };
         if changes.iter().any(|c| {
