@@ -99,6 +99,204 @@ pub enum Command {
     /// a repeat gets the first outcome. The state remembers the last
     /// `RECENT_REQUESTS` ids.
     Once { id: String, cmd: Box<Command> },
+    /// New tasks as `CreateTasks` makes them, encoded with each distinct
+    /// spec once (a run's tasks are one or a few service versions): a
+    /// 5,000-task run is a fifth of the bytes to replicate and write. What
+    /// the leader loops propose; `CreateTasks` stays for entries already in
+    /// logs.
+    CreateTaskRun {
+        #[serde(with = "shared_specs")]
+        tasks: Vec<TaskObj>,
+    },
+}
+
+/// The tasks of a [`Command::CreateTaskRun`] on the wire: the distinct
+/// specs once, then each task with the index of its spec. Decoding gives
+/// the tasks of one spec one shared `Arc`.
+mod shared_specs {
+    use std::borrow::Cow;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use shoal_proto::control::ServiceSpec;
+
+    use crate::store::task::{TaskObj, TaskState};
+
+    /// A task without its spec: `spec` indexes the run's specs.
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct Wire<'a> {
+        spec: u32,
+        id: Cow<'a, str>,
+        service_id: Cow<'a, str>,
+        service_name: Cow<'a, str>,
+        slot: u64,
+        node_id: Option<u64>,
+        spec_version: u64,
+        desired_state: TaskState,
+        state: TaskState,
+        message: Cow<'a, str>,
+        error: Cow<'a, str>,
+        exit_code: Option<i32>,
+        attempt: u64,
+        addresses: Cow<'a, [String]>,
+        created_at_ms: u64,
+        updated_at_ms: u64,
+        state_at_ms: u64,
+        version: u64,
+    }
+
+    #[derive(Serialize)]
+    struct Out<'a> {
+        #[serde(serialize_with = "specs_out")]
+        specs: Vec<&'a ServiceSpec>,
+        tasks: Vec<Wire<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    struct In<'a> {
+        #[serde(deserialize_with = "specs_in")]
+        specs: Vec<Arc<ServiceSpec>>,
+        #[serde(borrow)]
+        tasks: Vec<Wire<'a>>,
+    }
+
+    fn specs_out<S: Serializer>(specs: &[&ServiceSpec], s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(specs.len()))?;
+        for spec in specs {
+            seq.serialize_element(&serde_bytes_of(spec))?;
+        }
+        seq.end()
+    }
+
+    fn serde_bytes_of(spec: &ServiceSpec) -> Bytes {
+        Bytes(prost::Message::encode_to_vec(spec))
+    }
+
+    /// Bytes that serialize as bytes (postcard: a length and the bytes).
+    struct Bytes(Vec<u8>);
+
+    impl Serialize for Bytes {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(&self.0)
+        }
+    }
+
+    fn specs_in<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Arc<ServiceSpec>>, D::Error> {
+        #[derive(Deserialize)]
+        struct One(#[serde(deserialize_with = "crate::store::objects::prost_bytes_arc::deserialize")] Arc<ServiceSpec>);
+        let v: Vec<One> = Vec::deserialize(d)?;
+        Ok(v.into_iter().map(|o| o.0).collect())
+    }
+
+    /// The index of `spec` in `specs`, added if new (a run holds one or a
+    /// few specs, so a scan beats hashing).
+    pub(super) fn index_of<'a>(specs: &mut Vec<&'a ServiceSpec>, spec: &'a Arc<ServiceSpec>) -> u32 {
+        let found = specs.iter().position(|s| std::ptr::eq(*s, &**spec) || **s == **spec);
+        found.unwrap_or_else(|| {
+            specs.push(spec);
+            specs.len() - 1
+        }) as u32
+    }
+
+    pub(super) fn wire(t: &TaskObj, spec: u32) -> Wire<'_> {
+        Wire {
+            spec,
+            id: Cow::Borrowed(&t.id),
+            service_id: Cow::Borrowed(&t.service_id),
+            service_name: Cow::Borrowed(&t.service_name),
+            slot: t.slot,
+            node_id: t.node_id,
+            spec_version: t.spec_version,
+            desired_state: t.desired_state,
+            state: t.state,
+            message: Cow::Borrowed(&t.message),
+            error: Cow::Borrowed(&t.error),
+            exit_code: t.exit_code,
+            attempt: t.attempt,
+            addresses: Cow::Borrowed(&t.addresses),
+            created_at_ms: t.created_at_ms,
+            updated_at_ms: t.updated_at_ms,
+            state_at_ms: t.state_at_ms,
+            version: t.version,
+        }
+    }
+
+    pub fn serialize<S: Serializer>(tasks: &[TaskObj], s: S) -> Result<S::Ok, S::Error> {
+        let mut specs = Vec::new();
+        let tasks = tasks.iter().map(|t| { let i = index_of(&mut specs, &t.spec); wire(t, i) }).collect();
+        Out { specs, tasks }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<TaskObj>, D::Error> {
+        let run = In::deserialize(d)?;
+        run.tasks
+            .into_iter()
+            .map(|w| {
+                let spec = run.specs.get(w.spec as usize).cloned().ok_or_else(|| {
+                    serde::de::Error::custom(format!("task {} names spec {} of a run of {}", w.id, w.spec, run.specs.len()))
+                })?;
+                Ok(TaskObj {
+                    id: w.id.into_owned(),
+                    service_id: w.service_id.into_owned(),
+                    service_name: w.service_name.into_owned(),
+                    slot: w.slot,
+                    node_id: w.node_id,
+                    spec,
+                    spec_version: w.spec_version,
+                    desired_state: w.desired_state,
+                    state: w.state,
+                    message: w.message.into_owned(),
+                    error: w.error.into_owned(),
+                    exit_code: w.exit_code,
+                    attempt: w.attempt,
+                    addresses: w.addresses.into_owned(),
+                    created_at_ms: w.created_at_ms,
+                    updated_at_ms: w.updated_at_ms,
+                    state_at_ms: w.state_at_ms,
+                    version: w.version,
+                })
+            })
+            .collect()
+    }
+
+    /// What a task adds to a run's encoding, its spec apart.
+    pub(super) fn task_len(t: &TaskObj) -> usize {
+        postcard::experimental::serialized_size(&wire(t, 0)).unwrap_or(usize::MAX)
+    }
+
+    pub(super) fn spec_len(spec: &ServiceSpec) -> usize {
+        prost::Message::encoded_len(spec) + 5
+    }
+}
+
+/// Cuts new tasks into [`Command::CreateTaskRun`]s whose encoding stays
+/// under `budget` bytes: each task's bytes, and each spec's once per run.
+fn task_runs(tasks: Vec<TaskObj>, budget: usize) -> Vec<Command> {
+    let mut out = Vec::new();
+    let mut run: Vec<TaskObj> = Vec::new();
+    let mut specs: Vec<std::sync::Arc<ServiceSpec>> = Vec::new();
+    let mut size = 0usize;
+    for t in tasks {
+        let new_spec = !specs.iter().any(|s| std::sync::Arc::ptr_eq(s, &t.spec) || **s == *t.spec);
+        let n = shared_specs::task_len(&t) + if new_spec { shared_specs::spec_len(&t.spec) } else { 0 };
+        if !run.is_empty() && size + n > budget {
+            out.push(Command::CreateTaskRun { tasks: std::mem::take(&mut run) });
+            specs.clear();
+            size = shared_specs::spec_len(&t.spec) + shared_specs::task_len(&t);
+            specs.push(t.spec.clone());
+        } else {
+            size += n;
+            if new_spec {
+                specs.push(t.spec.clone());
+            }
+        }
+        run.push(t);
+    }
+    if !run.is_empty() {
+        out.push(Command::CreateTaskRun { tasks: run });
+    }
+    out
 }
 
 /// How many request ids the state remembers for exactly-once writes: far
@@ -152,11 +350,13 @@ impl Command {
     /// commands come back as they are.
     pub fn split(self) -> Vec<Command> {
         const BUDGET: usize = TARGET_ENTRY_BYTES / 2;
+        if let Command::CreateTasks { tasks } | Command::CreateTaskRun { tasks } = self {
+            return task_runs(tasks, BUDGET);
+        }
         if encoded_len(&self) <= BUDGET {
             return vec![self];
         }
         match self {
-            Command::CreateTasks { tasks } => runs(tasks, BUDGET).into_iter().map(|tasks| Command::CreateTasks { tasks }).collect(),
             Command::UpdateTasks { from_node, updates } => {
                 runs(updates, BUDGET).into_iter().map(|updates| Command::UpdateTasks { from_node, updates }).collect()
             }
@@ -181,7 +381,7 @@ impl Command {
             Command::AutoRollback { .. } => "auto-rollback",
             Command::Autoscale { .. } => "autoscale",
             Command::RemoveServices { .. } => "remove-services",
-            Command::CreateTasks { .. } => "create-tasks",
+            Command::CreateTasks { .. } | Command::CreateTaskRun { .. } => "create-tasks",
             Command::UpdateTasks { .. } => "update-tasks",
             Command::RemoveTasks { .. } => "remove-tasks",
             Command::PutImage { .. } => "put-image",

@@ -216,7 +216,7 @@ impl State {
                 self.requests.record(id, outcome.clone());
                 return outcome;
             }
-            Command::CreateTasks { tasks } => {
+            Command::CreateTasks { tasks } | Command::CreateTaskRun { tasks } => {
                 if let Some(t) = tasks.iter().find(|t| self.tasks.contains_key(&t.id)) {
                     return Err(ApplyError::NameTaken { kind: "task id".into(), name: t.id.clone() });
                 }
@@ -1319,16 +1319,39 @@ mod tests {
             .collect();
         let whole = Command::CreateTasks { tasks };
         assert!(encoded_len(&whole) > MAX_ENTRY_BYTES, "the test needs a command too big for one entry");
-        let parts = whole.split();
-        assert!(parts.len() > 2);
+        let whole_len = encoded_len(&whole);
+        let parts = whole.clone().split();
+        assert!(parts.len() > 1);
         let mut n = 0;
+        let mut parts_len = 0;
         for p in &parts {
             assert!(encoded_len(p) <= MAX_ENTRY_BYTES / 2, "{} bytes", encoded_len(p));
-            if let Command::CreateTasks { tasks } = p {
-                n += tasks.len();
-            }
+            parts_len += encoded_len(p);
+            // Each run encodes its one spec once, and decodes to the same
+            // tasks, sharing one spec.
+            let Command::CreateTaskRun { tasks } = p else { panic!("a run of new tasks is a CreateTaskRun, not {}", p.kind()) };
+            n += tasks.len();
+            let bytes = postcard::to_stdvec(p).unwrap();
+            let Command::CreateTaskRun { tasks: back } = postcard::from_bytes::<Command>(&bytes).unwrap() else { panic!("decoded another command") };
+            assert_eq!(&back, tasks);
+            assert!(back.windows(2).all(|w| std::sync::Arc::ptr_eq(&w[0].spec, &w[1].spec)));
         }
         assert_eq!(n, 20_000);
+        assert!(parts_len < whole_len * 3 / 4, "runs {parts_len} bytes against {whole_len} with the spec in every task");
+        // Tasks of two specs in one run keep their own.
+        let mut two = match whole { Command::CreateTasks { tasks } => tasks[..4].to_vec(), _ => unreachable!() };
+        let mut other = (*two[1].spec).clone();
+        other.image = "other:2".into();
+        two[1].spec = std::sync::Arc::new(other);
+        let runs = Command::CreateTasks { tasks: two.clone() }.split();
+        assert_eq!(runs.len(), 1);
+        let bytes = postcard::to_stdvec(&runs[0]).unwrap();
+        let Command::CreateTaskRun { tasks: back } = postcard::from_bytes::<Command>(&bytes).unwrap() else { panic!("decoded another command") };
+        assert_eq!(back, two);
+        assert_eq!(back[1].spec.image, "other:2");
+        assert!(std::sync::Arc::ptr_eq(&back[0].spec, &back[2].spec));
+        // A cut-off run is an error at decode, not a shorter run.
+        assert!(postcard::from_bytes::<Command>(&bytes[..bytes.len() / 2]).is_err());
         for (i, p) in parts.into_iter().enumerate() {
             apply(&mut st, 2 + i as u64, p).unwrap();
         }
