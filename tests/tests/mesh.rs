@@ -403,7 +403,16 @@ fn the_autoscaler_follows_cpu_load() {
     // one decision goes from 1 straight to 3 or more, not one step.
     assert!(to >= 3, "one decision from 1 to {to}: {reason}");
     assert!(reason.contains("CPU") && reason.contains("target 15%"), "{reason}");
-    running(&c, "burn", to as usize);
+    // The scale-up is honoured. The load still runs, so a later decision
+    // may ask for more again (panic mode scales up inside the cooldown):
+    // wait for the running count to meet whatever is desired, at least `to`.
+    wait_for(T, &format!("at least {to} running tasks of burn, as desired"), || {
+        let desired = inspect(&c, "burn")["replicas_desired"].as_u64().unwrap_or(0);
+        let all = c.cli_ok(0, &["service", "ps", "burn", "--format", "json"])?;
+        let n = all.as_array().map_or(0, |a| a.iter().filter(|t| t["state"] == "running" && t["desired_state"] == "running").count());
+        Ok((desired >= to && n as u64 == desired).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.log_tails()));
     // The load ends: back to --min after the cooldown, by the autoscaler.
     load.wait().unwrap();
     let down = wait_for(T, "burn back at --min", || {
