@@ -7,7 +7,7 @@
 //! RSS at steady state; then one agent dies and the time until it is marked
 //! down.
 //!
-//! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/agents [--agents 1000] [--tasks N] [--seconds 20]`
+//! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/agents [--agents 1000] [--tasks N] [--seconds 20] [--deaths 1]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,14 +33,18 @@ fn usage(pid: u32) -> (u64, u64) {
 /// Polls `f` every 250 ms until it answers (a listing of thousands of nodes
 /// is real work for the leader: the 100 ms of the tests' `wait_for` would
 /// weigh on what is measured).
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+fn poll<T>(timeout: Duration, what: &str, f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    poll_every(Duration::from_millis(250), timeout, what, f)
+}
+
+fn poll_every<T>(every: Duration, timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(v)) = f() {
             return Ok(v);
         }
         anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(every);
     }
 }
 
@@ -51,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     let n = arg("--agents", 1000);
     let total = arg("--tasks", n);
     let seconds = arg("--seconds", 20);
+    let deaths = arg("--deaths", 1);
     let c = Cluster::start(3, 0)?;
     println!("cluster {} ready: 3 managers, bridge {}, dir {}", c.id, c.bridge, c.dir.display());
     c.import_busybox(0, "bb:1")?;
@@ -62,8 +67,7 @@ fn main() -> anyhow::Result<()> {
     let pids: Vec<u32> = (0..3).filter_map(|i| c.hosts[i].pid()).collect();
     let idle: Vec<(u64, u64)> = pids.iter().map(|p| usage(*p)).collect();
     let t0 = Instant::now();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+    let (kill_tx, mut kill_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (killed_tx, killed_rx) = std::sync::mpsc::channel::<String>();
     // The agents live on a thread inside a host's namespace for the whole run.
     let agents = std::thread::spawn(move || {
@@ -85,13 +89,15 @@ fn main() -> anyhow::Result<()> {
                 for j in joins {
                     running.push(j.await??);
                 }
-                // One agent dies when asked (the last to join: sim-{n-1}).
-                tokio::task::spawn_blocking(move || kill_rx.recv()).await?.ok();
-                if let Some(h) = running.pop() {
-                    h.abort();
-                    let _ = killed_tx.send(format!("sim-{}", n - 1));
+                // An agent dies each time one is asked for (the last to
+                // join first: sim-{n-1}, sim-{n-2}, ...); the run ends when
+                // the sender is dropped.
+                while kill_rx.recv().await.is_some() {
+                    if let Some(h) = running.pop() {
+                        h.abort();
+                        let _ = killed_tx.send(format!("sim-{}", running.len()));
+                    }
                 }
-                tokio::task::spawn_blocking(move || stop_rx.recv()).await?.ok();
                 anyhow::Ok(())
             })
         })
@@ -136,23 +142,33 @@ fn main() -> anyhow::Result<()> {
             (rss.saturating_sub(joined_rss) * 1024) as f64 / total.max(1) as f64,
         );
     }
-    // One agent dies: how long until the leader marks it down.
+    // Agents die one at a time: how long until the leader marks each down.
     let period = c.cli_ok(0, &["cluster", "status", "--format", "json"])?;
-    let _ = kill_tx.send(());
-    let name = killed_rx.recv_timeout(Duration::from_secs(60))?;
-    let t2 = Instant::now();
-    poll(Duration::from_secs(300), "the dead agent marked down", || {
-        let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
-        let down = nodes.as_array().into_iter().flatten().any(|x| x["name"] == name.as_str() && x["status"] == "down");
-        Ok(down.then_some(()))
-    })?;
-    println!(
-        "{name} marked down {:.2} s after it stopped (heartbeat period {} ms at {} nodes)",
-        t2.elapsed().as_secs_f64(),
-        period["heartbeat_period_ms"].as_u64().unwrap_or(0),
-        n + 3
-    );
-    let _ = stop_tx.send(());
+    let mut downs = Vec::new();
+    for _ in 0..deaths.min(n) {
+        let _ = kill_tx.send(());
+        let name = killed_rx.recv_timeout(Duration::from_secs(60))?;
+        let t2 = Instant::now();
+        poll_every(Duration::from_millis(100), Duration::from_secs(300), "the dead agent marked down", || {
+            let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
+            let down = nodes.as_array().into_iter().flatten().any(|x| x["name"] == name.as_str() && x["status"] == "down");
+            Ok(down.then_some(()))
+        })?;
+        let took = t2.elapsed().as_secs_f64();
+        println!("{name} marked down {took:.2} s after it stopped");
+        downs.push(took);
+    }
+    downs.sort_by(f64::total_cmp);
+    if let (Some(min), Some(max)) = (downs.first(), downs.last()) {
+        println!(
+            "marked down after {:.2} s (median of {}; min {min:.2}, max {max:.2}) with a heartbeat period of {} ms at {} nodes",
+            downs[downs.len() / 2],
+            downs.len(),
+            period["heartbeat_period_ms"].as_u64().unwrap_or(0),
+            n + 3
+        );
+    }
+    drop(kill_tx);
     let _ = agents.join();
     Ok(())
 }

@@ -49,6 +49,10 @@ pub struct State {
     /// part of it, and every task of a version has the same one.
     #[serde(skip)]
     spec_pool: std::collections::HashMap<(String, u64), std::sync::Arc<shoal_proto::control::ServiceSpec>>,
+    /// Node name → id, kept in step by `apply` (a join checks that its
+    /// name is free in O(1), not by scanning every node).
+    #[serde(skip)]
+    node_names: std::collections::HashMap<String, u64>,
 }
 
 /// The last [`super::command::RECENT_REQUESTS`] request ids and what each
@@ -112,6 +116,7 @@ impl State {
     /// restart: they are not part of the replicated state).
     pub fn rebuild_index(&mut self) {
         self.index = TaskIndex::build(self.tasks.values());
+        self.node_names = self.nodes.values().map(|n| (n.name.clone(), n.id)).collect();
         self.spec_pool.clear();
         let ids: Vec<String> = self.tasks.keys().cloned().collect();
         for id in ids {
@@ -412,10 +417,11 @@ impl State {
                 changes.push(Change::Cluster);
                 changes.push(Change::Node(node.id));
                 self.cluster = Some(cluster);
+                self.node_names.insert(node.name.clone(), node.id);
                 self.nodes.insert(node.id, node);
             }
             Command::AddNode { mut node } => {
-                if self.nodes.values().any(|n| n.name == node.name && n.id != node.id) {
+                if self.node_names.get(&node.name).is_some_and(|&id| id != node.id && self.nodes.contains_key(&id)) {
                     return Err(ApplyError::NameTaken { kind: "node".into(), name: node.name });
                 }
                 node.version = index;
@@ -423,7 +429,12 @@ impl State {
                 node.updated_at_ms = now;
                 applied.ids.push(node.id.to_string());
                 changes.push(Change::Node(node.id));
-                self.nodes.insert(node.id, node);
+                self.node_names.insert(node.name.clone(), node.id);
+                if let Some(old) = self.nodes.insert(node.id, node)
+                    && self.nodes.get(&old.id).is_none_or(|n| n.name != old.name)
+                {
+                    self.node_names.remove(&old.name);
+                }
             }
             Command::UpdateNode { id, patch } => {
                 if !self.nodes.contains_key(&id) {
@@ -469,6 +480,9 @@ impl State {
                     return Err(ApplyError::Refused(Refusal::RemoveReady { node: node.name.clone() }));
                 }
                 if let Some(gone) = self.nodes.remove(&id) {
+                    if self.node_names.get(&gone.name) == Some(&id) {
+                        self.node_names.remove(&gone.name);
+                    }
                     self.revoke(gone.certs, index, now);
                 }
                 changes.push(Change::NodeRemoved(id));
@@ -1605,6 +1619,28 @@ mod tests {
         st.nodes.insert(9, NodeObj { status: NodeStatus::Down, ..NodeObj::new(9, "n9", Role::Worker, "") });
         apply(&mut st, 8, Command::RemoveNode { id: 9, force: true }).unwrap();
         assert!(!st.networks["front"].slices.contains_key(&9));
+    }
+
+    #[test]
+    fn node_names_are_unique_through_joins_removals_and_snapshots() {
+        let mut st = State::default();
+        let add = |id, name: &str| Command::AddNode { node: NodeObj::new(id, name, Role::Worker, "198.18.0.1:7700") };
+        apply(&mut st, 1, add(1, "a")).unwrap();
+        apply(&mut st, 2, add(2, "b")).unwrap();
+        assert!(matches!(apply(&mut st, 3, add(3, "a")), Err(ApplyError::NameTaken { .. })), "a second node named a");
+        assert!(!st.nodes.contains_key(&3), "a refused join changes nothing");
+        // The same node joining again (a retried write) keeps its name.
+        apply(&mut st, 4, add(1, "a")).unwrap();
+        st.nodes.get_mut(&2).unwrap().status = NodeStatus::Down;
+        apply(&mut st, 5, Command::RemoveNode { id: 2, force: false }).unwrap();
+        apply(&mut st, 6, add(4, "b")).unwrap();
+        assert_eq!(st.nodes[&4].name, "b", "a removed node's name is free again");
+        let names = |s: &State| s.node_names.clone().into_iter().collect::<BTreeMap<_, _>>();
+        assert_eq!(names(&st), BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 4)]));
+        let mut copy: State = crate::codec::decode(&crate::codec::encode(&st).unwrap()).unwrap();
+        copy.rebuild_index();
+        assert_eq!(names(&copy), names(&st), "a snapshot round trip rebuilds the names");
+        assert!(matches!(apply(&mut copy, 7, add(5, "b")), Err(ApplyError::NameTaken { .. })));
     }
 
     #[test]
