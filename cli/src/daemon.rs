@@ -348,4 +348,14 @@ mod tests {
             assert!(parse_dns_upstream(bad).is_err(), "{bad:?} accepted");
         }
     }
+
+    #[test]
+    fn heartbeat_timeouts_are_seconds_and_at_least_200_ms() {
+        assert_eq!(parse_timeout("5s"), Ok(std::time::Duration::from_secs(5)));
+        assert_eq!(parse_timeout("0.2"), Ok(std::time::Duration::from_millis(200)));
+        assert!(parse_timeout("0.1s").is_err_and(|e| e.contains("too short")));
+        for bad in ["", "s", "five", "-1s", "0s", "inf"] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }
