@@ -216,6 +216,8 @@ impl DispatcherService {
                 address_pool: s.address_pool().to_string(),
             })
         });
+        // A load report counts as long as its node counts as up.
+        self.manager.metrics.set_fresh(self.config.down_after.max(2 * facts.period));
         *cache = Some(facts.clone());
         facts
     }
@@ -404,11 +406,9 @@ fn attachments(t: &TaskObj, s: &State) -> Vec<NetworkAttachment> {
         .collect()
 }
 
-/// Every ready node with an overlay identity, with its slices of every
-/// network; and a version of that set (a hash: any leader computes the
-/// same one). Each agent leaves itself out.
-/// The version of the peer set [`peers_of`] gives, worked out without
-/// building it (the service view carries it on every node change).
+/// The version of the peer set [`peers_of`] gives (a hash: any leader
+/// computes the same one), worked out without building it: the service
+/// view works it out on every node change.
 fn peers_version(s: &State) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -423,6 +423,8 @@ fn peers_version(s: &State) -> u64 {
     h.finish().max(1)
 }
 
+/// Every ready node with an overlay identity, with its slices of every
+/// network; and the set's version. Each agent leaves itself out.
 fn peers_of(s: &State) -> (u64, Vec<Peer>) {
     let mut peers: Vec<Peer> = s
         .nodes
@@ -985,8 +987,6 @@ impl Dispatcher for DispatcherService {
             let rates: Vec<_> = r.rates.iter().take(s.services.len()).filter(|x| s.services.values().any(|svc| svc.spec.name == x.service)).cloned().collect();
             (usage, rates)
         });
-        // A report counts as long as its node counts as up.
-        self.manager.metrics.set_fresh(self.config.down_after.max(2 * facts.period));
         self.manager.metrics.record(r.node_id, &usage, &rates);
         let remove_volumes = if r.volumes_sent { self.record_volumes(&node.name, r.node_id, &r.volumes).await? } else { Vec::new() };
         let peers_changed = facts.peers_version != r.peers_version;
@@ -1127,6 +1127,45 @@ impl DispatcherService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_version_moves_with_the_peers_and_only_with_them() {
+        use crate::store::objects::NetworkObj;
+        let mut s = State::default();
+        for id in 1..=3 {
+            let mut n = NodeObj::new(id, &format!("n{id}"), Role::Worker, "198.18.0.1:7700");
+            n.status = NodeStatus::Ready;
+            n.overlay_key = format!("key{id}");
+            n.overlay_endpoint = format!("198.18.0.{id}:51820");
+            s.nodes.insert(id, n);
+        }
+        let v0 = peers_version(&s);
+        assert_eq!(peers_of(&s).0, v0, "the heartbeat's version and the view's are one");
+        s.nodes.get_mut(&2).unwrap().memory_bytes = 1 << 30;
+        assert_eq!(peers_version(&s), v0, "a resource refresh is no peer change");
+        let net = NetworkObj {
+            id: "id-front".into(),
+            name: "front".into(),
+            subnet: "100.64.0.0/24".into(),
+            gateway: String::new(),
+            internal: false,
+            labels: Default::default(),
+            slices: [(2, vec!["100.64.0.0/26".to_string()])].into(),
+            last_address: Default::default(),
+            version: 1,
+            created_at_ms: 0,
+        };
+        s.networks.insert("front".into(), net);
+        let v1 = peers_version(&s);
+        assert_ne!(v1, v0, "a new slice is a new allowed IP");
+        s.nodes.get_mut(&3).unwrap().status = NodeStatus::Down;
+        let v2 = peers_version(&s);
+        assert_ne!(v2, v1, "a node down leaves the peers");
+        s.nodes.get_mut(&3).unwrap().status = NodeStatus::Ready;
+        assert_eq!(peers_version(&s), v1, "and is back with the same version");
+        s.nodes.get_mut(&1).unwrap().overlay_endpoint = "198.18.0.9:51820".into();
+        assert_ne!(peers_version(&s), v1, "a moved endpoint");
+    }
 
     #[test]
     fn a_node_has_one_heartbeat_write_in_flight_at_a_time() {
