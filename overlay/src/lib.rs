@@ -348,6 +348,7 @@ impl Overlay {
     /// address pool (None: unchanged).
     pub async fn set_peers(&self, peers: Vec<PeerConfig>, pool: Option<(Ipv4Addr, u8)>) -> Result<(), OverlayError> {
         let want: BTreeSet<(Ipv4Addr, u8)> = peers.iter().flat_map(|p| p.allowed.iter().copied()).collect();
+        self.dp.set_peers(peers);
         let mut st = self.state.lock().await;
         let mut changed = false;
         if let Some((net, len)) = pool
@@ -357,22 +358,8 @@ impl Overlay {
             st.pool = pool;
             changed = true;
         }
-        // Tasks behind slices that go away (a node down or removed) leave
-        // the rotation before their routes and peer do: a connection
-        // balanced to one in between would be refused with "network
-        // unreachable" instead of going to a task that is there.
-        let gone: Vec<(Ipv4Addr, u8)> = st.routes.difference(&want).copied().collect();
-        if !gone.is_empty() {
-            st.routes.retain(|r| want.contains(r));
-            self.apply_rules(&mut st).await?;
-        }
-        self.dp.set_peers(peers);
-        for (net, len) in &gone {
-            if let Err(e) = self.nl.del_route_dev(*net, *len, self.tun_index).await {
-                // Still in the kernel: the next peer update removes it.
-                st.routes.insert((*net, *len));
-                return Err(e.into());
-            }
+        for (net, len) in st.routes.difference(&want) {
+            self.nl.del_route_dev(*net, *len, self.tun_index).await?;
         }
         for (net, len) in want.difference(&st.routes) {
             self.nl.add_route_dev(*net, *len, self.tun_index).await?;
