@@ -8,6 +8,7 @@
 //! its session with the managers and hands them here; nothing in this crate
 //! talks to a manager.
 
+pub mod conntrack;
 pub mod dataplane;
 pub mod dns;
 pub mod firewall;
@@ -40,6 +41,8 @@ pub enum OverlayError {
     Nft(String),
     #[error("invalid network attachment: {0}")]
     BadAttachment(String),
+    #[error(transparent)]
+    Conntrack(#[from] conntrack::ConntrackError),
 }
 
 /// The WireGuard device's name.
@@ -233,6 +236,9 @@ struct State {
     members: BTreeMap<String, BTreeSet<String>>,
     /// Routes to peers' slices through the TUN.
     routes: BTreeSet<(Ipv4Addr, u8)>,
+    /// Of `routes`, those of peers on their way out: their tasks are no
+    /// longer in the rules.
+    leaving: BTreeSet<(Ipv4Addr, u8)>,
     /// The managers' service view, last received.
     services: Vec<ServiceEntry>,
     /// The addresses of the tasks attached on this node.
@@ -348,7 +354,6 @@ impl Overlay {
     /// address pool (None: unchanged).
     pub async fn set_peers(&self, peers: Vec<PeerConfig>, pool: Option<(Ipv4Addr, u8)>) -> Result<(), OverlayError> {
         let want: BTreeSet<(Ipv4Addr, u8)> = peers.iter().flat_map(|p| p.allowed.iter().copied()).collect();
-        self.dp.set_peers(peers);
         let mut st = self.state.lock().await;
         let mut changed = false;
         if let Some((net, len)) = pool
@@ -358,12 +363,32 @@ impl Overlay {
             st.pool = pool;
             changed = true;
         }
-        for (net, len) in st.routes.difference(&want) {
+        // A peer that goes (down or removed) leaves in this order: its
+        // tasks out of the rules, the connections to them out of conntrack
+        // (a client reusing a port would follow its stale entry there),
+        // then its tunnel and routes. New connections meet live tasks
+        // all the while, never a missing route.
+        let leaving: BTreeSet<(Ipv4Addr, u8)> = st.routes.difference(&want).copied().collect();
+        if !leaving.is_empty() {
+            st.leaving = leaving.clone();
+            self.apply_rules(&mut st).await?;
+            let nets: Vec<(Ipv4Addr, u8)> = leaving.iter().copied().collect();
+            match blocking("forgetting connections to leaving peers", move || conntrack::forget_replies_from(&nets).map_err(OverlayError::from)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(connections = n, slices = ?leaving, "connections to a leaving peer's tasks forgotten"),
+                // Not fatal: such a connection's SYN goes unanswered, and
+                // the client's next connection from another port works.
+                Err(e) => tracing::warn!(error = %e, slices = ?leaving, "could not forget the connections to a leaving peer's tasks"),
+            }
+        }
+        self.dp.set_peers(peers);
+        for (net, len) in &leaving {
             self.nl.del_route_dev(*net, *len, self.tun_index).await?;
         }
         for (net, len) in want.difference(&st.routes) {
             self.nl.add_route_dev(*net, *len, self.tun_index).await?;
         }
+        st.leaving.clear();
         if st.routes != want {
             // Tasks on slices that just became reachable join the rotation.
             st.routes = want;
@@ -385,7 +410,8 @@ impl Overlay {
         // be dropped, and the client would wait for a SYN retransmit.
         let here: BTreeSet<Ipv4Addr> = st.local.values().flatten().copied().collect();
         let routable = |a: &Ipv4Addr| {
-            here.contains(a) || st.routes.iter().any(|(net, len)| u32::from(*a) & prefix_mask(*len) == u32::from(*net) & prefix_mask(*len))
+            here.contains(a)
+                || st.routes.difference(&st.leaving).any(|(net, len)| u32::from(*a) & prefix_mask(*len) == u32::from(*net) & prefix_mask(*len))
         };
         let services: Vec<ServiceEntry> = st
             .services
@@ -501,7 +527,7 @@ impl Overlay {
     /// since the rule set was last written (a smaller number than before
     /// means it was rewritten meanwhile).
     pub async fn mesh_counters(&self) -> Result<BTreeMap<String, u64>, OverlayError> {
-        if !self.state.lock().await.rules_applied.as_ref().is_some_and(|r| !r.publish.is_empty()) {
+        if self.state.lock().await.rules_applied.as_ref().is_none_or(|r| r.publish.is_empty()) {
             return Ok(BTreeMap::new());
         }
         tokio::task::spawn_blocking(firewall::counters)

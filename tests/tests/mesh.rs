@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_tests::{client_address, http_get, http_get_on, node_addr, wait_for, Cluster, CLIENT_IP};
+use shoal_tests::{client_address, http_get, http_get_on, node_addr, sh, wait_for, Cluster, CLIENT_IP};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -42,11 +42,12 @@ fn create(c: &Cluster, args: &[&str], cmd: &[String]) {
 /// A TCP connection from [`CLIENT_IP`]:`port` (shared with other sockets
 /// of this test, as a client's kernel may reuse one port toward several
 /// destinations).
-fn connect_from(port: u16, to: SocketAddr) -> Result<TcpStream, String> {
+fn connect_from(port: u16, to: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
     use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
     let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(|e| e.to_string())?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
-    setsockopt(&fd, sockopt::SendTimeout, &nix::sys::time::TimeVal::new(5, 0)).map_err(|e| e.to_string())?;
+    let timeout = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+    setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| e.to_string())?;
     let ip: std::net::Ipv4Addr = CLIENT_IP.parse().map_err(|e| format!("{e}"))?;
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(std::net::SocketAddrV4::new(ip, port))).map_err(|e| format!("bind: {e}"))?;
     let SocketAddr::V4(to) = to else { return Err("IPv4 only".into()) };
@@ -122,6 +123,48 @@ impl Load {
     }
 }
 
+/// A connection attempt the mesh sent to a task on a node that then died
+/// leaves a conntrack entry on the ingress node (its SYN never answered,
+/// kept for two minutes). A client whose kernel hands it the same source
+/// port again reaches a live task, instead of following that entry to the
+/// dead node (refused as unreachable once the node's routes are gone).
+#[test]
+fn a_reused_client_port_reaches_a_live_task_after_its_node_died() {
+    let c = Cluster::start(3, 2).unwrap();
+    client_address(&c);
+    c.import_busybox(0, "busybox:latest").unwrap();
+    create(&c, &["--name", "web", "--publish", "8080:80", "--constraint", "node.name==n4"], &page_server("busybox:latest"));
+    running(&c, "web", 1);
+    let ingress = node_addr(&c, 0, 8080);
+    wait_for(T, "the page through n0", || Ok(http_get(ingress, "/").ok())).unwrap();
+    c.set_link(4, false).unwrap();
+    // n0 still sends connections to n4's task: this one's SYN goes
+    // unanswered. A port outside the ephemeral range, no other socket's
+    // (one per test process: an earlier run's may linger).
+    let port = 62_000 + (std::process::id() % 3000) as u16;
+    let stuck = connect_from(port, ingress, Duration::from_secs(1));
+    assert!(stuck.is_err(), "n4 is cut off, yet the connection through n0 opened");
+    wait_for(T, "n4 to be down", || {
+        let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
+        Ok(nodes.as_array().and_then(|a| a.iter().find(|n| n["name"] == "n4")).is_some_and(|n| n["status"] == "down").then_some(()))
+    })
+    .unwrap();
+    c.cli_ok(0, &["service", "update", "web", "--constraint-rm", "node.name==n4", "--constraint-add", "node.name==n3"]).unwrap();
+    let tasks = running(&c, "web", 1);
+    assert_eq!(tasks[0]["node"], "n3", "{tasks:?}");
+    wait_for(T, "the page through n0 from the task on n3", || Ok(http_get(ingress, "/").ok())).unwrap();
+    let mut again = connect_from(port, ingress, Duration::from_secs(5)).unwrap_or_else(|e| panic!("port {port} again through n0: {e}\n{}", c.log_tails()));
+    let body = http_get_on(&mut again, "/").unwrap_or_else(|e| panic!("port {port} again through n0: {e}\n{}", c.log_tails()));
+    assert!(body.starts_with("served by web-1"), "{body}");
+    // Closed while the cluster is up, so the socket doesn't linger.
+    drop(again);
+    wait_for(T, &format!("the client socket on port {port} to close"), || {
+        Ok(sh("ss", &["-tanH", "state", "all", &format!("sport = :{port}")]).is_ok_and(|out| out.trim().is_empty()).then_some(()))
+    })
+    .unwrap();
+    c.set_link(4, true).unwrap();
+}
+
 /// Every node forwards a published port to the tasks wherever they run,
 /// the task sees the client's own address, host mode binds only where a
 /// task runs, and bad input changes nothing.
@@ -179,7 +222,7 @@ fn published_ports_answer_on_every_node_with_the_client_address() {
     for port in [61_001u16, 2_001] {
         let conns: Vec<TcpStream> = [0, 1, 3]
             .iter()
-            .map(|i| connect_from(port, node_addr(&c, *i, 9393)).unwrap_or_else(|e| panic!("port {port} to n{i}: {e}")))
+            .map(|i| connect_from(port, node_addr(&c, *i, 9393), Duration::from_secs(5)).unwrap_or_else(|e| panic!("port {port} to n{i}: {e}")))
             .collect();
         for (mut s, i) in conns.into_iter().zip([0, 1, 3]) {
             let body = http_get_on(&mut s, "/").unwrap_or_else(|e| panic!("port {port} through n{i}: {e}\n{}", c.log_tails()));
