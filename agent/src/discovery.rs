@@ -17,6 +17,9 @@ pub(crate) struct Discovery {
     pub overlay: Arc<Overlay>,
     pub manager: watch::Receiver<Option<String>>,
     pub shutdown: watch::Receiver<bool>,
+    /// The managers' peer set version, as the view last said: the session
+    /// heartbeats early to fetch peers newer than its own.
+    pub peers_version: watch::Sender<u64>,
 }
 
 /// The view's records as the overlay takes them; a record the managers
@@ -92,6 +95,10 @@ impl Discovery {
                 _ = self.shutdown.changed() => return Ok(()),
             };
             let Some(view) = msg else { return Ok(()) };
+            self.peers_version.send_if_modified(|v| std::mem::replace(v, view.peers_version) != view.peers_version);
+            if view.same_records {
+                continue;
+            }
             if let Err(e) = self.overlay.set_services(entries(view.records)).await {
                 tracing::warn!(error = %e, "could not apply the service view");
             }

@@ -182,6 +182,7 @@ impl Agent {
         } else {
             id.managers.clone()
         };
+        let (peers_tx, peers_rx) = tokio::sync::watch::channel(0u64);
         let discovery = overlay.clone().map(|o| {
             tokio::spawn(
                 crate::discovery::Discovery {
@@ -190,6 +191,7 @@ impl Agent {
                     overlay: o,
                     manager: current_rx.clone(),
                     shutdown: stop_rx.clone(),
+                    peers_version: peers_tx,
                 }
                 .run(),
             )
@@ -207,6 +209,7 @@ impl Agent {
             overlay,
             load: Arc::new(crate::load::LoadMeter::new(self.executor.clone())),
             volumes,
+            peers_wanted: peers_rx,
         }));
         let exit = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => AgentExit::Shutdown,

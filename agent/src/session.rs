@@ -34,6 +34,11 @@ pub(crate) struct Session {
     /// The node's named volumes: reported with their sizes every
     /// VOLUME_REPORT, and deleted when the managers say they are gone.
     pub volumes: Arc<crate::volume::Volumes>,
+    /// The peer set version the service view says the managers have: when
+    /// it is not the one applied, the next heartbeat comes early (no sooner
+    /// than the managers' `soonest_ms`), so a node that joins or comes back
+    /// is a peer everywhere in well under a period.
+    pub peers_wanted: tokio::sync::watch::Receiver<u64>,
 }
 
 /// How often the volumes' sizes are measured and sent.
@@ -55,6 +60,8 @@ fn resources() -> Resources {
 pub(crate) async fn run(mut s: Session) {
     let res = resources();
     let mut period = Duration::from_millis(500);
+    let mut soonest = Duration::from_millis(500);
+    let mut last_ok = tokio::time::Instant::now();
     let mut idx = 0usize;
     let mut preferred: Option<String> = None;
     // The peer set applied to the overlay (0: none yet).
@@ -102,6 +109,8 @@ pub(crate) async fn run(mut s: Session) {
                         volumes_at = Some(std::time::Instant::now());
                     }
                     period = Duration::from_millis(r.period_ms.clamp(100, 10_000));
+                    soonest = Duration::from_millis(r.soonest_ms.clamp(100, 10_000)).min(period);
+                    last_ok = tokio::time::Instant::now();
                     let (managers, role, cert) = (r.managers, Role::parse(&r.role), r.cert_pem);
                     if r.peers_changed
                         && let Some(o) = &s.overlay
@@ -163,8 +172,18 @@ pub(crate) async fn run(mut s: Session) {
         // Jittered, so that a cluster's agents spread over the period
         // instead of arriving together (after a leader change, say).
         let wait = if ok { jitter.within(period) } else { Duration::from_millis(200) };
+        let mut wanted = s.peers_wanted.clone();
+        let stale_peers = async {
+            // Peers newer than ours exist: fetch them once the managers
+            // allow another heartbeat.
+            if wanted.wait_for(|v| *v != 0 && *v != peers_version).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep_until(last_ok + soonest).await;
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = stale_peers, if ok && s.overlay.is_some() => tracing::debug!("the service view says the overlay peers changed: heartbeating early"),
             _ = s.shutdown.changed() => return,
         }
     }

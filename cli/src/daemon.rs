@@ -63,8 +63,10 @@ pub struct DaemonArgs {
     /// of /etc/subuid and /etc/subgid; `START:SIZE` names a range.
     #[arg(long = "userns-remap", value_name = "default|START:SIZE", value_parser = shoal_agent::userns::parse_remap)]
     userns_remap: Option<shoal_agent::userns::IdMap>,
-    /// A node that misses heartbeats this long is marked down.
-    #[arg(long, default_value = "5s", value_parser = parse_secs)]
+    /// A node that misses heartbeats this long is marked down. Agents
+    /// heartbeat every half of it (less often past 5,000 nodes, so the
+    /// leader answers at most ~2,000 heartbeats a second).
+    #[arg(long, default_value = "5s", value_parser = parse_timeout)]
     heartbeat_timeout: std::time::Duration,
     /// Fault injection for tests: drop the answers to this many writes
     /// forwarded to this manager, after applying them.
@@ -96,6 +98,16 @@ fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
     // Loopback is fine here: the daemon asks from the node's own
     // namespace (unlike resolv.conf's, which tasks would read).
     Ok(addr)
+}
+
+/// `--heartbeat-timeout`: at least 200 ms (agents heartbeat every half of
+/// it, and no faster than every 100 ms).
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_secs(s)?;
+    if d < std::time::Duration::from_millis(200) {
+        return Err(format!("--heartbeat-timeout {s:?} is too short: at least 0.2s"));
+    }
+    Ok(d)
 }
 
 fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
@@ -260,7 +272,7 @@ async fn run_node(
             data_dir: dir.to_path_buf(),
             identity: identity.clone(),
             listen: args.listen,
-            dispatcher: DispatcherConfig { down_after: args.heartbeat_timeout, ..Default::default() },
+            dispatcher: DispatcherConfig::with_timeout(args.heartbeat_timeout),
             init: init.then(|| InitNode {
                 labels: labels.clone(),
                 availability: Availability::parse(&args.availability).unwrap_or(Availability::Active),
@@ -334,6 +346,16 @@ mod tests {
         assert_eq!(parse_dns_upstream("198.18.0.1:5353"), Ok(SocketAddr::from(([198, 18, 0, 1], 5353))));
         for bad in ["", "resolver", "::1", "[::1]:53", "0.0.0.0", "198.18.0.1:0", "198.18.0.1:x"] {
             assert!(parse_dns_upstream(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn heartbeat_timeouts_are_seconds_and_at_least_200_ms() {
+        assert_eq!(parse_timeout("5s"), Ok(std::time::Duration::from_secs(5)));
+        assert_eq!(parse_timeout("0.2"), Ok(std::time::Duration::from_millis(200)));
+        assert!(parse_timeout("0.1s").is_err_and(|e| e.contains("too short")));
+        for bad in ["", "s", "five", "-1s", "0s", "inf"] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -31,14 +31,25 @@ use crate::store::{Change, Command, NodePatch, State};
 /// Dispatcher timing.
 #[derive(Clone, Copy, Debug)]
 pub struct DispatcherConfig {
-    /// How often agents heartbeat.
+    /// How often agents heartbeat (in a cluster small enough that the
+    /// leader keeps up; see [`heartbeat_period`]).
     pub period: Duration,
-    /// A node that misses heartbeats this long is marked down (Swarm's
-    /// default is 5 s too: 5 × its heartbeat period).
+    /// A node that misses heartbeats this long is marked down.
     pub down_after: Duration,
 }
 
+/// How often the leader looks for silent nodes: a dead node is marked down
+/// at most this long after its `down_after` ran out.
+const DOWN_CHECK: Duration = Duration::from_millis(250);
+
 impl DispatcherConfig {
+    /// Timing for `--heartbeat-timeout`: agents heartbeat every half of it,
+    /// so a node is down after two missed periods (Swarm's 5 s is the
+    /// default timeout, with a 2.5 s period).
+    pub fn with_timeout(down_after: Duration) -> Self {
+        DispatcherConfig { period: (down_after / 2).max(Duration::from_millis(100)), down_after }
+    }
+
     /// The heartbeat period for a cluster of `nodes`.
     pub fn period_for(&self, nodes: usize) -> Duration {
         heartbeat_period(self.period, nodes)
@@ -54,7 +65,7 @@ impl DispatcherConfig {
 
 impl Default for DispatcherConfig {
     fn default() -> Self {
-        DispatcherConfig { period: Duration::from_millis(500), down_after: Duration::from_secs(5) }
+        DispatcherConfig::with_timeout(Duration::from_secs(5))
     }
 }
 
@@ -75,7 +86,7 @@ pub struct DispatcherService {
     /// What heartbeats answer with, worked out once per topology version.
     facts: Arc<Mutex<Option<Arc<HeartbeatFacts>>>>,
     hub: Arc<Hub>,
-    views: tokio::sync::watch::Receiver<Arc<ServiceView>>,
+    views: tokio::sync::watch::Receiver<Arc<Views>>,
     /// Heartbeats answered while leading (the down-detector's check on
     /// itself).
     answered: Arc<std::sync::atomic::AtomicU64>,
@@ -109,6 +120,9 @@ impl Drop for NodeWrite {
 struct HeartbeatFacts {
     topology: u64,
     period: Duration,
+    /// The earliest an agent that heard its peers changed may heartbeat
+    /// again.
+    soonest: Duration,
     managers: Vec<String>,
     managers_version: u64,
     /// Every ready node with an overlay identity (an agent leaves itself
@@ -148,6 +162,10 @@ fn kept_up(history: &mut std::collections::VecDeque<(Instant, u64)>, now: Instan
 /// the cluster past this (Nomad's `max_heartbeats_per_second` idea).
 const MAX_HEARTBEATS_PER_SEC: u64 = 2000;
 
+/// How soon an agent may heartbeat again to fetch peers the service view
+/// says changed (in a small cluster; the rate cap applies past that).
+const EARLY_HEARTBEAT: Duration = Duration::from_millis(500);
+
 /// The heartbeat period for a cluster of `nodes` with base period `base`:
 /// `base` until the leader would answer more than
 /// [`MAX_HEARTBEATS_PER_SEC`], then long enough that it answers that many.
@@ -170,7 +188,7 @@ impl DispatcherService {
         let hub = Arc::new(Hub::default());
         let store = manager.store.clone();
         tokio::spawn(hub.clone().route(store.clone(), store.watch(), shutdown.clone()));
-        let (views_tx, views) = tokio::sync::watch::channel(Arc::new(ServiceView::default()));
+        let (views_tx, views) = tokio::sync::watch::channel(Arc::new(Views::default()));
         tokio::spawn(build_views(store.clone(), store.watch(), views_tx, shutdown.clone()));
         DispatcherService { manager, config, last_seen: Default::default(), identity_warned: Default::default(), shutdown, ca: Default::default(), facts: Default::default(), hub, views, answered: Default::default(), writing: Default::default() }
     }
@@ -190,6 +208,7 @@ impl DispatcherService {
             Arc::new(HeartbeatFacts {
                 topology,
                 period: self.config.period_for(s.nodes.len()),
+                soonest: heartbeat_period(EARLY_HEARTBEAT, s.nodes.len()),
                 managers,
                 managers_version: h.finish().max(1),
                 peers,
@@ -197,6 +216,8 @@ impl DispatcherService {
                 address_pool: s.address_pool().to_string(),
             })
         });
+        // A load report counts as long as its node counts as up.
+        self.manager.metrics.set_fresh(self.config.down_after.max(2 * facts.period));
         *cache = Some(facts.clone());
         facts
     }
@@ -227,7 +248,7 @@ impl DispatcherService {
     /// While this manager leads, marks nodes down when their heartbeats stop.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut was_leader = false;
-        let mut tick = tokio::time::interval(self.config.period);
+        let mut tick = tokio::time::interval(DOWN_CHECK.min(self.config.period));
         // (when, heartbeats answered by then): how many this leader answered
         // over the last down time.
         let mut answered_at: std::collections::VecDeque<(Instant, u64)> = std::collections::VecDeque::new();
@@ -385,11 +406,26 @@ fn attachments(t: &TaskObj, s: &State) -> Vec<NetworkAttachment> {
         .collect()
 }
 
-/// Every ready node with an overlay identity, with its slices of every
-/// network; and a version of that set (a hash: any leader computes the
-/// same one). Each agent leaves itself out.
-fn peers_of(s: &State) -> (u64, Vec<Peer>) {
+/// The version of the peer set [`peers_of`] gives (a hash: any leader
+/// computes the same one), worked out without building it: the service
+/// view works it out on every node change.
+fn peers_version(s: &State) -> u64 {
     use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    // `nodes` is in id order, as the peer list is.
+    for n in s.nodes.values().filter(|n| n.status == NodeStatus::Ready && !n.overlay_key.is_empty()) {
+        (n.id, &n.overlay_key, &n.overlay_endpoint).hash(&mut h);
+        for ip in s.networks.values().filter_map(|net| net.slices.get(&n.id)).flatten() {
+            ip.hash(&mut h);
+        }
+        0xffu8.hash(&mut h);
+    }
+    h.finish().max(1)
+}
+
+/// Every ready node with an overlay identity, with its slices of every
+/// network; and the set's version. Each agent leaves itself out.
+fn peers_of(s: &State) -> (u64, Vec<Peer>) {
     let mut peers: Vec<Peer> = s
         .nodes
         .values()
@@ -403,11 +439,7 @@ fn peers_of(s: &State) -> (u64, Vec<Peer>) {
         })
         .collect();
     peers.sort_by_key(|p| p.node_id);
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for p in &peers {
-        (p.node_id, &p.public_key, &p.endpoint, &p.allowed_ips).hash(&mut h);
-    }
-    (h.finish().max(1), peers)
+    (peers_version(s), peers)
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -439,7 +471,7 @@ fn service_view(s: &State) -> ServiceView {
             });
         }
     }
-    ServiceView { records }
+    ServiceView { records, ..Default::default() }
 }
 
 /// What the router hands one node's assignment stream.
@@ -561,42 +593,58 @@ impl Drop for Subscription {
 async fn build_views(
     store: crate::store::Store,
     mut events: tokio::sync::broadcast::Receiver<Arc<crate::store::Event>>,
-    out: tokio::sync::watch::Sender<Arc<ServiceView>>,
+    out: tokio::sync::watch::Sender<Arc<Views>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     use tokio::sync::broadcast::error::RecvError;
+    // What to work out again: the records, the peer set's version.
+    let (mut records, mut peers) = (true, true);
     loop {
-        let view = store.read(service_view);
+        let (view, version) = store.read(|s| (records.then(|| service_view(s)), peers.then(|| peers_version(s))));
         out.send_if_modified(|v| {
-            let changed = **v != view;
+            let records = match view {
+                Some(r) if *v.records != r => Arc::new(r),
+                _ => v.records.clone(),
+            };
+            let peers_version = version.unwrap_or(v.peers_version);
+            let changed = !Arc::ptr_eq(&records, &v.records) || peers_version != v.peers_version;
             if changed {
-                *v = Arc::new(view);
+                *v = Arc::new(Views { records, peers_version });
             }
             changed
         });
-        loop {
+        (records, peers) = (false, false);
+        while !records && !peers {
             let Some(ev) = next_event(&mut events, &mut shutdown).await else { return };
             match ev {
-                Ok(ev) => {
-                    let moves = store.read(|s| {
-                        ev.changes.iter().any(|c| match c {
-                            Change::Service(_) | Change::ServiceRemoved(_) | Change::Network(_) | Change::NetworkRemoved(_) => true,
-                            Change::Task(id) => s.tasks.get(id).is_none_or(|t| !t.spec.networks.is_empty()),
-                            Change::TaskRemoved(..) => true,
-                            _ => false,
-                        })
-                    });
-                    if moves {
-                        break;
+                Ok(ev) => store.read(|s| {
+                    for c in &ev.changes {
+                        match c {
+                            Change::Service(_) | Change::ServiceRemoved(_) | Change::TaskRemoved(..) => records = true,
+                            Change::Task(id) => records |= s.tasks.get(id).is_none_or(|t| !t.spec.networks.is_empty()),
+                            // A network's slices are peers' allowed IPs.
+                            Change::Network(_) | Change::NetworkRemoved(_) => (records, peers) = (true, true),
+                            Change::Node(_) | Change::NodeRemoved(_) | Change::Cluster => peers = true,
+                            _ => {}
+                        }
                     }
-                }
-                Err(RecvError::Lagged(_)) => break,
+                }),
+                Err(RecvError::Lagged(_)) => (records, peers) = (true, true),
                 Err(RecvError::Closed) => return,
             }
         }
         // Let the rest of a burst land first.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// What the service view streams send: the records and the peer set's
+/// version (a change to either is one message; records unchanged since a
+/// stream's last message are not sent again).
+#[derive(Default)]
+struct Views {
+    records: Arc<ServiceView>,
+    peers_version: u64,
 }
 
 /// At most this many task ids an agent may say it has.
@@ -624,9 +672,15 @@ impl DispatcherService {
     async fn stream_services(self, tx: tokio::sync::mpsc::Sender<Result<ServiceView, Status>>) {
         let mut views = self.views.clone();
         let mut shutdown = self.shutdown.clone();
+        let mut sent: Option<Arc<ServiceView>> = None;
         loop {
-            let view = views.borrow_and_update().clone();
-            if tx.send(Ok((*view).clone())).await.is_err() {
+            let v = views.borrow_and_update().clone();
+            let msg = match &sent {
+                Some(r) if Arc::ptr_eq(r, &v.records) => ServiceView { records: Vec::new(), peers_version: v.peers_version, same_records: true },
+                _ => ServiceView { records: v.records.records.clone(), peers_version: v.peers_version, same_records: false },
+            };
+            sent = Some(v.records.clone());
+            if tx.send(Ok(msg)).await.is_err() {
                 return;
             }
             tokio::select! {
@@ -860,8 +914,10 @@ impl Dispatcher for DispatcherService {
                 return Err(shoal_security::trust::revoked_status(&peer.cert));
             }
             let ca_pem = self.manager.store.read(|s| s.cluster.as_ref().map(|c| c.trust_bundle().to_string())).unwrap_or_default();
+            let facts = self.heartbeat_facts();
             return Ok(Response::new(HeartbeatResponse {
-                period_ms: self.heartbeat_facts().period.as_millis() as u64,
+                period_ms: facts.period.as_millis() as u64,
+                soonest_ms: facts.soonest.as_millis() as u64,
                 role: node.role.as_str().into(),
                 cert_pem,
                 ca_pem,
@@ -948,6 +1004,7 @@ impl Dispatcher for DispatcherService {
         };
         Ok(Response::new(HeartbeatResponse {
             period_ms: facts.period.as_millis() as u64,
+            soonest_ms: facts.soonest.as_millis() as u64,
             managers: if managers_changed { facts.managers.clone() } else { Vec::new() },
             managers_version: facts.managers_version,
             role: node.role.as_str().into(),
@@ -1070,6 +1127,45 @@ impl DispatcherService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_version_moves_with_the_peers_and_only_with_them() {
+        use crate::store::objects::NetworkObj;
+        let mut s = State::default();
+        for id in 1..=3 {
+            let mut n = NodeObj::new(id, &format!("n{id}"), Role::Worker, "198.18.0.1:7700");
+            n.status = NodeStatus::Ready;
+            n.overlay_key = format!("key{id}");
+            n.overlay_endpoint = format!("198.18.0.{id}:51820");
+            s.nodes.insert(id, n);
+        }
+        let v0 = peers_version(&s);
+        assert_eq!(peers_of(&s).0, v0, "the heartbeat's version and the view's are one");
+        s.nodes.get_mut(&2).unwrap().memory_bytes = 1 << 30;
+        assert_eq!(peers_version(&s), v0, "a resource refresh is no peer change");
+        let net = NetworkObj {
+            id: "id-front".into(),
+            name: "front".into(),
+            subnet: "100.64.0.0/24".into(),
+            gateway: String::new(),
+            internal: false,
+            labels: Default::default(),
+            slices: [(2, vec!["100.64.0.0/26".to_string()])].into(),
+            last_address: Default::default(),
+            version: 1,
+            created_at_ms: 0,
+        };
+        s.networks.insert("front".into(), net);
+        let v1 = peers_version(&s);
+        assert_ne!(v1, v0, "a new slice is a new allowed IP");
+        s.nodes.get_mut(&3).unwrap().status = NodeStatus::Down;
+        let v2 = peers_version(&s);
+        assert_ne!(v2, v1, "a node down leaves the peers");
+        s.nodes.get_mut(&3).unwrap().status = NodeStatus::Ready;
+        assert_eq!(peers_version(&s), v1, "and is back with the same version");
+        s.nodes.get_mut(&1).unwrap().overlay_endpoint = "198.18.0.9:51820".into();
+        assert_ne!(peers_version(&s), v1, "a moved endpoint");
+    }
 
     #[test]
     fn a_node_has_one_heartbeat_write_in_flight_at_a_time() {
