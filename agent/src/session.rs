@@ -64,8 +64,10 @@ pub(crate) async fn run(mut s: Session) {
     let mut last_ok = tokio::time::Instant::now();
     let mut idx = 0usize;
     let mut preferred: Option<String> = None;
-    // The peer set applied to the overlay (0: none yet).
+    // The peer set applied to the overlay (0: none yet), as the managers
+    // sent it (this node included): deltas apply to it.
     let mut peers_version = 0u64;
+    let mut peers: std::collections::BTreeMap<u64, Peer> = std::collections::BTreeMap::new();
     // The manager list in `s.managers` as the managers versioned it (0: not
     // from them yet); they send the list only when it changed.
     let mut managers_version = 0u64;
@@ -119,8 +121,11 @@ pub(crate) async fn run(mut s: Session) {
                         if pool.is_none() && !r.address_pool.is_empty() {
                             tracing::warn!(pool = %r.address_pool, "the managers sent an address pool that is no IPv4 CIDR: routing-mesh clients are refused");
                         }
-                        match o.set_peers(peer_configs(s.node_id, &r.peers), pool).await {
-                            Ok(()) => peers_version = r.peers_version,
+                        tracing::debug!(delta = r.peers_delta, sent = r.peers.len(), removed = r.peers_removed.len(), "overlay peers changed");
+                        let next = apply_peers(&peers, r.peers_delta, r.peers, &r.peers_removed);
+                        let list: Vec<Peer> = next.values().cloned().collect();
+                        match o.set_peers(peer_configs(s.node_id, &list), pool).await {
+                            Ok(()) => (peers_version, peers) = (r.peers_version, next),
                             Err(e) => tracing::warn!(error = %e, "could not apply the overlay peers; retrying"),
                         }
                     }
@@ -248,6 +253,7 @@ async fn heartbeat(
         overlay_key: s.overlay.as_ref().map(|o| o.public_key().to_string()).unwrap_or_default(),
         overlay_endpoint: s.overlay.as_ref().map(|o| o.endpoint().to_string()).unwrap_or_default(),
         peers_version,
+        accepts_peer_deltas: s.overlay.is_some(),
         managers_version,
         usage,
         rates,
@@ -268,6 +274,17 @@ async fn heartbeat(
             _ => Err(HbError::Other(st.message().to_string())),
         },
     }
+}
+
+/// The peer set after a heartbeat's answer: `sent` replaces `had`, or,
+/// as a delta, adds or replaces the peers in it and drops `removed`.
+fn apply_peers(had: &std::collections::BTreeMap<u64, Peer>, delta: bool, sent: Vec<Peer>, removed: &[u64]) -> std::collections::BTreeMap<u64, Peer> {
+    let mut next = if delta { had.clone() } else { std::collections::BTreeMap::new() };
+    for id in removed {
+        next.remove(id);
+    }
+    next.extend(sent.into_iter().map(|p| (p.node_id, p)));
+    next
 }
 
 /// The managers' peers as the data plane takes them; a peer the managers
@@ -323,5 +340,24 @@ impl Jitter {
         self.0 ^= self.0 << 17;
         let quarter = period / 4;
         period - quarter.mul_f64((self.0 % 1024) as f64 / 1024.0)
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+
+    fn peer(id: u64, endpoint: &str) -> Peer {
+        Peer { node_id: id, name: format!("n{id}"), public_key: String::new(), endpoint: endpoint.into(), allowed_ips: Vec::new() }
+    }
+
+    #[test]
+    fn whole_lists_replace_and_deltas_patch() {
+        let had: std::collections::BTreeMap<u64, Peer> = (1..=3).map(|i| (i, peer(i, "a"))).collect();
+        let whole = apply_peers(&had, false, vec![peer(7, "a")], &[]);
+        assert_eq!(whole.keys().copied().collect::<Vec<_>>(), vec![7]);
+        let patched = apply_peers(&had, true, vec![peer(2, "b"), peer(4, "a")], &[1]);
+        assert_eq!(patched.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(patched[&2].endpoint, "b");
     }
 }

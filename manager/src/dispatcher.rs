@@ -125,10 +125,16 @@ struct HeartbeatFacts {
     soonest: Duration,
     managers: Vec<String>,
     managers_version: u64,
-    /// Every ready node with an overlay identity (an agent leaves itself
-    /// out).
-    peers: Vec<Peer>,
+    /// Every ready node with an overlay identity, by node id (an agent
+    /// leaves itself out).
+    peers: Arc<Vec<Peer>>,
     peers_version: u64,
+    /// The peer sets of the last few versions before this one, newest
+    /// first: an agent that has one gets a delta.
+    history: Vec<(u64, Arc<Vec<Peer>>)>,
+    /// Deltas from those versions to this one, worked out at the first
+    /// heartbeat that asks.
+    deltas: Mutex<HashMap<u64, Option<Arc<PeerDelta>>>>,
     address_pool: String,
 }
 
@@ -161,6 +167,63 @@ fn kept_up(history: &mut std::collections::VecDeque<(Instant, u64)>, now: Instan
 /// Heartbeats the leader answers per second at most: the period grows with
 /// the cluster past this (Nomad's `max_heartbeats_per_second` idea).
 const MAX_HEARTBEATS_PER_SEC: u64 = 2000;
+
+/// How many earlier peer sets the leader keeps to answer with deltas.
+const PEER_HISTORY: usize = 8;
+
+/// What changed between two peer sets.
+#[derive(Debug, Default, PartialEq)]
+struct PeerDelta {
+    upserts: Vec<Peer>,
+    removed: Vec<u64>,
+}
+
+/// The delta from `old` to `new` (both sorted by node id): one merge walk.
+fn peer_delta(old: &[Peer], new: &[Peer]) -> PeerDelta {
+    let mut d = PeerDelta::default();
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if o.node_id == n.node_id => {
+                if o != n {
+                    d.upserts.push(n.clone());
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(o), Some(n)) if o.node_id < n.node_id => {
+                d.removed.push(o.node_id);
+                i += 1;
+            }
+            (Some(o), None) => {
+                d.removed.push(o.node_id);
+                i += 1;
+            }
+            (_, Some(n)) => {
+                d.upserts.push(n.clone());
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    d
+}
+
+impl HeartbeatFacts {
+    /// The delta from peer set version `from` to this one, if this leader
+    /// still has that set and the delta is smaller than the whole list.
+    fn delta_from(&self, from: u64) -> Option<Arc<PeerDelta>> {
+        let mut deltas = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
+        deltas
+            .entry(from)
+            .or_insert_with(|| {
+                let (_, old) = self.history.iter().find(|(v, _)| *v == from)?;
+                let d = peer_delta(old, &self.peers);
+                (d.upserts.len() + d.removed.len() < self.peers.len()).then(|| Arc::new(d))
+            })
+            .clone()
+    }
+}
 
 /// How soon an agent may heartbeat again to fetch peers the service view
 /// says changed (in a small cluster; the rate cap applies past that).
@@ -199,12 +262,30 @@ impl DispatcherService {
         if let Some(f) = cache.as_ref().filter(|f| f.topology == topology) {
             return f.clone();
         }
+        let previous = cache.take();
         let facts = self.manager.store.read(|s| {
             use std::hash::{Hash, Hasher};
             let managers: Vec<String> = s.nodes.values().filter(|n| n.role == Role::Manager).map(|n| n.address.clone()).collect();
             let mut h = std::collections::hash_map::DefaultHasher::new();
             managers.hash(&mut h);
-            let (peers_version, peers) = peers_of(s);
+            let (peers_version, peers, history) = match previous {
+                // Same peers (a change elsewhere in the topology): the same
+                // set, history and deltas' sources.
+                Some(p) if p.peers_version == peers_version(s) => (p.peers_version, p.peers.clone(), p.history.clone()),
+                p => {
+                    let (v, peers) = peers_of(s);
+                    let history = p
+                        .map(|p| {
+                            std::iter::once((p.peers_version, p.peers.clone()))
+                                .chain(p.history.iter().cloned())
+                                .filter(|(old, _)| *old != v)
+                                .take(PEER_HISTORY)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (v, Arc::new(peers), history)
+                }
+            };
             Arc::new(HeartbeatFacts {
                 topology,
                 period: self.config.period_for(s.nodes.len()),
@@ -213,6 +294,8 @@ impl DispatcherService {
                 managers_version: h.finish().max(1),
                 peers,
                 peers_version,
+                history,
+                deltas: Default::default(),
                 address_pool: s.address_pool().to_string(),
             })
         });
@@ -990,6 +1073,7 @@ impl Dispatcher for DispatcherService {
         self.manager.metrics.record(r.node_id, &usage, &rates);
         let remove_volumes = if r.volumes_sent { self.record_volumes(&node.name, r.node_id, &r.volumes).await? } else { Vec::new() };
         let peers_changed = facts.peers_version != r.peers_version;
+        let delta = (peers_changed && r.accepts_peer_deltas && r.peers_version != 0).then(|| facts.delta_from(r.peers_version)).flatten();
         let managers_changed = facts.managers_version != r.managers_version;
         let (revoked_version, revoked) = self.manager.store.read(|s| {
             let changed = s.revoked_version != r.revoked_version;
@@ -1011,7 +1095,13 @@ impl Dispatcher for DispatcherService {
             cert_pem,
             peers_version: facts.peers_version,
             peers_changed,
-            peers: if peers_changed { facts.peers.clone() } else { Vec::new() },
+            peers_delta: delta.is_some(),
+            peers_removed: delta.as_ref().map(|d| d.removed.clone()).unwrap_or_default(),
+            peers: match (&delta, peers_changed) {
+                (Some(d), _) => d.upserts.clone(),
+                (None, true) => facts.peers.to_vec(),
+                (None, false) => Vec::new(),
+            },
             address_pool: if peers_changed { facts.address_pool.clone() } else { String::new() },
             remove_volumes,
             revoked_version,
@@ -1127,6 +1217,58 @@ impl DispatcherService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    fn peer(id: u64, endpoint: &str) -> Peer {
+        Peer { node_id: id, name: format!("n{id}"), public_key: format!("key{id}"), endpoint: endpoint.into(), allowed_ips: vec![format!("100.64.{id}.0/26")] }
+    }
+
+    /// Applying a delta to the old set gives the new one, whatever moved.
+    #[test]
+    fn peer_deltas_carry_only_what_changed() {
+        let old: Vec<Peer> = (1..=5).map(|i| peer(i, "198.18.0.1:51820")).collect();
+        // n2 left, n4 moved, n6 and n0 joined.
+        let mut new: Vec<Peer> = [0, 1, 3, 4, 5, 6].iter().map(|i| peer(*i, "198.18.0.1:51820")).collect();
+        new[3].endpoint = "198.18.0.9:51820".into();
+        let d = peer_delta(&old, &new);
+        assert_eq!(d.removed, vec![2]);
+        assert_eq!(d.upserts.iter().map(|p| p.node_id).collect::<Vec<_>>(), vec![0, 4, 6]);
+        let mut applied: BTreeMap<u64, Peer> = old.iter().map(|p| (p.node_id, p.clone())).collect();
+        for id in &d.removed {
+            applied.remove(id);
+        }
+        applied.extend(d.upserts.into_iter().map(|p| (p.node_id, p)));
+        assert_eq!(applied.into_values().collect::<Vec<_>>(), new);
+        assert_eq!(peer_delta(&new, &new), PeerDelta::default());
+        assert_eq!(peer_delta(&[], &new).upserts, new);
+        assert_eq!(peer_delta(&new, &[]).removed, vec![0, 1, 3, 4, 5, 6]);
+    }
+
+    /// A leader answers from the sets it still has, and only when the
+    /// delta is the smaller message.
+    #[test]
+    fn deltas_come_from_the_kept_versions_only() {
+        let v1: Arc<Vec<Peer>> = Arc::new((1..=10).map(|i| peer(i, "198.18.0.1:51820")).collect());
+        let mut now = (*v1).clone();
+        now.remove(3);
+        let facts = HeartbeatFacts {
+            topology: 2,
+            period: Duration::from_millis(500),
+            soonest: Duration::from_millis(500),
+            managers: Vec::new(),
+            managers_version: 1,
+            peers: Arc::new(now),
+            peers_version: 22,
+            history: vec![(11, v1), (5, Arc::new(Vec::new()))],
+            deltas: Default::default(),
+            address_pool: String::new(),
+        };
+        let d = facts.delta_from(11).expect("a delta from a kept version");
+        assert_eq!((d.upserts.len(), d.removed.clone()), (0, vec![4]));
+        assert!(facts.delta_from(99).is_none(), "an unknown version gets the whole list");
+        assert!(facts.delta_from(5).is_none(), "from nothing, the whole list is no bigger");
+        assert!(Arc::ptr_eq(&facts.delta_from(11).unwrap(), &d), "worked out once");
+    }
 
     #[test]
     fn the_peer_version_moves_with_the_peers_and_only_with_them() {

@@ -16,6 +16,15 @@ use shoal_bench::arg;
 use shoal_tests::{Cluster, netns::in_netns, sim};
 
 /// (utime + stime in clock ticks, RSS in KiB) of `pid`.
+/// This process's CPU ticks: its own threads, and its reaped children's
+/// (the CLI runs it polls with).
+fn own_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<u64> = stat.rsplit(')').next().unwrap_or("").split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    (at(11) + at(12), at(13) + at(14))
+}
+
 fn usage(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
@@ -66,7 +75,11 @@ fn main() -> anyhow::Result<()> {
     let ca = std::fs::read_to_string(c.cert_dir().join("ca.pem"))?;
     let pids: Vec<u32> = (0..3).filter_map(|i| c.hosts[i].pid()).collect();
     let idle: Vec<(u64, u64)> = pids.iter().map(|p| usage(*p)).collect();
+    let own_idle = own_cpu();
     let t0 = Instant::now();
+    // When the last join RPC was answered (ms after t0).
+    let joins_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let joins_done_w = joins_done.clone();
     let (kill_tx, mut kill_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (killed_tx, killed_rx) = std::sync::mpsc::channel::<String>();
     // The agents live on a thread inside a host's namespace for the whole run.
@@ -89,6 +102,7 @@ fn main() -> anyhow::Result<()> {
                 for j in joins {
                     running.push(j.await??);
                 }
+                joins_done_w.store(t0.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
                 // An agent dies each time one is asked for (the last to
                 // join first: sim-{n-1}, sim-{n-2}, ...); the run ends when
                 // the sender is dropped.
@@ -109,6 +123,18 @@ fn main() -> anyhow::Result<()> {
     })?;
     println!("{n} agents joined and ready in {:.1} s", t0.elapsed().as_secs_f64());
     let joined: Vec<(u64, u64)> = pids.iter().map(|p| usage(*p)).collect();
+    // Where the join's CPU went: the machine had 2 cores × the join's time.
+    let cpu = |ticks: u64| ticks as f64 / 100.0;
+    let managers: Vec<String> = (0..pids.len())
+        .map(|i| format!("n{i}{} {:.1} s", if i == leader { " (leader)" } else { "" }, cpu(joined[i].0.saturating_sub(idle[i].0))))
+        .collect();
+    println!(
+        "join: the last join RPC answered at {:.1} s; CPU spent meanwhile: {}, the simulator {:.1} s, its CLI polls {:.1} s",
+        joins_done.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0,
+        managers.join(", "),
+        cpu(own_cpu().0.saturating_sub(own_idle.0)),
+        cpu(own_cpu().1.saturating_sub(own_idle.1))
+    );
     let t1 = Instant::now();
     let per_service = 50_000u64;
     let mut left = total;
