@@ -26,6 +26,29 @@ pub struct SimNode {
     pub id: u64,
     pub tls: NodeTls,
     pub managers: Vec<String>,
+    /// Present an overlay identity (a WireGuard key and endpoint, unique
+    /// per node; no data plane behind it), so the managers send it peers
+    /// as they do a real agent; `Some(true)`: it accepts peer deltas.
+    pub overlay: Option<bool>,
+}
+
+/// Bytes of overlay peers (encoded `Peer` messages) the simulated nodes of
+/// this process received in heartbeat answers.
+pub static PEER_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Node `i`'s overlay identity: a base64 32-byte key and an endpoint, both
+/// unique to it.
+fn overlay_identity(i: u64) -> (String, String) {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut key = [0u8; 33];
+    key[..8].copy_from_slice(&i.to_be_bytes());
+    key[8] = 0x5a;
+    let b64: String = key.chunks(3).flat_map(|c| {
+        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
+        (0..4).map(move |k| B64[(n >> (18 - 6 * k) & 63) as usize] as char)
+    }).collect();
+    // 32 bytes: 43 characters and the padding.
+    (format!("{}=", &b64[..43]), format!("198.19.{}.{}:{}", (i >> 8) & 255, i & 255, 51820))
 }
 
 /// Joins as worker `sim-{i}` through `manager`.
@@ -45,7 +68,7 @@ pub async fn join(manager: &str, token: &str, ca_pem: &str, i: u64) -> anyhow::R
         })
         .await?
         .into_inner();
-    Ok(SimNode { id: resp.node_id, tls: NodeTls { ca_pem: resp.ca_pem, cert_pem: resp.cert_pem, key_pem }, managers: resp.managers })
+    Ok(SimNode { id: resp.node_id, tls: NodeTls { ca_pem: resp.ca_pem, cert_pem: resp.cert_pem, key_pem }, managers: resp.managers, overlay: None })
 }
 
 /// Runs node `n` until the future is dropped (a dead node: aborting its
@@ -56,14 +79,16 @@ pub async fn run(n: SimNode) -> anyhow::Result<()> {
     let first = n.managers.first().cloned().ok_or_else(|| anyhow::anyhow!("the join named no manager"))?;
     let (current_tx, current) = watch::channel(first);
     tokio::select! {
-        () = heartbeats(trust.clone(), n.id, n.managers, current_tx) => Ok(()),
+        () = heartbeats(trust.clone(), n.id, n.managers, current_tx, n.overlay) => Ok(()),
         r = follow(trust, n.id, current) => r,
     }
 }
 
 /// Heartbeats forever; `current` names the manager that answered last
 /// (the leader, or one to try next).
-async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut managers: Vec<String>, current: watch::Sender<String>) {
+async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut managers: Vec<String>, current: watch::Sender<String>, overlay: Option<bool>) {
+    let (overlay_key, overlay_endpoint) = overlay.map(|_| overlay_identity(node_id)).unwrap_or_default();
+    let mut peers_version = 0;
     let res = Resources { nano_cpus: 2_000_000_000, memory_bytes: 1 << 30 };
     let mut managers_version = 0;
     let mut idx = 0usize;
@@ -83,7 +108,18 @@ async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut manager
         };
         let call = async {
             let mut c = DispatcherClient::new(channel);
-            let r = c.heartbeat(HeartbeatRequest { node_id, resources: Some(res), managers_version, ..Default::default() }).await;
+            let r = c
+                .heartbeat(HeartbeatRequest {
+                    node_id,
+                    resources: Some(res),
+                    managers_version,
+                    overlay_key: overlay_key.clone(),
+                    overlay_endpoint: overlay_endpoint.clone(),
+                    peers_version,
+                    accepts_peer_deltas: overlay == Some(true),
+                    ..Default::default()
+                })
+                .await;
             anyhow::Ok(r)
         };
         let wait = match tokio::time::timeout(Duration::from_secs(2), call).await {
@@ -92,6 +128,12 @@ async fn heartbeats(trust: Arc<shoal_security::Trust>, node_id: u64, mut manager
                 if !r.managers.is_empty() {
                     managers = r.managers;
                     managers_version = r.managers_version;
+                }
+                if r.peers_changed {
+                    use prost::Message;
+                    let bytes: usize = r.peers.iter().map(|p| p.encoded_len()).sum::<usize>() + r.peers_removed.len() * 8;
+                    PEER_BYTES.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+                    peers_version = r.peers_version;
                 }
                 current.send_if_modified(|c| std::mem::replace(c, target.clone()) != target);
                 rng ^= rng << 13;

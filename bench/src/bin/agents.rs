@@ -7,7 +7,12 @@
 //! RSS at steady state; then one agent dies and the time until it is marked
 //! down.
 //!
-//! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/agents [--agents 1000] [--tasks N] [--seconds 20] [--deaths 1]`
+//! Run: `cargo build --release -p shoal-cli -p shoal-bench && target/release/agents [--agents 1000] [--tasks N] [--seconds 20] [--deaths 1] [--overlay deltas|whole]`
+//!
+//! `--overlay`: the agents present overlay identities (a key and an
+//! endpoint each, no data plane), so the managers send them peers as they
+//! do real agents; `deltas` accepts peer deltas, `whole` takes whole lists
+//! (as agents before deltas did). It prints the peer bytes received.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +70,13 @@ fn main() -> anyhow::Result<()> {
     let total = arg("--tasks", n);
     let seconds = arg("--seconds", 20);
     let deaths = arg("--deaths", 1);
+    let args: Vec<String> = std::env::args().collect();
+    let overlay = match args.iter().position(|a| a == "--overlay").map(|i| args.get(i + 1).map(String::as_str)) {
+        None => None,
+        Some(Some("deltas")) => Some(true),
+        Some(Some("whole")) => Some(false),
+        Some(other) => anyhow::bail!("--overlay takes deltas or whole, not {other:?}"),
+    };
     let c = Cluster::start(3, 0)?;
     println!("cluster {} ready: 3 managers, bridge {}, dir {}", c.id, c.bridge, c.dir.display());
     c.import_busybox(0, "bb:1")?;
@@ -93,7 +105,8 @@ fn main() -> anyhow::Result<()> {
                     let (m, t, ca, sem) = (manager.clone(), token.clone(), ca.clone(), sem.clone());
                     joins.push(tokio::spawn(async move {
                         let _p = sem.acquire().await?;
-                        let node = sim::join(&m, &t, &ca, i).await?;
+                        let mut node = sim::join(&m, &t, &ca, i).await?;
+                        node.overlay = overlay;
                         // Each runs as soon as it has joined.
                         anyhow::Ok(tokio::spawn(sim::run(node)))
                     }));
@@ -122,6 +135,15 @@ fn main() -> anyhow::Result<()> {
         Ok((ready == n as usize + 3).then_some(()))
     })?;
     println!("{n} agents joined and ready in {:.1} s", t0.elapsed().as_secs_f64());
+    if let Some(deltas) = overlay {
+        let bytes = sim::PEER_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "peers ({}): {:.1} MB received by the {n} agents while joining, {:.1} KB per agent",
+            if deltas { "deltas" } else { "whole lists" },
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e3 / n.max(1) as f64
+        );
+    }
     let joined: Vec<(u64, u64)> = pids.iter().map(|p| usage(*p)).collect();
     // Where the join's CPU went: the machine had 2 cores × the join's time.
     let cpu = |ticks: u64| ticks as f64 / 100.0;
@@ -171,6 +193,8 @@ fn main() -> anyhow::Result<()> {
     // Agents die one at a time: how long until the leader marks each down.
     let period = c.cli_ok(0, &["cluster", "status", "--format", "json"])?;
     let mut downs = Vec::new();
+    let peer_bytes = || sim::PEER_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+    let peer_bytes_before = peer_bytes();
     for _ in 0..deaths.min(n) {
         let _ = kill_tx.send(());
         let name = killed_rx.recv_timeout(Duration::from_secs(60))?;
@@ -192,6 +216,19 @@ fn main() -> anyhow::Result<()> {
             downs.len(),
             period["heartbeat_period_ms"].as_u64().unwrap_or(0),
             n + 3
+        );
+    }
+    if let Some(deltas) = overlay {
+        // Every agent hears of the last death within a period (early, on
+        // the service view's word); two periods for the stragglers.
+        std::thread::sleep(Duration::from_millis(2 * period["heartbeat_period_ms"].as_u64().unwrap_or(500)));
+        let bytes = peer_bytes() - peer_bytes_before;
+        let deaths = deaths.min(n).max(1);
+        println!(
+            "peers ({}): {:.2} MB received by the agents for {deaths} deaths, {:.2} KB per agent per death",
+            if deltas { "deltas" } else { "whole lists" },
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e3 / (n.max(1) * deaths) as f64
         );
     }
     drop(kill_tx);
