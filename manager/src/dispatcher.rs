@@ -268,12 +268,13 @@ impl DispatcherService {
             let managers: Vec<String> = s.nodes.values().filter(|n| n.role == Role::Manager).map(|n| n.address.clone()).collect();
             let mut h = std::collections::hash_map::DefaultHasher::new();
             managers.hash(&mut h);
+            let v = peers_version(s);
             let (peers_version, peers, history) = match previous {
                 // Same peers (a change elsewhere in the topology): the same
                 // set, history and deltas' sources.
-                Some(p) if p.peers_version == peers_version(s) => (p.peers_version, p.peers.clone(), p.history.clone()),
+                Some(p) if p.peers_version == v => (v, p.peers.clone(), p.history.clone()),
                 p => {
-                    let (v, peers) = peers_of(s);
+                    let peers = peer_list(s);
                     let history = p
                         .map(|p| {
                             std::iter::once((p.peers_version, p.peers.clone()))
@@ -489,7 +490,7 @@ fn attachments(t: &TaskObj, s: &State) -> Vec<NetworkAttachment> {
         .collect()
 }
 
-/// The version of the peer set [`peers_of`] gives (a hash: any leader
+/// The version of the peer set [`peer_list`] gives (a hash: any leader
 /// computes the same one), worked out without building it: the service
 /// view works it out on every node change.
 fn peers_version(s: &State) -> u64 {
@@ -507,8 +508,8 @@ fn peers_version(s: &State) -> u64 {
 }
 
 /// Every ready node with an overlay identity, with its slices of every
-/// network; and the set's version. Each agent leaves itself out.
-fn peers_of(s: &State) -> (u64, Vec<Peer>) {
+/// network, in id order. Each agent leaves itself out.
+fn peer_list(s: &State) -> Vec<Peer> {
     let mut peers: Vec<Peer> = s
         .nodes
         .values()
@@ -522,7 +523,7 @@ fn peers_of(s: &State) -> (u64, Vec<Peer>) {
         })
         .collect();
     peers.sort_by_key(|p| p.node_id);
-    (peers_version(s), peers)
+    peers
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -1282,7 +1283,7 @@ mod tests {
             s.nodes.insert(id, n);
         }
         let v0 = peers_version(&s);
-        assert_eq!(peers_of(&s).0, v0, "the heartbeat's version and the view's are one");
+        assert_eq!(peer_list(&s).iter().map(|p| p.node_id).collect::<Vec<_>>(), vec![1, 2, 3], "the set those versions stand for");
         s.nodes.get_mut(&2).unwrap().memory_bytes = 1 << 30;
         assert_eq!(peers_version(&s), v0, "a resource refresh is no peer change");
         let net = NetworkObj {

@@ -39,16 +39,9 @@ pub static PEER_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 /// Node `i`'s overlay identity: a base64 32-byte key and an endpoint, both
 /// unique to it.
 fn overlay_identity(i: u64) -> (String, String) {
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut key = [0u8; 33];
+    let mut key = [0x5au8; 32];
     key[..8].copy_from_slice(&i.to_be_bytes());
-    key[8] = 0x5a;
-    let b64: String = key.chunks(3).flat_map(|c| {
-        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
-        (0..4).map(move |k| B64[(n >> (18 - 6 * k) & 63) as usize] as char)
-    }).collect();
-    // 32 bytes: 43 characters and the padding.
-    (format!("{}=", &b64[..43]), format!("198.19.{}.{}:{}", (i >> 8) & 255, i & 255, 51820))
+    (shoal_overlay::keys::encode_key(&key), format!("198.19.{}.{}:51820", (i >> 8) & 255, i & 255))
 }
 
 /// Joins as worker `sim-{i}` through `manager`.

@@ -32,6 +32,15 @@ fn page_server(image: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the managers have marked node `name` down.
+fn wait_down(c: &Cluster, name: &str) {
+    wait_for(T, &format!("{name} to be down"), || {
+        let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
+        Ok(nodes.as_array().and_then(|a| a.iter().find(|n| n["name"] == name)).is_some_and(|n| n["status"] == "down").then_some(()))
+    })
+    .unwrap();
+}
+
 fn create(c: &Cluster, args: &[&str], cmd: &[String]) {
     let mut all = vec!["service", "create", "--detach"];
     all.extend_from_slice(args);
@@ -144,11 +153,7 @@ fn a_reused_client_port_reaches_a_live_task_after_its_node_died() {
     let port = 62_000 + (std::process::id() % 3000) as u16;
     let stuck = connect_from(port, ingress, Duration::from_secs(1));
     assert!(stuck.is_err(), "n4 is cut off, yet the connection through n0 opened");
-    wait_for(T, "n4 to be down", || {
-        let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
-        Ok(nodes.as_array().and_then(|a| a.iter().find(|n| n["name"] == "n4")).is_some_and(|n| n["status"] == "down").then_some(()))
-    })
-    .unwrap();
+    wait_down(&c, "n4");
     c.cli_ok(0, &["service", "update", "web", "--constraint-rm", "node.name==n4", "--constraint-add", "node.name==n3"]).unwrap();
     let tasks = running(&c, "web", 1);
     assert_eq!(tasks[0]["node"], "n3", "{tasks:?}");
@@ -511,11 +516,7 @@ fn a_dead_worker_leaves_the_mesh_at_the_heartbeat_timeout() {
     let killed_at = Instant::now();
     c.set_link(4, false).unwrap();
     // The managers notice (heartbeat timeout) and the mesh drops its tasks.
-    wait_for(T, "n4 to be down", || {
-        let nodes = c.cli_ok(0, &["node", "ls", "--format", "json"])?;
-        Ok(nodes.as_array().and_then(|a| a.iter().find(|n| n["name"] == "n4")).is_some_and(|n| n["status"] == "down").then_some(()))
-    })
-    .unwrap();
+    wait_down(&c, "n4");
     let noticed = killed_at.elapsed();
     let down_at = Instant::now();
     // Requests already on their way to n4's tasks end by the clients'
